@@ -1,0 +1,185 @@
+//! The REST API's types (`/v1`), shared by the daemon, `ferryctl` and schedulers.
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::JobSpec;
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobPhase {
+    /// Accepted, waiting for a slot (or for its resumption after a daemon restart).
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobPhase {
+    /// Whether the job has ended for good.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobPhase::Succeeded | JobPhase::Failed | JobPhase::Cancelled)
+    }
+
+    /// The phase as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobPhase::Pending => "Pending",
+            JobPhase::Running => "Running",
+            JobPhase::Succeeded => "Succeeded",
+            JobPhase::Failed => "Failed",
+            JobPhase::Cancelled => "Cancelled",
+        }
+    }
+}
+
+/// Progress and outcome of a job. Optional fields are absent until known.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JobStatus {
+    /// Current epoch, 1-based (0 before training starts).
+    pub epoch: u32,
+    pub total_epochs: u32,
+    /// Optimizer steps taken so far.
+    pub step: u64,
+    pub total_steps: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples_per_sec: Option<f64>,
+    /// The newest checkpoint's directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    /// The resolved output directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_dir: Option<String>,
+    /// Why the job failed, in words a person can act on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// How many times the job's ranks have been started (a resume after a restart counts).
+    pub attempts: u32,
+}
+
+/// A job: its spec as submitted, and what has become of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub name: String,
+    pub phase: JobPhase,
+    pub spec: JobSpec,
+    pub status: JobStatus,
+    pub created_at: String,
+    /// The node that owns the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Set by a cancel request; the owner stops the ranks and marks the job Cancelled.
+    #[serde(default)]
+    pub cancel_requested: bool,
+    /// The store revision of this record (for compare-and-swap); filled in on read.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+/// What a job event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A phase change.
+    Phase,
+    /// Training progress (epoch, step, loss, throughput).
+    Progress,
+    /// Validation at the end of an epoch.
+    Eval,
+    /// A checkpoint was written.
+    Checkpoint,
+    /// A log line from the job's ranks or the daemon.
+    Log,
+    /// Which `init` tensors were loaded, missing, unexpected or skipped.
+    Init,
+}
+
+/// One entry of a job's event log (`GET /v1/jobs/{id}/events`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    /// Increasing per job, from 1.
+    pub seq: u64,
+    pub time: String,
+    pub kind: EventKind,
+    pub message: String,
+    /// Structured details (numbers for progress, lists for init reports).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub data: serde_json::Value,
+}
+
+/// A page of events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventPage {
+    pub events: Vec<JobEvent>,
+    /// Pass as `after` to get the events that follow.
+    pub next: u64,
+    /// The job's phase when the page was read; a follower stops once it is terminal.
+    pub phase: JobPhase,
+}
+
+/// A list of jobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+}
+
+/// A ferry node as registered in the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    /// `worker` (trains) or `teacher` (serves soft labels).
+    pub role: String,
+    /// The REST address it listens on.
+    pub address: String,
+    pub version: String,
+    pub cpus: u32,
+    pub cuda_devices: u32,
+    pub started_at: String,
+    /// `standalone` or `cluster`.
+    pub mode: String,
+    /// Jobs this node is running now.
+    #[serde(default)]
+    pub running_jobs: Vec<String>,
+}
+
+/// A list of nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeList {
+    pub nodes: Vec<Node>,
+}
+
+/// One field that is wrong, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    /// Dotted path into the spec, e.g. `train.optimizer.lr`.
+    pub field: String,
+    pub message: String,
+}
+
+/// An RFC 9457 problem document (`application/problem+json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// For invalid specs: every wrong field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+}
+
+/// The media type of [`Problem`] documents.
+pub const PROBLEM_JSON: &str = "application/problem+json";

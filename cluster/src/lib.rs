@@ -1,0 +1,18 @@
+//! ferry's torch-free core, shared by `ferryd` and `ferryctl`.
+//!
+//! # Layout
+//! - [`spec`]: the job spec (v1): parsing with field-named errors, and validation.
+//! - [`api`]: the REST API's types: jobs, status, events, nodes, RFC 9457 problems.
+//! - [`paths`]: confining the paths of a spec to the configured roots.
+//! - [`store`]: the coordination store interface (keys with revisions, leases, watches,
+//!   compare-and-swap transactions) and [`store::embedded`], its single-node implementation.
+//! - [`keys`]: where jobs, events and nodes live in the store.
+//!
+//! This crate never links libtorch: operators install `ferryctl` on a laptop.
+
+pub mod api;
+pub mod keys;
+pub mod paths;
+pub mod spec;
+pub mod store;
+pub mod time;

@@ -1,0 +1,598 @@
+//! The job spec, version 1: what a user submits as YAML or JSON.
+//!
+//! Parsing rejects unknown fields and names the field of every error (`train.optimizer.lr`);
+//! [`JobSpec::validate`] then checks the values. Paths stay as the user wrote them: the
+//! daemon resolves them against its configured roots (see [`crate::paths`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::FieldError;
+
+/// A fine-tuning job as submitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// DNS-label style name; jobs can be named by it in `ferryctl`.
+    pub name: String,
+    /// The model, its initial weights and what stays frozen.
+    pub model: ModelSpec,
+    /// Training and validation data.
+    pub data: DataSpec,
+    /// Epochs, batch size, optimizer, schedule, checkpoints.
+    #[serde(default)]
+    pub train: TrainSpec,
+    /// Where and how wide the job runs.
+    #[serde(default)]
+    pub resources: Resources,
+    /// Where results go.
+    pub output: OutputSpec,
+}
+
+/// Model architectures ferry can train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// A TorchScript module exported from PyTorch (`model.path`).
+    Torchscript,
+    /// torchvision-compatible ResNet-18.
+    Resnet18,
+    /// torchvision-compatible ResNet-50.
+    Resnet50,
+    /// A small built-in convolutional network (`features.*`, `classifier.*`).
+    Cnn,
+    /// A small built-in multi-layer perceptron (`features.*`, `classifier.*`).
+    Mlp,
+}
+
+impl Arch {
+    /// Whether the architecture is built into ferry (as opposed to loaded from a file).
+    pub fn is_builtin(self) -> bool {
+        !matches!(self, Arch::Torchscript)
+    }
+}
+
+/// The model section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub arch: Arch,
+    /// TorchScript file (`arch: torchscript`), relative to the models root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Output classes of a built-in architecture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_classes: Option<u32>,
+    /// Parameter transfer: a safetensors file whose tensors (parameters and buffers) are
+    /// loaded by name; tensors whose shape differs are skipped and reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
+    /// Feature extraction: parameter-name prefixes that stay frozen.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freeze: Vec<String>,
+}
+
+/// The data section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    pub train: DataSource,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val: Option<DataSource>,
+    /// Side length ImageFolder images are resized to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<u32>,
+    /// Channels of ImageFolder images: 1 (grayscale) or 3 (RGB, the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<u32>,
+    /// Shuffle the training set every epoch (seeded by `train.seed`); default true.
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+    /// Per-channel normalisation applied after scaling pixels to [0, 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<Normalize>,
+}
+
+/// A data set: a `.safetensors` file (`images`, `labels`) or an ImageFolder directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSource {
+    pub path: String,
+}
+
+/// `(x - mean) / std` per channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Normalize {
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+}
+
+/// The train section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSpec {
+    pub epochs: u32,
+    /// Per rank.
+    pub batch_size: u32,
+    pub optimizer: OptimizerSpec,
+    pub lr_schedule: LrScheduleSpec,
+    pub seed: u64,
+    /// 0: checkpoint only at the end of each epoch.
+    pub checkpoint_every_steps: u64,
+    /// How many checkpoints to keep (the newest); at least 1.
+    pub keep_checkpoints: u32,
+    /// Stop after this many steps in all (for smoke tests); default: all epochs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<u64>,
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        TrainSpec {
+            epochs: 1,
+            batch_size: 32,
+            optimizer: OptimizerSpec::default(),
+            lr_schedule: LrScheduleSpec::default(),
+            seed: 0,
+            checkpoint_every_steps: 0,
+            keep_checkpoints: 2,
+            max_steps: None,
+        }
+    }
+}
+
+/// Optimizers, with PyTorch's semantics (`torch.optim.SGD`, `torch.optim.AdamW`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerName {
+    Sgd,
+    Adamw,
+}
+
+/// The optimizer and its hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSpec {
+    pub name: OptimizerName,
+    pub lr: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub momentum: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nesterov: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub betas: Option<[f64; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eps: Option<f64>,
+}
+
+impl Default for OptimizerSpec {
+    fn default() -> Self {
+        OptimizerSpec {
+            name: OptimizerName::Sgd,
+            lr: 0.01,
+            momentum: None,
+            nesterov: None,
+            weight_decay: None,
+            betas: None,
+            eps: None,
+        }
+    }
+}
+
+/// Learning-rate schedules. All start with an optional linear warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScheduleName {
+    Constant,
+    Cosine,
+    Step,
+}
+
+/// The learning-rate schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LrScheduleSpec {
+    pub name: LrScheduleName,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// `step`: multiply by `gamma` every `step_size` steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gamma: Option<f64>,
+    /// `cosine`: the learning rate at the last step (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_lr: Option<f64>,
+}
+
+impl Default for LrScheduleSpec {
+    fn default() -> Self {
+        LrScheduleSpec {
+            name: LrScheduleName::Constant,
+            warmup_steps: 0,
+            step_size: None,
+            gamma: None,
+            min_lr: None,
+        }
+    }
+}
+
+/// Devices a job can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+/// The resources section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Resources {
+    /// Data-parallel ranks (processes).
+    pub ranks: u32,
+    pub device: Device,
+    /// Intra-op threads per rank (default: the daemon's `worker_threads`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u32>,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources { ranks: 1, device: Device::Cpu, threads: None }
+    }
+}
+
+/// The output section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    /// Directory for checkpoints, final weights and `metrics.jsonl`, relative to the outputs root.
+    pub dir: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A spec that could not be parsed or is not valid; every entry names its field.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("invalid job spec: {}", .0.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; "))]
+pub struct SpecError(pub Vec<FieldError>);
+
+impl JobSpec {
+    /// Parses a spec from YAML or JSON (JSON when the text starts with `{`), then validates it.
+    pub fn parse(text: &str) -> Result<JobSpec, SpecError> {
+        let spec: JobSpec = if text.trim_start().starts_with('{') {
+            let mut de = serde_json::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(&mut de).map_err(|e| {
+                let path = e.path().to_string();
+                SpecError(vec![field_error(&path, &e.into_inner().to_string())])
+            })?
+        } else {
+            let de = serde_yaml::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let path = e.path().to_string();
+                SpecError(vec![field_error(&path, &e.into_inner().to_string())])
+            })?
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks values that the types alone do not (ranges, combinations).
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let mut errs = Vec::new();
+        let mut bad = |field: &str, message: String| errs.push(FieldError { field: field.to_string(), message });
+
+        if let Err(m) = check_dns_label(&self.name) {
+            bad("name", m);
+        }
+        let m = &self.model;
+        match (m.arch, &m.path) {
+            (Arch::Torchscript, None) => {
+                bad("model.path", "arch `torchscript` needs the path of a TorchScript file exported with torch.jit.script or torch.jit.trace".into())
+            }
+            (a, Some(_)) if a.is_builtin() => bad(
+                "model.path",
+                format!("arch `{}` is built in and takes no path; use arch: torchscript to load a file", arch_name(a)),
+            ),
+            _ => {}
+        }
+        match (m.arch, m.num_classes) {
+            (a, None) if a.is_builtin() => bad("model.num_classes", format!("arch `{}` needs num_classes (the size of its new head)", arch_name(a))),
+            (Arch::Torchscript, Some(_)) => bad("model.num_classes", "a TorchScript model has its own head; num_classes applies to built-in archs only".into()),
+            (_, Some(0)) => bad("model.num_classes", "must be at least 1".into()),
+            _ => {}
+        }
+        if let Some(p) = &m.path {
+            check_path(&mut bad, "model.path", p);
+        }
+        if let Some(p) = &m.init {
+            check_path(&mut bad, "model.init", p);
+            if !p.ends_with(".safetensors") {
+                bad("model.init", "must be a .safetensors file (export with safetensors.torch.save_file(model.state_dict(), ...))".into());
+            }
+        }
+        for (i, f) in m.freeze.iter().enumerate() {
+            if f.trim().is_empty() || f.ends_with('.') {
+                bad(&format!("model.freeze[{i}]"), "must be a parameter-name prefix such as `features` or `layer1.0`".into());
+            }
+        }
+
+        check_path(&mut bad, "data.train.path", &self.data.train.path);
+        if let Some(v) = &self.data.val {
+            check_path(&mut bad, "data.val.path", &v.path);
+        }
+        if let Some(s) = self.data.image_size {
+            if !(1..=4096).contains(&s) {
+                bad("data.image_size", "must be between 1 and 4096 pixels".into());
+            }
+        }
+        if let Some(c) = self.data.channels {
+            if c != 1 && c != 3 {
+                bad("data.channels", "must be 1 (grayscale) or 3 (RGB)".into());
+            }
+        }
+        if let Some(n) = &self.data.normalize {
+            if n.mean.len() != n.std.len() || n.mean.is_empty() {
+                bad("data.normalize", "mean and std need one value per channel, the same number of each".into());
+            }
+            if n.std.iter().any(|s| !(*s > 0.0 && s.is_finite())) {
+                bad("data.normalize.std", "every value must be positive".into());
+            }
+        }
+
+        let t = &self.train;
+        if t.epochs == 0 || t.epochs > 100_000 {
+            bad("train.epochs", "must be between 1 and 100000".into());
+        }
+        if t.batch_size == 0 || t.batch_size > 65_536 {
+            bad("train.batch_size", "must be between 1 and 65536".into());
+        }
+        if t.keep_checkpoints == 0 {
+            bad("train.keep_checkpoints", "must be at least 1 (a job resumes from its newest checkpoint)".into());
+        }
+        if t.max_steps == Some(0) {
+            bad("train.max_steps", "must be at least 1".into());
+        }
+        let o = &t.optimizer;
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            bad("train.optimizer.lr", format!("must be a positive number, got {}", o.lr));
+        }
+        if let Some(wd) = o.weight_decay {
+            if !(wd >= 0.0 && wd.is_finite()) {
+                bad("train.optimizer.weight_decay", "must be zero or positive".into());
+            }
+        }
+        match o.name {
+            OptimizerName::Sgd => {
+                if let Some(mo) = o.momentum {
+                    if !(0.0..1.0).contains(&mo) {
+                        bad("train.optimizer.momentum", "must be in [0, 1)".into());
+                    }
+                }
+                if o.nesterov == Some(true) && o.momentum.unwrap_or(0.0) <= 0.0 {
+                    bad("train.optimizer.nesterov", "Nesterov momentum needs momentum > 0".into());
+                }
+                if o.betas.is_some() || o.eps.is_some() {
+                    bad("train.optimizer", "betas and eps apply to adamw only".into());
+                }
+            }
+            OptimizerName::Adamw => {
+                if o.momentum.is_some() || o.nesterov.is_some() {
+                    bad("train.optimizer.momentum", "momentum and nesterov apply to sgd only; adamw takes betas".into());
+                }
+                if let Some([b1, b2]) = o.betas {
+                    if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
+                        bad("train.optimizer.betas", "both betas must be in [0, 1)".into());
+                    }
+                }
+                if let Some(e) = o.eps {
+                    if !(e > 0.0) {
+                        bad("train.optimizer.eps", "must be positive".into());
+                    }
+                }
+            }
+        }
+        let s = &t.lr_schedule;
+        match s.name {
+            LrScheduleName::Step => {
+                if s.step_size.unwrap_or(0) == 0 {
+                    bad("train.lr_schedule.step_size", "schedule `step` needs step_size >= 1".into());
+                }
+                if let Some(g) = s.gamma {
+                    if !(g > 0.0 && g <= 1.0) {
+                        bad("train.lr_schedule.gamma", "must be in (0, 1]".into());
+                    }
+                }
+            }
+            _ => {
+                if s.step_size.is_some() || s.gamma.is_some() {
+                    bad("train.lr_schedule", "step_size and gamma apply to schedule `step` only".into());
+                }
+            }
+        }
+        if let Some(min) = s.min_lr {
+            if s.name != LrScheduleName::Cosine {
+                bad("train.lr_schedule.min_lr", "applies to schedule `cosine` only".into());
+            } else if !(min >= 0.0 && min < o.lr) {
+                bad("train.lr_schedule.min_lr", "must be at least 0 and below train.optimizer.lr".into());
+            }
+        }
+
+        if self.resources.ranks == 0 {
+            bad("resources.ranks", "must be at least 1".into());
+        } else if self.resources.ranks > 1 {
+            bad(
+                "resources.ranks",
+                "data-parallel training over several ranks is not available in this version of ferry; use ranks: 1".into(),
+            );
+        }
+        if let Some(th) = self.resources.threads {
+            if th == 0 || th > 1024 {
+                bad("resources.threads", "must be between 1 and 1024".into());
+            }
+        }
+        check_path(&mut bad, "output.dir", &self.output.dir);
+
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(SpecError(errs))
+        }
+    }
+}
+
+/// The spec's spelling of an architecture.
+pub fn arch_name(a: Arch) -> &'static str {
+    match a {
+        Arch::Torchscript => "torchscript",
+        Arch::Resnet18 => "resnet18",
+        Arch::Resnet50 => "resnet50",
+        Arch::Cnn => "cnn",
+        Arch::Mlp => "mlp",
+    }
+}
+
+fn check_path(bad: &mut impl FnMut(&str, String), field: &str, p: &str) {
+    if p.trim().is_empty() {
+        bad(field, "must not be empty".into());
+    } else if p.contains('\0') {
+        bad(field, "must not contain NUL bytes".into());
+    }
+}
+
+fn check_dns_label(name: &str) -> Result<(), String> {
+    let ok_chars = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ends_ok = name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+    if name.is_empty() || name.len() > 63 || !ok_chars || !ends_ok {
+        return Err(format!(
+            "`{name}` is not a DNS label: use 1-63 lower-case letters, digits and '-', starting and ending with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// Turns a serde message at `path` into a field error; `unknown field`/`missing field`
+/// messages name the field inside the path, so it is appended.
+fn field_error(path: &str, message: &str) -> FieldError {
+    let mut field = if path == "." { String::new() } else { path.to_string() };
+    for marker in ["unknown field `", "missing field `"] {
+        if let Some(rest) = message.strip_prefix(marker) {
+            if let Some(name) = rest.split('`').next() {
+                if !field.ends_with(name) {
+                    field = if field.is_empty() { name.to_string() } else { format!("{field}.{name}") };
+                }
+            }
+        }
+    }
+    // serde_yaml appends " at line L column C"; keep it, it helps find the spot.
+    FieldError { field: if field.is_empty() { "(document)".into() } else { field }, message: message.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name: digits-target
+model:
+  arch: torchscript
+  path: models/student.pt
+  init: models/source.safetensors
+  freeze: [features]
+data:
+  train: {path: data/train.safetensors}
+  val: {path: data/val}
+  image_size: 32
+train:
+  epochs: 20
+  batch_size: 32
+  optimizer: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}
+  lr_schedule: {name: cosine, warmup_steps: 0}
+  seed: 0
+  checkpoint_every_steps: 100
+resources:
+  ranks: 1
+  device: cpu
+output:
+  dir: runs/digits-target
+"#;
+
+    fn errors(text: &str) -> Vec<FieldError> {
+        JobSpec::parse(text).expect_err("spec should be rejected").0
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let s = JobSpec::parse(GOOD).unwrap();
+        assert_eq!(s.model.arch, Arch::Torchscript);
+        assert_eq!(s.model.freeze, vec!["features"]);
+        assert_eq!(s.train.optimizer.momentum, Some(0.9));
+        assert_eq!(s.train.lr_schedule.name, LrScheduleName::Cosine);
+        assert!(s.data.shuffle);
+    }
+
+    #[test]
+    fn json_and_yaml_give_the_same_spec() {
+        let s = JobSpec::parse(GOOD).unwrap();
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(JobSpec::parse(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let e = errors(&GOOD.replace("  seed: 0", "  sede: 0"));
+        assert_eq!(e[0].field, "train.sede", "{e:?}");
+        assert!(e[0].message.contains("unknown field"));
+        let e = errors(&GOOD.replace("{name: sgd,", "{name: sgd, lrr: 1,"));
+        assert_eq!(e[0].field, "train.optimizer.lrr", "{e:?}");
+    }
+
+    #[test]
+    fn wrong_types_and_variants_are_named() {
+        let e = errors(&GOOD.replace("batch_size: 32", "batch_size: many"));
+        assert_eq!(e[0].field, "train.batch_size", "{e:?}");
+        let e = errors(&GOOD.replace("name: sgd", "name: lbfgs"));
+        assert_eq!(e[0].field, "train.optimizer.name", "{e:?}");
+        assert!(e[0].message.contains("adamw"), "{e:?}");
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        let e = errors(&GOOD.replace("output:\n  dir: runs/digits-target\n", ""));
+        assert_eq!(e[0].field, "output", "{e:?}");
+        let e = errors(r#"{"name": "x", "model": {"arch": "cnn", "num_classes": 2}, "data": {}, "output": {"dir": "o"}}"#);
+        assert_eq!(e[0].field, "data.train", "{e:?}");
+    }
+
+    #[test]
+    fn values_are_validated_with_their_field() {
+        let e = errors(&GOOD.replace("lr: 0.05", "lr: -1").replace("name: digits-target", "name: Digits_Target"));
+        let fields: Vec<_> = e.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, vec!["name", "train.optimizer.lr"]);
+        let e = errors(&GOOD.replace("arch: torchscript", "arch: cnn"));
+        let fields: Vec<_> = e.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, vec!["model.path", "model.num_classes"]);
+        let e = errors(&GOOD.replace("ranks: 1", "ranks: 4"));
+        assert_eq!(e[0].field, "resources.ranks");
+        let e = errors(&GOOD.replace("{name: cosine, warmup_steps: 0}", "{name: step}"));
+        assert_eq!(e[0].field, "train.lr_schedule.step_size");
+        let e = errors(&GOOD.replace("momentum: 0.9", "betas: [0.9, 0.99]"));
+        assert_eq!(e[0].field, "train.optimizer");
+    }
+
+    #[test]
+    fn dns_labels() {
+        assert!(check_dns_label("a").is_ok());
+        assert!(check_dns_label("digits-5-9").is_ok());
+        for bad in ["", "-a", "a-", "A", "a_b", &"x".repeat(64)] {
+            assert!(check_dns_label(bad).is_err(), "{bad}");
+        }
+    }
+}

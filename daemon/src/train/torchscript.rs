@@ -1,0 +1,124 @@
+//! TorchScript models through ferry's C++ shim (`torchscript_shim.cpp`): parameters *and*
+//! buffers by their PyTorch names, forward, train/eval and save.
+#![allow(unsafe_code)] // FFI to the shim; every call is checked and owns what it returns.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use tch::Tensor;
+
+type NamedCb = extern "C" fn(*mut c_void, *const c_char, *mut torch_sys::C_tensor);
+
+extern "C" {
+    fn ferry_free_string(s: *mut c_char);
+    fn ferry_ts_load(path: *const c_char, cuda_index: c_int, err: *mut *mut c_char) -> *mut c_void;
+    fn ferry_ts_free(m: *mut c_void);
+    fn ferry_ts_train(m: *mut c_void, on: c_int, err: *mut *mut c_char) -> c_int;
+    fn ferry_ts_forward(m: *mut c_void, input: *const torch_sys::C_tensor, err: *mut *mut c_char) -> *mut torch_sys::C_tensor;
+    fn ferry_ts_named(m: *mut c_void, buffers: c_int, data: *mut c_void, cb: NamedCb, err: *mut *mut c_char) -> c_int;
+    fn ferry_ts_save(m: *mut c_void, path: *const c_char, err: *mut *mut c_char) -> c_int;
+}
+
+/// Takes the shim's error string, if any.
+fn take_err(err: *mut c_char) -> Option<String> {
+    if err.is_null() {
+        return None;
+    }
+    // SAFETY: the shim returns a NUL-terminated malloc'ed string, freed once here.
+    let s = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    unsafe { ferry_free_string(err) };
+    Some(s)
+}
+
+/// A loaded TorchScript module. Not shared between threads.
+pub struct TorchScriptModule {
+    ptr: *mut c_void,
+}
+
+// SAFETY: the module is used by one thread at a time (moved, never shared).
+unsafe impl Send for TorchScriptModule {}
+
+impl Drop for TorchScriptModule {
+    fn drop(&mut self) {
+        // SAFETY: ptr came from ferry_ts_load and is freed once.
+        unsafe { ferry_ts_free(self.ptr) }
+    }
+}
+
+fn cpath(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| anyhow!("path {} contains a NUL byte", p.display()))
+}
+
+extern "C" fn collect(data: *mut c_void, name: *const c_char, t: *mut torch_sys::C_tensor) {
+    // SAFETY: data is the Vec passed by `named`; name is valid for the call; t is owned.
+    let out = unsafe { &mut *(data as *mut Vec<(String, Tensor)>) };
+    let name = unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned();
+    out.push((name, unsafe { Tensor::from_ptr(t) }));
+}
+
+impl TorchScriptModule {
+    /// Loads a module saved by `torch.jit.save`, onto the CPU or CUDA device `cuda_index`.
+    pub fn load(path: &Path, cuda_index: Option<usize>) -> Result<Self> {
+        let p = cpath(path)?;
+        let mut err = std::ptr::null_mut();
+        let idx = cuda_index.map_or(-1, |i| i as c_int);
+        // SAFETY: p is a valid C string; err receives an owned string on failure.
+        let ptr = unsafe { ferry_ts_load(p.as_ptr(), idx, &mut err) };
+        if let Some(e) = take_err(err) {
+            return Err(anyhow!(
+                "cannot load TorchScript model {}: {}",
+                path.display(),
+                e.lines().next().unwrap_or_default()
+            ));
+        }
+        Ok(TorchScriptModule { ptr })
+    }
+
+    /// Switches dropout and BatchNorm between training and evaluation behaviour.
+    pub fn set_train(&mut self, on: bool) -> Result<()> {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: ptr is live.
+        unsafe { ferry_ts_train(self.ptr, on as c_int, &mut err) };
+        take_err(err).map_or(Ok(()), |e| Err(anyhow!("train({on}) failed: {e}")))
+    }
+
+    /// Runs `forward(input)`; the result must be a tensor (or a tuple starting with one).
+    pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: ptr is live; input outlives the call; the result is owned.
+        let out = unsafe { ferry_ts_forward(self.ptr, input.as_ptr(), &mut err) };
+        if let Some(e) = take_err(err) {
+            return Err(anyhow!("the model's forward failed: {e}"));
+        }
+        // SAFETY: non-null on success, ownership moves to the Tensor.
+        Ok(unsafe { Tensor::from_ptr(out) })
+    }
+
+    fn named(&self, buffers: bool) -> Result<Vec<(String, Tensor)>> {
+        let mut out: Vec<(String, Tensor)> = Vec::new();
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `collect` only touches `out` during the call.
+        unsafe { ferry_ts_named(self.ptr, buffers as c_int, &mut out as *mut _ as *mut c_void, collect, &mut err) };
+        take_err(err).map_or(Ok(out), |e| Err(anyhow!("listing tensors failed: {e}")))
+    }
+
+    /// Parameters with their state_dict names; the tensors alias the module's.
+    pub fn named_parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        self.named(false)
+    }
+
+    /// Buffers (e.g. BatchNorm running statistics) with their state_dict names.
+    pub fn named_buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        self.named(true)
+    }
+
+    /// Saves the module (with its current weights) as TorchScript.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let p = cpath(path)?;
+        let mut err = std::ptr::null_mut();
+        // SAFETY: ptr is live; p is a valid C string.
+        unsafe { ferry_ts_save(self.ptr, p.as_ptr(), &mut err) };
+        take_err(err).map_or(Ok(()), |e| Err(anyhow!("cannot save TorchScript to {}: {e}", path.display())))
+    }
+}

@@ -1,0 +1,90 @@
+// A thin C ABI over torch::jit::Module for what tch's CModule does not expose: buffers
+// (BatchNorm running statistics) by name, next to parameters, so that ferry can load a
+// PyTorch state_dict into a TorchScript model and checkpoint it whole.
+// Tensors cross as heap-allocated at::Tensor*, the same representation tch uses, so Rust
+// takes ownership with tch::Tensor::from_ptr. Every entry point catches C++ exceptions and
+// returns the message through `err` (freed with ferry_free_string).
+
+#include <torch/script.h>
+
+#include <cstring>
+#include <string>
+
+namespace {
+char *dup(const std::string &s) {
+  char *p = static_cast<char *>(std::malloc(s.size() + 1));
+  std::memcpy(p, s.c_str(), s.size() + 1);
+  return p;
+}
+}  // namespace
+
+extern "C" {
+typedef void (*ferry_named_tensor_cb)(void *data, const char *name, at::Tensor *t);
+
+void ferry_free_string(char *s) { std::free(s); }
+
+void *ferry_ts_load(const char *path, int cuda_index, char **err) {
+  try {
+    c10::Device dev = cuda_index < 0 ? c10::Device(c10::kCPU) : c10::Device(c10::kCUDA, cuda_index);
+    return new torch::jit::Module(torch::jit::load(path, dev));
+  } catch (const std::exception &e) {
+    *err = dup(e.what());
+    return nullptr;
+  }
+}
+
+void ferry_ts_free(void *m) { delete static_cast<torch::jit::Module *>(m); }
+
+int ferry_ts_train(void *m, int on, char **err) {
+  try {
+    static_cast<torch::jit::Module *>(m)->train(on != 0);
+    return 0;
+  } catch (const std::exception &e) {
+    *err = dup(e.what());
+    return -1;
+  }
+}
+
+at::Tensor *ferry_ts_forward(void *m, at::Tensor *input, char **err) {
+  try {
+    auto *mod = static_cast<torch::jit::Module *>(m);
+    c10::IValue out = mod->forward({*input});
+    if (out.isTensor()) return new at::Tensor(out.toTensor());
+    if (out.isTuple() && !out.toTuple()->elements().empty() && out.toTuple()->elements()[0].isTensor())
+      return new at::Tensor(out.toTuple()->elements()[0].toTensor());
+    *err = dup("forward() must return a tensor of logits (or a tuple whose first element is one), got " +
+               out.tagKind());
+    return nullptr;
+  } catch (const std::exception &e) {
+    *err = dup(e.what());
+    return nullptr;
+  }
+}
+
+// Calls `cb` for every parameter (buffers == 0) or every buffer (buffers != 0), recursively,
+// with dotted names as in PyTorch's state_dict.
+int ferry_ts_named(void *m, int buffers, void *data, ferry_named_tensor_cb cb, char **err) {
+  try {
+    auto *mod = static_cast<torch::jit::Module *>(m);
+    if (buffers) {
+      for (const auto &b : mod->named_buffers(true)) cb(data, b.name.c_str(), new at::Tensor(b.value));
+    } else {
+      for (const auto &p : mod->named_parameters(true)) cb(data, p.name.c_str(), new at::Tensor(p.value));
+    }
+    return 0;
+  } catch (const std::exception &e) {
+    *err = dup(e.what());
+    return -1;
+  }
+}
+
+int ferry_ts_save(void *m, const char *path, char **err) {
+  try {
+    static_cast<torch::jit::Module *>(m)->save(path);
+    return 0;
+  } catch (const std::exception &e) {
+    *err = dup(e.what());
+    return -1;
+  }
+}
+}
