@@ -1,0 +1,49 @@
+//! What a rank process and its daemon say to each other: the daemon writes a
+//! [`WorkerPlan`] file; the rank prints one JSON [`WorkerMessage`] per line on stdout.
+//! (Anything else a rank prints, on stderr, is kept as log lines.)
+
+use ferry_cluster::spec::JobSpec;
+use serde::{Deserialize, Serialize};
+
+/// Everything a rank needs to run, with every path resolved and confined.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerPlan {
+    pub job_id: String,
+    /// The spec with absolute paths.
+    pub spec: JobSpec,
+    pub output_dir: String,
+    /// Intra-op threads.
+    pub threads: u32,
+    /// Resume from the newest checkpoint in the output dir, if there is one.
+    pub resume: bool,
+    /// Emit a progress message at most this often (milliseconds).
+    pub progress_interval_ms: u64,
+}
+
+/// One line a rank prints on stdout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMessage {
+    /// Set-up is done; training starts.
+    Started {
+        total_steps: u64,
+        steps_per_epoch: u64,
+        epochs: u32,
+        trainable_params: i64,
+        frozen_params: i64,
+        train_samples: u64,
+        val_samples: u64,
+        /// Where training resumed from, if it did.
+        resumed_from: Option<String>,
+        start_step: u64,
+    },
+    /// Free-form information worth an event.
+    Log { message: String },
+    /// The outcome of `model.init`.
+    Init { loaded: usize, missing: Vec<String>, unexpected: Vec<String>, skipped_shape: Vec<String>, frozen: usize },
+    Progress { epoch: u32, step: u64, loss: f64, lr: f64, samples_per_sec: f64 },
+    Eval { epoch: u32, step: u64, val_loss: f64, val_accuracy: f64 },
+    Checkpoint { step: u64, path: String },
+    /// Training finished; final files written.
+    Done { files: Vec<String>, samples_per_sec: f64 },
+}

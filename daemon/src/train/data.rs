@@ -1,0 +1,163 @@
+//! Data sets: a safetensors file (`images` N×C×H×W, uint8 or float32; `labels` N, int64)
+//! or an ImageFolder directory (one sub-directory per class, sorted names give indices).
+//! Everything is held in memory as float32 in [0, 1], then normalised.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use ferry_cluster::spec::DataSpec;
+use tch::{Kind, Tensor};
+
+/// An in-memory labelled data set.
+pub struct Dataset {
+    /// N×C×H×W float32.
+    pub images: Tensor,
+    /// N int64.
+    pub labels: Tensor,
+    /// Class names of an ImageFolder (None for safetensors).
+    pub classes: Option<Vec<String>>,
+}
+
+impl Dataset {
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.labels.size()[0] as usize
+    }
+
+    /// (C, H, W) of one image.
+    pub fn shape(&self) -> (i64, i64, i64) {
+        let s = self.images.size();
+        (s[1], s[2], s[3])
+    }
+
+    /// The largest label plus one.
+    pub fn label_count(&self) -> i64 {
+        if self.len() == 0 {
+            0
+        } else {
+            self.labels.max().int64_value(&[]) + 1
+        }
+    }
+
+    /// Loads `path` (the `field` of the spec, for messages) per the data spec.
+    pub fn load(path: &Path, field: &str, spec: &DataSpec) -> Result<Dataset> {
+        let mut ds = if path.is_dir() {
+            load_image_folder(path, field, spec)?
+        } else {
+            load_safetensors(path, field)?
+        };
+        if ds.len() == 0 {
+            bail!("{field}: {} holds no samples", path.display());
+        }
+        if ds.labels.min().int64_value(&[]) < 0 {
+            bail!("{field}: labels must be class indices >= 0");
+        }
+        if let Some(n) = &spec.normalize {
+            let c = ds.shape().0 as usize;
+            if n.mean.len() != c {
+                bail!("data.normalize: {} mean values for {c}-channel images from {field}", n.mean.len());
+            }
+            let mean = Tensor::from_slice(&n.mean).to_kind(Kind::Float).view([1, c as i64, 1, 1]);
+            let std = Tensor::from_slice(&n.std).to_kind(Kind::Float).view([1, c as i64, 1, 1]);
+            ds.images = (ds.images - mean) / std;
+        }
+        Ok(ds)
+    }
+}
+
+fn load_safetensors(path: &Path, field: &str) -> Result<Dataset> {
+    let tensors = Tensor::read_safetensors(path).with_context(|| {
+        format!("{field}: cannot read {} as safetensors (expected tensors `images` and `labels`)", path.display())
+    })?;
+    let mut images = None;
+    let mut labels = None;
+    for (name, t) in tensors {
+        match name.as_str() {
+            "images" => images = Some(t),
+            "labels" => labels = Some(t),
+            _ => {}
+        }
+    }
+    let (Some(images), Some(labels)) = (images, labels) else {
+        bail!("{field}: {} must hold tensors named `images` (N,C,H,W) and `labels` (N)", path.display());
+    };
+    let images = match images.dim() {
+        4 => images,
+        3 => images.unsqueeze(1),
+        d => bail!("{field}: `images` must have shape (N,C,H,W) or (N,H,W), got {d} dimensions {:?}", images.size()),
+    };
+    let images = match images.kind() {
+        Kind::Uint8 => images.to_kind(Kind::Float) / 255.0,
+        Kind::Float => images,
+        Kind::Double | Kind::Half | Kind::BFloat16 => images.to_kind(Kind::Float),
+        k => bail!("{field}: `images` must be uint8 or float32, got {k:?}"),
+    };
+    if labels.dim() != 1 || labels.size()[0] != images.size()[0] {
+        bail!("{field}: `labels` must have shape ({},), got {:?}", images.size()[0], labels.size());
+    }
+    let labels = match labels.kind() {
+        Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8 => labels.to_kind(Kind::Int64),
+        k => bail!("{field}: `labels` must be integers (int64), got {k:?}"),
+    };
+    Ok(Dataset { images: images.contiguous(), labels, classes: None })
+}
+
+fn load_image_folder(dir: &Path, field: &str, spec: &DataSpec) -> Result<Dataset> {
+    let channels = spec.channels.unwrap_or(3) as usize;
+    let mut classes: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("{field}: cannot read directory {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    classes.sort();
+    if classes.is_empty() {
+        bail!("{field}: {} is an ImageFolder with no class sub-directories", dir.display());
+    }
+    let mut pixels: Vec<u8> = Vec::new();
+    let mut labels: Vec<i64> = Vec::new();
+    let mut size: Option<(u32, u32)> = spec.image_size.map(|s| (s, s));
+    for (idx, class) in classes.iter().enumerate() {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join(class))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+            })
+            .collect();
+        files.sort();
+        for f in files {
+            let img = image::open(&f).with_context(|| format!("{field}: cannot decode image {}", f.display()))?;
+            let (w, h) = *size.get_or_insert((img.width(), img.height()));
+            let img = if (img.width(), img.height()) != (w, h) {
+                if spec.image_size.is_none() {
+                    bail!(
+                        "{field}: {} is {}x{}, others {w}x{h}; set data.image_size to resize",
+                        f.display(),
+                        img.width(),
+                        img.height()
+                    );
+                }
+                img.resize_exact(w, h, image::imageops::FilterType::Triangle)
+            } else {
+                img
+            };
+            if channels == 1 {
+                pixels.extend_from_slice(img.to_luma8().as_raw());
+            } else {
+                pixels.extend_from_slice(img.to_rgb8().as_raw());
+            }
+            labels.push(idx as i64);
+        }
+    }
+    let (w, h) = size.unwrap_or((0, 0));
+    let n = labels.len() as i64;
+    let images = Tensor::from_slice(&pixels)
+        .view([n, h as i64, w as i64, channels as i64])
+        .permute([0, 3, 1, 2])
+        .to_kind(Kind::Float)
+        / 255.0;
+    Ok(Dataset { images: images.contiguous(), labels: Tensor::from_slice(&labels), classes: Some(classes) })
+}

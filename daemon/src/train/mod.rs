@@ -1,0 +1,270 @@
+//! The training runtime: what one rank process (`ferryd worker`) runs. It reads its
+//! [`WorkerPlan`], trains, checkpoints and reports on stdout ([`WorkerMessage`] lines).
+//! libtorch runs only here, never on the daemon's async threads.
+
+pub mod checkpoint;
+pub mod data;
+pub mod model;
+pub mod optim;
+pub mod sampler;
+pub mod torchscript;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry_cluster::spec::Device as SpecDevice;
+use tch::{Device, Kind, Tensor};
+
+use crate::protocol::{WorkerMessage, WorkerPlan};
+use data::Dataset;
+use model::Model;
+use optim::Optimizer;
+use sampler::Sampler;
+
+/// Prints one protocol message on stdout (the daemon reads it line by line).
+fn emit(msg: &WorkerMessage) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut out, msg);
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
+/// Loads `libtorch_cuda.so` so libtorch sees the GPUs (the linker drops it as unneeded).
+fn load_cuda() -> Result<Device> {
+    #[allow(unsafe_code)]
+    // SAFETY: dlopen of a library that sits beside libtorch_cpu; kept loaded for the process.
+    let handle = unsafe { libc::dlopen(c"libtorch_cuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+    if handle.is_null() || !tch::Cuda::is_available() {
+        bail!("resources.device is cuda, but no CUDA device is usable on this node (libtorch_cuda loaded: {})", !handle.is_null());
+    }
+    Ok(Device::Cuda(0))
+}
+
+/// The `ferryd worker` entry point.
+pub fn run_worker(plan_path: &Path) -> Result<()> {
+    let plan: WorkerPlan = serde_json::from_slice(&std::fs::read(plan_path).with_context(|| format!("cannot read {}", plan_path.display()))?)
+        .context("corrupt worker plan")?;
+    let spec = &plan.spec;
+    tch::set_num_threads(plan.threads as i32);
+    tch::set_num_interop_threads(1);
+    let device = match spec.resources.device {
+        SpecDevice::Cpu => Device::Cpu,
+        SpecDevice::Cuda => load_cuda()?,
+    };
+    let out_dir = PathBuf::from(&plan.output_dir);
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create output dir {}", out_dir.display()))?;
+
+    let train_set = Dataset::load(Path::new(&spec.data.train.path), "data.train", &spec.data)?;
+    let val_set = match &spec.data.val {
+        Some(v) => Some(Dataset::load(Path::new(&v.path), "data.val", &spec.data)?),
+        None => None,
+    };
+    if let Some(v) = &val_set {
+        if v.shape() != train_set.shape() {
+            bail!("data.val images are {:?} but data.train images are {:?} (C,H,W); set data.image_size", v.shape(), train_set.shape());
+        }
+    }
+    tch::manual_seed(spec.train.seed as i64);
+    let mut model = Model::build(&spec.model, spec.model.path.as_deref().map(Path::new), train_set.shape(), device)?;
+    if let Some(init) = &spec.model.init {
+        let r = model.load_init(Path::new(init))?;
+        let frozen = model.freeze(&spec.model.freeze)?;
+        emit(&WorkerMessage::Init {
+            loaded: r.loaded.len(),
+            missing: r.missing,
+            unexpected: r.unexpected,
+            skipped_shape: r.skipped_shape,
+            frozen: frozen.len(),
+        });
+    } else if !spec.model.freeze.is_empty() {
+        let frozen = model.freeze(&spec.model.freeze)?;
+        emit(&WorkerMessage::Log { message: format!("froze {} parameter tensors (no init: they keep their initial values)", frozen.len()) });
+    }
+    let mut opt = Optimizer::new(&spec.train.optimizer, model.trainable());
+    let sampler = Sampler {
+        len: train_set.len(),
+        batch: spec.train.batch_size as usize,
+        world: 1,
+        seed: spec.train.seed,
+        shuffle: spec.data.shuffle,
+    };
+    let steps_per_epoch = sampler.steps_per_epoch() as u64;
+    let mut total_steps = steps_per_epoch * u64::from(spec.train.epochs);
+    if let Some(max) = spec.train.max_steps {
+        total_steps = total_steps.min(max);
+    }
+
+    // Resume.
+    let ckpt_root = out_dir.join("checkpoints");
+    let (mut epoch, mut consumed, mut step, mut resumed_from) = (0u32, 0usize, 0u64, None);
+    let mut last_loss = None;
+    if plan.resume {
+        if let Some(ck) = checkpoint::latest(&ckpt_root)? {
+            model.load_state(ck.model).with_context(|| format!("cannot resume from {}", ck.dir.display()))?;
+            opt.load_state(ck.optimizer, ck.manifest.optimizer_steps)?;
+            epoch = ck.manifest.epoch;
+            consumed = ck.manifest.samples_in_epoch as usize;
+            step = ck.manifest.step;
+            last_loss = ck.manifest.train_loss;
+            resumed_from = Some(ck.dir.display().to_string());
+            // Dropout draws continue from a seed tied to the step, so a resume is deterministic.
+            tch::manual_seed(spec.train.seed.wrapping_add(step) as i64);
+        }
+    }
+    let (trainable, frozen) = model.parameter_counts();
+    emit(&WorkerMessage::Started {
+        total_steps,
+        steps_per_epoch,
+        epochs: spec.train.epochs,
+        trainable_params: trainable,
+        frozen_params: frozen,
+        train_samples: train_set.len() as u64,
+        val_samples: val_set.as_ref().map_or(0, |v| v.len() as u64),
+        resumed_from,
+        start_step: step,
+    });
+
+    let images = train_set.images.to_device(device);
+    let labels = train_set.labels.to_device(device);
+    let classes_needed = train_set.label_count();
+    let mut metrics = std::io::BufWriter::new(
+        std::fs::OpenOptions::new().create(true).append(true).open(out_dir.join("metrics.jsonl")).context("cannot open metrics.jsonl")?,
+    );
+    let interval = Duration::from_millis(plan.progress_interval_ms.max(50));
+    let mut train_time = Duration::ZERO;
+    let mut train_samples = 0u64;
+    let mut checked_logits = false;
+    let mut val_accuracy = None;
+
+    'epochs: while epoch < spec.train.epochs && step < total_steps {
+        let order = sampler.order(epoch);
+        model.set_train(true)?;
+        let mut window = (Instant::now(), 0u64, Tensor::zeros([], (Kind::Float, device)), 0u32);
+        while consumed < sampler.len {
+            if step >= total_steps {
+                break 'epochs;
+            }
+            let t0 = Instant::now();
+            let idx: Vec<i64> = sampler.batch(&order, consumed, 0).iter().map(|&i| i64::from(i)).collect();
+            let idx = Tensor::from_slice(&idx).to_device(device);
+            let x = images.index_select(0, &idx);
+            let y = labels.index_select(0, &idx);
+            let lr = optim::learning_rate(&spec.train, step, total_steps);
+            let logits = model.forward(&x, true)?;
+            if !checked_logits {
+                check_logits(&logits, classes_needed)?;
+                checked_logits = true;
+            }
+            let loss = logits.cross_entropy_for_logits(&y);
+            opt.zero_grad();
+            loss.backward();
+            opt.step(lr);
+            let n = idx.size()[0] as u64;
+            consumed += sampler.step_size(consumed);
+            step += 1;
+            train_time += t0.elapsed();
+            train_samples += n;
+            window.1 += n;
+            window.2 += loss.detach();
+            window.3 += 1;
+
+            let every = spec.train.checkpoint_every_steps;
+            let ckpt_due = every > 0 && step % every == 0;
+            if window.0.elapsed() >= interval || ckpt_due || consumed >= sampler.len || step >= total_steps {
+                let mean_loss = window.2.double_value(&[]) / f64::from(window.3);
+                if !mean_loss.is_finite() {
+                    bail!("training diverged: the loss is {mean_loss} at step {step}; lower train.optimizer.lr");
+                }
+                let sps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+                emit(&WorkerMessage::Progress { epoch: epoch + 1, step, loss: mean_loss, lr, samples_per_sec: sps });
+                writeln!(metrics, "{}", serde_json::json!({"step": step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr, "samples_per_sec": sps}))?;
+                last_loss = Some(mean_loss);
+                window = (Instant::now(), 0, Tensor::zeros([], (Kind::Float, device)), 0);
+            }
+            if ckpt_due && consumed < sampler.len {
+                let dir = save_checkpoint(&ckpt_root, &model, &opt, step, epoch, consumed, last_loss, val_accuracy, spec.train.keep_checkpoints)?;
+                emit(&WorkerMessage::Checkpoint { step, path: dir.display().to_string() });
+            }
+        }
+        if consumed < sampler.len {
+            break; // stopped by max_steps mid-epoch
+        }
+        if let Some(v) = &val_set {
+            model.set_train(false)?;
+            let (vloss, acc) = evaluate(&model, v, spec.train.batch_size as i64 * 2, device)?;
+            emit(&WorkerMessage::Eval { epoch: epoch + 1, step, val_loss: vloss, val_accuracy: acc });
+            writeln!(metrics, "{}", serde_json::json!({"step": step, "epoch": epoch + 1, "val_loss": vloss, "val_accuracy": acc}))?;
+            val_accuracy = Some(acc);
+        }
+        metrics.flush()?;
+        epoch += 1;
+        consumed = 0;
+        let dir = save_checkpoint(&ckpt_root, &model, &opt, step, epoch, 0, last_loss, val_accuracy, spec.train.keep_checkpoints)?;
+        emit(&WorkerMessage::Checkpoint { step, path: dir.display().to_string() });
+    }
+    metrics.flush()?;
+    model.set_train(false)?;
+    let files = model.save_final(&out_dir)?;
+    let sps = train_samples as f64 / train_time.as_secs_f64().max(1e-9);
+    emit(&WorkerMessage::Done { files, samples_per_sec: sps });
+    Ok(())
+}
+
+fn check_logits(logits: &Tensor, classes_needed: i64) -> Result<()> {
+    let s = logits.size();
+    if s.len() != 2 {
+        bail!("the model must return logits of shape (batch, classes), got {s:?}");
+    }
+    if s[1] < classes_needed {
+        bail!("the training labels go up to {} but the model outputs {} classes; give the model a head with {classes_needed} outputs", classes_needed - 1, s[1]);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint(
+    root: &Path,
+    model: &Model,
+    opt: &Optimizer,
+    step: u64,
+    epoch: u32,
+    consumed: usize,
+    train_loss: Option<f64>,
+    val_accuracy: Option<f64>,
+    keep: u32,
+) -> Result<PathBuf> {
+    let manifest = checkpoint::Manifest {
+        format: checkpoint::FORMAT,
+        step,
+        epoch,
+        samples_in_epoch: consumed as u64,
+        world_size: 1,
+        optimizer_steps: opt.steps,
+        created_at: ferry_cluster::time::now_rfc3339(),
+        train_loss,
+        val_accuracy,
+    };
+    let state: Vec<(String, Tensor)> = model.state().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    checkpoint::write(root, &manifest, &state, &opt.state(), keep as usize)
+}
+
+/// Mean loss and accuracy over a data set, in evaluation mode.
+fn evaluate(model: &Model, ds: &Dataset, batch: i64, device: Device) -> Result<(f64, f64)> {
+    tch::no_grad(|| {
+        let n = ds.len() as i64;
+        let (mut loss_sum, mut correct) = (0.0, 0i64);
+        let mut start = 0;
+        while start < n {
+            let len = batch.min(n - start);
+            let x = ds.images.narrow(0, start, len).to_device(device);
+            let y = ds.labels.narrow(0, start, len).to_device(device);
+            let logits = model.forward(&x, false)?;
+            loss_sum += logits.cross_entropy_for_logits(&y).double_value(&[]) * len as f64;
+            correct += logits.argmax(1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+            start += len;
+        }
+        Ok((loss_sum / n as f64, correct as f64 / n as f64))
+    })
+}

@@ -1,0 +1,242 @@
+//! Models: TorchScript files and built-in architectures behind one interface that exposes
+//! parameters and buffers by their PyTorch state_dict names.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use ferry_cluster::spec::{Arch, ModelSpec};
+use serde::Serialize;
+use tch::nn::{self, ModuleT};
+use tch::{Device, Kind, Tensor};
+
+use super::torchscript::TorchScriptModule;
+
+enum Net {
+    Script(TorchScriptModule),
+    Builtin { _vs: nn::VarStore, module: Box<dyn ModuleT + Send> },
+}
+
+/// A model ready to train.
+pub struct Model {
+    net: Net,
+    /// Trainable and frozen parameters, in a fixed order (the module's own).
+    params: Vec<(String, Tensor)>,
+    buffers: Vec<(String, Tensor)>,
+    frozen: Vec<bool>,
+}
+
+/// What `model.init` did, reported as a job event.
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct InitReport {
+    pub loaded: Vec<String>,
+    /// In the model, not in the file: left as initialised.
+    pub missing: Vec<String>,
+    /// In the file, not in the model.
+    pub unexpected: Vec<String>,
+    /// In both with different shapes (a new head is the usual case): left as initialised.
+    pub skipped_shape: Vec<String>,
+}
+
+/// Input shape (C, H, W) of the data, needed to build built-in architectures.
+pub type InputShape = (i64, i64, i64);
+
+impl Model {
+    /// Loads or builds the model of `spec` on `device`. `model_path` is the resolved `model.path`.
+    pub fn build(spec: &ModelSpec, model_path: Option<&Path>, input: InputShape, device: Device) -> Result<Model> {
+        let net = match spec.arch {
+            Arch::Torchscript => {
+                let path = model_path.context("arch torchscript needs model.path")?;
+                let cuda = match device {
+                    Device::Cuda(i) => Some(i),
+                    _ => None,
+                };
+                Net::Script(TorchScriptModule::load(path, cuda)?)
+            }
+            arch => {
+                let vs = nn::VarStore::new(device);
+                let classes = i64::from(spec.num_classes.context("built-in archs need model.num_classes")?);
+                let root = vs.root();
+                let module: Box<dyn ModuleT + Send> = match arch {
+                    Arch::Resnet18 => Box::new(tch::vision::resnet::resnet18(&root, classes)),
+                    Arch::Resnet50 => Box::new(tch::vision::resnet::resnet50(&root, classes)),
+                    Arch::Cnn => Box::new(cnn(&root, input.0, classes)),
+                    Arch::Mlp => Box::new(mlp(&root, input.0 * input.1 * input.2, classes)),
+                    Arch::Torchscript => unreachable!("handled above"),
+                };
+                Net::Builtin { _vs: vs, module }
+            }
+        };
+        let (params, buffers) = match &net {
+            Net::Script(m) => (m.named_parameters()?, m.named_buffers()?),
+            Net::Builtin { _vs: vs, .. } => {
+                let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+                vars.sort_by(|a, b| natural_key(&a.0).cmp(&natural_key(&b.0)));
+                vars.into_iter().partition(|(_, t)| t.requires_grad())
+            }
+        };
+        let frozen = vec![false; params.len()];
+        Ok(Model { net, params, buffers, frozen })
+    }
+
+    /// Logits for a batch.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match &self.net {
+            Net::Script(m) => m.forward(x),
+            Net::Builtin { module, .. } => Ok(module.forward_t(x, train)),
+        }
+    }
+
+    /// Training or evaluation mode (dropout, BatchNorm).
+    pub fn set_train(&mut self, on: bool) -> Result<()> {
+        match &mut self.net {
+            Net::Script(m) => m.set_train(on),
+            Net::Builtin { .. } => Ok(()), // forward_t takes the mode per call
+        }
+    }
+
+    /// Every parameter and buffer, by state_dict name.
+    pub fn state(&self) -> impl Iterator<Item = &(String, Tensor)> {
+        self.params.iter().chain(self.buffers.iter())
+    }
+
+    /// The parameters that train (not frozen), in module order.
+    pub fn trainable(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .zip(&self.frozen)
+            .filter(|(_, f)| !**f)
+            .map(|((n, t), _)| (n.clone(), t.shallow_clone()))
+            .collect()
+    }
+
+    /// Counts of (trainable parameters, frozen parameters) in elements.
+    pub fn parameter_counts(&self) -> (i64, i64) {
+        let mut c = (0, 0);
+        for ((_, t), f) in self.params.iter().zip(&self.frozen) {
+            if *f {
+                c.1 += t.numel() as i64;
+            } else {
+                c.0 += t.numel() as i64;
+            }
+        }
+        c
+    }
+
+    /// Freezes every parameter whose name is a prefix or starts with `prefix.`; every
+    /// prefix must match at least one parameter.
+    pub fn freeze(&mut self, prefixes: &[String]) -> Result<Vec<String>> {
+        let mut frozen_names = Vec::new();
+        for prefix in prefixes {
+            let p = prefix.trim_end_matches('.');
+            let mut hit = false;
+            for (i, (name, t)) in self.params.iter().enumerate() {
+                if name == p || name.starts_with(&format!("{p}.")) {
+                    hit = true;
+                    if !self.frozen[i] {
+                        self.frozen[i] = true;
+                        let _ = t.set_requires_grad(false);
+                        frozen_names.push(name.clone());
+                    }
+                }
+            }
+            if !hit {
+                let names: Vec<_> = self.params.iter().map(|(n, _)| n.as_str()).take(12).collect();
+                bail!("model.freeze: `{prefix}` matches no parameter; parameter names start with: {}", names.join(", "));
+            }
+        }
+        Ok(frozen_names)
+    }
+
+    /// Loads tensors by name from a safetensors file (parameter transfer): shapes must
+    /// match; everything else is reported, not an error.
+    pub fn load_init(&mut self, path: &Path) -> Result<InitReport> {
+        let file = Tensor::read_safetensors(path)
+            .with_context(|| format!("model.init: cannot read {} as safetensors", path.display()))?;
+        let mut by_name: HashMap<String, Tensor> = file.into_iter().collect();
+        let mut report = InitReport::default();
+        tch::no_grad(|| -> Result<()> {
+            for (name, t) in self.params.iter().chain(self.buffers.iter()) {
+                match by_name.remove(name) {
+                    None => report.missing.push(name.clone()),
+                    Some(src) if src.size() != t.size() => report.skipped_shape.push(format!("{name} {:?} -> {:?}", src.size(), t.size())),
+                    Some(src) => {
+                        t.shallow_clone().f_copy_(&src.to_kind(t.kind()))?;
+                        report.loaded.push(name.clone());
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        report.unexpected = by_name.into_keys().collect();
+        report.unexpected.sort();
+        if report.loaded.is_empty() {
+            bail!(
+                "model.init: no tensor of {} matches the model by name and shape (model tensors: {}; file tensors: {}); \
+                 export it with safetensors.torch.save_file(model.state_dict(), ...)",
+                path.display(),
+                self.state().map(|(n, _)| n.as_str()).take(8).collect::<Vec<_>>().join(", "),
+                report.unexpected.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        Ok(report)
+    }
+
+    /// Copies a full state (a checkpoint) into the model; every tensor must be present.
+    pub fn load_state(&mut self, tensors: Vec<(String, Tensor)>) -> Result<()> {
+        let mut by_name: HashMap<String, Tensor> = tensors.into_iter().collect();
+        tch::no_grad(|| -> Result<()> {
+            for (name, t) in self.params.iter().chain(self.buffers.iter()) {
+                let src = by_name.remove(name).with_context(|| format!("checkpoint has no tensor `{name}`: it was written for another model"))?;
+                if src.size() != t.size() {
+                    bail!("checkpoint tensor `{name}` has shape {:?}, the model {:?}", src.size(), t.size());
+                }
+                t.shallow_clone().f_copy_(&src)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Writes the final weights (and, for TorchScript, the trained module) to `dir`.
+    pub fn save_final(&self, dir: &Path) -> Result<Vec<String>> {
+        let mut files = Vec::new();
+        let weights = dir.join("model.safetensors");
+        let named: Vec<(&str, Tensor)> = self.state().map(|(n, t)| (n.as_str(), t.to_device(Device::Cpu).contiguous())).collect();
+        Tensor::write_safetensors(&named, &weights).with_context(|| format!("cannot write {}", weights.display()))?;
+        files.push(weights.display().to_string());
+        if let Net::Script(m) = &self.net {
+            let ts = dir.join("model.pt");
+            m.save(&ts)?;
+            files.push(ts.display().to_string());
+        }
+        Ok(files)
+    }
+}
+
+/// Sorts `layer10` after `layer2`: digit runs compare as numbers.
+fn natural_key(s: &str) -> Vec<(u64, String)> {
+    s.split('.').map(|part| (part.parse::<u64>().unwrap_or(u64::MAX), part.to_string())).collect()
+}
+
+/// A small CNN: conv-bn-relu-pool twice, global average pooling, a linear head.
+/// Names follow a PyTorch `nn.Sequential` (`features.0`, `features.1`, ..., `classifier`).
+fn cnn(p: &nn::Path, in_channels: i64, classes: i64) -> impl ModuleT {
+    let conv = |i: i64, o: i64, name: &str| nn::conv2d(p / "features" / name, i, o, 3, nn::ConvConfig { padding: 1, ..Default::default() });
+    let bn = |c: i64, name: &str| nn::batch_norm2d(p / "features" / name, c, Default::default());
+    let (c0, b1, c4, b5) = (conv(in_channels, 32, "0"), bn(32, "1"), conv(32, 64, "4"), bn(64, "5"));
+    let head = nn::linear(p / "classifier", 64, classes, Default::default());
+    nn::func_t(move |x, train| {
+        let x = x.apply(&c0).apply_t(&b1, train).relu();
+        let x = if x.size()[2] >= 2 && x.size()[3] >= 2 { x.max_pool2d_default(2) } else { x };
+        let x = x.apply(&c4).apply_t(&b5, train).relu();
+        x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&head)
+    })
+}
+
+/// A small MLP on flattened inputs: 256 and 128 hidden units, ReLU.
+fn mlp(p: &nn::Path, inputs: i64, classes: i64) -> impl ModuleT {
+    let l0 = nn::linear(p / "features" / "0", inputs, 256, Default::default());
+    let l2 = nn::linear(p / "features" / "2", 256, 128, Default::default());
+    let head = nn::linear(p / "classifier", 128, classes, Default::default());
+    nn::func_t(move |x, _train| x.flatten(1, -1).to_kind(Kind::Float).apply(&l0).relu().apply(&l2).relu().apply(&head))
+}
