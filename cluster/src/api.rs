@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::spec::JobSpec;
 
 /// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum JobPhase {
     /// Accepted, waiting for a slot (or for its resumption after a daemon restart).
     Pending,

@@ -46,4 +46,6 @@ pub enum WorkerMessage {
     Checkpoint { step: u64, path: String },
     /// Training finished; final files written.
     Done { files: Vec<String>, samples_per_sec: f64 },
+    /// The rank could not go on; `reason` says why and what to do.
+    Failed { reason: String },
 }

@@ -61,6 +61,11 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
         Some(v) => Some(Dataset::load(Path::new(&v.path), "data.val", &spec.data)?),
         None => None,
     };
+    for (field, ds) in [("data.train", Some(&train_set)), ("data.val", val_set.as_ref())] {
+        if let Some(classes) = ds.and_then(|d| d.classes.as_ref()) {
+            emit(&WorkerMessage::Log { message: format!("{field}: ImageFolder with classes {}", classes.join(", ")) });
+        }
+    }
     if let Some(v) = &val_set {
         if v.shape() != train_set.shape() {
             bail!("data.val images are {:?} but data.train images are {:?} (C,H,W); set data.image_size", v.shape(), train_set.shape());

@@ -65,11 +65,6 @@ impl Sampler {
         self.len.div_ceil(self.global_batch())
     }
 
-    /// Steps left in an epoch whose first `consumed` samples are done.
-    pub fn steps_from(&self, consumed: usize) -> usize {
-        self.len.saturating_sub(consumed).div_ceil(self.global_batch())
-    }
-
     /// The indices rank `rank` trains on at the step that starts at `consumed`. A short last
     /// step is split as evenly as possible, so every rank has the same number of steps.
     pub fn batch<'a>(&self, order: &'a [u32], consumed: usize, rank: usize) -> &'a [u32] {
@@ -146,7 +141,6 @@ mod tests {
         seen.extend_from_slice(one.batch(&order, consumed, 0));
         consumed += one.step_size(consumed);
         let four = Sampler { world: 4, ..two.clone() };
-        assert_eq!(four.steps_from(consumed), 3);
         while consumed < 64 {
             for r in 0..4 {
                 seen.extend_from_slice(four.batch(&order, consumed, r));

@@ -1,0 +1,158 @@
+//! The daemon's configuration: a file (`--config`), then `FERRY_*` environment variables
+//! (nested keys with `__`, e.g. `FERRY_ROOTS__DATA`), then flags; later sources win.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// The keys `FERRY_*` variables may set (others, like ferryctl's `FERRY_SERVER`, are not ours).
+const KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "token",
+    "node_name",
+    "roots",
+    "max_body_bytes",
+    "max_running_jobs",
+    "worker_threads",
+    "progress_interval_ms",
+    "log_format",
+    "store_prefix",
+];
+
+/// Directories that spec paths are confined to; each defaults to the daemon's working directory.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RootsConfig {
+    pub data: Option<PathBuf>,
+    pub models: Option<PathBuf>,
+    pub outputs: Option<PathBuf>,
+}
+
+/// Everything `ferryd` can be configured with; see `docs/ferryd.example.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the REST API.
+    pub listen: String,
+    /// Where the embedded store and worker plans live.
+    pub data_dir: PathBuf,
+    /// Bearer token the API requires; without one the daemon listens on loopback only.
+    pub token: Option<String>,
+    /// This node's name (default: the host name).
+    pub node_name: Option<String>,
+    pub roots: RootsConfig,
+    /// Largest request body accepted (bytes).
+    pub max_body_bytes: usize,
+    /// Jobs this node runs at once; the rest wait as Pending.
+    pub max_running_jobs: usize,
+    /// Intra-op threads per rank unless the spec says otherwise (default: all cores).
+    pub worker_threads: Option<u32>,
+    /// How often a rank reports progress (milliseconds).
+    pub progress_interval_ms: u64,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// Key prefix in the store.
+    pub store_prefix: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:7070".into(),
+            data_dir: PathBuf::from(".ferry"),
+            token: None,
+            node_name: None,
+            roots: RootsConfig::default(),
+            max_body_bytes: 1 << 20,
+            max_running_jobs: 1,
+            worker_threads: None,
+            progress_interval_ms: 1000,
+            log_format: "text".into(),
+            store_prefix: "/ferry".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Layers the file, the environment and `overrides` (flag values, by key).
+    pub fn load(file: Option<&Path>, overrides: &[(&str, Option<String>)]) -> Result<Config> {
+        let mut b = config::Config::builder();
+        if let Some(f) = file {
+            if !f.is_file() {
+                bail!("config file {} does not exist", f.display());
+            }
+            b = b.add_source(config::File::from(f));
+        }
+        let env: std::collections::HashMap<String, String> = std::env::vars()
+            .filter(|(k, _)| {
+                k.strip_prefix("FERRY_")
+                    .map(|rest| rest.to_ascii_lowercase())
+                    .is_some_and(|rest| KEYS.iter().any(|key| rest == *key || rest.starts_with(&format!("{key}__"))))
+            })
+            .collect();
+        b = b.add_source(config::Environment::with_prefix("FERRY").separator("__").source(Some(env)).try_parsing(true));
+        for (key, value) in overrides {
+            if let Some(v) = value {
+                b = b.set_override(*key, v.clone())?;
+            }
+        }
+        let cfg: Config = b
+            .build()
+            .context("cannot read the configuration")?
+            .try_deserialize()
+            .context("invalid configuration (see docs/ferryd.example.yaml for the keys)")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.max_running_jobs == 0 {
+            bail!("max_running_jobs must be at least 1");
+        }
+        if self.max_body_bytes < 1024 {
+            bail!("max_body_bytes must be at least 1024");
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            bail!("log_format must be `text` or `json`");
+        }
+        if self.token.as_deref().is_some_and(|t| t.len() < 16) {
+            bail!("token must be at least 16 characters (generate one with `openssl rand -hex 32`)");
+        }
+        Ok(())
+    }
+
+    /// Intra-op threads for a rank.
+    pub fn threads(&self) -> u32 {
+        self.worker_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags_take_precedence() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("ferryd.yaml");
+        std::fs::write(&f, "listen: 127.0.0.1:9000\nmax_running_jobs: 3\nroots:\n  data: /srv/data\n").unwrap();
+        let c = Config::load(Some(&f), &[("listen", Some("127.0.0.1:9100".into())), ("data_dir", None)]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9100");
+        assert_eq!(c.max_running_jobs, 3);
+        assert_eq!(c.roots.data.as_deref(), Some(Path::new("/srv/data")));
+        assert_eq!(c.data_dir, PathBuf::from(".ferry"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(&f, "lisen: 1\n").unwrap();
+        assert!(format!("{:#}", Config::load(Some(&f), &[]).unwrap_err()).contains("lisen"));
+        std::fs::write(&f, "token: short\n").unwrap();
+        assert!(Config::load(Some(&f), &[]).unwrap_err().to_string().contains("16"));
+    }
+}

@@ -1,0 +1,110 @@
+//! Request handlers: parse, call the job manager, map errors.
+
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use ferry_cluster::api::{JobList, Node, NodeList};
+use ferry_cluster::spec::JobSpec;
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+use super::{ApiError, AppState};
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain").body("ok\n")
+}
+
+pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
+    if *state.ready.borrow() {
+        Ok(HttpResponse::Ok().content_type("text/plain").body("ready\n"))
+    } else {
+        Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "Not ready", "the node is not registered in the store yet"))
+    }
+}
+
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+}
+
+pub async fn openapi(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(super::openapi::document(state.version))
+}
+
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
+    Err(ApiError::new(StatusCode::NOT_FOUND, "Not found", format!("no route {} {}; see /openapi.json", req.method(), req.path())))
+}
+
+/// `POST /v1/jobs`: the body is the spec, YAML or JSON.
+pub async fn submit(state: web::Data<AppState>, mut body: web::Payload) -> Result<HttpResponse> {
+    let mut buf = web::BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "Bad request", format!("cannot read the body: {e}")))?;
+        if buf.len() + chunk.len() > state.max_body_bytes {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Payload too large",
+                format!("a job spec may be at most {} bytes", state.max_body_bytes),
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    let text = std::str::from_utf8(&buf).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "Bad request", "the body must be UTF-8 YAML or JSON"))?;
+    if text.trim().is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "Bad request", "the body is empty; send the job spec as YAML or JSON"));
+    }
+    let spec = JobSpec::parse(text).map_err(|e| ApiError::from(crate::jobs::JobError::Invalid(e.0)))?;
+    let job = state.jobs.submit(spec).await?;
+    Ok(HttpResponse::Created().insert_header(("Location", format!("/v1/jobs/{}", job.id))).json(job))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    phase: Option<String>,
+    name: Option<String>,
+}
+
+pub async fn list_jobs(state: web::Data<AppState>, q: web::Query<ListQuery>) -> Result<HttpResponse> {
+    let jobs = state
+        .jobs
+        .list()
+        .await?
+        .into_iter()
+        .filter(|j| q.phase.as_deref().is_none_or(|p| j.phase.as_str().eq_ignore_ascii_case(p)))
+        .filter(|j| q.name.as_deref().is_none_or(|n| j.name == n))
+        .collect();
+    Ok(HttpResponse::Ok().json(JobList { jobs }))
+}
+
+pub async fn get_job(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
+    Ok(HttpResponse::Ok().json(state.jobs.get(&id).await?))
+}
+
+pub async fn cancel_job(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
+    Ok(HttpResponse::Accepted().json(state.jobs.cancel(&id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    #[serde(default)]
+    after: u64,
+    /// Long-poll: seconds to wait for a new event (at most 60).
+    #[serde(default)]
+    wait: u64,
+}
+
+pub async fn job_events(state: web::Data<AppState>, id: web::Path<String>, q: web::Query<EventsQuery>) -> Result<HttpResponse> {
+    let wait = Duration::from_secs(q.wait.min(60));
+    Ok(HttpResponse::Ok().json(state.jobs.events(&id, q.after, wait).await?))
+}
+
+pub async fn list_nodes(state: web::Data<AppState>) -> Result<HttpResponse> {
+    let jobs = &state.jobs;
+    let kvs = jobs.store.range(&jobs.keys.nodes()).await.map_err(crate::jobs::JobError::from)?;
+    let nodes = kvs.iter().filter_map(|kv| serde_json::from_slice::<Node>(&kv.value).ok()).collect();
+    Ok(HttpResponse::Ok().json(NodeList { nodes }))
+}

@@ -1,0 +1,81 @@
+//! Prometheus metrics of the daemon and of the jobs it runs (`GET /metrics`).
+
+use prometheus::{Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+/// Every metric ferryd exports, registered in one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    /// Jobs known to this daemon by phase (set at scrape time from the store).
+    pub jobs: IntGaugeVec,
+    pub job_step: GaugeVec,
+    pub job_loss: GaugeVec,
+    pub job_val_accuracy: GaugeVec,
+    pub job_samples_per_second: GaugeVec,
+    /// Rank processes that ended, by outcome (`succeeded`, `failed`, `cancelled`).
+    pub rank_exits: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers the metrics.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let job = &["job", "name"];
+        let m = Metrics {
+            http_requests: IntCounterVec::new(
+                Opts::new("ferry_http_requests_total", "REST API requests by route and status"),
+                &["method", "route", "status"],
+            )
+            .expect("valid metric"),
+            http_duration: HistogramVec::new(
+                HistogramOpts::new("ferry_http_request_duration_seconds", "REST API request latency").buckets(vec![
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
+                ]),
+                &["route"],
+            )
+            .expect("valid metric"),
+            jobs: IntGaugeVec::new(Opts::new("ferry_jobs", "Jobs by phase"), &["phase"]).expect("valid metric"),
+            job_step: GaugeVec::new(Opts::new("ferry_job_step", "Optimizer steps a running job has taken"), job).expect("valid metric"),
+            job_loss: GaugeVec::new(Opts::new("ferry_job_train_loss", "Last training loss of a running job"), job).expect("valid metric"),
+            job_val_accuracy: GaugeVec::new(Opts::new("ferry_job_val_accuracy", "Last validation accuracy of a running job"), job)
+                .expect("valid metric"),
+            job_samples_per_second: GaugeVec::new(
+                Opts::new("ferry_job_samples_per_second", "Training throughput of a running job"),
+                job,
+            )
+            .expect("valid metric"),
+            rank_exits: IntCounterVec::new(Opts::new("ferry_rank_exits_total", "Rank processes that ended, by outcome"), &["outcome"])
+                .expect("valid metric"),
+            registry,
+        };
+        for c in [
+            Box::new(m.http_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.http_duration.clone()),
+            Box::new(m.jobs.clone()),
+            Box::new(m.job_step.clone()),
+            Box::new(m.job_loss.clone()),
+            Box::new(m.job_val_accuracy.clone()),
+            Box::new(m.job_samples_per_second.clone()),
+            Box::new(m.rank_exits.clone()),
+        ] {
+            m.registry.register(c).expect("metric registered once");
+        }
+        m
+    }
+
+    /// Drops the per-job series of a job that ended.
+    pub fn forget_job(&self, id: &str, name: &str) {
+        for g in [&self.job_step, &self.job_loss, &self.job_val_accuracy, &self.job_samples_per_second] {
+            let _ = g.remove_label_values(&[id, name]);
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
