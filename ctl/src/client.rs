@@ -1,0 +1,73 @@
+//! A blocking HTTP client for ferryd's REST API that turns every failure into a message
+//! a person can act on.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use ferry_cluster::api::Problem;
+use serde::de::DeserializeOwned;
+
+/// ferryd's address and credentials.
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// A client for `server` (`http://host:port`; a bare `host:port` gets `http://`).
+    pub fn new(server: &str, token: Option<String>) -> Client {
+        let base = if server.contains("://") { server.trim_end_matches('/').to_string() } else { format!("http://{}", server.trim_end_matches('/')) };
+        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout_read(Duration::from_secs(90)).build();
+        Client { base, token, agent }
+    }
+
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let r = self.agent.request(method, &format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => r.set("Authorization", &format!("Bearer {t}")),
+            None => r,
+        }
+    }
+
+    fn explain(&self, e: ureq::Error) -> anyhow::Error {
+        match e {
+            ureq::Error::Status(code, resp) => {
+                let body = resp.into_string().unwrap_or_default();
+                match serde_json::from_str::<Problem>(&body) {
+                    Ok(p) if code == 401 => anyhow!("{}: {} (ferryd at {} needs a token: pass --token or set FERRY_TOKEN)", p.title, p.detail, self.base),
+                    Ok(p) if !p.errors.is_empty() => {
+                        let lines: Vec<String> = p.errors.iter().map(|e| format!("  {}: {}", e.field, e.message)).collect();
+                        anyhow!("{} ({}):\n{}", p.title, code, lines.join("\n"))
+                    }
+                    Ok(p) => anyhow!("{} ({}): {}", p.title, code, p.detail),
+                    Err(_) => anyhow!("ferryd at {} answered {code}: {}", self.base, body.trim()),
+                }
+            }
+            ureq::Error::Transport(t) => anyhow!(
+                "cannot reach ferryd at {}: {}. Is it running? Start one with `ferryd --standalone`, or point --server / FERRY_SERVER at it.",
+                self.base,
+                t.to_string().rsplit(": ").next().unwrap_or("connection failed")
+            ),
+        }
+    }
+
+    /// GET a JSON document.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let resp = self.request("GET", path).call().map_err(|e| self.explain(e))?;
+        resp.into_json().map_err(|e| anyhow!("ferryd sent an unreadable answer to GET {path}: {e}"))
+    }
+
+    /// POST a body (or none) and read JSON back.
+    pub fn post<T: DeserializeOwned>(&self, path: &str, content_type: &str, body: &str) -> Result<T> {
+        let resp = self.request("POST", path).set("Content-Type", content_type).send_string(body).map_err(|e| self.explain(e))?;
+        resp.into_json().map_err(|e| anyhow!("ferryd sent an unreadable answer to POST {path}: {e}"))
+    }
+}
+
+/// Percent-encodes a path segment (job names and ids are plain, but be safe).
+pub fn segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
