@@ -92,7 +92,7 @@ impl Config {
                     .is_some_and(|rest| KEYS.iter().any(|key| rest == *key || rest.starts_with(&format!("{key}__"))))
             })
             .collect();
-        b = b.add_source(config::Environment::with_prefix("FERRY").separator("__").source(Some(env)).try_parsing(true));
+        b = b.add_source(config::Environment::with_prefix("FERRY").prefix_separator("_").separator("__").source(Some(env)).try_parsing(true));
         for (key, value) in overrides {
             if let Some(v) = value {
                 b = b.set_override(*key, v.clone())?;

@@ -1,1 +1,272 @@
+//! A harness for process-level tests: real `ferryd --standalone` processes on free
+//! loopback ports, each with its own data dir and output root, driven over HTTP and with
+//! the real `ferryctl`. Everything is cleaned up on drop.
+//!
+//! The binaries must be built first (`cargo build --workspace`; `scripts/test.sh` does it).
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ferry_cluster::api::{EventPage, Job, JobPhase};
+use serde_json::Value;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the workspace").to_path_buf()
+}
+
+/// `target/<profile>`, where the binaries are.
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+}
+
+/// A built binary of the workspace.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.is_file(), "{} is not built: run `cargo build --workspace` first (scripts/test.sh does)", p.display());
+    p
+}
+
+/// The Python with torch that the set-up script installed.
+pub fn python() -> PathBuf {
+    std::env::var_os("FERRY_PYTHON").map(PathBuf::from).unwrap_or_else(|| workspace().join(".venv/bin/python"))
+}
+
+/// Runs a fixture script with the venv's Python; panics with its output on failure.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    let out = Command::new(python()).arg(workspace().join("tests/fixtures").join(script)).args(args).output().expect("run python");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{script} failed:\n{text}");
+    text
+}
+
+/// Models and data made once per test binary by `tests/fixtures/make_fixtures.py`.
+pub fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = bin_dir().join("ferry-fixtures");
+        let stamp = dir.join(".complete");
+        if !stamp.exists() {
+            let tmp = bin_dir().join(format!("ferry-fixtures.tmp{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            run_python("make_fixtures.py", &[tmp.to_str().expect("utf-8 path")]);
+            std::fs::write(tmp.join(".complete"), b"").expect("stamp");
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&tmp, &dir).expect("move fixtures into place");
+        }
+        dir
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A running `ferryd --standalone`.
+pub struct Daemon {
+    child: Option<Child>,
+    pub port: u16,
+    pub token: Option<String>,
+    /// Holds the data dir and the outputs root.
+    pub dir: tempfile::TempDir,
+    agent: ureq::Agent,
+}
+
+impl Daemon {
+    /// Starts a daemon without a token.
+    pub fn start() -> Daemon {
+        Self::start_with(None)
+    }
+
+    /// Starts a daemon, with a token if given.
+    pub fn start_with(token: Option<&str>) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("out")).expect("out dir");
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
+        let mut d = Daemon { child: None, port: free_port(), token: token.map(str::to_string), dir, agent };
+        d.spawn();
+        d
+    }
+
+    /// The outputs root.
+    pub fn out(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+
+    /// The `ferryd` command line this daemon runs with (for tests that start their own).
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(bin("ferryd"));
+        c.arg("--standalone")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .env("FERRY_ROOTS__DATA", fixtures().join("data"))
+            .env("FERRY_ROOTS__MODELS", fixtures().join("models"))
+            .env("FERRY_ROOTS__OUTPUTS", self.out())
+            .env("FERRY_PROGRESS_INTERVAL_MS", "100")
+            .env("FERRY_WORKER_THREADS", "1")
+            .env("FERRY_MAX_RUNNING_JOBS", "2")
+            .env_remove("FERRY_TOKEN")
+            .env_remove("FERRY_CONFIG");
+        if let Some(t) = &self.token {
+            c.env("FERRY_TOKEN", t);
+        }
+        c
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("ferryd.log")).expect("log");
+        let child = self.command().stdout(Stdio::null()).stderr(log).spawn().expect("start ferryd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.agent.get(&self.url("/readyz")).call() {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("ferryd exited ({status}) during start-up:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "ferryd did not become ready:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ferryd.log")).unwrap_or_default()
+    }
+
+    /// Kills the daemon with SIGKILL (no clean shutdown) and starts it again on the same data dir.
+    pub fn crash_and_restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Kills the daemon with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn req(&self, method: &str, path: &str) -> ureq::Request {
+        let r = self.agent.request(method, &self.url(path));
+        match &self.token {
+            Some(t) => r.set("Authorization", &format!("Bearer {t}")),
+            None => r,
+        }
+    }
+
+    /// GET → (status, body as JSON or a string).
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        respond(self.req("GET", path).call())
+    }
+
+    /// POST a body → (status, JSON).
+    pub fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        respond(self.req("POST", path).send_string(body))
+    }
+
+    /// Submits a spec over HTTP; panics unless it is accepted.
+    pub fn submit(&self, spec: &str) -> Job {
+        let (status, body) = self.post("/v1/jobs", spec);
+        assert_eq!(status, 201, "submit failed: {body}");
+        serde_json::from_value(body).expect("job")
+    }
+
+    /// A job by id or name.
+    pub fn job(&self, id: &str) -> Job {
+        let (status, body) = self.get(&format!("/v1/jobs/{id}"));
+        assert_eq!(status, 200, "get {id}: {body}");
+        serde_json::from_value(body).expect("job")
+    }
+
+    /// Every event of a job.
+    pub fn events(&self, id: &str) -> EventPage {
+        let (status, body) = self.get(&format!("/v1/jobs/{id}/events"));
+        assert_eq!(status, 200, "events {id}: {body}");
+        serde_json::from_value(body).expect("events")
+    }
+
+    /// Polls job `id` until `done` holds for it; panics with its events after `timeout`.
+    pub fn wait_for(&self, id: &str, timeout: Duration, what: &str, done: impl Fn(&Job) -> bool) -> Job {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let job = self.job(id);
+            if done(&job) {
+                return job;
+            }
+            if Instant::now() > deadline {
+                let ev: Vec<String> = self.events(id).events.iter().map(|e| format!("{} {:?} {}", e.seq, e.kind, e.message)).collect();
+                panic!("job {id} did not reach `{what}` in {timeout:?}; it is {:?} {:?}\nevents:\n{}\nlog:\n{}", job.phase, job.status, ev.join("\n"), self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the job has ended, for at most `timeout`.
+    pub fn wait_terminal(&self, id: &str, timeout: Duration) -> Job {
+        self.wait_for(id, timeout, "a terminal phase", |j| j.phase.is_terminal())
+    }
+
+    /// Runs `ferryctl` against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        let mut c = Command::new(bin("ferryctl"));
+        c.args(args).env("FERRY_SERVER", self.url("")).env_remove("FERRY_TOKEN");
+        if let Some(t) = &self.token {
+            c.env("FERRY_TOKEN", t);
+        }
+        c.output().expect("run ferryctl")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn respond(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    let resp = match r {
+        Ok(resp) => resp,
+        Err(ureq::Error::Status(_, resp)) => resp,
+        Err(e) => panic!("request failed: {e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// Whether process `pid` exists.
+pub fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
+}
+
+/// The pid of rank 0 of the job's latest attempt, from its events.
+pub fn rank_pid(d: &Daemon, id: &str) -> u32 {
+    d.events(id).events.iter().rev().find_map(|e| e.data.get("pid").and_then(Value::as_u64)).expect("a rank started") as u32
+}
+
+/// `phase` is terminal and is `want`.
+pub fn is(job: &Job, want: JobPhase) -> bool {
+    job.phase == want
+}
