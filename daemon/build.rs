@@ -9,7 +9,10 @@ fn main() {
         std::env::var("DEP_TCH_LIBTORCH_LIB")
             .expect("torch-sys did not report libtorch's lib dir; run scripts/setup.sh (it sets LIBTORCH_USE_PYTORCH=1)"),
     );
-    let torch = lib.parent().expect("libtorch lib dir has a parent").to_path_buf();
+    let torch = lib
+        .parent()
+        .expect("libtorch lib dir has a parent")
+        .to_path_buf();
     let include = torch.join("include");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());

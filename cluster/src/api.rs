@@ -18,7 +18,10 @@ pub enum JobPhase {
 impl JobPhase {
     /// Whether the job has ended for good.
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobPhase::Succeeded | JobPhase::Failed | JobPhase::Cancelled)
+        matches!(
+            self,
+            JobPhase::Succeeded | JobPhase::Failed | JobPhase::Cancelled
+        )
     }
 
     /// The phase as the API spells it.

@@ -10,7 +10,9 @@ pub struct Keys {
 impl Keys {
     /// A layout under `prefix`; a trailing `/` is ignored.
     pub fn new(prefix: &str) -> Self {
-        Keys { prefix: prefix.trim_end_matches('/').to_string() }
+        Keys {
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
     }
 
     /// The prefix holding every job record.

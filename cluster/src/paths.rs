@@ -36,13 +36,29 @@ pub struct Roots {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PathError {
     #[error("`{path}` contains `..`; give a path inside the {kind} root ({root})")]
-    ParentComponent { path: String, kind: &'static str, root: String },
+    ParentComponent {
+        path: String,
+        kind: &'static str,
+        root: String,
+    },
     #[error("`{path}` is outside the {kind} root ({root}); move the file under it or configure roots.{kind}")]
-    OutsideRoot { path: String, kind: &'static str, root: String },
+    OutsideRoot {
+        path: String,
+        kind: &'static str,
+        root: String,
+    },
     #[error("`{path}` does not exist under the {kind} root ({root})")]
-    NotFound { path: String, kind: &'static str, root: String },
+    NotFound {
+        path: String,
+        kind: &'static str,
+        root: String,
+    },
     #[error("cannot use the {kind} root {root}: {reason}")]
-    BadRoot { kind: &'static str, root: String, reason: String },
+    BadRoot {
+        kind: &'static str,
+        root: String,
+        reason: String,
+    },
 }
 
 impl Roots {
@@ -80,14 +96,27 @@ impl Roots {
 
     /// Resolves `user_path` under the root of `kind`. With `must_exist`, the path must exist;
     /// otherwise its deepest existing ancestor is checked (an output dir made later).
-    pub fn resolve(&self, kind: RootKind, user_path: &str, must_exist: bool) -> Result<PathBuf, PathError> {
+    pub fn resolve(
+        &self,
+        kind: RootKind,
+        user_path: &str,
+        must_exist: bool,
+    ) -> Result<PathBuf, PathError> {
         let root = self.root(kind);
         let err_root = || root.display().to_string();
         let p = Path::new(user_path);
         if p.components().any(|c| matches!(c, Component::ParentDir)) {
-            return Err(PathError::ParentComponent { path: user_path.into(), kind: kind.name(), root: err_root() });
+            return Err(PathError::ParentComponent {
+                path: user_path.into(),
+                kind: kind.name(),
+                root: err_root(),
+            });
         }
-        let joined = if p.is_absolute() { p.to_path_buf() } else { root.join(p) };
+        let joined = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            root.join(p)
+        };
         // Resolve links on the longest prefix that exists; the rest cannot be a link yet.
         let mut existing = joined.clone();
         let mut rest = Vec::new();
@@ -96,20 +125,37 @@ impl Roots {
                 Ok(c) => break c,
                 Err(_) => {
                     if must_exist {
-                        return Err(PathError::NotFound { path: user_path.into(), kind: kind.name(), root: err_root() });
+                        return Err(PathError::NotFound {
+                            path: user_path.into(),
+                            kind: kind.name(),
+                            root: err_root(),
+                        });
                     }
-                    match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+                    match (
+                        existing.file_name().map(|n| n.to_os_string()),
+                        existing.parent(),
+                    ) {
                         (Some(name), Some(parent)) => {
                             rest.push(name);
                             existing = parent.to_path_buf();
                         }
-                        _ => return Err(PathError::OutsideRoot { path: user_path.into(), kind: kind.name(), root: err_root() }),
+                        _ => {
+                            return Err(PathError::OutsideRoot {
+                                path: user_path.into(),
+                                kind: kind.name(),
+                                root: err_root(),
+                            })
+                        }
                     }
                 }
             }
         };
         if !canonical.starts_with(root) {
-            return Err(PathError::OutsideRoot { path: user_path.into(), kind: kind.name(), root: err_root() });
+            return Err(PathError::OutsideRoot {
+                path: user_path.into(),
+                kind: kind.name(),
+                root: err_root(),
+            });
         }
         let mut full = canonical;
         for name in rest.into_iter().rev() {
@@ -128,7 +174,12 @@ mod tests {
         for d in ["data", "models", "out"] {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
         }
-        let r = Roots::new(&dir.path().join("data"), &dir.path().join("models"), &dir.path().join("out")).unwrap();
+        let r = Roots::new(
+            &dir.path().join("data"),
+            &dir.path().join("models"),
+            &dir.path().join("out"),
+        )
+        .unwrap();
         (dir, r)
     }
 
@@ -136,12 +187,21 @@ mod tests {
     fn relative_and_absolute_paths_inside_a_root_resolve() {
         let (dir, r) = roots();
         std::fs::write(dir.path().join("data/train.safetensors"), b"x").unwrap();
-        let p = r.resolve(RootKind::Data, "train.safetensors", true).unwrap();
+        let p = r
+            .resolve(RootKind::Data, "train.safetensors", true)
+            .unwrap();
         assert_eq!(p, r.data.join("train.safetensors"));
         let abs = r.data.join("train.safetensors");
-        assert_eq!(r.resolve(RootKind::Data, abs.to_str().unwrap(), true).unwrap(), abs);
+        assert_eq!(
+            r.resolve(RootKind::Data, abs.to_str().unwrap(), true)
+                .unwrap(),
+            abs
+        );
         // Output directories need not exist yet.
-        assert_eq!(r.resolve(RootKind::Outputs, "runs/a/b", false).unwrap(), r.outputs.join("runs/a/b"));
+        assert_eq!(
+            r.resolve(RootKind::Outputs, "runs/a/b", false).unwrap(),
+            r.outputs.join("runs/a/b")
+        );
     }
 
     #[test]
@@ -161,7 +221,9 @@ mod tests {
         let models_file = r.models.join("m.pt");
         std::fs::write(&models_file, b"x").unwrap();
         // A file under another root is still outside this one.
-        let e = r.resolve(RootKind::Data, models_file.to_str().unwrap(), true).unwrap_err();
+        let e = r
+            .resolve(RootKind::Data, models_file.to_str().unwrap(), true)
+            .unwrap_err();
         assert!(matches!(e, PathError::OutsideRoot { .. }), "{e}");
     }
 
@@ -173,7 +235,9 @@ mod tests {
         let e = r.resolve(RootKind::Data, "link", true).unwrap_err();
         assert!(matches!(e, PathError::OutsideRoot { .. }), "{e}");
         std::os::unix::fs::symlink(dir.path(), r.outputs.join("escape")).unwrap();
-        let e = r.resolve(RootKind::Outputs, "escape/new/dir", false).unwrap_err();
+        let e = r
+            .resolve(RootKind::Outputs, "escape/new/dir", false)
+            .unwrap_err();
         assert!(matches!(e, PathError::OutsideRoot { .. }), "{e}");
     }
 

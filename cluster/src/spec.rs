@@ -242,7 +242,11 @@ pub struct Resources {
 
 impl Default for Resources {
     fn default() -> Self {
-        Resources { ranks: 1, device: Device::Cpu, threads: None }
+        Resources {
+            ranks: 1,
+            device: Device::Cpu,
+            threads: None,
+        }
     }
 }
 
@@ -286,7 +290,12 @@ impl JobSpec {
     /// Checks values that the types alone do not (ranges, combinations).
     pub fn validate(&self) -> Result<(), SpecError> {
         let mut errs = Vec::new();
-        let mut bad = |field: &str, message: String| errs.push(FieldError { field: field.to_string(), message });
+        let mut bad = |field: &str, message: String| {
+            errs.push(FieldError {
+                field: field.to_string(),
+                message,
+            })
+        };
 
         if let Err(m) = check_dns_label(&self.name) {
             bad("name", m);
@@ -303,8 +312,18 @@ impl JobSpec {
             _ => {}
         }
         match (m.arch, m.num_classes) {
-            (a, None) if a.is_builtin() => bad("model.num_classes", format!("arch `{}` needs num_classes (the size of its new head)", arch_name(a))),
-            (Arch::Torchscript, Some(_)) => bad("model.num_classes", "a TorchScript model has its own head; num_classes applies to built-in archs only".into()),
+            (a, None) if a.is_builtin() => bad(
+                "model.num_classes",
+                format!(
+                    "arch `{}` needs num_classes (the size of its new head)",
+                    arch_name(a)
+                ),
+            ),
+            (Arch::Torchscript, Some(_)) => bad(
+                "model.num_classes",
+                "a TorchScript model has its own head; num_classes applies to built-in archs only"
+                    .into(),
+            ),
             (_, Some(0)) => bad("model.num_classes", "must be at least 1".into()),
             _ => {}
         }
@@ -319,7 +338,10 @@ impl JobSpec {
         }
         for (i, f) in m.freeze.iter().enumerate() {
             if f.trim().is_empty() || f.ends_with('.') {
-                bad(&format!("model.freeze[{i}]"), "must be a parameter-name prefix such as `features` or `layer1.0`".into());
+                bad(
+                    &format!("model.freeze[{i}]"),
+                    "must be a parameter-name prefix such as `features` or `layer1.0`".into(),
+                );
             }
         }
 
@@ -329,7 +351,10 @@ impl JobSpec {
         }
         if let Some(s) = self.data.image_size {
             if !(1..=4096).contains(&s) {
-                bad("data.image_size", "must be between 1 and 4096 pixels".into());
+                bad(
+                    "data.image_size",
+                    "must be between 1 and 4096 pixels".into(),
+                );
             }
         }
         if let Some(c) = self.data.channels {
@@ -339,7 +364,10 @@ impl JobSpec {
         }
         if let Some(n) = &self.data.normalize {
             if n.mean.len() != n.std.len() || n.mean.is_empty() {
-                bad("data.normalize", "mean and std need one value per channel, the same number of each".into());
+                bad(
+                    "data.normalize",
+                    "mean and std need one value per channel, the same number of each".into(),
+                );
             }
             if n.std.iter().any(|s| !(*s > 0.0 && s.is_finite())) {
                 bad("data.normalize.std", "every value must be positive".into());
@@ -354,18 +382,27 @@ impl JobSpec {
             bad("train.batch_size", "must be between 1 and 65536".into());
         }
         if t.keep_checkpoints == 0 {
-            bad("train.keep_checkpoints", "must be at least 1 (a job resumes from its newest checkpoint)".into());
+            bad(
+                "train.keep_checkpoints",
+                "must be at least 1 (a job resumes from its newest checkpoint)".into(),
+            );
         }
         if t.max_steps == Some(0) {
             bad("train.max_steps", "must be at least 1".into());
         }
         let o = &t.optimizer;
         if !(o.lr > 0.0 && o.lr.is_finite()) {
-            bad("train.optimizer.lr", format!("must be a positive number, got {}", o.lr));
+            bad(
+                "train.optimizer.lr",
+                format!("must be a positive number, got {}", o.lr),
+            );
         }
         if let Some(wd) = o.weight_decay {
             if !(wd >= 0.0 && wd.is_finite()) {
-                bad("train.optimizer.weight_decay", "must be zero or positive".into());
+                bad(
+                    "train.optimizer.weight_decay",
+                    "must be zero or positive".into(),
+                );
             }
         }
         match o.name {
@@ -376,19 +413,31 @@ impl JobSpec {
                     }
                 }
                 if o.nesterov == Some(true) && o.momentum.unwrap_or(0.0) <= 0.0 {
-                    bad("train.optimizer.nesterov", "Nesterov momentum needs momentum > 0".into());
+                    bad(
+                        "train.optimizer.nesterov",
+                        "Nesterov momentum needs momentum > 0".into(),
+                    );
                 }
                 if o.betas.is_some() || o.eps.is_some() {
-                    bad("train.optimizer", "betas and eps apply to adamw only".into());
+                    bad(
+                        "train.optimizer",
+                        "betas and eps apply to adamw only".into(),
+                    );
                 }
             }
             OptimizerName::Adamw => {
                 if o.momentum.is_some() || o.nesterov.is_some() {
-                    bad("train.optimizer.momentum", "momentum and nesterov apply to sgd only; adamw takes betas".into());
+                    bad(
+                        "train.optimizer.momentum",
+                        "momentum and nesterov apply to sgd only; adamw takes betas".into(),
+                    );
                 }
                 if let Some([b1, b2]) = o.betas {
                     if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
-                        bad("train.optimizer.betas", "both betas must be in [0, 1)".into());
+                        bad(
+                            "train.optimizer.betas",
+                            "both betas must be in [0, 1)".into(),
+                        );
                     }
                 }
                 if let Some(e) = o.eps {
@@ -402,7 +451,10 @@ impl JobSpec {
         match s.name {
             LrScheduleName::Step => {
                 if s.step_size.unwrap_or(0) == 0 {
-                    bad("train.lr_schedule.step_size", "schedule `step` needs step_size >= 1".into());
+                    bad(
+                        "train.lr_schedule.step_size",
+                        "schedule `step` needs step_size >= 1".into(),
+                    );
                 }
                 if let Some(g) = s.gamma {
                     if !(g > 0.0 && g <= 1.0) {
@@ -412,15 +464,24 @@ impl JobSpec {
             }
             _ => {
                 if s.step_size.is_some() || s.gamma.is_some() {
-                    bad("train.lr_schedule", "step_size and gamma apply to schedule `step` only".into());
+                    bad(
+                        "train.lr_schedule",
+                        "step_size and gamma apply to schedule `step` only".into(),
+                    );
                 }
             }
         }
         if let Some(min) = s.min_lr {
             if s.name != LrScheduleName::Cosine {
-                bad("train.lr_schedule.min_lr", "applies to schedule `cosine` only".into());
+                bad(
+                    "train.lr_schedule.min_lr",
+                    "applies to schedule `cosine` only".into(),
+                );
             } else if !(min >= 0.0 && min < o.lr) {
-                bad("train.lr_schedule.min_lr", "must be at least 0 and below train.optimizer.lr".into());
+                bad(
+                    "train.lr_schedule.min_lr",
+                    "must be at least 0 and below train.optimizer.lr".into(),
+                );
             }
         }
 
@@ -467,9 +528,17 @@ fn check_path(bad: &mut impl FnMut(&str, String), field: &str, p: &str) {
 }
 
 fn check_dns_label(name: &str) -> Result<(), String> {
-    let ok_chars = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    let ends_ok = name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && name.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ends_ok = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .last()
+            .is_some_and(|b| b.is_ascii_alphanumeric());
     if name.is_empty() || name.len() > 63 || !ok_chars || !ends_ok {
         return Err(format!(
             "`{name}` is not a DNS label: use 1-63 lower-case letters, digits and '-', starting and ending with a letter or digit"
@@ -481,20 +550,37 @@ fn check_dns_label(name: &str) -> Result<(), String> {
 /// Turns a serde message at `path` into a field error; `unknown field`/`missing field`
 /// messages name the field inside the path, so it is appended.
 fn field_error(path: &str, message: &str) -> FieldError {
-    let mut field = if path == "." { String::new() } else { path.to_string() };
+    let mut field = if path == "." {
+        String::new()
+    } else {
+        path.to_string()
+    };
     for marker in ["unknown field `", "missing field `"] {
         if let Some(rest) = message.strip_prefix(marker) {
             if let Some(name) = rest.split('`').next() {
                 if !field.ends_with(name) {
-                    field = if field.is_empty() { name.to_string() } else { format!("{field}.{name}") };
+                    field = if field.is_empty() {
+                        name.to_string()
+                    } else {
+                        format!("{field}.{name}")
+                    };
                 }
             }
         }
     }
     // serde_yaml prefixes the path (already in `field`) and appends " at line L column C";
     // drop the first, keep the second: it helps find the spot.
-    let message = message.strip_prefix(&format!("{path}: ")).unwrap_or(message);
-    FieldError { field: if field.is_empty() { "(document)".into() } else { field }, message: message.to_string() }
+    let message = message
+        .strip_prefix(&format!("{path}: "))
+        .unwrap_or(message);
+    FieldError {
+        field: if field.is_empty() {
+            "(document)".into()
+        } else {
+            field
+        },
+        message: message.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -569,13 +655,19 @@ output:
     fn missing_fields_are_named() {
         let e = errors(&GOOD.replace("output:\n  dir: runs/digits-target\n", ""));
         assert_eq!(e[0].field, "output", "{e:?}");
-        let e = errors(r#"{"name": "x", "model": {"arch": "cnn", "num_classes": 2}, "data": {}, "output": {"dir": "o"}}"#);
+        let e = errors(
+            r#"{"name": "x", "model": {"arch": "cnn", "num_classes": 2}, "data": {}, "output": {"dir": "o"}}"#,
+        );
         assert_eq!(e[0].field, "data.train", "{e:?}");
     }
 
     #[test]
     fn values_are_validated_with_their_field() {
-        let e = errors(&GOOD.replace("lr: 0.05", "lr: -1").replace("name: digits-target", "name: Digits_Target"));
+        let e = errors(
+            &GOOD
+                .replace("lr: 0.05", "lr: -1")
+                .replace("name: digits-target", "name: Digits_Target"),
+        );
         let fields: Vec<_> = e.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, vec!["name", "train.optimizer.lr"]);
         let e = errors(&GOOD.replace("arch: torchscript", "arch: cnn"));

@@ -17,8 +17,15 @@ pub struct Client {
 impl Client {
     /// A client for `server` (`http://host:port`; a bare `host:port` gets `http://`).
     pub fn new(server: &str, token: Option<String>) -> Client {
-        let base = if server.contains("://") { server.trim_end_matches('/').to_string() } else { format!("http://{}", server.trim_end_matches('/')) };
-        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout_read(Duration::from_secs(90)).build();
+        let base = if server.contains("://") {
+            server.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{}", server.trim_end_matches('/'))
+        };
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .timeout_read(Duration::from_secs(90))
+            .build();
         Client { base, token, agent }
     }
 
@@ -54,20 +61,40 @@ impl Client {
 
     /// GET a JSON document.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let resp = self.request("GET", path).call().map_err(|e| self.explain(e))?;
-        resp.into_json().map_err(|e| anyhow!("ferryd sent an unreadable answer to GET {path}: {e}"))
+        let resp = self
+            .request("GET", path)
+            .call()
+            .map_err(|e| self.explain(e))?;
+        resp.into_json()
+            .map_err(|e| anyhow!("ferryd sent an unreadable answer to GET {path}: {e}"))
     }
 
     /// POST a body (or none) and read JSON back.
-    pub fn post<T: DeserializeOwned>(&self, path: &str, content_type: &str, body: &str) -> Result<T> {
-        let resp = self.request("POST", path).set("Content-Type", content_type).send_string(body).map_err(|e| self.explain(e))?;
-        resp.into_json().map_err(|e| anyhow!("ferryd sent an unreadable answer to POST {path}: {e}"))
+    pub fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: &str,
+    ) -> Result<T> {
+        let resp = self
+            .request("POST", path)
+            .set("Content-Type", content_type)
+            .send_string(body)
+            .map_err(|e| self.explain(e))?;
+        resp.into_json()
+            .map_err(|e| anyhow!("ferryd sent an unreadable answer to POST {path}: {e}"))
     }
 }
 
 /// Percent-encodes a path segment (job names and ids are plain, but be safe).
 pub fn segment(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }

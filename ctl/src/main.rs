@@ -23,7 +23,12 @@ const EXIT_CANCELLED: i32 = 2;
 #[command(name = "ferryctl", version, about)]
 struct Cli {
     /// ferryd's REST address.
-    #[arg(long, global = true, env = "FERRY_SERVER", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_SERVER",
+        default_value = "http://127.0.0.1:7070"
+    )]
     server: String,
     /// Bearer token, if ferryd requires one.
     #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
@@ -81,8 +86,13 @@ fn run(cli: Cli) -> Result<i32> {
     let fmt = cli.output;
     match cli.command {
         Cmd::Submit { file, wait } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read job spec {}", file.display()))?;
-            let ct = if file.extension().is_some_and(|e| e == "json") { "application/json" } else { "application/yaml" };
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read job spec {}", file.display()))?;
+            let ct = if file.extension().is_some_and(|e| e == "json") {
+                "application/json"
+            } else {
+                "application/yaml"
+            };
             let job: Job = c.post("/v1/jobs", ct, &text)?;
             if !wait {
                 output::job(&job, fmt)?;
@@ -91,7 +101,7 @@ fn run(cli: Cli) -> Result<i32> {
             if fmt == Format::Table {
                 eprintln!("job {} ({}) submitted", job.id, job.name);
             }
-            let end = follow(&c, &job.id, false)?;
+            let end = follow(&c, &job.id)?;
             if fmt != Format::Table {
                 output::job(&end, fmt)?;
             }
@@ -108,9 +118,22 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Cancel { job } => {
-            let job: Job = c.post(&format!("/v1/jobs/{}/cancel", segment(&job)), "application/json", "")?;
+            let job: Job = c.post(
+                &format!("/v1/jobs/{}/cancel", segment(&job)),
+                "application/json",
+                "",
+            )?;
             if fmt == Format::Table {
-                println!("job {} ({}): {}", job.id, job.name, if job.phase == JobPhase::Cancelled { "cancelled" } else { "cancel requested" });
+                println!(
+                    "job {} ({}): {}",
+                    job.id,
+                    job.name,
+                    if job.phase == JobPhase::Cancelled {
+                        "cancelled"
+                    } else {
+                        "cancel requested"
+                    }
+                );
             } else {
                 output::job(&job, fmt)?;
             }
@@ -120,7 +143,10 @@ fn run(cli: Cli) -> Result<i32> {
             let mut after = 0;
             loop {
                 let wait = if f { 20 } else { 0 };
-                let page: EventPage = c.get(&format!("/v1/jobs/{}/events?after={after}&wait={wait}", segment(&job)))?;
+                let page: EventPage = c.get(&format!(
+                    "/v1/jobs/{}/events?after={after}&wait={wait}",
+                    segment(&job)
+                ))?;
                 for e in &page.events {
                     output::event(e, fmt)?;
                 }
@@ -152,27 +178,38 @@ fn exit_code(job: &Job) -> i32 {
 }
 
 /// Follows a job until it ends: a progress bar on a terminal, event lines otherwise.
-fn follow(c: &Client, id: &str, _quiet: bool) -> Result<Job> {
+fn follow(c: &Client, id: &str) -> Result<Job> {
     let tty = std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::new(0);
     if tty {
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} steps  {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} steps  {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         bar.enable_steady_tick(Duration::from_millis(200));
     } else {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let say = |line: String| if tty { bar.println(line) } else { eprintln!("{line}") };
+    let say = |line: String| {
+        if tty {
+            bar.println(line)
+        } else {
+            eprintln!("{line}")
+        }
+    };
     let mut after = 0;
     loop {
-        let page: EventPage = c.get(&format!("/v1/jobs/{}/events?after={after}&wait=10", segment(id)))?;
+        let page: EventPage = c.get(&format!(
+            "/v1/jobs/{}/events?after={after}&wait=10",
+            segment(id)
+        ))?;
         for e in &page.events {
-            match e.kind {
-                EventKind::Progress if tty => {}
-                _ => say(format!("{}  {}", output::short_time(&e.time), e.message)),
+            // Progress shows in the bar; checkpoints are in `ferryctl logs`.
+            if !matches!(e.kind, EventKind::Progress | EventKind::Checkpoint) {
+                say(format!("{}  {}", output::short_time(&e.time), e.message));
             }
         }
         after = page.next;
@@ -185,8 +222,10 @@ fn follow(c: &Client, id: &str, _quiet: bool) -> Result<Job> {
             s.epoch,
             s.total_epochs,
             s.train_loss.map_or("-".into(), |l| format!("{l:.4}")),
-            s.val_accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
-            s.samples_per_sec.map_or(String::new(), |v| format!("{v:.0} samples/s")),
+            s.val_accuracy
+                .map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
+            s.samples_per_sec
+                .map_or(String::new(), |v| format!("{v:.0} samples/s")),
         ));
         if job.phase.is_terminal() && page.events.is_empty() {
             bar.finish_and_clear();
@@ -195,10 +234,16 @@ fn follow(c: &Client, id: &str, _quiet: bool) -> Result<Job> {
                     "job {} ({}) Succeeded: val accuracy {}, output in {}",
                     job.id,
                     job.name,
-                    s.val_accuracy.map_or("n/a".into(), |a| format!("{:.2}%", a * 100.0)),
+                    s.val_accuracy
+                        .map_or("n/a".into(), |a| format!("{:.2}%", a * 100.0)),
                     s.output_dir.as_deref().unwrap_or("?")
                 ),
-                JobPhase::Failed => format!("job {} ({}) Failed: {}", job.id, job.name, s.failure.as_deref().unwrap_or("no reason recorded")),
+                JobPhase::Failed => format!(
+                    "job {} ({}) Failed: {}",
+                    job.id,
+                    job.name,
+                    s.failure.as_deref().unwrap_or("no reason recorded")
+                ),
                 p => format!("job {} ({}) {}", job.id, job.name, p.as_str()),
             };
             eprintln!("{summary}");

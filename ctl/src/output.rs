@@ -23,7 +23,11 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(header.iter().map(|s| s.to_string()).collect());
@@ -60,11 +64,27 @@ pub fn jobs(list: &JobList, fmt: Format) -> Result<()> {
                 opt(s.train_loss, |l| format!("{l:.4}")),
                 opt(s.val_accuracy, |a| format!("{:.2}%", a * 100.0)),
                 opt(s.samples_per_sec, |v| format!("{v:.0}")),
-                j.created_at.get(..19).unwrap_or(&j.created_at).replace('T', " "),
+                j.created_at
+                    .get(..19)
+                    .unwrap_or(&j.created_at)
+                    .replace('T', " "),
             ]
         })
         .collect();
-    table(&["ID", "NAME", "PHASE", "EPOCH", "STEP", "LOSS", "VAL-ACC", "SAMPLES/S", "CREATED"], rows);
+    table(
+        &[
+            "ID",
+            "NAME",
+            "PHASE",
+            "EPOCH",
+            "STEP",
+            "LOSS",
+            "VAL-ACC",
+            "SAMPLES/S",
+            "CREATED",
+        ],
+        rows,
+    );
     Ok(())
 }
 
@@ -83,7 +103,10 @@ pub fn job(j: &Job, fmt: Format) -> Result<()> {
         ("epoch", format!("{}/{}", s.epoch, s.total_epochs)),
         ("step", format!("{}/{}", s.step, s.total_steps)),
         ("train loss", opt(s.train_loss, |l| format!("{l:.4}"))),
-        ("val accuracy", opt(s.val_accuracy, |a| format!("{:.2}%", a * 100.0))),
+        (
+            "val accuracy",
+            opt(s.val_accuracy, |a| format!("{:.2}%", a * 100.0)),
+        ),
         ("samples/s", opt(s.samples_per_sec, |v| format!("{v:.1}"))),
         ("attempts", s.attempts.to_string()),
     ];
@@ -109,7 +132,12 @@ pub fn event(e: &JobEvent, fmt: Format) -> Result<()> {
     match fmt {
         Format::Json => println!("{}", serde_json::to_string(e)?),
         Format::Yaml => print!("---\n{}", serde_yaml::to_string(e)?),
-        Format::Table => println!("{}  {:<10}  {}", e.time, format!("{:?}", e.kind).to_lowercase(), e.message),
+        Format::Table => println!(
+            "{}  {:<10}  {}",
+            e.time,
+            format!("{:?}", e.kind).to_lowercase(),
+            e.message
+        ),
     }
     Ok(())
 }
@@ -135,6 +163,11 @@ pub fn nodes(list: &NodeList, fmt: Format) -> Result<()> {
             ]
         })
         .collect();
-    table(&["NAME", "ROLE", "MODE", "ADDRESS", "CPUS", "GPUS", "RUNNING", "VERSION"], rows);
+    table(
+        &[
+            "NAME", "ROLE", "MODE", "ADDRESS", "CPUS", "GPUS", "RUNNING", "VERSION",
+        ],
+        rows,
+    );
     Ok(())
 }

@@ -89,10 +89,19 @@ impl Config {
             .filter(|(k, _)| {
                 k.strip_prefix("FERRY_")
                     .map(|rest| rest.to_ascii_lowercase())
-                    .is_some_and(|rest| KEYS.iter().any(|key| rest == *key || rest.starts_with(&format!("{key}__"))))
+                    .is_some_and(|rest| {
+                        KEYS.iter()
+                            .any(|key| rest == *key || rest.starts_with(&format!("{key}__")))
+                    })
             })
             .collect();
-        b = b.add_source(config::Environment::with_prefix("FERRY").prefix_separator("_").separator("__").source(Some(env)).try_parsing(true));
+        b = b.add_source(
+            config::Environment::with_prefix("FERRY")
+                .prefix_separator("_")
+                .separator("__")
+                .source(Some(env))
+                .try_parsing(true),
+        );
         for (key, value) in overrides {
             if let Some(v) = value {
                 b = b.set_override(*key, v.clone())?;
@@ -118,15 +127,20 @@ impl Config {
             bail!("log_format must be `text` or `json`");
         }
         if self.token.as_deref().is_some_and(|t| t.len() < 16) {
-            bail!("token must be at least 16 characters (generate one with `openssl rand -hex 32`)");
+            bail!(
+                "token must be at least 16 characters (generate one with `openssl rand -hex 32`)"
+            );
         }
         Ok(())
     }
 
     /// Intra-op threads for a rank.
     pub fn threads(&self) -> u32 {
-        self.worker_threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1))
+        self.worker_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
+        })
     }
 }
 
@@ -138,8 +152,19 @@ mod tests {
     fn file_then_flags_take_precedence() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("ferryd.yaml");
-        std::fs::write(&f, "listen: 127.0.0.1:9000\nmax_running_jobs: 3\nroots:\n  data: /srv/data\n").unwrap();
-        let c = Config::load(Some(&f), &[("listen", Some("127.0.0.1:9100".into())), ("data_dir", None)]).unwrap();
+        std::fs::write(
+            &f,
+            "listen: 127.0.0.1:9000\nmax_running_jobs: 3\nroots:\n  data: /srv/data\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&f),
+            &[
+                ("listen", Some("127.0.0.1:9100".into())),
+                ("data_dir", None),
+            ],
+        )
+        .unwrap();
         assert_eq!(c.listen, "127.0.0.1:9100");
         assert_eq!(c.max_running_jobs, 3);
         assert_eq!(c.roots.data.as_deref(), Some(Path::new("/srv/data")));
@@ -153,6 +178,9 @@ mod tests {
         std::fs::write(&f, "lisen: 1\n").unwrap();
         assert!(format!("{:#}", Config::load(Some(&f), &[]).unwrap_err()).contains("lisen"));
         std::fs::write(&f, "token: short\n").unwrap();
-        assert!(Config::load(Some(&f), &[]).unwrap_err().to_string().contains("16"));
+        assert!(Config::load(Some(&f), &[])
+            .unwrap_err()
+            .to_string()
+            .contains("16"));
     }
 }

@@ -75,7 +75,9 @@ fn main() {
     if let Some(Command::Worker { plan, .. }) = &cli.command {
         // Errors go to the daemon as a protocol message, then the exit status says "failed".
         if let Err(e) = train::run_worker(plan) {
-            let msg = protocol::WorkerMessage::Failed { reason: format!("{e:#}") };
+            let msg = protocol::WorkerMessage::Failed {
+                reason: format!("{e:#}"),
+            };
             println!("{}", serde_json::to_string(&msg).unwrap_or_default());
             std::process::exit(1);
         }
@@ -88,8 +90,11 @@ fn main() {
 }
 
 fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info,actix_server=warn".into());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| "info,actix_server=warn".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         b.json().init();
     } else {
@@ -100,7 +105,10 @@ fn init_logging(format: &str) {
 fn run_daemon(cli: Cli) -> Result<()> {
     let overrides = [
         ("listen", cli.listen.clone()),
-        ("data_dir", cli.data_dir.as_ref().map(|p| p.display().to_string())),
+        (
+            "data_dir",
+            cli.data_dir.as_ref().map(|p| p.display().to_string()),
+        ),
         ("token", cli.token.clone()),
         ("node_name", cli.node_name.clone()),
     ];
@@ -123,29 +131,45 @@ fn run_daemon(cli: Cli) -> Result<()> {
     }
     let cwd = std::env::current_dir()?;
     let root = |p: &Option<PathBuf>| p.clone().unwrap_or_else(|| cwd.clone());
-    let roots = Roots::new(&root(&config.roots.data), &root(&config.roots.models), &root(&config.roots.outputs))?;
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let roots = Roots::new(
+        &root(&config.roots.data),
+        &root(&config.roots.models),
+        &root(&config.roots.outputs),
+    )?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let mut config = config;
     config.data_dir = config.data_dir.canonicalize()?;
-    let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (is another ferryd running there?)"))?;
+    let listener = TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen on {addr} (is another ferryd running there?)"))?;
     let local = listener.local_addr()?;
 
     let system = actix_web::rt::System::new();
     system.block_on(async move {
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&config.data_dir.join("store.redb"))?);
-        let node_name = config
-            .node_name
-            .clone()
-            .unwrap_or_else(|| hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into()));
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&config.data_dir.join("store.redb"))?);
+        let node_name = config.node_name.clone().unwrap_or_else(|| {
+            hostname::get()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "localhost".into())
+        });
         let metrics = metrics::Metrics::new();
-        let jobs = jobs::JobManager::new(store, config.clone(), roots.clone(), node_name.clone(), metrics.clone())?;
+        let jobs = jobs::JobManager::new(
+            store,
+            config.clone(),
+            roots.clone(),
+            node_name.clone(),
+            metrics.clone(),
+        )?;
         let recovered = jobs.recover().await?;
         let node = Node {
             name: node_name.clone(),
             role: "worker".into(),
             address: local.to_string(),
             version: env!("CARGO_PKG_VERSION").into(),
-            cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
             cuda_devices: node::cuda_devices(),
             started_at: ferry_cluster::time::now_rfc3339(),
             mode: "standalone".into(),
@@ -178,4 +202,3 @@ fn run_daemon(cli: Cli) -> Result<()> {
         Ok::<_, anyhow::Error>(())
     })
 }
-

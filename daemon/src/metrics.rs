@@ -1,6 +1,9 @@
 //! Prometheus metrics of the daemon and of the jobs it runs (`GET /metrics`).
 
-use prometheus::{Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
 /// Every metric ferryd exports, registered in one registry.
 #[derive(Clone)]
@@ -25,29 +28,61 @@ impl Metrics {
         let job = &["job", "name"];
         let m = Metrics {
             http_requests: IntCounterVec::new(
-                Opts::new("ferry_http_requests_total", "REST API requests by route and status"),
+                Opts::new(
+                    "ferry_http_requests_total",
+                    "REST API requests by route and status",
+                ),
                 &["method", "route", "status"],
             )
             .expect("valid metric"),
             http_duration: HistogramVec::new(
-                HistogramOpts::new("ferry_http_request_duration_seconds", "REST API request latency").buckets(vec![
-                    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
-                ]),
+                HistogramOpts::new(
+                    "ferry_http_request_duration_seconds",
+                    "REST API request latency",
+                )
+                .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
                 &["route"],
             )
             .expect("valid metric"),
-            jobs: IntGaugeVec::new(Opts::new("ferry_jobs", "Jobs by phase"), &["phase"]).expect("valid metric"),
-            job_step: GaugeVec::new(Opts::new("ferry_job_step", "Optimizer steps a running job has taken"), job).expect("valid metric"),
-            job_loss: GaugeVec::new(Opts::new("ferry_job_train_loss", "Last training loss of a running job"), job).expect("valid metric"),
-            job_val_accuracy: GaugeVec::new(Opts::new("ferry_job_val_accuracy", "Last validation accuracy of a running job"), job)
+            jobs: IntGaugeVec::new(Opts::new("ferry_jobs", "Jobs by phase"), &["phase"])
                 .expect("valid metric"),
-            job_samples_per_second: GaugeVec::new(
-                Opts::new("ferry_job_samples_per_second", "Training throughput of a running job"),
+            job_step: GaugeVec::new(
+                Opts::new("ferry_job_step", "Optimizer steps a running job has taken"),
                 job,
             )
             .expect("valid metric"),
-            rank_exits: IntCounterVec::new(Opts::new("ferry_rank_exits_total", "Rank processes that ended, by outcome"), &["outcome"])
-                .expect("valid metric"),
+            job_loss: GaugeVec::new(
+                Opts::new(
+                    "ferry_job_train_loss",
+                    "Last training loss of a running job",
+                ),
+                job,
+            )
+            .expect("valid metric"),
+            job_val_accuracy: GaugeVec::new(
+                Opts::new(
+                    "ferry_job_val_accuracy",
+                    "Last validation accuracy of a running job",
+                ),
+                job,
+            )
+            .expect("valid metric"),
+            job_samples_per_second: GaugeVec::new(
+                Opts::new(
+                    "ferry_job_samples_per_second",
+                    "Training throughput of a running job",
+                ),
+                job,
+            )
+            .expect("valid metric"),
+            rank_exits: IntCounterVec::new(
+                Opts::new(
+                    "ferry_rank_exits_total",
+                    "Rank processes that ended, by outcome",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
             registry,
         };
         for c in [
@@ -67,7 +102,12 @@ impl Metrics {
 
     /// Drops the per-job series of a job that ended.
     pub fn forget_job(&self, id: &str, name: &str) {
-        for g in [&self.job_step, &self.job_loss, &self.job_val_accuracy, &self.job_samples_per_second] {
+        for g in [
+            &self.job_step,
+            &self.job_loss,
+            &self.job_val_accuracy,
+            &self.job_samples_per_second,
+        ] {
             let _ = g.remove_label_values(&[id, name]);
         }
     }

@@ -21,7 +21,9 @@ pub fn cuda_devices() -> u32 {
                 .filter(|e| {
                     let n = e.file_name();
                     let n = n.to_string_lossy();
-                    n.strip_prefix("nvidia").is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
+                    n.strip_prefix("nvidia").is_some_and(|rest| {
+                        !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit())
+                    })
                 })
                 .count() as u32
         })
@@ -30,19 +32,33 @@ pub fn cuda_devices() -> u32 {
 
 async fn register(store: &dyn Store, key: &str, node: &Node) -> Result<LeaseId, StoreError> {
     let lease = store.grant_lease(NODE_TTL).await?;
-    store.put(key, serde_json::to_vec(node).expect("node serialises"), lease).await?;
+    store
+        .put(
+            key,
+            serde_json::to_vec(node).expect("node serialises"),
+            lease,
+        )
+        .await?;
     Ok(lease)
 }
 
 /// Registers the node and keeps its record alive and current until the process exits.
-pub async fn keep_registered(jobs: Arc<JobManager>, mut node: Node, ready: tokio::sync::watch::Sender<bool>) {
+pub async fn keep_registered(
+    jobs: Arc<JobManager>,
+    mut node: Node,
+    ready: tokio::sync::watch::Sender<bool>,
+) {
     let key = jobs.keys.node(&node.name);
     let mut lease = None;
     loop {
         node.running_jobs = jobs.running_jobs();
         let ok = match lease {
             Some(l) => match jobs.store.keep_alive(l).await {
-                Ok(()) => jobs.store.put(&key, serde_json::to_vec(&node).expect("node serialises"), l).await.is_ok(),
+                Ok(()) => jobs
+                    .store
+                    .put(&key, serde_json::to_vec(&node).expect("node serialises"), l)
+                    .await
+                    .is_ok(),
                 Err(_) => {
                     lease = None;
                     false

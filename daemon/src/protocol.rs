@@ -38,14 +38,41 @@ pub enum WorkerMessage {
         start_step: u64,
     },
     /// Free-form information worth an event.
-    Log { message: String },
+    Log {
+        message: String,
+    },
     /// The outcome of `model.init`.
-    Init { loaded: usize, missing: Vec<String>, unexpected: Vec<String>, skipped_shape: Vec<String>, frozen: usize },
-    Progress { epoch: u32, step: u64, loss: f64, lr: f64, samples_per_sec: f64 },
-    Eval { epoch: u32, step: u64, val_loss: f64, val_accuracy: f64 },
-    Checkpoint { step: u64, path: String },
+    Init {
+        loaded: usize,
+        missing: Vec<String>,
+        unexpected: Vec<String>,
+        skipped_shape: Vec<String>,
+        frozen: usize,
+    },
+    Progress {
+        epoch: u32,
+        step: u64,
+        loss: f64,
+        lr: f64,
+        samples_per_sec: f64,
+    },
+    Eval {
+        epoch: u32,
+        step: u64,
+        val_loss: f64,
+        val_accuracy: f64,
+    },
+    Checkpoint {
+        step: u64,
+        path: String,
+    },
     /// Training finished; final files written.
-    Done { files: Vec<String>, samples_per_sec: f64 },
+    Done {
+        files: Vec<String>,
+        samples_per_sec: f64,
+    },
     /// The rank could not go on; `reason` says why and what to do.
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }

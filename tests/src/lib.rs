@@ -15,31 +15,51 @@ use serde_json::Value;
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_path_buf()
 }
 
 /// `target/<profile>`, where the binaries are.
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
-    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .to_path_buf()
 }
 
 /// A built binary of the workspace.
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.is_file(), "{} is not built: run `cargo build --workspace` first (scripts/test.sh does)", p.display());
+    assert!(
+        p.is_file(),
+        "{} is not built: run `cargo build --workspace` first (scripts/test.sh does)",
+        p.display()
+    );
     p
 }
 
 /// The Python with torch that the set-up script installed.
 pub fn python() -> PathBuf {
-    std::env::var_os("FERRY_PYTHON").map(PathBuf::from).unwrap_or_else(|| workspace().join(".venv/bin/python"))
+    std::env::var_os("FERRY_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join(".venv/bin/python"))
 }
 
 /// Runs a fixture script with the venv's Python; panics with its output on failure.
 pub fn run_python(script: &str, args: &[&str]) -> String {
-    let out = Command::new(python()).arg(workspace().join("tests/fixtures").join(script)).args(args).output().expect("run python");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(python())
+        .arg(workspace().join("tests/fixtures").join(script))
+        .args(args)
+        .output()
+        .expect("run python");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{script} failed:\n{text}");
     text
 }
@@ -63,7 +83,11 @@ pub fn fixtures() -> &'static Path {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// A running `ferryd --standalone`.
@@ -86,8 +110,16 @@ impl Daemon {
     pub fn start_with(token: Option<&str>) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("out")).expect("out dir");
-        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
-        let mut d = Daemon { child: None, port: free_port(), token: token.map(str::to_string), dir, agent };
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(30))
+            .build();
+        let mut d = Daemon {
+            child: None,
+            port: free_port(),
+            token: token.map(str::to_string),
+            dir,
+            agent,
+        };
         d.spawn();
         d
     }
@@ -120,8 +152,17 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("ferryd.log")).expect("log");
-        let child = self.command().stdout(Stdio::null()).stderr(log).spawn().expect("start ferryd");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("ferryd.log"))
+            .expect("log");
+        let child = self
+            .command()
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start ferryd");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -130,10 +171,18 @@ impl Daemon {
                     return;
                 }
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("ferryd exited ({status}) during start-up:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "ferryd did not become ready:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "ferryd did not become ready:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -159,7 +208,9 @@ impl Daemon {
 
     /// Whether the daemon process is still running.
     pub fn alive(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// `http://127.0.0.1:PORT{path}`.
@@ -207,7 +258,13 @@ impl Daemon {
     }
 
     /// Polls job `id` until `done` holds for it; panics with its events after `timeout`.
-    pub fn wait_for(&self, id: &str, timeout: Duration, what: &str, done: impl Fn(&Job) -> bool) -> Job {
+    pub fn wait_for(
+        &self,
+        id: &str,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&Job) -> bool,
+    ) -> Job {
         let deadline = Instant::now() + timeout;
         loop {
             let job = self.job(id);
@@ -215,7 +272,12 @@ impl Daemon {
                 return job;
             }
             if Instant::now() > deadline {
-                let ev: Vec<String> = self.events(id).events.iter().map(|e| format!("{} {:?} {}", e.seq, e.kind, e.message)).collect();
+                let ev: Vec<String> = self
+                    .events(id)
+                    .events
+                    .iter()
+                    .map(|e| format!("{} {:?} {}", e.seq, e.kind, e.message))
+                    .collect();
                 panic!("job {id} did not reach `{what}` in {timeout:?}; it is {:?} {:?}\nevents:\n{}\nlog:\n{}", job.phase, job.status, ev.join("\n"), self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -230,7 +292,9 @@ impl Daemon {
     /// Runs `ferryctl` against this daemon.
     pub fn ctl(&self, args: &[&str]) -> Output {
         let mut c = Command::new(bin("ferryctl"));
-        c.args(args).env("FERRY_SERVER", self.url("")).env_remove("FERRY_TOKEN");
+        c.args(args)
+            .env("FERRY_SERVER", self.url(""))
+            .env_remove("FERRY_TOKEN");
         if let Some(t) = &self.token {
             c.env("FERRY_TOKEN", t);
         }
@@ -252,18 +316,27 @@ fn respond(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
     };
     let status = resp.status();
     let text = resp.into_string().unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 /// Whether process `pid` exists.
 pub fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
 }
 
 /// The pid of rank 0 of the job's latest attempt, from its events.
 pub fn rank_pid(d: &Daemon, id: &str) -> u32 {
-    d.events(id).events.iter().rev().find_map(|e| e.data.get("pid").and_then(Value::as_u64)).expect("a rank started") as u32
+    d.events(id)
+        .events
+        .iter()
+        .rev()
+        .find_map(|e| e.data.get("pid").and_then(Value::as_u64))
+        .expect("a rank started") as u32
 }
 
 /// `phase` is terminal and is `want`.

@@ -56,15 +56,26 @@ fn a_job_submitted_with_ferryctl_succeeds_with_a_sane_accuracy() {
     std::fs::write(&spec, feature_extraction("fe")).unwrap();
     let out = d.ctl(&["submit", spec.to_str().unwrap(), "--wait"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "ferryctl submit --wait failed: {stderr}\n{}", d.log());
+    assert!(
+        out.status.success(),
+        "ferryctl submit --wait failed: {stderr}\n{}",
+        d.log()
+    );
     assert!(stderr.contains("Succeeded"), "{stderr}");
-    assert!(stderr.contains("init: 14 tensors loaded"), "the init report is shown: {stderr}");
+    assert!(
+        stderr.contains("init: 14 tensors loaded"),
+        "the init report is shown: {stderr}"
+    );
 
     let job = d.job("fe");
     assert_eq!(job.phase, JobPhase::Succeeded);
     let s = &job.status;
     assert_eq!((s.step, s.total_steps, s.epoch), (100, 100, 4));
-    assert!(s.val_accuracy.unwrap() >= 0.9, "val accuracy {:?}", s.val_accuracy);
+    assert!(
+        s.val_accuracy.unwrap() >= 0.9,
+        "val accuracy {:?}",
+        s.val_accuracy
+    );
     assert!(s.train_loss.unwrap() < 1.0, "loss {:?}", s.train_loss);
     assert!(s.started_at.is_some() && s.finished_at.is_some() && s.samples_per_sec.unwrap() > 0.0);
 
@@ -73,9 +84,22 @@ fn a_job_submitted_with_ferryctl_succeeds_with_a_sane_accuracy() {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().filter(|l| l.contains("val_accuracy")).count(), 4, "one eval per epoch");
+    assert_eq!(
+        metrics
+            .lines()
+            .filter(|l| l.contains("val_accuracy"))
+            .count(),
+        4,
+        "one eval per epoch"
+    );
     // The trained TorchScript module loads in PyTorch and holds the same weights.
-    let py = run_python("load_torchscript.py", &[dir.join("model.pt").to_str().unwrap(), dir.join("model.safetensors").to_str().unwrap()]);
+    let py = run_python(
+        "load_torchscript.py",
+        &[
+            dir.join("model.pt").to_str().unwrap(),
+            dir.join("model.safetensors").to_str().unwrap(),
+        ],
+    );
     assert!(py.contains("ok"), "{py}");
 
     // ferryctl's views of it.
@@ -95,19 +119,52 @@ fn a_bad_spec_gets_a_4xx_naming_the_field() {
     let d = Daemon::start();
     let good = feature_extraction("bad");
     let cases = [
-        (good.replace("lr: 0.1", "lr: -0.1"), 422, "train.optimizer.lr"),
-        (good.replace("channels: 1", "channels: 1\n  colour: true"), 422, "data.colour"),
-        (good.replace("name: sgd", "name: lbfgs"), 422, "train.optimizer.name"),
-        (good.replace("path: train.safetensors", "path: ../models/cnn4.pt"), 422, "data.train.path"),
-        (good.replace("path: train.safetensors", "path: /etc/passwd"), 422, "data.train.path"),
-        (good.replace("path: train.safetensors", "path: nope.safetensors"), 422, "data.train.path"),
-        (good.replace("path: cnn4.pt", "path: missing.pt"), 422, "model.path"),
+        (
+            good.replace("lr: 0.1", "lr: -0.1"),
+            422,
+            "train.optimizer.lr",
+        ),
+        (
+            good.replace("channels: 1", "channels: 1\n  colour: true"),
+            422,
+            "data.colour",
+        ),
+        (
+            good.replace("name: sgd", "name: lbfgs"),
+            422,
+            "train.optimizer.name",
+        ),
+        (
+            good.replace("path: train.safetensors", "path: ../models/cnn4.pt"),
+            422,
+            "data.train.path",
+        ),
+        (
+            good.replace("path: train.safetensors", "path: /etc/passwd"),
+            422,
+            "data.train.path",
+        ),
+        (
+            good.replace("path: train.safetensors", "path: nope.safetensors"),
+            422,
+            "data.train.path",
+        ),
+        (
+            good.replace("path: cnn4.pt", "path: missing.pt"),
+            422,
+            "model.path",
+        ),
     ];
     for (spec, status, field) in cases {
         let (got, body) = d.post("/v1/jobs", &spec);
         assert_eq!(got, status, "{field}: {body}");
         assert_eq!(body["status"], status);
-        let fields: Vec<&str> = body["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+        let fields: Vec<&str> = body["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["field"].as_str().unwrap())
+            .collect();
         assert!(fields.contains(&field), "expected {field} in {body}");
     }
     // Not YAML at all, and an empty body.
@@ -124,7 +181,14 @@ fn a_bad_spec_gets_a_4xx_naming_the_field() {
     std::fs::write(&f, good.replace("epochs: 4", "epochs: 0")).unwrap();
     let out = d.ctl(&["submit", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("train.epochs"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("train.epochs"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Bad query parameters are 400 problems too.
+    let (got, body) = d.get("/v1/jobs?colour=red");
+    assert_eq!((got, body["status"].as_u64()), (400, Some(400)), "{body}");
     // Unknown jobs are 404 problems.
     let (got, body) = d.get("/v1/jobs/nope");
     assert_eq!((got, body["title"].as_str()), (404, Some("Job not found")));
@@ -134,11 +198,17 @@ fn a_bad_spec_gets_a_4xx_naming_the_field() {
 fn a_cancelled_job_stops() {
     let d = Daemon::start();
     let job = d.submit(&long_job("cancel-me", 1000, 0));
-    d.wait_for(&job.id, Duration::from_secs(60), "steps", |j| j.status.step > 0);
+    d.wait_for(&job.id, Duration::from_secs(60), "steps", |j| {
+        j.status.step > 0
+    });
     let pid = rank_pid(&d, &job.id);
     assert!(pid_alive(pid));
     let out = d.ctl(&["cancel", "cancel-me"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let end = d.wait_terminal(&job.id, Duration::from_secs(20));
     assert_eq!(end.phase, JobPhase::Cancelled);
     assert!(end.status.finished_at.is_some());
@@ -152,17 +222,25 @@ fn a_cancelled_job_stops() {
 fn a_killed_rank_fails_the_job_but_not_the_daemon() {
     let mut d = Daemon::start();
     let job = d.submit(&long_job("victim", 1000, 0));
-    d.wait_for(&job.id, Duration::from_secs(60), "steps", |j| j.status.step > 0);
+    d.wait_for(&job.id, Duration::from_secs(60), "steps", |j| {
+        j.status.step > 0
+    });
     let pid = rank_pid(&d, &job.id);
     unsafe_kill(pid);
     let end = d.wait_terminal(&job.id, Duration::from_secs(20));
     assert_eq!(end.phase, JobPhase::Failed);
     let reason = end.status.failure.unwrap();
-    assert!(reason.contains("rank 0") && reason.contains("SIGKILL"), "{reason}");
+    assert!(
+        reason.contains("rank 0") && reason.contains("SIGKILL"),
+        "{reason}"
+    );
     assert!(d.alive(), "the daemon died with its rank");
     // The daemon still runs jobs.
     let ok = d.submit(&feature_extraction("after-kill"));
-    assert_eq!(d.wait_terminal(&ok.id, Duration::from_secs(60)).phase, JobPhase::Succeeded);
+    assert_eq!(
+        d.wait_terminal(&ok.id, Duration::from_secs(60)).phase,
+        JobPhase::Succeeded
+    );
 }
 
 #[test]
@@ -170,11 +248,17 @@ fn a_rank_error_fails_the_job_with_its_reason() {
     let d = Daemon::start();
     // The fixture CNN has 4 outputs; freezing a prefix that matches nothing is a user error
     // found only once the model is loaded.
-    let job = d.submit(&feature_extraction("typo").replace("freeze: [features]", "freeze: [backbone]"));
+    let job =
+        d.submit(&feature_extraction("typo").replace("freeze: [features]", "freeze: [backbone]"));
     let end = d.wait_terminal(&job.id, Duration::from_secs(60));
     assert_eq!(end.phase, JobPhase::Failed);
     let reason = end.status.failure.unwrap();
-    assert!(reason.contains("model.freeze") && reason.contains("backbone") && reason.contains("features."), "{reason}");
+    assert!(
+        reason.contains("model.freeze")
+            && reason.contains("backbone")
+            && reason.contains("features."),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -184,23 +268,35 @@ fn a_restarted_daemon_keeps_its_jobs_and_resumes_a_running_one() {
     d.wait_terminal(&done.id, Duration::from_secs(60));
     // 2000 samples / batch 8 = 250 steps per epoch.
     let job = d.submit(&long_job("survivor", 8, 100));
-    d.wait_for(&job.id, Duration::from_secs(120), "a checkpoint", |j| j.status.checkpoint.is_some() && j.status.step >= 300);
+    d.wait_for(&job.id, Duration::from_secs(120), "a checkpoint", |j| {
+        j.status.checkpoint.is_some() && j.status.step >= 300
+    });
     let pid = rank_pid(&d, &job.id);
     d.crash_and_restart();
     assert!(!pid_alive(pid), "the rank outlived its daemon");
 
-    assert_eq!(d.job(&done.id).phase, JobPhase::Succeeded, "finished jobs are still listed");
+    assert_eq!(
+        d.job(&done.id).phase,
+        JobPhase::Succeeded,
+        "finished jobs are still listed"
+    );
     let end = d.wait_terminal(&job.id, Duration::from_secs(300));
     assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
     assert_eq!(end.status.attempts, 2);
     assert_eq!((end.status.step, end.status.total_steps), (2000, 2000));
     let events = d.events(&job.id).events;
-    let resumed = events.iter().find(|e| e.message.starts_with("training resumed at step")).expect("a resume event");
+    let resumed = events
+        .iter()
+        .find(|e| e.message.starts_with("training resumed at step"))
+        .expect("a resume event");
     let from = resumed.data["start_step"].as_u64().unwrap();
     assert!(from >= 300 && from % 100 == 0, "resumed from step {from}");
     // Steps are not repeated: the metrics of the second attempt start after the checkpoint.
     let metrics = std::fs::read_to_string(d.out().join("survivor/metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).collect();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .collect();
     assert_eq!(*steps.last().unwrap(), 2000);
 }
 
@@ -208,7 +304,10 @@ fn a_restarted_daemon_keeps_its_jobs_and_resumes_a_running_one() {
 fn ferry_matches_pytorch_sgd_and_adamw_step_for_step() {
     let d = Daemon::start();
     for (opt, yaml) in [
-        ("sgd", "{name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}"),
+        (
+            "sgd",
+            "{name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}",
+        ),
         ("adamw", "{name: adamw, lr: 0.001, weight_decay: 0.01}"),
     ] {
         let name = format!("numerics-{opt}");
@@ -225,7 +324,11 @@ fn ferry_matches_pytorch_sgd_and_adamw_step_for_step() {
             &[
                 f.join("models/mlp.pt").to_str().unwrap(),
                 f.join("data/train.safetensors").to_str().unwrap(),
-                d.out().join(&name).join("model.safetensors").to_str().unwrap(),
+                d.out()
+                    .join(&name)
+                    .join("model.safetensors")
+                    .to_str()
+                    .unwrap(),
                 opt,
                 "6",
                 "16",
@@ -246,15 +349,36 @@ fn the_api_requires_the_token_when_one_is_set() {
         Err(e) => panic!("{e}"),
     };
     assert_eq!(status(agent.get(&d.url("/v1/jobs")).call()), 401);
-    assert_eq!(status(agent.get(&d.url("/v1/jobs")).set("Authorization", "Bearer wrong").call()), 401);
+    assert_eq!(
+        status(
+            agent
+                .get(&d.url("/v1/jobs"))
+                .set("Authorization", "Bearer wrong")
+                .call()
+        ),
+        401
+    );
     assert_eq!(status(agent.get(&d.url("/metrics")).call()), 401);
-    assert_eq!(status(agent.get(&d.url("/healthz")).call()), 200, "probes stay open");
+    assert_eq!(
+        status(agent.get(&d.url("/healthz")).call()),
+        200,
+        "probes stay open"
+    );
     assert_eq!(d.get("/v1/jobs").0, 200, "with the token");
     let out = d.ctl(&["get"]);
     assert!(out.status.success());
     let mut no_token = std::process::Command::new(ferry_tests::bin("ferryctl"));
-    let out = no_token.args(["get"]).env("FERRY_SERVER", d.url("")).env_remove("FERRY_TOKEN").output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a token"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = no_token
+        .args(["get"])
+        .env("FERRY_SERVER", d.url(""))
+        .env_remove("FERRY_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs a token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -268,7 +392,10 @@ fn without_a_token_the_daemon_refuses_to_listen_beyond_loopback() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("refusing to listen on 0.0.0.0") && err.contains("FERRY_TOKEN"), "{err}");
+    assert!(
+        err.contains("refusing to listen on 0.0.0.0") && err.contains("FERRY_TOKEN"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -280,14 +407,32 @@ fn metrics_and_openapi_are_served() {
     assert_eq!(status, 200);
     let text = body.as_str().unwrap().to_string();
     assert!(text.contains("ferry_jobs{phase=\"Succeeded\"} 1"), "{text}");
-    assert!(text.contains("ferry_rank_exits_total{outcome=\"succeeded\"} 1"), "{text}");
-    assert!(text.contains("ferry_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"201\"} 1"), "{text}");
-    if let Ok(out) = std::process::Command::new("promtool").args(["check", "metrics"]).stdin(std::process::Stdio::piped()).spawn().and_then(|mut c| {
-        use std::io::Write;
-        c.stdin.take().unwrap().write_all(text.as_bytes())?;
-        c.wait_with_output()
-    }) {
-        assert!(out.status.success(), "promtool: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("ferry_rank_exits_total{outcome=\"succeeded\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "ferry_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"201\"} 1"
+        ),
+        "{text}"
+    );
+    if let Ok(out) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(text.as_bytes())?;
+            c.wait_with_output()
+        })
+    {
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let (status, doc) = d.get("/openapi.json");
     assert_eq!(status, 200);
@@ -300,6 +445,10 @@ fn metrics_and_openapi_are_served() {
 
 /// SIGKILL, as the OOM killer would.
 fn unsafe_kill(pid: u32) {
-    let ok = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success();
+    let ok = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
     assert!(ok, "kill -9 {pid}");
 }

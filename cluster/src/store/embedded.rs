@@ -15,7 +15,8 @@ use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, mpsc};
 
 use super::{
-    Compare, CompareOp, CompareTarget, KeyValue, LeaseId, Store, StoreError, Txn, TxnOp, TxnResponse, WatchEvent, Watcher,
+    Compare, CompareOp, CompareTarget, KeyValue, LeaseId, Store, StoreError, Txn, TxnOp,
+    TxnResponse, WatchEvent, Watcher,
 };
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
@@ -62,7 +63,14 @@ fn decode(key: &str, b: &[u8]) -> Result<KeyValue, StoreError> {
         return Err(StoreError::Io(format!("corrupt record for key {key}")));
     }
     let n = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-    Ok(KeyValue { key: key.to_string(), create_revision: n(0), mod_revision: n(1), version: n(2), lease: n(3), value: b[32..].to_vec() })
+    Ok(KeyValue {
+        key: key.to_string(),
+        create_revision: n(0),
+        mod_revision: n(1),
+        version: n(2),
+        lease: n(3),
+        value: b[32..].to_vec(),
+    })
 }
 
 impl EmbeddedStore {
@@ -72,7 +80,9 @@ impl EmbeddedStore {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
         let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked { path: path.display().to_string() },
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
+                path: path.display().to_string(),
+            },
             other => io(other),
         })?;
         let (revision, next_lease, leases) = {
@@ -80,8 +90,16 @@ impl EmbeddedStore {
             let (rev, next, leases) = {
                 w.open_table(KV).map_err(io)?;
                 let meta = w.open_table(META).map_err(io)?;
-                let rev = meta.get("revision").map_err(io)?.map(|v| v.value()).unwrap_or(0);
-                let next = meta.get("next_lease").map_err(io)?.map(|v| v.value()).unwrap_or(1);
+                let rev = meta
+                    .get("revision")
+                    .map_err(io)?
+                    .map(|v| v.value())
+                    .unwrap_or(0);
+                let next = meta
+                    .get("next_lease")
+                    .map_err(io)?
+                    .map(|v| v.value())
+                    .unwrap_or(1);
                 let lt = w.open_table(LEASES).map_err(io)?;
                 let now = Instant::now();
                 let mut leases = HashMap::new();
@@ -98,11 +116,19 @@ impl EmbeddedStore {
         let (events, _) = broadcast::channel(HISTORY);
         let inner = Arc::new(Inner {
             db,
-            state: Mutex::new(State { revision, next_lease, leases, history: VecDeque::new() }),
+            state: Mutex::new(State {
+                revision,
+                next_lease,
+                leases,
+                history: VecDeque::new(),
+            }),
             events,
         });
         let weak = Arc::downgrade(&inner);
-        std::thread::Builder::new().name("store-leases".into()).spawn(move || expire_leases(weak)).map_err(io)?;
+        std::thread::Builder::new()
+            .name("store-leases".into())
+            .spawn(move || expire_leases(weak))
+            .map_err(io)?;
         Ok(EmbeddedStore { inner })
     }
 
@@ -111,7 +137,9 @@ impl EmbeddedStore {
         f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner)).await.map_err(|e| StoreError::Unavailable(e.to_string()))?
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
     }
 }
 
@@ -122,7 +150,11 @@ fn expire_leases(inner: Weak<Inner>) {
         let now = Instant::now();
         let expired: Vec<LeaseId> = {
             let st = inner.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.leases.iter().filter(|(_, (_, deadline))| *deadline <= now).map(|(id, _)| *id).collect()
+            st.leases
+                .iter()
+                .filter(|(_, (_, deadline))| *deadline <= now)
+                .map(|(id, _)| *id)
+                .collect()
         };
         for id in expired {
             if let Err(e) = inner.revoke(id) {
@@ -166,7 +198,11 @@ impl Inner {
             let mut kv = w.open_table(KV).map_err(io)?;
             let mut ok = true;
             for c in &txn.compares {
-                let cur = kv.get(c.key.as_str()).map_err(io)?.map(|v| decode(&c.key, v.value())).transpose()?;
+                let cur = kv
+                    .get(c.key.as_str())
+                    .map_err(io)?
+                    .map(|v| decode(&c.key, v.value()))
+                    .transpose()?;
                 ok &= compare(c, cur.as_ref());
             }
             succeeded = ok;
@@ -177,7 +213,11 @@ impl Inner {
                         if *lease != 0 && !st.leases.contains_key(lease) {
                             return Err(StoreError::LeaseNotFound(*lease));
                         }
-                        let prev = kv.get(key.as_str()).map_err(io)?.map(|v| decode(key, v.value())).transpose()?;
+                        let prev = kv
+                            .get(key.as_str())
+                            .map_err(io)?
+                            .map(|v| decode(key, v.value()))
+                            .transpose()?;
                         let new = KeyValue {
                             key: key.clone(),
                             value: value.clone(),
@@ -186,12 +226,21 @@ impl Inner {
                             version: prev.as_ref().map_or(1, |p| p.version + 1),
                             lease: *lease,
                         };
-                        kv.insert(key.as_str(), encode(&new).as_slice()).map_err(io)?;
+                        kv.insert(key.as_str(), encode(&new).as_slice())
+                            .map_err(io)?;
                         changes.push(WatchEvent::Put(new));
                     }
                     TxnOp::Delete { key } => {
-                        if let Some(prev) = kv.remove(key.as_str()).map_err(io)?.map(|v| decode(key, v.value())).transpose()? {
-                            changes.push(WatchEvent::Delete(KeyValue { mod_revision: revision, ..prev }));
+                        if let Some(prev) = kv
+                            .remove(key.as_str())
+                            .map_err(io)?
+                            .map(|v| decode(key, v.value()))
+                            .transpose()?
+                        {
+                            changes.push(WatchEvent::Delete(KeyValue {
+                                mod_revision: revision,
+                                ..prev
+                            }));
                         }
                     }
                     TxnOp::DeletePrefix { prefix } => {
@@ -207,8 +256,16 @@ impl Inner {
                             keys
                         };
                         for key in keys {
-                            if let Some(prev) = kv.remove(key.as_str()).map_err(io)?.map(|v| decode(&key, v.value())).transpose()? {
-                                changes.push(WatchEvent::Delete(KeyValue { mod_revision: revision, ..prev }));
+                            if let Some(prev) = kv
+                                .remove(key.as_str())
+                                .map_err(io)?
+                                .map(|v| decode(&key, v.value()))
+                                .transpose()?
+                            {
+                                changes.push(WatchEvent::Delete(KeyValue {
+                                    mod_revision: revision,
+                                    ..prev
+                                }));
                             }
                         }
                     }
@@ -218,9 +275,15 @@ impl Inner {
         if changes.is_empty() {
             // Nothing written: no new revision (as in etcd).
             w.abort().map_err(io)?;
-            return Ok(TxnResponse { succeeded, revision: st.revision });
+            return Ok(TxnResponse {
+                succeeded,
+                revision: st.revision,
+            });
         }
-        w.open_table(META).map_err(io)?.insert("revision", revision).map_err(io)?;
+        w.open_table(META)
+            .map_err(io)?
+            .insert("revision", revision)
+            .map_err(io)?;
         w.commit().map_err(io)?;
         st.revision = revision;
         for ev in changes {
@@ -230,7 +293,10 @@ impl Inner {
             st.history.push_back(ev.clone());
             let _ = self.events.send(ev);
         }
-        Ok(TxnResponse { succeeded, revision })
+        Ok(TxnResponse {
+            succeeded,
+            revision,
+        })
     }
 
     fn revoke(&self, id: LeaseId) -> Result<(), StoreError> {
@@ -246,7 +312,10 @@ impl Inner {
             }
             keys
         };
-        let txn = Txn { success: keys.into_iter().map(|key| TxnOp::Delete { key }).collect(), ..Default::default() };
+        let txn = Txn {
+            success: keys.into_iter().map(|key| TxnOp::Delete { key }).collect(),
+            ..Default::default()
+        };
         self.apply(txn)?;
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.leases.remove(&id);
@@ -288,13 +357,24 @@ impl Store for EmbeddedStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<u64, StoreError> {
-        let txn = Txn { success: vec![TxnOp::Put { key: key.into(), value, lease }], ..Default::default() };
+        let txn = Txn {
+            success: vec![TxnOp::Put {
+                key: key.into(),
+                value,
+                lease,
+            }],
+            ..Default::default()
+        };
         Ok(self.blocking(move |i| i.apply(txn)).await?.revision)
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let txn = Txn {
-            compares: vec![Compare { key: key.into(), op: CompareOp::Greater, target: CompareTarget::CreateRevision(0) }],
+            compares: vec![Compare {
+                key: key.into(),
+                op: CompareOp::Greater,
+                target: CompareTarget::CreateRevision(0),
+            }],
             success: vec![TxnOp::Delete { key: key.into() }],
             failure: vec![],
         };
@@ -306,7 +386,12 @@ impl Store for EmbeddedStore {
     }
 
     async fn revision(&self) -> Result<u64, StoreError> {
-        Ok(self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).revision)
+        Ok(self
+            .inner
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .revision)
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
@@ -314,8 +399,14 @@ impl Store for EmbeddedStore {
             let mut st = i.state.lock().unwrap_or_else(|p| p.into_inner());
             let id = st.next_lease;
             let w = i.db.begin_write().map_err(io)?;
-            w.open_table(LEASES).map_err(io)?.insert(id, ttl.as_millis() as u64).map_err(io)?;
-            w.open_table(META).map_err(io)?.insert("next_lease", id + 1).map_err(io)?;
+            w.open_table(LEASES)
+                .map_err(io)?
+                .insert(id, ttl.as_millis() as u64)
+                .map_err(io)?;
+            w.open_table(META)
+                .map_err(io)?
+                .insert("next_lease", id + 1)
+                .map_err(io)?;
             w.commit().map_err(io)?;
             st.next_lease = id + 1;
             st.leases.insert(id, (ttl, Instant::now() + ttl));
@@ -340,17 +431,32 @@ impl Store for EmbeddedStore {
         self.blocking(move |i| i.revoke(lease)).await
     }
 
-    async fn watch(&self, prefix: &str, start_revision: Option<u64>) -> Result<Watcher, StoreError> {
+    async fn watch(
+        &self,
+        prefix: &str,
+        start_revision: Option<u64>,
+    ) -> Result<Watcher, StoreError> {
         let (tx, rx) = mpsc::channel(256);
         let (backlog, mut live) = {
             let st = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
             let mut backlog = Vec::new();
             if let Some(start) = start_revision {
-                let oldest = st.history.front().map_or(st.revision + 1, |e| e.kv().mod_revision);
+                let oldest = st
+                    .history
+                    .front()
+                    .map_or(st.revision + 1, |e| e.kv().mod_revision);
                 if start < oldest && start <= st.revision {
-                    return Err(StoreError::Compacted { requested: start, oldest });
+                    return Err(StoreError::Compacted {
+                        requested: start,
+                        oldest,
+                    });
                 }
-                backlog.extend(st.history.iter().filter(|e| e.kv().mod_revision >= start && e.kv().key.starts_with(prefix)).cloned());
+                backlog.extend(
+                    st.history
+                        .iter()
+                        .filter(|e| e.kv().mod_revision >= start && e.kv().key.starts_with(prefix))
+                        .cloned(),
+                );
             }
             (backlog, self.inner.events.subscribe())
         };
@@ -402,7 +508,10 @@ mod tests {
         let r2 = s.put("/a", b"2".to_vec(), 0).await.unwrap();
         assert_eq!(r2, r1 + 1);
         let kv = s.get("/a").await.unwrap().unwrap();
-        assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (r1, r2, 2));
+        assert_eq!(
+            (kv.create_revision, kv.mod_revision, kv.version),
+            (r1, r2, 2)
+        );
         assert_eq!(kv.value, b"2");
         assert!(s.delete("/a").await.unwrap());
         assert!(!s.delete("/a").await.unwrap());
@@ -415,7 +524,13 @@ mod tests {
         for k in ["/j/2", "/j/1", "/jobs", "/k/1"] {
             s.put(k, k.as_bytes().to_vec(), 0).await.unwrap();
         }
-        let keys: Vec<_> = s.range("/j/").await.unwrap().into_iter().map(|kv| kv.key).collect();
+        let keys: Vec<_> = s
+            .range("/j/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|kv| kv.key)
+            .collect();
         assert_eq!(keys, vec!["/j/1", "/j/2"]);
     }
 
@@ -424,7 +539,11 @@ mod tests {
         let (_d, s) = open();
         let create = |v: &[u8]| Txn {
             compares: vec![Compare::absent("/x")],
-            success: vec![TxnOp::Put { key: "/x".into(), value: v.to_vec(), lease: 0 }],
+            success: vec![TxnOp::Put {
+                key: "/x".into(),
+                value: v.to_vec(),
+                lease: 0,
+            }],
             failure: vec![],
         };
         assert!(s.txn(create(b"first")).await.unwrap().succeeded);
@@ -432,13 +551,21 @@ mod tests {
         let kv = s.get("/x").await.unwrap().unwrap();
         let stale = Txn {
             compares: vec![Compare::mod_revision("/x", kv.mod_revision - 1)],
-            success: vec![TxnOp::Put { key: "/x".into(), value: b"lost".to_vec(), lease: 0 }],
+            success: vec![TxnOp::Put {
+                key: "/x".into(),
+                value: b"lost".to_vec(),
+                lease: 0,
+            }],
             failure: vec![],
         };
         assert!(!s.txn(stale).await.unwrap().succeeded);
         let fresh = Txn {
             compares: vec![Compare::mod_revision("/x", kv.mod_revision)],
-            success: vec![TxnOp::Put { key: "/x".into(), value: b"won".to_vec(), lease: 0 }],
+            success: vec![TxnOp::Put {
+                key: "/x".into(),
+                value: b"won".to_vec(),
+                lease: 0,
+            }],
             failure: vec![],
         };
         assert!(s.txn(fresh).await.unwrap().succeeded);
@@ -463,7 +590,10 @@ mod tests {
         }
         assert!(s.keep_alive(lease).await.is_err());
         assert!(s.get("/n/2").await.unwrap().is_some());
-        assert!(matches!(s.put("/n/3", vec![], lease).await, Err(StoreError::LeaseNotFound(_))));
+        assert!(matches!(
+            s.put("/n/3", vec![], lease).await,
+            Err(StoreError::LeaseNotFound(_))
+        ));
     }
 
     #[tokio::test]
@@ -476,7 +606,11 @@ mod tests {
         s.delete("/w/a").await.unwrap();
         let mut seen = Vec::new();
         for _ in 0..3 {
-            let ev = tokio::time::timeout(Duration::from_secs(5), w.recv()).await.unwrap().unwrap().unwrap();
+            let ev = tokio::time::timeout(Duration::from_secs(5), w.recv())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
             seen.push(match ev {
                 WatchEvent::Put(kv) => format!("put {}", kv.key),
                 WatchEvent::Delete(kv) => format!("delete {}", kv.key),
@@ -497,7 +631,9 @@ mod tests {
         let s = loop {
             match EmbeddedStore::open(&path) {
                 Ok(s) => break s,
-                Err(StoreError::Locked { .. }) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(StoreError::Locked { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
                 Err(e) => panic!("{e}"),
             }
         };

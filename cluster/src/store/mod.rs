@@ -63,21 +63,37 @@ pub struct Compare {
 impl Compare {
     /// The key does not exist.
     pub fn absent(key: &str) -> Compare {
-        Compare { key: key.into(), op: CompareOp::Equal, target: CompareTarget::CreateRevision(0) }
+        Compare {
+            key: key.into(),
+            op: CompareOp::Equal,
+            target: CompareTarget::CreateRevision(0),
+        }
     }
 
     /// The key was last written at `revision` (optimistic concurrency).
     pub fn mod_revision(key: &str, revision: u64) -> Compare {
-        Compare { key: key.into(), op: CompareOp::Equal, target: CompareTarget::ModRevision(revision) }
+        Compare {
+            key: key.into(),
+            op: CompareOp::Equal,
+            target: CompareTarget::ModRevision(revision),
+        }
     }
 }
 
 /// A write inside a transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TxnOp {
-    Put { key: String, value: Vec<u8>, lease: LeaseId },
-    Delete { key: String },
-    DeletePrefix { prefix: String },
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: LeaseId,
+    },
+    Delete {
+        key: String,
+    },
+    DeletePrefix {
+        prefix: String,
+    },
 }
 
 /// If every compare holds, apply `success`, else `failure`; atomically, as one revision.
@@ -138,7 +154,10 @@ pub enum StoreError {
 impl StoreError {
     /// Whether retrying the same call later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_) | StoreError::WatchLagged | StoreError::Compacted { .. })
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::WatchLagged | StoreError::Compacted { .. }
+        )
     }
 }
 
@@ -164,5 +183,6 @@ pub trait Store: Send + Sync {
     /// Ends a lease now, deleting its keys.
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError>;
     /// Changes under `prefix` after `start_revision` (or from now when `None`).
-    async fn watch(&self, prefix: &str, start_revision: Option<u64>) -> Result<Watcher, StoreError>;
+    async fn watch(&self, prefix: &str, start_revision: Option<u64>)
+        -> Result<Watcher, StoreError>;
 }

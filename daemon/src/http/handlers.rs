@@ -19,14 +19,22 @@ pub async fn healthz() -> HttpResponse {
 
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
     if *state.ready.borrow() {
-        Ok(HttpResponse::Ok().content_type("text/plain").body("ready\n"))
+        Ok(HttpResponse::Ok()
+            .content_type("text/plain")
+            .body("ready\n"))
     } else {
-        Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "Not ready", "the node is not registered in the store yet"))
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Not ready",
+            "the node is not registered in the store yet",
+        ))
     }
 }
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
 }
 
 pub async fn openapi(state: web::Data<AppState>) -> HttpResponse {
@@ -34,14 +42,28 @@ pub async fn openapi(state: web::Data<AppState>) -> HttpResponse {
 }
 
 pub async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
-    Err(ApiError::new(StatusCode::NOT_FOUND, "Not found", format!("no route {} {}; see /openapi.json", req.method(), req.path())))
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        "Not found",
+        format!(
+            "no route {} {}; see /openapi.json",
+            req.method(),
+            req.path()
+        ),
+    ))
 }
 
 /// `POST /v1/jobs`: the body is the spec, YAML or JSON.
 pub async fn submit(state: web::Data<AppState>, mut body: web::Payload) -> Result<HttpResponse> {
     let mut buf = web::BytesMut::new();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "Bad request", format!("cannot read the body: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                format!("cannot read the body: {e}"),
+            )
+        })?;
         if buf.len() + chunk.len() > state.max_body_bytes {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -51,13 +73,26 @@ pub async fn submit(state: web::Data<AppState>, mut body: web::Payload) -> Resul
         }
         buf.extend_from_slice(&chunk);
     }
-    let text = std::str::from_utf8(&buf).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "Bad request", "the body must be UTF-8 YAML or JSON"))?;
+    let text = std::str::from_utf8(&buf).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "the body must be UTF-8 YAML or JSON",
+        )
+    })?;
     if text.trim().is_empty() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "Bad request", "the body is empty; send the job spec as YAML or JSON"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "the body is empty; send the job spec as YAML or JSON",
+        ));
     }
-    let spec = JobSpec::parse(text).map_err(|e| ApiError::from(crate::jobs::JobError::Invalid(e.0)))?;
+    let spec =
+        JobSpec::parse(text).map_err(|e| ApiError::from(crate::jobs::JobError::Invalid(e.0)))?;
     let job = state.jobs.submit(spec).await?;
-    Ok(HttpResponse::Created().insert_header(("Location", format!("/v1/jobs/{}", job.id))).json(job))
+    Ok(HttpResponse::Created()
+        .insert_header(("Location", format!("/v1/jobs/{}", job.id)))
+        .json(job))
 }
 
 #[derive(Deserialize)]
@@ -67,13 +102,20 @@ pub struct ListQuery {
     name: Option<String>,
 }
 
-pub async fn list_jobs(state: web::Data<AppState>, q: web::Query<ListQuery>) -> Result<HttpResponse> {
+pub async fn list_jobs(
+    state: web::Data<AppState>,
+    q: web::Query<ListQuery>,
+) -> Result<HttpResponse> {
     let jobs = state
         .jobs
         .list()
         .await?
         .into_iter()
-        .filter(|j| q.phase.as_deref().is_none_or(|p| j.phase.as_str().eq_ignore_ascii_case(p)))
+        .filter(|j| {
+            q.phase
+                .as_deref()
+                .is_none_or(|p| j.phase.as_str().eq_ignore_ascii_case(p))
+        })
         .filter(|j| q.name.as_deref().is_none_or(|n| j.name == n))
         .collect();
     Ok(HttpResponse::Ok().json(JobList { jobs }))
@@ -97,14 +139,25 @@ pub struct EventsQuery {
     wait: u64,
 }
 
-pub async fn job_events(state: web::Data<AppState>, id: web::Path<String>, q: web::Query<EventsQuery>) -> Result<HttpResponse> {
+pub async fn job_events(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    q: web::Query<EventsQuery>,
+) -> Result<HttpResponse> {
     let wait = Duration::from_secs(q.wait.min(60));
     Ok(HttpResponse::Ok().json(state.jobs.events(&id, q.after, wait).await?))
 }
 
 pub async fn list_nodes(state: web::Data<AppState>) -> Result<HttpResponse> {
     let jobs = &state.jobs;
-    let kvs = jobs.store.range(&jobs.keys.nodes()).await.map_err(crate::jobs::JobError::from)?;
-    let nodes = kvs.iter().filter_map(|kv| serde_json::from_slice::<Node>(&kv.value).ok()).collect();
+    let kvs = jobs
+        .store
+        .range(&jobs.keys.nodes())
+        .await
+        .map_err(crate::jobs::JobError::from)?;
+    let nodes = kvs
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<Node>(&kv.value).ok())
+        .collect();
     Ok(HttpResponse::Ok().json(NodeList { nodes }))
 }

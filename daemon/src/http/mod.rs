@@ -39,11 +39,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn auth(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+async fn auth(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let state = req.app_data::<web::Data<AppState>>().cloned();
     if let Some(token) = state.as_ref().and_then(|s| s.token.clone()) {
         if !OPEN_PATHS.contains(&req.path()) {
-            let given = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+            let given = req
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
             if !given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), token.as_bytes())) {
                 let e = ApiError::new(
                     StatusCode::UNAUTHORIZED,
@@ -57,15 +64,27 @@ async fn auth(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Re
     next.call(req).await.map(|r| r.map_into_left_body())
 }
 
-async fn observe(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+async fn observe(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let start = Instant::now();
     let state = req.app_data::<web::Data<AppState>>().cloned();
     let method = req.method().to_string();
     let res = next.call(req).await?;
     if let Some(s) = state {
-        let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".into());
-        s.metrics.http_requests.with_label_values(&[&method, &route, res.status().as_str()]).inc();
-        s.metrics.http_duration.with_label_values(&[&route]).observe(start.elapsed().as_secs_f64());
+        let route = res
+            .request()
+            .match_pattern()
+            .unwrap_or_else(|| "unmatched".into());
+        s.metrics
+            .http_requests
+            .with_label_values(&[&method, &route, res.status().as_str()])
+            .inc();
+        s.metrics
+            .http_duration
+            .with_label_values(&[&route])
+            .observe(start.elapsed().as_secs_f64());
     }
     Ok(res)
 }
@@ -90,6 +109,14 @@ pub fn serve(listener: TcpListener, state: AppState) -> std::io::Result<Server> 
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
+            .app_data(web::QueryConfig::default().error_handler(|e, _| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "Bad request",
+                    format!("bad query parameters: {e}"),
+                )
+                .into()
+            }))
             .wrap(from_fn(auth))
             .wrap(from_fn(observe))
             .configure(routes)

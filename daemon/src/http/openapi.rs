@@ -139,7 +139,10 @@ mod tests {
     #[actix_web::test]
     async fn document_and_routes_agree() {
         let doc = super::document("test");
-        let app = test::init_service(App::new().configure(super::super::routes).default_service(web::to(|| async { actix_web::HttpResponse::ImATeapot().finish() }))).await;
+        let app = test::init_service(App::new().configure(super::super::routes).default_service(
+            web::to(|| async { actix_web::HttpResponse::ImATeapot().finish() }),
+        ))
+        .await;
         let mut documented = 0;
         for (path, ops) in doc["paths"].as_object().unwrap() {
             for method in ops.as_object().unwrap().keys() {
@@ -154,10 +157,17 @@ mod tests {
                 .to_request();
                 let res = test::call_service(&app, req).await;
                 // Without state handlers fail with 500, but a route exists: not the teapot.
-                assert_ne!(res.status().as_u16(), 418, "{method} {path} is documented but not routed");
+                assert_ne!(
+                    res.status().as_u16(),
+                    418,
+                    "{method} {path} is documented but not routed"
+                );
             }
         }
         // routes() registers 10 (method, path) pairs.
-        assert_eq!(documented, 10, "a route is missing from the OpenAPI document");
+        assert_eq!(
+            documented, 10,
+            "a route is missing from the OpenAPI document"
+        );
     }
 }

@@ -17,12 +17,20 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
-        ApiError { status, title, detail: detail.into(), errors: Vec::new() }
+        ApiError {
+            status,
+            title,
+            detail: detail.into(),
+            errors: Vec::new(),
+        }
     }
 
     /// The problem type URI: a stable, documented identifier per kind of error.
     fn type_uri(&self) -> String {
-        format!("https://ferry.dev/problems/{}", self.title.to_ascii_lowercase().replace(' ', "-"))
+        format!(
+            "https://ferry.dev/problems/{}",
+            self.title.to_ascii_lowercase().replace(' ', "-")
+        )
     }
 }
 
@@ -59,12 +67,29 @@ impl From<JobError> for ApiError {
     fn from(e: JobError) -> Self {
         match e {
             JobError::Invalid(errors) => {
-                let detail = errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; ");
-                ApiError { status: StatusCode::UNPROCESSABLE_ENTITY, title: "Invalid job spec", detail, errors }
+                let detail = errors
+                    .iter()
+                    .map(|e| format!("{}: {}", e.field, e.message))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                ApiError {
+                    status: StatusCode::UNPROCESSABLE_ENTITY,
+                    title: "Invalid job spec",
+                    detail,
+                    errors,
+                }
             }
-            JobError::NotFound(what) => ApiError::new(StatusCode::NOT_FOUND, "Job not found", format!("no job has the id or name `{what}`")),
+            JobError::NotFound(what) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "Job not found",
+                format!("no job has the id or name `{what}`"),
+            ),
             JobError::Conflict(msg) => ApiError::new(StatusCode::CONFLICT, "Conflict", msg),
-            JobError::Store(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "Store unavailable", e.to_string()),
+            JobError::Store(e) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Store unavailable",
+                e.to_string(),
+            ),
         }
     }
 }

@@ -61,12 +61,22 @@ fn decode_job(kv: &ferry_cluster::store::KeyValue) -> Option<Job> {
 
 fn new_job_id() -> String {
     // Time-ordered (sorts by submission) and unique enough for one cluster.
-    format!("j{:011x}{:04x}", ferry_cluster::time::now_millis(), rand::random::<u16>())
+    format!(
+        "j{:011x}{:04x}",
+        ferry_cluster::time::now_millis(),
+        rand::random::<u16>()
+    )
 }
 
 impl JobManager {
     /// A manager for `node`; call [`JobManager::recover`] then run [`JobManager::schedule_loop`].
-    pub fn new(store: Arc<dyn Store>, config: Config, roots: Roots, node: String, metrics: Metrics) -> std::io::Result<Arc<Self>> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: Config,
+        roots: Roots,
+        node: String,
+        metrics: Metrics,
+    ) -> std::io::Result<Arc<Self>> {
         let exe = std::env::current_exe()?;
         let plans_dir = config.data_dir.join("plans");
         std::fs::create_dir_all(&plans_dir)?;
@@ -89,9 +99,15 @@ impl JobManager {
     fn resolve(&self, spec: &JobSpec) -> Result<JobSpec, Vec<FieldError>> {
         let mut out = spec.clone();
         let mut errs = Vec::new();
-        let mut fix = |field: &str, kind: RootKind, p: &mut String, must_exist: bool| match self.roots.resolve(kind, p, must_exist) {
+        let mut fix = |field: &str, kind: RootKind, p: &mut String, must_exist: bool| match self
+            .roots
+            .resolve(kind, p, must_exist)
+        {
             Ok(abs) => *p = abs.display().to_string(),
-            Err(e) => errs.push(FieldError { field: field.into(), message: e.to_string() }),
+            Err(e) => errs.push(FieldError {
+                field: field.into(),
+                message: e.to_string(),
+            }),
         };
         if let Some(p) = out.model.path.as_mut() {
             fix("model.path", RootKind::Models, p, true);
@@ -99,7 +115,12 @@ impl JobManager {
         if let Some(p) = out.model.init.as_mut() {
             fix("model.init", RootKind::Models, p, true);
         }
-        fix("data.train.path", RootKind::Data, &mut out.data.train.path, true);
+        fix(
+            "data.train.path",
+            RootKind::Data,
+            &mut out.data.train.path,
+            true,
+        );
         if let Some(v) = out.data.val.as_mut() {
             fix("data.val.path", RootKind::Data, &mut v.path, true);
         }
@@ -107,7 +128,10 @@ impl JobManager {
         if spec.model.arch == Arch::Torchscript && errs.is_empty() {
             if let Some(p) = &out.model.path {
                 if !std::path::Path::new(p).is_file() {
-                    errs.push(FieldError { field: "model.path".into(), message: format!("`{p}` is not a file") });
+                    errs.push(FieldError {
+                        field: "model.path".into(),
+                        message: format!("`{p}` is not a file"),
+                    });
                 }
             }
         }
@@ -125,7 +149,9 @@ impl JobManager {
         let out_dir = PathBuf::from(&resolved.output.dir);
         // One job per output directory: results of two runs never mix.
         for other in self.list().await? {
-            if other.status.output_dir.as_deref() == Some(resolved.output.dir.as_str()) && !other.phase.is_terminal() {
+            if other.status.output_dir.as_deref() == Some(resolved.output.dir.as_str())
+                && !other.phase.is_terminal()
+            {
                 return Err(JobError::Conflict(format!(
                     "output.dir {} is in use by job {} ({}); choose another directory",
                     resolved.output.dir, other.id, other.name
@@ -146,7 +172,12 @@ impl JobManager {
         let id = new_job_id();
         std::fs::create_dir_all(&out_dir)
             .and_then(|_| std::fs::write(&owner, format!("{id}\n")))
-            .map_err(|e| JobError::Invalid(vec![FieldError { field: "output.dir".into(), message: format!("cannot create {}: {e}", out_dir.display()) }]))?;
+            .map_err(|e| {
+                JobError::Invalid(vec![FieldError {
+                    field: "output.dir".into(),
+                    message: format!("cannot create {}: {e}", out_dir.display()),
+                }])
+            })?;
         let job = Job {
             id: id.clone(),
             name: spec.name.clone(),
@@ -165,21 +196,39 @@ impl JobManager {
         let key = self.keys.job(&id);
         let txn = Txn {
             compares: vec![Compare::absent(&key)],
-            success: vec![TxnOp::Put { key: key.clone(), value: serde_json::to_vec(&job).expect("job serialises"), lease: 0 }],
+            success: vec![TxnOp::Put {
+                key: key.clone(),
+                value: serde_json::to_vec(&job).expect("job serialises"),
+                lease: 0,
+            }],
             failure: vec![],
         };
         let r = self.store.txn(txn).await?;
         if !r.succeeded {
-            return Err(JobError::Conflict(format!("job id {id} already exists; submit again")));
+            return Err(JobError::Conflict(format!(
+                "job id {id} already exists; submit again"
+            )));
         }
-        self.event(&id, EventKind::Phase, format!("accepted; Pending on node {}", self.node), serde_json::Value::Null).await;
+        self.event(
+            &id,
+            EventKind::Phase,
+            format!("accepted; Pending on node {}", self.node),
+            serde_json::Value::Null,
+        )
+        .await;
         self.wake.notify_one();
         self.get(&id).await
     }
 
     /// Every job, oldest first.
     pub async fn list(&self) -> Result<Vec<Job>, JobError> {
-        Ok(self.store.range(&self.keys.jobs()).await?.iter().filter_map(decode_job).collect())
+        Ok(self
+            .store
+            .range(&self.keys.jobs())
+            .await?
+            .iter()
+            .filter_map(decode_job)
+            .collect())
     }
 
     /// A job by id, or else the newest job with that name.
@@ -201,12 +250,20 @@ impl JobManager {
     pub async fn update(&self, id: &str, mut f: impl FnMut(&mut Job)) -> Result<Job, JobError> {
         let key = self.keys.job(id);
         for _ in 0..100 {
-            let kv = self.store.get(&key).await?.ok_or_else(|| JobError::NotFound(id.into()))?;
+            let kv = self
+                .store
+                .get(&key)
+                .await?
+                .ok_or_else(|| JobError::NotFound(id.into()))?;
             let mut job = decode_job(&kv).ok_or_else(|| JobError::NotFound(id.into()))?;
             f(&mut job);
             let txn = Txn {
                 compares: vec![Compare::mod_revision(&key, kv.mod_revision)],
-                success: vec![TxnOp::Put { key: key.clone(), value: serde_json::to_vec(&job).expect("job serialises"), lease: 0 }],
+                success: vec![TxnOp::Put {
+                    key: key.clone(),
+                    value: serde_json::to_vec(&job).expect("job serialises"),
+                    lease: 0,
+                }],
                 failure: vec![],
             };
             let r = self.store.txn(txn).await?;
@@ -215,16 +272,23 @@ impl JobManager {
                 return Ok(job);
             }
         }
-        Err(JobError::Conflict(format!("job {id} is changing too fast to update; try again")))
+        Err(JobError::Conflict(format!(
+            "job {id} is changing too fast to update; try again"
+        )))
     }
 
     /// Asks for a job to stop. A Pending job is Cancelled at once; a Running one once its ranks stop.
     pub async fn cancel(&self, id_or_name: &str) -> Result<Job, JobError> {
         let job = self.get(id_or_name).await?;
         if job.phase.is_terminal() {
-            return Err(JobError::Conflict(format!("job {} has already ended ({})", job.id, job.phase.as_str())));
+            return Err(JobError::Conflict(format!(
+                "job {} has already ended ({})",
+                job.id,
+                job.phase.as_str()
+            )));
         }
-        let was_pending = job.phase == JobPhase::Pending && !self.running.lock().expect("lock").contains_key(&job.id);
+        let was_pending = job.phase == JobPhase::Pending
+            && !self.running.lock().expect("lock").contains_key(&job.id);
         let job = self
             .update(&job.id, |j| {
                 j.cancel_requested = true;
@@ -234,9 +298,22 @@ impl JobManager {
                 }
             })
             .await?;
-        let msg = if job.phase == JobPhase::Cancelled { "cancelled before it started" } else { "cancel requested; stopping its ranks" };
-        self.event(&job.id, if job.phase == JobPhase::Cancelled { EventKind::Phase } else { EventKind::Log }, msg.into(), serde_json::Value::Null)
-            .await;
+        let msg = if job.phase == JobPhase::Cancelled {
+            "cancelled before it started"
+        } else {
+            "cancel requested; stopping its ranks"
+        };
+        self.event(
+            &job.id,
+            if job.phase == JobPhase::Cancelled {
+                EventKind::Phase
+            } else {
+                EventKind::Log
+            },
+            msg.into(),
+            serde_json::Value::Null,
+        )
+        .await;
         Ok(job)
     }
 
@@ -248,7 +325,12 @@ impl JobManager {
             match known {
                 Some(s) => s,
                 None => match self.store.range(&self.keys.events(id)).await {
-                    Ok(kvs) => kvs.last().and_then(|kv| kv.key.rsplit('/').next()?.parse::<u64>().ok()).unwrap_or(0) + 1,
+                    Ok(kvs) => {
+                        kvs.last()
+                            .and_then(|kv| kv.key.rsplit('/').next()?.parse::<u64>().ok())
+                            .unwrap_or(0)
+                            + 1
+                    }
                     Err(e) => {
                         tracing::warn!(job = id, error = %e, "cannot read events");
                         return;
@@ -256,19 +338,44 @@ impl JobManager {
                 },
             }
         };
-        self.event_seq.lock().expect("lock").insert(id.to_string(), seq + 1);
-        let ev = JobEvent { seq, time: now_rfc3339(), kind, message, data };
-        if let Err(e) = self.store.put(&self.keys.event(id, seq), serde_json::to_vec(&ev).expect("event serialises"), 0).await {
+        self.event_seq
+            .lock()
+            .expect("lock")
+            .insert(id.to_string(), seq + 1);
+        let ev = JobEvent {
+            seq,
+            time: now_rfc3339(),
+            kind,
+            message,
+            data,
+        };
+        if let Err(e) = self
+            .store
+            .put(
+                &self.keys.event(id, seq),
+                serde_json::to_vec(&ev).expect("event serialises"),
+                0,
+            )
+            .await
+        {
             tracing::warn!(job = id, error = %e, "cannot write event");
         }
     }
 
     /// Events after `after`; with `wait`, blocks up to that long for the first new one.
-    pub async fn events(&self, id_or_name: &str, after: u64, wait: Duration) -> Result<EventPage, JobError> {
+    pub async fn events(
+        &self,
+        id_or_name: &str,
+        after: u64,
+        wait: Duration,
+    ) -> Result<EventPage, JobError> {
         let job = self.get(id_or_name).await?;
         let prefix = self.keys.events(&job.id);
         let read = |kvs: Vec<ferry_cluster::store::KeyValue>| -> Vec<JobEvent> {
-            kvs.iter().filter_map(|kv| serde_json::from_slice::<JobEvent>(&kv.value).ok()).filter(|e| e.seq > after).collect()
+            kvs.iter()
+                .filter_map(|kv| serde_json::from_slice::<JobEvent>(&kv.value).ok())
+                .filter(|e| e.seq > after)
+                .collect()
         };
         let rev = self.store.revision().await?;
         let mut events = read(self.store.range(&prefix).await?);
@@ -278,9 +385,17 @@ impl JobManager {
                 events = read(self.store.range(&prefix).await?);
             }
         }
-        let phase = if events.is_empty() { job.phase } else { self.get(&job.id).await?.phase };
+        let phase = if events.is_empty() {
+            job.phase
+        } else {
+            self.get(&job.id).await?.phase
+        };
         let next = events.last().map_or(after, |e| e.seq);
-        Ok(EventPage { events, next, phase })
+        Ok(EventPage {
+            events,
+            next,
+            phase,
+        })
     }
 
     /// After a restart: this node's jobs that were Running go back to Pending and resume
@@ -289,9 +404,16 @@ impl JobManager {
         let mut n = 0;
         for job in self.list().await? {
             if job.phase == JobPhase::Running && job.node.as_deref() == Some(&self.node) {
-                self.update(&job.id, |j| j.phase = JobPhase::Pending).await?;
-                self.event(&job.id, EventKind::Phase, "the daemon restarted; Pending until it resumes from its newest checkpoint".into(), serde_json::Value::Null)
-                    .await;
+                self.update(&job.id, |j| j.phase = JobPhase::Pending)
+                    .await?;
+                self.event(
+                    &job.id,
+                    EventKind::Phase,
+                    "the daemon restarted; Pending until it resumes from its newest checkpoint"
+                        .into(),
+                    serde_json::Value::Null,
+                )
+                .await;
                 n += 1;
             }
         }
@@ -314,8 +436,17 @@ impl JobManager {
         for j in &jobs {
             *counts.entry(j.phase).or_default() += 1;
         }
-        for phase in [JobPhase::Pending, JobPhase::Running, JobPhase::Succeeded, JobPhase::Failed, JobPhase::Cancelled] {
-            self.metrics.jobs.with_label_values(&[phase.as_str()]).set(counts.get(&phase).copied().unwrap_or(0));
+        for phase in [
+            JobPhase::Pending,
+            JobPhase::Running,
+            JobPhase::Succeeded,
+            JobPhase::Failed,
+            JobPhase::Cancelled,
+        ] {
+            self.metrics
+                .jobs
+                .with_label_values(&[phase.as_str()])
+                .set(counts.get(&phase).copied().unwrap_or(0));
         }
         for job in jobs {
             if job.phase != JobPhase::Pending || job.node.as_deref() != Some(&self.node) {

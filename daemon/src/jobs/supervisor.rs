@@ -46,7 +46,16 @@ pub async fn run(m: &JobManager, job: Job) {
         }
     };
     let attempt = job.status.attempts;
-    m.event(&id, EventKind::Phase, format!("Running (attempt {attempt}{})", if resume { ", resuming" } else { "" }), json!(null)).await;
+    m.event(
+        &id,
+        EventKind::Phase,
+        format!(
+            "Running (attempt {attempt}{})",
+            if resume { ", resuming" } else { "" }
+        ),
+        json!(null),
+    )
+    .await;
     let outcome = match attempt_once(m, &job, resume).await {
         Ok(o) => o,
         Err(e) => Outcome::Failed(format!("{e:#}")),
@@ -81,7 +90,11 @@ async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result
         job_id: job.id.clone(),
         spec: job.spec.clone(),
         output_dir: job.spec.output.dir.clone(),
-        threads: job.spec.resources.threads.unwrap_or_else(|| m.config.threads()),
+        threads: job
+            .spec
+            .resources
+            .threads
+            .unwrap_or_else(|| m.config.threads()),
         resume,
         progress_interval_ms: m.config.progress_interval_ms,
     };
@@ -89,8 +102,17 @@ async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result
     std::fs::write(&plan_path, serde_json::to_vec_pretty(&plan)?)?;
 
     let mut cmd = Command::new(&m.exe);
-    cmd.arg("worker").arg("--plan").arg(&plan_path).arg("--rank").arg("0").arg("--world-size").arg("1");
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    cmd.arg("worker")
+        .arg("--plan")
+        .arg(&plan_path)
+        .arg("--rank")
+        .arg("0")
+        .arg("--world-size")
+        .arg("1");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     #[allow(unsafe_code)]
     // SAFETY: prctl is async-signal-safe; it makes the rank die with the daemon, so a
     // restarted daemon never finds an orphan still writing the job's output.
@@ -100,13 +122,24 @@ async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot start rank process {}: {e}", m.exe.display()))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start rank process {}: {e}", m.exe.display()))?;
     let pid = child.id().unwrap_or(0);
-    m.event(&job.id, EventKind::Log, format!("rank 0 started (pid {pid})"), json!({"rank": 0, "pid": pid})).await;
+    m.event(
+        &job.id,
+        EventKind::Log,
+        format!("rank 0 started (pid {pid})"),
+        json!({"rank": 0, "pid": pid}),
+    )
+    .await;
 
     let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
     let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
-    let mut watch = m.store.watch(&m.keys.job(&job.id), Some(job.revision + 1)).await?;
+    let mut watch = m
+        .store
+        .watch(&m.keys.job(&job.id), Some(job.revision + 1))
+        .await?;
     let mut tail: VecDeque<String> = VecDeque::new();
     let mut stderr_lines = 0usize;
     let mut done = false;
@@ -191,7 +224,13 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
     let id = &job.id;
     let labels = [id.as_str(), job.name.as_str()];
     match msg {
-        WorkerMessage::Started { total_steps, epochs, start_step, ref resumed_from, .. } => {
+        WorkerMessage::Started {
+            total_steps,
+            epochs,
+            start_step,
+            ref resumed_from,
+            ..
+        } => {
             let _ = m
                 .update(id, |j| {
                     j.status.total_steps = total_steps;
@@ -200,12 +239,26 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
                 })
                 .await;
             let text = match resumed_from {
-                Some(dir) => format!("training resumed at step {start_step} of {total_steps} from {dir}"),
+                Some(dir) => {
+                    format!("training resumed at step {start_step} of {total_steps} from {dir}")
+                }
                 None => format!("training started: {total_steps} steps"),
             };
-            m.event(id, EventKind::Progress, text, serde_json::to_value(&msg).unwrap_or_default()).await;
+            m.event(
+                id,
+                EventKind::Progress,
+                text,
+                serde_json::to_value(&msg).unwrap_or_default(),
+            )
+            .await;
         }
-        WorkerMessage::Init { loaded, ref missing, ref unexpected, ref skipped_shape, frozen } => {
+        WorkerMessage::Init {
+            loaded,
+            ref missing,
+            ref unexpected,
+            ref skipped_shape,
+            frozen,
+        } => {
             let text = format!(
                 "init: {loaded} tensors loaded, {} missing, {} unexpected, {} skipped for shape ({}); {frozen} parameters frozen",
                 missing.len(),
@@ -213,9 +266,21 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
                 skipped_shape.len(),
                 skipped_shape.join(", ")
             );
-            m.event(id, EventKind::Init, text, serde_json::to_value(&msg).unwrap_or_default()).await;
+            m.event(
+                id,
+                EventKind::Init,
+                text,
+                serde_json::to_value(&msg).unwrap_or_default(),
+            )
+            .await;
         }
-        WorkerMessage::Progress { epoch, step, loss, lr, samples_per_sec } => {
+        WorkerMessage::Progress {
+            epoch,
+            step,
+            loss,
+            lr,
+            samples_per_sec,
+        } => {
             let _ = m
                 .update(id, |j| {
                     j.status.epoch = epoch;
@@ -224,9 +289,15 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
                     j.status.samples_per_sec = Some(samples_per_sec);
                 })
                 .await;
-            m.metrics.job_step.with_label_values(&labels).set(step as f64);
+            m.metrics
+                .job_step
+                .with_label_values(&labels)
+                .set(step as f64);
             m.metrics.job_loss.with_label_values(&labels).set(loss);
-            m.metrics.job_samples_per_second.with_label_values(&labels).set(samples_per_sec);
+            m.metrics
+                .job_samples_per_second
+                .with_label_values(&labels)
+                .set(samples_per_sec);
             m.event(
                 id,
                 EventKind::Progress,
@@ -235,9 +306,19 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
             )
             .await;
         }
-        WorkerMessage::Eval { epoch, step, val_loss, val_accuracy } => {
-            let _ = m.update(id, |j| j.status.val_accuracy = Some(val_accuracy)).await;
-            m.metrics.job_val_accuracy.with_label_values(&labels).set(val_accuracy);
+        WorkerMessage::Eval {
+            epoch,
+            step,
+            val_loss,
+            val_accuracy,
+        } => {
+            let _ = m
+                .update(id, |j| j.status.val_accuracy = Some(val_accuracy))
+                .await;
+            m.metrics
+                .job_val_accuracy
+                .with_label_values(&labels)
+                .set(val_accuracy);
             m.event(
                 id,
                 EventKind::Eval,
@@ -247,10 +328,21 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
             .await;
         }
         WorkerMessage::Checkpoint { step, path } => {
-            let _ = m.update(id, |j| j.status.checkpoint = Some(path.clone())).await;
-            m.event(id, EventKind::Checkpoint, format!("checkpoint at step {step}: {path}"), json!({"step": step, "path": path})).await;
+            let _ = m
+                .update(id, |j| j.status.checkpoint = Some(path.clone()))
+                .await;
+            m.event(
+                id,
+                EventKind::Checkpoint,
+                format!("checkpoint at step {step}: {path}"),
+                json!({"step": step, "path": path}),
+            )
+            .await;
         }
-        WorkerMessage::Log { message } => m.event(id, EventKind::Log, message, json!({"rank": 0})).await,
+        WorkerMessage::Log { message } => {
+            m.event(id, EventKind::Log, message, json!({"rank": 0}))
+                .await
+        }
         WorkerMessage::Done { .. } | WorkerMessage::Failed { .. } => {}
     }
 }

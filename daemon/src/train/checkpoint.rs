@@ -34,8 +34,12 @@ fn dir_name(step: u64) -> String {
 }
 
 fn save(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
-    let cpu: Vec<(&str, Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t.to_device(Device::Cpu).contiguous())).collect();
-    Tensor::write_safetensors(&cpu, path).with_context(|| format!("cannot write {}", path.display()))
+    let cpu: Vec<(&str, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.to_device(Device::Cpu).contiguous()))
+        .collect();
+    Tensor::write_safetensors(&cpu, path)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Writes a checkpoint and keeps only the newest `keep`; returns its directory.
@@ -55,11 +59,16 @@ pub fn write(
     save(optimizer, &tmp.join("optimizer.safetensors"))?;
     let m = serde_json::to_vec_pretty(manifest)?;
     std::fs::write(tmp.join("manifest.json"), m)?;
-    for f in ["model.safetensors", "optimizer.safetensors", "manifest.json"] {
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "manifest.json",
+    ] {
         std::fs::File::open(tmp.join(f))?.sync_all()?;
     }
     let _ = std::fs::remove_dir_all(&final_dir);
-    std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
     if let Ok(d) = std::fs::File::open(root) {
         let _ = d.sync_all();
     }
@@ -80,7 +89,10 @@ pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step = name.strip_prefix("step-")?.parse().ok()?;
-            e.path().join("manifest.json").is_file().then(|| (step, e.path()))
+            e.path()
+                .join("manifest.json")
+                .is_file()
+                .then(|| (step, e.path()))
         })
         .collect();
     out.sort();
@@ -97,15 +109,27 @@ pub struct Loaded {
 
 /// Reads the checkpoint in `dir`.
 pub fn read(dir: &Path) -> Result<Loaded> {
-    let text = std::fs::read(dir.join("manifest.json")).with_context(|| format!("cannot read {}/manifest.json", dir.display()))?;
-    let manifest: Manifest = serde_json::from_slice(&text).with_context(|| format!("corrupt manifest in {}", dir.display()))?;
+    let text = std::fs::read(dir.join("manifest.json"))
+        .with_context(|| format!("cannot read {}/manifest.json", dir.display()))?;
+    let manifest: Manifest = serde_json::from_slice(&text)
+        .with_context(|| format!("corrupt manifest in {}", dir.display()))?;
     if manifest.format != FORMAT {
-        bail!("checkpoint {} has format {}, this ferry reads format {FORMAT}", dir.display(), manifest.format);
+        bail!(
+            "checkpoint {} has format {}, this ferry reads format {FORMAT}",
+            dir.display(),
+            manifest.format
+        );
     }
-    let model = Tensor::read_safetensors(dir.join("model.safetensors")).with_context(|| format!("cannot read model of {}", dir.display()))?;
-    let optimizer =
-        Tensor::read_safetensors(dir.join("optimizer.safetensors")).with_context(|| format!("cannot read optimizer of {}", dir.display()))?;
-    Ok(Loaded { dir: dir.to_path_buf(), manifest, model, optimizer })
+    let model = Tensor::read_safetensors(dir.join("model.safetensors"))
+        .with_context(|| format!("cannot read model of {}", dir.display()))?;
+    let optimizer = Tensor::read_safetensors(dir.join("optimizer.safetensors"))
+        .with_context(|| format!("cannot read optimizer of {}", dir.display()))?;
+    Ok(Loaded {
+        dir: dir.to_path_buf(),
+        manifest,
+        model,
+        optimizer,
+    })
 }
 
 /// The newest checkpoint under `root` that reads back whole, if any.
@@ -130,8 +154,17 @@ mod tests {
     #[test]
     fn round_trip_and_pruning() {
         let dir = tempfile::tempdir().unwrap();
-        let model = vec![("w".to_string(), Tensor::from_slice(&[1.0f32, 2.0, 3.0]).view([3, 1])), ("bn.running_mean".into(), Tensor::from_slice(&[0.5f32]))];
-        let opt = vec![("w.momentum_buffer".to_string(), Tensor::from_slice(&[0.1f32, 0.2, 0.3]).view([3, 1]))];
+        let model = vec![
+            (
+                "w".to_string(),
+                Tensor::from_slice(&[1.0f32, 2.0, 3.0]).view([3, 1]),
+            ),
+            ("bn.running_mean".into(), Tensor::from_slice(&[0.5f32])),
+        ];
+        let opt = vec![(
+            "w.momentum_buffer".to_string(),
+            Tensor::from_slice(&[0.1f32, 0.2, 0.3]).view([3, 1]),
+        )];
         for step in [10, 20, 30] {
             let m = Manifest {
                 format: FORMAT,

@@ -55,10 +55,17 @@ impl Dataset {
         if let Some(n) = &spec.normalize {
             let c = ds.shape().0 as usize;
             if n.mean.len() != c {
-                bail!("data.normalize: {} mean values for {c}-channel images from {field}", n.mean.len());
+                bail!(
+                    "data.normalize: {} mean values for {c}-channel images from {field}",
+                    n.mean.len()
+                );
             }
-            let mean = Tensor::from_slice(&n.mean).to_kind(Kind::Float).view([1, c as i64, 1, 1]);
-            let std = Tensor::from_slice(&n.std).to_kind(Kind::Float).view([1, c as i64, 1, 1]);
+            let mean = Tensor::from_slice(&n.mean)
+                .to_kind(Kind::Float)
+                .view([1, c as i64, 1, 1]);
+            let std = Tensor::from_slice(&n.std)
+                .to_kind(Kind::Float)
+                .view([1, c as i64, 1, 1]);
             ds.images = (ds.images - mean) / std;
         }
         Ok(ds)
@@ -67,7 +74,10 @@ impl Dataset {
 
 fn load_safetensors(path: &Path, field: &str) -> Result<Dataset> {
     let tensors = Tensor::read_safetensors(path).with_context(|| {
-        format!("{field}: cannot read {} as safetensors (expected tensors `images` and `labels`)", path.display())
+        format!(
+            "{field}: cannot read {} as safetensors (expected tensors `images` and `labels`)",
+            path.display()
+        )
     })?;
     let mut images = None;
     let mut labels = None;
@@ -79,12 +89,18 @@ fn load_safetensors(path: &Path, field: &str) -> Result<Dataset> {
         }
     }
     let (Some(images), Some(labels)) = (images, labels) else {
-        bail!("{field}: {} must hold tensors named `images` (N,C,H,W) and `labels` (N)", path.display());
+        bail!(
+            "{field}: {} must hold tensors named `images` (N,C,H,W) and `labels` (N)",
+            path.display()
+        );
     };
     let images = match images.dim() {
         4 => images,
         3 => images.unsqueeze(1),
-        d => bail!("{field}: `images` must have shape (N,C,H,W) or (N,H,W), got {d} dimensions {:?}", images.size()),
+        d => bail!(
+            "{field}: `images` must have shape (N,C,H,W) or (N,H,W), got {d} dimensions {:?}",
+            images.size()
+        ),
     };
     let images = match images.kind() {
         Kind::Uint8 => images.to_kind(Kind::Float) / 255.0,
@@ -93,13 +109,23 @@ fn load_safetensors(path: &Path, field: &str) -> Result<Dataset> {
         k => bail!("{field}: `images` must be uint8 or float32, got {k:?}"),
     };
     if labels.dim() != 1 || labels.size()[0] != images.size()[0] {
-        bail!("{field}: `labels` must have shape ({},), got {:?}", images.size()[0], labels.size());
+        bail!(
+            "{field}: `labels` must have shape ({},), got {:?}",
+            images.size()[0],
+            labels.size()
+        );
     }
     let labels = match labels.kind() {
-        Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8 => labels.to_kind(Kind::Int64),
+        Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8 => {
+            labels.to_kind(Kind::Int64)
+        }
         k => bail!("{field}: `labels` must be integers (int64), got {k:?}"),
     };
-    Ok(Dataset { images: images.contiguous(), labels, classes: None })
+    Ok(Dataset {
+        images: images.contiguous(),
+        labels,
+        classes: None,
+    })
 }
 
 fn load_image_folder(dir: &Path, field: &str, spec: &DataSpec) -> Result<Dataset> {
@@ -112,7 +138,10 @@ fn load_image_folder(dir: &Path, field: &str, spec: &DataSpec) -> Result<Dataset
         .collect();
     classes.sort();
     if classes.is_empty() {
-        bail!("{field}: {} is an ImageFolder with no class sub-directories", dir.display());
+        bail!(
+            "{field}: {} is an ImageFolder with no class sub-directories",
+            dir.display()
+        );
     }
     let mut pixels: Vec<u8> = Vec::new();
     let mut labels: Vec<i64> = Vec::new();
@@ -122,14 +151,15 @@ fn load_image_folder(dir: &Path, field: &str, spec: &DataSpec) -> Result<Dataset
             .filter_map(|e| e.ok())
             .map(|e| e.path())
             .filter(|p| {
-                p.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+                p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                    matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")
+                })
             })
             .collect();
         files.sort();
         for f in files {
-            let img = image::open(&f).with_context(|| format!("{field}: cannot decode image {}", f.display()))?;
+            let img = image::open(&f)
+                .with_context(|| format!("{field}: cannot decode image {}", f.display()))?;
             let (w, h) = *size.get_or_insert((img.width(), img.height()));
             let img = if (img.width(), img.height()) != (w, h) {
                 if spec.image_size.is_none() {
@@ -159,5 +189,9 @@ fn load_image_folder(dir: &Path, field: &str, spec: &DataSpec) -> Result<Dataset
         .permute([0, 3, 1, 2])
         .to_kind(Kind::Float)
         / 255.0;
-    Ok(Dataset { images: images.contiguous(), labels: Tensor::from_slice(&labels), classes: Some(classes) })
+    Ok(Dataset {
+        images: images.contiguous(),
+        labels: Tensor::from_slice(&labels),
+        classes: Some(classes),
+    })
 }

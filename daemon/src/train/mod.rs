@@ -35,7 +35,12 @@ fn emit(msg: &WorkerMessage) {
 fn load_cuda() -> Result<Device> {
     #[allow(unsafe_code)]
     // SAFETY: dlopen of a library that sits beside libtorch_cpu; kept loaded for the process.
-    let handle = unsafe { libc::dlopen(c"libtorch_cuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+    let handle = unsafe {
+        libc::dlopen(
+            c"libtorch_cuda.so".as_ptr(),
+            libc::RTLD_NOW | libc::RTLD_GLOBAL,
+        )
+    };
     if handle.is_null() || !tch::Cuda::is_available() {
         bail!("resources.device is cuda, but no CUDA device is usable on this node (libtorch_cuda loaded: {})", !handle.is_null());
     }
@@ -44,8 +49,11 @@ fn load_cuda() -> Result<Device> {
 
 /// The `ferryd worker` entry point.
 pub fn run_worker(plan_path: &Path) -> Result<()> {
-    let plan: WorkerPlan = serde_json::from_slice(&std::fs::read(plan_path).with_context(|| format!("cannot read {}", plan_path.display()))?)
-        .context("corrupt worker plan")?;
+    let plan: WorkerPlan = serde_json::from_slice(
+        &std::fs::read(plan_path)
+            .with_context(|| format!("cannot read {}", plan_path.display()))?,
+    )
+    .context("corrupt worker plan")?;
     let spec = &plan.spec;
     tch::set_num_threads(plan.threads as i32);
     tch::set_num_interop_threads(1);
@@ -54,16 +62,22 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
         SpecDevice::Cuda => load_cuda()?,
     };
     let out_dir = PathBuf::from(&plan.output_dir);
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create output dir {}", out_dir.display()))?;
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create output dir {}", out_dir.display()))?;
 
     let train_set = Dataset::load(Path::new(&spec.data.train.path), "data.train", &spec.data)?;
     let val_set = match &spec.data.val {
         Some(v) => Some(Dataset::load(Path::new(&v.path), "data.val", &spec.data)?),
         None => None,
     };
-    for (field, ds) in [("data.train", Some(&train_set)), ("data.val", val_set.as_ref())] {
+    for (field, ds) in [
+        ("data.train", Some(&train_set)),
+        ("data.val", val_set.as_ref()),
+    ] {
         if let Some(classes) = ds.and_then(|d| d.classes.as_ref()) {
-            emit(&WorkerMessage::Log { message: format!("{field}: ImageFolder with classes {}", classes.join(", ")) });
+            emit(&WorkerMessage::Log {
+                message: format!("{field}: ImageFolder with classes {}", classes.join(", ")),
+            });
         }
     }
     if let Some(v) = &val_set {
@@ -72,7 +86,12 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
         }
     }
     tch::manual_seed(spec.train.seed as i64);
-    let mut model = Model::build(&spec.model, spec.model.path.as_deref().map(Path::new), train_set.shape(), device)?;
+    let mut model = Model::build(
+        &spec.model,
+        spec.model.path.as_deref().map(Path::new),
+        train_set.shape(),
+        device,
+    )?;
     if let Some(init) = &spec.model.init {
         let r = model.load_init(Path::new(init))?;
         let frozen = model.freeze(&spec.model.freeze)?;
@@ -85,7 +104,12 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
         });
     } else if !spec.model.freeze.is_empty() {
         let frozen = model.freeze(&spec.model.freeze)?;
-        emit(&WorkerMessage::Log { message: format!("froze {} parameter tensors (no init: they keep their initial values)", frozen.len()) });
+        emit(&WorkerMessage::Log {
+            message: format!(
+                "froze {} parameter tensors (no init: they keep their initial values)",
+                frozen.len()
+            ),
+        });
     }
     let mut opt = Optimizer::new(&spec.train.optimizer, model.trainable());
     let sampler = Sampler {
@@ -107,7 +131,9 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
     let mut last_loss = None;
     if plan.resume {
         if let Some(ck) = checkpoint::latest(&ckpt_root)? {
-            model.load_state(ck.model).with_context(|| format!("cannot resume from {}", ck.dir.display()))?;
+            model
+                .load_state(ck.model)
+                .with_context(|| format!("cannot resume from {}", ck.dir.display()))?;
             opt.load_state(ck.optimizer, ck.manifest.optimizer_steps)?;
             epoch = ck.manifest.epoch;
             consumed = ck.manifest.samples_in_epoch as usize;
@@ -135,7 +161,11 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
     let labels = train_set.labels.to_device(device);
     let classes_needed = train_set.label_count();
     let mut metrics = std::io::BufWriter::new(
-        std::fs::OpenOptions::new().create(true).append(true).open(out_dir.join("metrics.jsonl")).context("cannot open metrics.jsonl")?,
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out_dir.join("metrics.jsonl"))
+            .context("cannot open metrics.jsonl")?,
     );
     let interval = Duration::from_millis(plan.progress_interval_ms.max(50));
     let mut train_time = Duration::ZERO;
@@ -146,13 +176,22 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
     'epochs: while epoch < spec.train.epochs && step < total_steps {
         let order = sampler.order(epoch);
         model.set_train(true)?;
-        let mut window = (Instant::now(), 0u64, Tensor::zeros([], (Kind::Float, device)), 0u32);
+        let mut window = (
+            Instant::now(),
+            0u64,
+            Tensor::zeros([], (Kind::Float, device)),
+            0u32,
+        );
         while consumed < sampler.len {
             if step >= total_steps {
                 break 'epochs;
             }
             let t0 = Instant::now();
-            let idx: Vec<i64> = sampler.batch(&order, consumed, 0).iter().map(|&i| i64::from(i)).collect();
+            let idx: Vec<i64> = sampler
+                .batch(&order, consumed, 0)
+                .iter()
+                .map(|&i| i64::from(i))
+                .collect();
             let idx = Tensor::from_slice(&idx).to_device(device);
             let x = images.index_select(0, &idx);
             let y = labels.index_select(0, &idx);
@@ -177,20 +216,52 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
 
             let every = spec.train.checkpoint_every_steps;
             let ckpt_due = every > 0 && step % every == 0;
-            if window.0.elapsed() >= interval || ckpt_due || consumed >= sampler.len || step >= total_steps {
+            if window.0.elapsed() >= interval
+                || ckpt_due
+                || consumed >= sampler.len
+                || step >= total_steps
+            {
                 let mean_loss = window.2.double_value(&[]) / f64::from(window.3);
                 if !mean_loss.is_finite() {
                     bail!("training diverged: the loss is {mean_loss} at step {step}; lower train.optimizer.lr");
                 }
                 let sps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
-                emit(&WorkerMessage::Progress { epoch: epoch + 1, step, loss: mean_loss, lr, samples_per_sec: sps });
-                writeln!(metrics, "{}", serde_json::json!({"step": step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr, "samples_per_sec": sps}))?;
+                emit(&WorkerMessage::Progress {
+                    epoch: epoch + 1,
+                    step,
+                    loss: mean_loss,
+                    lr,
+                    samples_per_sec: sps,
+                });
+                writeln!(
+                    metrics,
+                    "{}",
+                    serde_json::json!({"step": step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr, "samples_per_sec": sps})
+                )?;
                 last_loss = Some(mean_loss);
-                window = (Instant::now(), 0, Tensor::zeros([], (Kind::Float, device)), 0);
+                window = (
+                    Instant::now(),
+                    0,
+                    Tensor::zeros([], (Kind::Float, device)),
+                    0,
+                );
             }
             if ckpt_due && consumed < sampler.len {
-                let dir = save_checkpoint(&ckpt_root, &model, &opt, step, epoch, consumed, last_loss, val_accuracy, spec.train.keep_checkpoints)?;
-                emit(&WorkerMessage::Checkpoint { step, path: dir.display().to_string() });
+                let dir = save_checkpoint(
+                    &ckpt_root,
+                    &model,
+                    &opt,
+                    step,
+                    epoch,
+                    consumed,
+                    last_loss,
+                    val_accuracy,
+                    spec.train.keep_checkpoints,
+                )?;
+                emit(&WorkerMessage::Checkpoint {
+                    step,
+                    path: dir.display().to_string(),
+                });
             }
         }
         if consumed < sampler.len {
@@ -199,21 +270,46 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
         if let Some(v) = &val_set {
             model.set_train(false)?;
             let (vloss, acc) = evaluate(&model, v, spec.train.batch_size as i64 * 2, device)?;
-            emit(&WorkerMessage::Eval { epoch: epoch + 1, step, val_loss: vloss, val_accuracy: acc });
-            writeln!(metrics, "{}", serde_json::json!({"step": step, "epoch": epoch + 1, "val_loss": vloss, "val_accuracy": acc}))?;
+            emit(&WorkerMessage::Eval {
+                epoch: epoch + 1,
+                step,
+                val_loss: vloss,
+                val_accuracy: acc,
+            });
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::json!({"step": step, "epoch": epoch + 1, "val_loss": vloss, "val_accuracy": acc})
+            )?;
             val_accuracy = Some(acc);
         }
         metrics.flush()?;
         epoch += 1;
         consumed = 0;
-        let dir = save_checkpoint(&ckpt_root, &model, &opt, step, epoch, 0, last_loss, val_accuracy, spec.train.keep_checkpoints)?;
-        emit(&WorkerMessage::Checkpoint { step, path: dir.display().to_string() });
+        let dir = save_checkpoint(
+            &ckpt_root,
+            &model,
+            &opt,
+            step,
+            epoch,
+            0,
+            last_loss,
+            val_accuracy,
+            spec.train.keep_checkpoints,
+        )?;
+        emit(&WorkerMessage::Checkpoint {
+            step,
+            path: dir.display().to_string(),
+        });
     }
     metrics.flush()?;
     model.set_train(false)?;
     let files = model.save_final(&out_dir)?;
     let sps = train_samples as f64 / train_time.as_secs_f64().max(1e-9);
-    emit(&WorkerMessage::Done { files, samples_per_sec: sps });
+    emit(&WorkerMessage::Done {
+        files,
+        samples_per_sec: sps,
+    });
     Ok(())
 }
 
@@ -251,7 +347,10 @@ fn save_checkpoint(
         train_loss,
         val_accuracy,
     };
-    let state: Vec<(String, Tensor)> = model.state().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    let state: Vec<(String, Tensor)> = model
+        .state()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
     checkpoint::write(root, &manifest, &state, &opt.state(), keep as usize)
 }
 
@@ -267,7 +366,11 @@ fn evaluate(model: &Model, ds: &Dataset, batch: i64, device: Device) -> Result<(
             let y = ds.labels.narrow(0, start, len).to_device(device);
             let logits = model.forward(&x, false)?;
             loss_sum += logits.cross_entropy_for_logits(&y).double_value(&[]) * len as f64;
-            correct += logits.argmax(1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+            correct += logits
+                .argmax(1, false)
+                .eq_tensor(&y)
+                .sum(Kind::Int64)
+                .int64_value(&[]);
             start += len;
         }
         Ok((loss_sum / n as f64, correct as f64 / n as f64))

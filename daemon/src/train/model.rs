@@ -14,7 +14,10 @@ use super::torchscript::TorchScriptModule;
 
 enum Net {
     Script(TorchScriptModule),
-    Builtin { _vs: nn::VarStore, module: Box<dyn ModuleT + Send> },
+    Builtin {
+        _vs: nn::VarStore,
+        module: Box<dyn ModuleT + Send>,
+    },
 }
 
 /// A model ready to train.
@@ -24,6 +27,8 @@ pub struct Model {
     params: Vec<(String, Tensor)>,
     buffers: Vec<(String, Tensor)>,
     frozen: Vec<bool>,
+    /// The `model.freeze` prefixes: those modules also stay in evaluation mode.
+    frozen_prefixes: Vec<String>,
 }
 
 /// What `model.init` did, reported as a job event.
@@ -43,7 +48,12 @@ pub type InputShape = (i64, i64, i64);
 
 impl Model {
     /// Loads or builds the model of `spec` on `device`. `model_path` is the resolved `model.path`.
-    pub fn build(spec: &ModelSpec, model_path: Option<&Path>, input: InputShape, device: Device) -> Result<Model> {
+    pub fn build(
+        spec: &ModelSpec,
+        model_path: Option<&Path>,
+        input: InputShape,
+        device: Device,
+    ) -> Result<Model> {
         let net = match spec.arch {
             Arch::Torchscript => {
                 let path = model_path.context("arch torchscript needs model.path")?;
@@ -55,7 +65,10 @@ impl Model {
             }
             arch => {
                 let vs = nn::VarStore::new(device);
-                let classes = i64::from(spec.num_classes.context("built-in archs need model.num_classes")?);
+                let classes = i64::from(
+                    spec.num_classes
+                        .context("built-in archs need model.num_classes")?,
+                );
                 let root = vs.root();
                 let module: Box<dyn ModuleT + Send> = match arch {
                     Arch::Resnet18 => Box::new(tch::vision::resnet::resnet18(&root, classes)),
@@ -76,7 +89,13 @@ impl Model {
             }
         };
         let frozen = vec![false; params.len()];
-        Ok(Model { net, params, buffers, frozen })
+        Ok(Model {
+            net,
+            params,
+            buffers,
+            frozen,
+            frozen_prefixes: Vec::new(),
+        })
     }
 
     /// Logits for a batch.
@@ -87,10 +106,11 @@ impl Model {
         }
     }
 
-    /// Training or evaluation mode (dropout, BatchNorm).
+    /// Training or evaluation mode (dropout, BatchNorm). For TorchScript models, frozen
+    /// modules stay in evaluation mode while the rest trains.
     pub fn set_train(&mut self, on: bool) -> Result<()> {
         match &mut self.net {
-            Net::Script(m) => m.set_train(on),
+            Net::Script(m) => m.set_train(on, &self.frozen_prefixes),
             Net::Builtin { .. } => Ok(()), // forward_t takes the mode per call
         }
     }
@@ -129,6 +149,7 @@ impl Model {
         let mut frozen_names = Vec::new();
         for prefix in prefixes {
             let p = prefix.trim_end_matches('.');
+            self.frozen_prefixes.push(p.to_string());
             let mut hit = false;
             for (i, (name, t)) in self.params.iter().enumerate() {
                 if name == p || name.starts_with(&format!("{p}.")) {
@@ -141,8 +162,16 @@ impl Model {
                 }
             }
             if !hit {
-                let names: Vec<_> = self.params.iter().map(|(n, _)| n.as_str()).take(12).collect();
-                bail!("model.freeze: `{prefix}` matches no parameter; parameter names start with: {}", names.join(", "));
+                let names: Vec<_> = self
+                    .params
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .take(12)
+                    .collect();
+                bail!(
+                    "model.freeze: `{prefix}` matches no parameter; parameter names start with: {}",
+                    names.join(", ")
+                );
             }
         }
         Ok(frozen_names)
@@ -151,15 +180,20 @@ impl Model {
     /// Loads tensors by name from a safetensors file (parameter transfer): shapes must
     /// match; everything else is reported, not an error.
     pub fn load_init(&mut self, path: &Path) -> Result<InitReport> {
-        let file = Tensor::read_safetensors(path)
-            .with_context(|| format!("model.init: cannot read {} as safetensors", path.display()))?;
+        let file = Tensor::read_safetensors(path).with_context(|| {
+            format!("model.init: cannot read {} as safetensors", path.display())
+        })?;
         let mut by_name: HashMap<String, Tensor> = file.into_iter().collect();
         let mut report = InitReport::default();
         tch::no_grad(|| -> Result<()> {
             for (name, t) in self.params.iter().chain(self.buffers.iter()) {
                 match by_name.remove(name) {
                     None => report.missing.push(name.clone()),
-                    Some(src) if src.size() != t.size() => report.skipped_shape.push(format!("{name} {:?} -> {:?}", src.size(), t.size())),
+                    Some(src) if src.size() != t.size() => report.skipped_shape.push(format!(
+                        "{name} {:?} -> {:?}",
+                        src.size(),
+                        t.size()
+                    )),
                     Some(src) => {
                         t.shallow_clone().f_copy_(&src.to_kind(t.kind()))?;
                         report.loaded.push(name.clone());
@@ -187,9 +221,15 @@ impl Model {
         let mut by_name: HashMap<String, Tensor> = tensors.into_iter().collect();
         tch::no_grad(|| -> Result<()> {
             for (name, t) in self.params.iter().chain(self.buffers.iter()) {
-                let src = by_name.remove(name).with_context(|| format!("checkpoint has no tensor `{name}`: it was written for another model"))?;
+                let src = by_name.remove(name).with_context(|| {
+                    format!("checkpoint has no tensor `{name}`: it was written for another model")
+                })?;
                 if src.size() != t.size() {
-                    bail!("checkpoint tensor `{name}` has shape {:?}, the model {:?}", src.size(), t.size());
+                    bail!(
+                        "checkpoint tensor `{name}` has shape {:?}, the model {:?}",
+                        src.size(),
+                        t.size()
+                    );
                 }
                 t.shallow_clone().f_copy_(&src)?;
             }
@@ -201,8 +241,12 @@ impl Model {
     pub fn save_final(&self, dir: &Path) -> Result<Vec<String>> {
         let mut files = Vec::new();
         let weights = dir.join("model.safetensors");
-        let named: Vec<(&str, Tensor)> = self.state().map(|(n, t)| (n.as_str(), t.to_device(Device::Cpu).contiguous())).collect();
-        Tensor::write_safetensors(&named, &weights).with_context(|| format!("cannot write {}", weights.display()))?;
+        let named: Vec<(&str, Tensor)> = self
+            .state()
+            .map(|(n, t)| (n.as_str(), t.to_device(Device::Cpu).contiguous()))
+            .collect();
+        Tensor::write_safetensors(&named, &weights)
+            .with_context(|| format!("cannot write {}", weights.display()))?;
         files.push(weights.display().to_string());
         if let Net::Script(m) = &self.net {
             let ts = dir.join("model.pt");
@@ -215,19 +259,41 @@ impl Model {
 
 /// Sorts `layer10` after `layer2`: digit runs compare as numbers.
 fn natural_key(s: &str) -> Vec<(u64, String)> {
-    s.split('.').map(|part| (part.parse::<u64>().unwrap_or(u64::MAX), part.to_string())).collect()
+    s.split('.')
+        .map(|part| (part.parse::<u64>().unwrap_or(u64::MAX), part.to_string()))
+        .collect()
 }
 
 /// A small CNN: conv-bn-relu-pool twice, global average pooling, a linear head.
 /// Names follow a PyTorch `nn.Sequential` (`features.0`, `features.1`, ..., `classifier`).
 fn cnn(p: &nn::Path, in_channels: i64, classes: i64) -> impl ModuleT {
-    let conv = |i: i64, o: i64, name: &str| nn::conv2d(p / "features" / name, i, o, 3, nn::ConvConfig { padding: 1, ..Default::default() });
+    let conv = |i: i64, o: i64, name: &str| {
+        nn::conv2d(
+            p / "features" / name,
+            i,
+            o,
+            3,
+            nn::ConvConfig {
+                padding: 1,
+                ..Default::default()
+            },
+        )
+    };
     let bn = |c: i64, name: &str| nn::batch_norm2d(p / "features" / name, c, Default::default());
-    let (c0, b1, c4, b5) = (conv(in_channels, 32, "0"), bn(32, "1"), conv(32, 64, "4"), bn(64, "5"));
+    let (c0, b1, c4, b5) = (
+        conv(in_channels, 32, "0"),
+        bn(32, "1"),
+        conv(32, 64, "4"),
+        bn(64, "5"),
+    );
     let head = nn::linear(p / "classifier", 64, classes, Default::default());
     nn::func_t(move |x, train| {
         let x = x.apply(&c0).apply_t(&b1, train).relu();
-        let x = if x.size()[2] >= 2 && x.size()[3] >= 2 { x.max_pool2d_default(2) } else { x };
+        let x = if x.size()[2] >= 2 && x.size()[3] >= 2 {
+            x.max_pool2d_default(2)
+        } else {
+            x
+        };
         let x = x.apply(&c4).apply_t(&b5, train).relu();
         x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&head)
     })
@@ -238,5 +304,13 @@ fn mlp(p: &nn::Path, inputs: i64, classes: i64) -> impl ModuleT {
     let l0 = nn::linear(p / "features" / "0", inputs, 256, Default::default());
     let l2 = nn::linear(p / "features" / "2", 256, 128, Default::default());
     let head = nn::linear(p / "classifier", 128, classes, Default::default());
-    nn::func_t(move |x, _train| x.flatten(1, -1).to_kind(Kind::Float).apply(&l0).relu().apply(&l2).relu().apply(&head))
+    nn::func_t(move |x, _train| {
+        x.flatten(1, -1)
+            .to_kind(Kind::Float)
+            .apply(&l0)
+            .relu()
+            .apply(&l2)
+            .relu()
+            .apply(&head)
+    })
 }

@@ -24,7 +24,13 @@ impl Optimizer {
     /// An optimizer over `params` (name, tensor).
     pub fn new(spec: &OptimizerSpec, params: Vec<(String, Tensor)>) -> Self {
         let n = params.len();
-        Optimizer { spec: spec.clone(), params, state1: (0..n).map(|_| None).collect(), state2: (0..n).map(|_| None).collect(), steps: 0 }
+        Optimizer {
+            spec: spec.clone(),
+            params,
+            state1: (0..n).map(|_| None).collect(),
+            state2: (0..n).map(|_| None).collect(),
+            steps: 0,
+        }
     }
 
     /// Clears the gradients of the parameters.
@@ -56,7 +62,11 @@ impl Optimizer {
                                 b
                             }
                         };
-                        d = if s.nesterov == Some(true) { &d + &buf * momentum } else { buf.shallow_clone() };
+                        d = if s.nesterov == Some(true) {
+                            &d + &buf * momentum
+                        } else {
+                            buf.shallow_clone()
+                        };
                         self.state1[i] = Some(buf);
                     }
                     let _ = p.g_add_(&(d * -lr));
@@ -121,8 +131,12 @@ impl Optimizer {
             }
             if let Some(t) = &self.state1[i] {
                 if t.size() != p.size() {
-                    return Err(anyhow::anyhow!("optimizer state for `{name}` has shape {:?}, the parameter {:?}", t.size(), p.size()))
-                        .context("the checkpoint does not match the job's model");
+                    return Err(anyhow::anyhow!(
+                        "optimizer state for `{name}` has shape {:?}, the parameter {:?}",
+                        t.size(),
+                        p.size()
+                    ))
+                    .context("the checkpoint does not match the job's model");
                 }
             }
         }
@@ -148,7 +162,10 @@ pub fn learning_rate(t: &TrainSpec, step: u64, total: u64) -> f64 {
         }
         LrScheduleName::Step => {
             let size = s.step_size.unwrap_or(1).max(1);
-            base * s.gamma.unwrap_or(0.1).powi(((step - s.warmup_steps) / size) as i32)
+            base * s
+                .gamma
+                .unwrap_or(0.1)
+                .powi(((step - s.warmup_steps) / size) as i32)
         }
     }
 }
@@ -161,7 +178,13 @@ mod tests {
     fn train(name: LrScheduleName, warmup: u64) -> TrainSpec {
         let mut t = TrainSpec::default();
         t.optimizer.lr = 0.1;
-        t.lr_schedule = LrScheduleSpec { name, warmup_steps: warmup, step_size: Some(10), gamma: Some(0.5), min_lr: None };
+        t.lr_schedule = LrScheduleSpec {
+            name,
+            warmup_steps: warmup,
+            step_size: Some(10),
+            gamma: Some(0.5),
+            min_lr: None,
+        };
         t
     }
 
@@ -193,7 +216,11 @@ mod tests {
 
     #[test]
     fn sgd_with_momentum_matches_the_closed_form() {
-        let spec = OptimizerSpec { lr: 0.1, momentum: Some(0.9), ..Default::default() };
+        let spec = OptimizerSpec {
+            lr: 0.1,
+            momentum: Some(0.9),
+            ..Default::default()
+        };
         // By hand for p0 = 0: g = -6 -> buf = -6 -> p = 0.6; g = -4.8 -> buf = -10.2 -> p = 1.62.
         let p = quadratic_steps(&spec, 2);
         assert!((p[0] - 1.62).abs() < 1e-6, "{p:?}");
@@ -201,15 +228,27 @@ mod tests {
 
     #[test]
     fn adamw_first_step_moves_by_lr() {
-        let spec = OptimizerSpec { name: OptimizerName::Adamw, lr: 0.01, weight_decay: Some(0.0), ..Default::default() };
+        let spec = OptimizerSpec {
+            name: OptimizerName::Adamw,
+            lr: 0.01,
+            weight_decay: Some(0.0),
+            ..Default::default()
+        };
         // The first Adam step is lr * sign(g) (up to eps).
         let p = quadratic_steps(&spec, 1);
-        assert!((p[0] - 0.01).abs() < 1e-6 && (p[1] - 1.01).abs() < 1e-6, "{p:?}");
+        assert!(
+            (p[0] - 0.01).abs() < 1e-6 && (p[1] - 1.01).abs() < 1e-6,
+            "{p:?}"
+        );
     }
 
     #[test]
     fn state_round_trips() {
-        let spec = OptimizerSpec { lr: 0.1, momentum: Some(0.9), ..Default::default() };
+        let spec = OptimizerSpec {
+            lr: 0.1,
+            momentum: Some(0.9),
+            ..Default::default()
+        };
         let p = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
         let mut a = Optimizer::new(&spec, vec![("w".into(), p.shallow_clone())]);
         (&p * 2.0).sum(tch::Kind::Float).backward();

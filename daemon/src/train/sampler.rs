@@ -46,7 +46,8 @@ impl Sampler {
     pub fn order(&self, epoch: u32) -> Vec<u32> {
         let mut v: Vec<u32> = (0..self.len as u32).collect();
         if self.shuffle {
-            let mut rng = SplitMix64(self.seed ^ (u64::from(epoch) + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+            let mut rng =
+                SplitMix64(self.seed ^ (u64::from(epoch) + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
             for i in (1..v.len()).rev() {
                 let j = rng.below(i as u64 + 1) as usize;
                 v.swap(i, j);
@@ -86,7 +87,13 @@ mod tests {
     use super::*;
 
     fn sampler(len: usize, batch: usize, world: usize) -> Sampler {
-        Sampler { len, batch, world, seed: 7, shuffle: true }
+        Sampler {
+            len,
+            batch,
+            world,
+            seed: 7,
+            shuffle: true,
+        }
     }
 
     #[test]
@@ -98,7 +105,10 @@ mod tests {
         let mut sorted = a.clone();
         sorted.sort();
         assert_eq!(sorted, (0..100).collect::<Vec<_>>());
-        let plain = Sampler { shuffle: false, ..s };
+        let plain = Sampler {
+            shuffle: false,
+            ..s
+        };
         assert_eq!(plain.order(3), (0..100).collect::<Vec<_>>());
     }
 
@@ -120,7 +130,10 @@ mod tests {
                 steps += 1;
             }
             assert_eq!(steps, s.steps_per_epoch());
-            assert!(seen.iter().all(|&c| c == 1), "len {len} batch {batch} world {world}: {seen:?}");
+            assert!(
+                seen.iter().all(|&c| c == 1),
+                "len {len} batch {batch} world {world}: {seen:?}"
+            );
         }
     }
 
@@ -137,10 +150,16 @@ mod tests {
             }
             consumed += two.step_size(consumed);
         }
-        let one = Sampler { world: 1, ..two.clone() };
+        let one = Sampler {
+            world: 1,
+            ..two.clone()
+        };
         seen.extend_from_slice(one.batch(&order, consumed, 0));
         consumed += one.step_size(consumed);
-        let four = Sampler { world: 4, ..two.clone() };
+        let four = Sampler {
+            world: 4,
+            ..two.clone()
+        };
         while consumed < 64 {
             for r in 0..4 {
                 seen.extend_from_slice(four.batch(&order, consumed, r));

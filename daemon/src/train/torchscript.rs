@@ -14,9 +14,25 @@ extern "C" {
     fn ferry_free_string(s: *mut c_char);
     fn ferry_ts_load(path: *const c_char, cuda_index: c_int, err: *mut *mut c_char) -> *mut c_void;
     fn ferry_ts_free(m: *mut c_void);
-    fn ferry_ts_train(m: *mut c_void, on: c_int, err: *mut *mut c_char) -> c_int;
-    fn ferry_ts_forward(m: *mut c_void, input: *const torch_sys::C_tensor, err: *mut *mut c_char) -> *mut torch_sys::C_tensor;
-    fn ferry_ts_named(m: *mut c_void, buffers: c_int, data: *mut c_void, cb: NamedCb, err: *mut *mut c_char) -> c_int;
+    fn ferry_ts_train(
+        m: *mut c_void,
+        on: c_int,
+        frozen: *const *const c_char,
+        n_frozen: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn ferry_ts_forward(
+        m: *mut c_void,
+        input: *const torch_sys::C_tensor,
+        err: *mut *mut c_char,
+    ) -> *mut torch_sys::C_tensor;
+    fn ferry_ts_named(
+        m: *mut c_void,
+        buffers: c_int,
+        data: *mut c_void,
+        cb: NamedCb,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn ferry_ts_save(m: *mut c_void, path: *const c_char, err: *mut *mut c_char) -> c_int;
 }
 
@@ -26,7 +42,9 @@ fn take_err(err: *mut c_char) -> Option<String> {
         return None;
     }
     // SAFETY: the shim returns a NUL-terminated malloc'ed string, freed once here.
-    let s = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    let s = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
     unsafe { ferry_free_string(err) };
     Some(s)
 }
@@ -47,13 +65,16 @@ impl Drop for TorchScriptModule {
 }
 
 fn cpath(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| anyhow!("path {} contains a NUL byte", p.display()))
+    CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| anyhow!("path {} contains a NUL byte", p.display()))
 }
 
 extern "C" fn collect(data: *mut c_void, name: *const c_char, t: *mut torch_sys::C_tensor) {
     // SAFETY: data is the Vec passed by `named`; name is valid for the call; t is owned.
     let out = unsafe { &mut *(data as *mut Vec<(String, Tensor)>) };
-    let name = unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned();
+    let name = unsafe { CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned();
     out.push((name, unsafe { Tensor::from_ptr(t) }));
 }
 
@@ -75,11 +96,25 @@ impl TorchScriptModule {
         Ok(TorchScriptModule { ptr })
     }
 
-    /// Switches dropout and BatchNorm between training and evaluation behaviour.
-    pub fn set_train(&mut self, on: bool) -> Result<()> {
+    /// Switches dropout and BatchNorm between training and evaluation behaviour; submodules
+    /// under a `frozen` prefix stay in evaluation mode.
+    pub fn set_train(&mut self, on: bool, frozen: &[String]) -> Result<()> {
+        let names: Vec<CString> = frozen
+            .iter()
+            .filter_map(|f| CString::new(f.as_str()).ok())
+            .collect();
+        let ptrs: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
         let mut err = std::ptr::null_mut();
-        // SAFETY: ptr is live.
-        unsafe { ferry_ts_train(self.ptr, on as c_int, &mut err) };
+        // SAFETY: ptr is live; the prefix strings outlive the call.
+        unsafe {
+            ferry_ts_train(
+                self.ptr,
+                on as c_int,
+                ptrs.as_ptr(),
+                ptrs.len() as c_int,
+                &mut err,
+            )
+        };
         take_err(err).map_or(Ok(()), |e| Err(anyhow!("train({on}) failed: {e}")))
     }
 
@@ -99,7 +134,15 @@ impl TorchScriptModule {
         let mut out: Vec<(String, Tensor)> = Vec::new();
         let mut err = std::ptr::null_mut();
         // SAFETY: `collect` only touches `out` during the call.
-        unsafe { ferry_ts_named(self.ptr, buffers as c_int, &mut out as *mut _ as *mut c_void, collect, &mut err) };
+        unsafe {
+            ferry_ts_named(
+                self.ptr,
+                buffers as c_int,
+                &mut out as *mut _ as *mut c_void,
+                collect,
+                &mut err,
+            )
+        };
         take_err(err).map_or(Ok(out), |e| Err(anyhow!("listing tensors failed: {e}")))
     }
 
@@ -119,6 +162,11 @@ impl TorchScriptModule {
         let mut err = std::ptr::null_mut();
         // SAFETY: ptr is live; p is a valid C string.
         unsafe { ferry_ts_save(self.ptr, p.as_ptr(), &mut err) };
-        take_err(err).map_or(Ok(()), |e| Err(anyhow!("cannot save TorchScript to {}: {e}", path.display())))
+        take_err(err).map_or(Ok(()), |e| {
+            Err(anyhow!(
+                "cannot save TorchScript to {}: {e}",
+                path.display()
+            ))
+        })
     }
 }

@@ -35,9 +35,24 @@ void *ferry_ts_load(const char *path, int cuda_index, char **err) {
 
 void ferry_ts_free(void *m) { delete static_cast<torch::jit::Module *>(m); }
 
-int ferry_ts_train(void *m, int on, char **err) {
+// Sets training mode; in training mode, submodules under a `frozen` prefix stay in eval
+// mode, so a frozen backbone's BatchNorm keeps the statistics it was loaded with.
+int ferry_ts_train(void *m, int on, const char *const *frozen, int n_frozen, char **err) {
   try {
-    static_cast<torch::jit::Module *>(m)->train(on != 0);
+    auto *mod = static_cast<torch::jit::Module *>(m);
+    mod->train(on != 0);
+    if (on) {
+      for (const auto &sub : mod->named_modules()) {
+        for (int i = 0; i < n_frozen; ++i) {
+          const std::string prefix(frozen[i]);
+          if (sub.name == prefix || sub.name.rfind(prefix + ".", 0) == 0) {
+            torch::jit::Module handle = sub.value;  // a handle to the same module object
+            handle.eval();
+            break;
+          }
+        }
+      }
+    }
     return 0;
   } catch (const std::exception &e) {
     *err = dup(e.what());

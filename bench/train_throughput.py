@@ -1,0 +1,70 @@
+"""The peer of ferry's training-throughput benchmark, and its data.
+
+  train_throughput.py prepare DIR   writes DIR/models/bench.pt (TorchScript CNN, 3x32x32, 10 classes)
+                                    and DIR/data/bench.safetensors (4096 synthetic uint8 images)
+  train_throughput.py torch DIR EPOCHS BATCH THREADS
+                                    trains the same model on the same data with a plain PyTorch
+                                    loop (SGD, momentum 0.9, sequential batches as in ferry's job
+                                    with shuffle: false) and prints samples/s over the training steps
+"""
+import os
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class BenchCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        def block(i, o):
+            return [torch.nn.Conv2d(i, o, 3, padding=1, bias=False), torch.nn.BatchNorm2d(o), torch.nn.ReLU()]
+        self.features = torch.nn.Sequential(
+            *block(3, 32), *block(32, 32), torch.nn.MaxPool2d(2),
+            *block(32, 64), *block(64, 64), torch.nn.MaxPool2d(2),
+            *block(64, 128), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.classifier = torch.nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def prepare(d):
+    os.makedirs(f"{d}/models", exist_ok=True)
+    os.makedirs(f"{d}/data", exist_ok=True)
+    torch.manual_seed(0)
+    torch.jit.script(BenchCNN()).save(f"{d}/models/bench.pt")
+    g = torch.Generator().manual_seed(0)
+    save_file({"images": torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8, generator=g),
+               "labels": torch.randint(0, 10, (4096,), generator=g)}, f"{d}/data/bench.safetensors")
+
+
+def run_torch(d, epochs, batch, threads):
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    model = torch.jit.load(f"{d}/models/bench.pt")
+    model.train()
+    data = load_file(f"{d}/data/bench.safetensors")
+    x, y = data["images"].float() / 255.0, data["labels"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    n, seen, busy = len(y), 0, 0.0
+    for _ in range(epochs):
+        for i in range(0, n, batch):
+            t0 = time.perf_counter()
+            idx = torch.arange(i, min(i + batch, n))
+            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+            busy += time.perf_counter() - t0
+            seen += len(idx)
+    print(f"{seen / busy:.2f}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "prepare":
+        prepare(sys.argv[2])
+    else:
+        run_torch(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Training throughput: ferry (a job through a release ferryd) against a plain PyTorch loop on
+# the same TorchScript model, data, batch size and thread count, measured in the same run,
+# alternating, ROUNDS times each. Prints both medians and the ratio ferry / PyTorch.
+# Usage: scripts/bench.sh [EPOCHS] [BATCH] [THREADS] [ROUNDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+. scripts/env.sh
+EPOCHS="${1:-2}"; BATCH="${2:-64}"; THREADS="${3:-2}"; ROUNDS="${4:-3}"
+
+echo "==> building release binaries" >&2
+cargo build --release -q -p ferry-daemon -p ferry-ctl
+REL="$FERRY_ROOT/target/release"
+WORK="$(mktemp -d)"
+PORT="${FERRY_BENCH_PORT:-7079}"
+trap 'kill $FERRYD 2>/dev/null; wait $FERRYD 2>/dev/null; rm -rf "$WORK"' EXIT
+"$FERRY_PYTHON" bench/train_throughput.py prepare "$WORK"
+(cd "$WORK" && exec "$REL/ferryd" --standalone --listen "127.0.0.1:$PORT" --data-dir "$WORK/.ferry" >"$WORK/ferryd.log" 2>&1) &
+FERRYD=$!
+export FERRY_SERVER="http://127.0.0.1:$PORT"
+for _ in $(seq 100); do curl -fs "$FERRY_SERVER/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+
+ferry_round() {
+  local name="bench-$1"
+  cat >"$WORK/$name.yaml" <<YAML
+name: $name
+model: {arch: torchscript, path: models/bench.pt}
+data: {train: {path: data/bench.safetensors}, shuffle: false}
+train:
+  epochs: $EPOCHS
+  batch_size: $BATCH
+  optimizer: {name: sgd, lr: 0.01, momentum: 0.9}
+resources: {threads: $THREADS}
+output: {dir: runs/$name}
+YAML
+  "$REL/ferryctl" submit "$WORK/$name.yaml" --wait >/dev/null 2>&1
+  "$REL/ferryctl" get "$name" -o json | "$FERRY_PYTHON" -c 'import json,sys; j=json.load(sys.stdin); assert j["phase"]=="Succeeded", j["status"]; print("%.2f" % j["status"]["samples_per_sec"])'
+}
+
+ferry=(); torch=()
+for r in $(seq "$ROUNDS"); do
+  ferry+=("$(ferry_round "$r")")
+  torch+=("$("$FERRY_PYTHON" bench/train_throughput.py torch "$WORK" "$EPOCHS" "$BATCH" "$THREADS")")
+  echo "round $r: ferry ${ferry[-1]} samples/s, pytorch ${torch[-1]} samples/s" >&2
+done
+"$FERRY_PYTHON" - "${ferry[*]}" "${torch[*]}" "$EPOCHS" "$BATCH" "$THREADS" <<'PY'
+import statistics, sys
+f = statistics.median(map(float, sys.argv[1].split()))
+t = statistics.median(map(float, sys.argv[2].split()))
+print(f"training throughput, BenchCNN 3x32x32, batch {sys.argv[4]}, {sys.argv[5]} threads, {sys.argv[3]} epochs of 4096 samples (median of rounds)")
+print(f"  ferry   {f:10.1f} samples/s")
+print(f"  pytorch {t:10.1f} samples/s")
+print(f"  ratio ferry/pytorch = {f / t:.3f}")
+PY

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The ferry demo: sets everything up, starts a standalone ferryd on the embedded store, and
+# runs a real transfer-learning experiment through ferryctl on scikit-learn's handwritten
+# digits: learn digits 0-5, then digits 6-9 from 10 labels per class three ways (scratch,
+# feature extraction, fine-tuning), and compare their validation accuracy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+. scripts/env.sh
+
+WORK="$FERRY_ROOT/demo/work"
+PORT="${FERRY_DEMO_PORT:-7070}"
+rm -rf "$WORK"
+mkdir -p "$WORK"
+echo "==> preparing data and TorchScript models (PyTorch, scikit-learn)" >&2
+"$FERRY_PYTHON" demo/prepare.py "$WORK" "${FERRY_DEMO_SHOTS:-3}"
+
+echo "==> starting ferryd --standalone on 127.0.0.1:$PORT (log: $WORK/ferryd.log)" >&2
+(cd "$WORK" && exec ferryd --standalone --listen "127.0.0.1:$PORT" --data-dir "$WORK/.ferry" >"$WORK/ferryd.log" 2>&1) &
+FERRYD=$!
+trap 'kill $FERRYD 2>/dev/null; wait $FERRYD 2>/dev/null || true' EXIT
+export FERRY_SERVER="http://127.0.0.1:$PORT"
+for _ in $(seq 100); do
+  curl -fs "$FERRY_SERVER/readyz" >/dev/null 2>&1 && break
+  kill -0 $FERRYD 2>/dev/null || { cat "$WORK/ferryd.log" >&2; exit 1; }
+  sleep 0.1
+done
+
+echo "==> step 1: the source task" >&2
+ferryctl submit demo/jobs/source.yaml --wait
+for job in scratch feature-extraction fine-tune; do
+  echo "==> step 2: the target task, $job" >&2
+  ferryctl submit "demo/jobs/target-$job.yaml" --wait
+done
+
+echo >&2
+ferryctl get
+for name in digits-scratch digits-feature-extraction digits-fine-tune; do
+  ferryctl get "$name" -o json | tr -d '\n'
+  echo
+done | "$FERRY_PYTHON" demo/report.py
+echo
+echo "Trained models are in $WORK/runs/*/ (model.safetensors, model.pt for torch.jit.load, metrics.jsonl)."

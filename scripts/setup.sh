@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Sets up everything ferry needs on a fresh Debian machine, idempotently:
+# system packages, the Python venv with the pinned torch wheel (ferryd links its libtorch),
+# and a debug build of the workspace. Re-running skips what is already in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# System packages: a C++ compiler for the TorchScript shim, Python's venv, promtool for
+# checking the metrics exposition in tests.
+need=()
+command -v g++ >/dev/null || need+=(g++)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+command -v promtool >/dev/null || need+=(prometheus)
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing system packages: ${need[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# Python venv with the pinned wheels; a stamp records which requirements it holds.
+stamp=.venv/.ferry-requirements
+if [ ! -x .venv/bin/python ] || ! cmp -s scripts/requirements.txt "$stamp"; then
+  log "installing Python packages into .venv (torch 2.11.0 is ~4.6 GB; a few minutes)"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r scripts/requirements.txt
+  cp scripts/requirements.txt "$stamp"
+fi
+
+log "building ferry (first build: ~5 minutes on 2 cores)"
+cargo build --workspace --quiet
+log "set-up done: binaries in target/debug (ferryd, ferryctl)"
