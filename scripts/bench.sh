@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 . scripts/env.sh
-EPOCHS="${1:-2}"; BATCH="${2:-64}"; THREADS="${3:-2}"; ROUNDS="${4:-3}"
+EPOCHS="${1:-2}"; BATCH="${2:-64}"; THREADS="${3:-2}"; ROUNDS="${4:-5}"
 
 echo "==> building release binaries" >&2
 cargo build --release -q -p ferry-daemon -p ferry-ctl
@@ -39,9 +39,14 @@ YAML
 }
 
 ferry=(); torch=()
+torch_round() { "$FERRY_PYTHON" bench/train_throughput.py torch "$WORK" "$EPOCHS" "$BATCH" "$THREADS"; }
+# Alternate which side goes first, so drift in the machine's load hits both alike.
 for r in $(seq "$ROUNDS"); do
-  ferry+=("$(ferry_round "$r")")
-  torch+=("$("$FERRY_PYTHON" bench/train_throughput.py torch "$WORK" "$EPOCHS" "$BATCH" "$THREADS")")
+  if [ $((r % 2)) -eq 1 ]; then
+    ferry+=("$(ferry_round "$r")"); torch+=("$(torch_round)")
+  else
+    torch+=("$(torch_round)"); ferry+=("$(ferry_round "$r")")
+  fi
   echo "round $r: ferry ${ferry[-1]} samples/s, pytorch ${torch[-1]} samples/s" >&2
 done
 "$FERRY_PYTHON" - "${ferry[*]}" "${torch[*]}" "$EPOCHS" "$BATCH" "$THREADS" <<'PY'

@@ -71,6 +71,8 @@ pub async fn run(m: &JobManager, job: Job) {
         Some(r) => format!("Failed: {r}"),
         None => phase.as_str().to_string(),
     };
+    // The event first: whoever sees the terminal phase also finds its event.
+    m.event(&id, EventKind::Phase, msg, json!(null)).await;
     if let Err(e) = m
         .update(&id, |j| {
             j.phase = phase;
@@ -81,7 +83,6 @@ pub async fn run(m: &JobManager, job: Job) {
     {
         tracing::error!(job = %id, error = %e, "cannot record the job's outcome");
     }
-    m.event(&id, EventKind::Phase, msg, json!(null)).await;
     tracing::info!(job = %id, phase = phase.as_str(), "job ended");
 }
 

@@ -33,10 +33,10 @@ impl Optimizer {
         }
     }
 
-    /// Clears the gradients of the parameters.
+    /// Drops the gradients of the parameters (PyTorch's default `set_to_none=True`).
     pub fn zero_grad(&mut self) {
         for (_, p) in &mut self.params {
-            p.zero_grad();
+            super::torchscript::clear_grad(p);
         }
     }
 
@@ -48,6 +48,8 @@ impl Optimizer {
             OptimizerName::Sgd => {
                 let momentum = s.momentum.unwrap_or(0.0);
                 let wd = s.weight_decay.unwrap_or(0.0);
+                let device = self.params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+                let neg_lr = Tensor::from(-lr).to_kind(tch::Kind::Float).to_device(device);
                 for (i, (_, p)) in self.params.iter_mut().enumerate() {
                     let g = p.grad();
                     if !g.defined() {
@@ -69,7 +71,8 @@ impl Optimizer {
                         };
                         self.state1[i] = Some(buf);
                     }
-                    let _ = p.g_add_(&(d * -lr));
+                    // p += -lr * d in place (addcmul with a 0-d tensor: no temporary the size of p).
+                    let _ = p.addcmul_(&d, &neg_lr);
                 }
             }
             OptimizerName::Adamw => {

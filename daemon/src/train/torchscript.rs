@@ -12,6 +12,7 @@ type NamedCb = extern "C" fn(*mut c_void, *const c_char, *mut torch_sys::C_tenso
 
 extern "C" {
     fn ferry_free_string(s: *mut c_char);
+    fn ferry_clear_grad(t: *mut torch_sys::C_tensor);
     fn ferry_ts_load(path: *const c_char, cuda_index: c_int, err: *mut *mut c_char) -> *mut c_void;
     fn ferry_ts_free(m: *mut c_void);
     fn ferry_ts_train(
@@ -47,6 +48,12 @@ fn take_err(err: *mut c_char) -> Option<String> {
         .into_owned();
     unsafe { ferry_free_string(err) };
     Some(s)
+}
+
+/// Drops `t`'s gradient, as PyTorch's `zero_grad(set_to_none=True)` does.
+pub fn clear_grad(t: &mut Tensor) {
+    // SAFETY: the tensor is live and only its autograd metadata changes.
+    unsafe { ferry_clear_grad(t.as_mut_ptr()) }
 }
 
 /// A loaded TorchScript module. Not shared between threads.

@@ -23,6 +23,10 @@ typedef void (*ferry_named_tensor_cb)(void *data, const char *name, at::Tensor *
 
 void ferry_free_string(char *s) { std::free(s); }
 
+// Drops a tensor's gradient (PyTorch's zero_grad(set_to_none=True)): the next backward
+// writes a fresh gradient instead of zero-filling and accumulating into the old one.
+void ferry_clear_grad(at::Tensor *t) { t->mutable_grad() = at::Tensor(); }
+
 void *ferry_ts_load(const char *path, int cuda_index, char **err) {
   try {
     c10::Device dev = cuda_index < 0 ? c10::Device(c10::kCPU) : c10::Device(c10::kCUDA, cuda_index);
