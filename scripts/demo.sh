@@ -21,7 +21,7 @@ FERRYD=$!
 trap 'kill $FERRYD 2>/dev/null; wait $FERRYD 2>/dev/null || true' EXIT
 export FERRY_SERVER="http://127.0.0.1:$PORT"
 for _ in $(seq 100); do
-  curl -fs "$FERRY_SERVER/readyz" >/dev/null 2>&1 && break
+  ferryctl nodes >/dev/null 2>&1 && break
   kill -0 $FERRYD 2>/dev/null || { cat "$WORK/ferryd.log" >&2; exit 1; }
   sleep 0.1
 done

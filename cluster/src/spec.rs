@@ -441,7 +441,7 @@ impl JobSpec {
                     }
                 }
                 if let Some(e) = o.eps {
-                    if !(e > 0.0) {
+                    if e.is_nan() || e <= 0.0 {
                         bad("train.optimizer.eps", "must be positive".into());
                     }
                 }

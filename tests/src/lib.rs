@@ -68,7 +68,13 @@ pub fn run_python(script: &str, args: &[&str]) -> String {
 pub fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = bin_dir().join("ferry-fixtures");
+        // Keyed by the script's content: a changed script makes new fixtures.
+        let script = std::fs::read(workspace().join("tests/fixtures/make_fixtures.py"))
+            .expect("fixture script");
+        let hash = script.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let dir = bin_dir().join(format!("ferry-fixtures-{hash:016x}"));
         let stamp = dir.join(".complete");
         if !stamp.exists() {
             let tmp = bin_dir().join(format!("ferry-fixtures.tmp{}", std::process::id()));

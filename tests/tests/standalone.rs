@@ -102,6 +102,19 @@ fn a_job_submitted_with_ferryctl_succeeds_with_a_sane_accuracy() {
     );
     assert!(py.contains("ok"), "{py}");
 
+    // Feature extraction: the frozen backbone, BatchNorm statistics included, is exactly the
+    // source's; the head trained.
+    let init = fixtures().join("models/cnn3_init.safetensors");
+    let py = run_python(
+        "same_tensors.py",
+        &[
+            dir.join("model.safetensors").to_str().unwrap(),
+            init.to_str().unwrap(),
+            "features",
+        ],
+    );
+    assert!(py.contains("unchanged 14 under features"), "{py}");
+
     // ferryctl's views of it.
     let get = d.ctl(&["get"]);
     assert!(String::from_utf8_lossy(&get.stdout).contains("Succeeded"));

@@ -84,7 +84,7 @@ impl Model {
             Net::Script(m) => (m.named_parameters()?, m.named_buffers()?),
             Net::Builtin { _vs: vs, .. } => {
                 let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-                vars.sort_by(|a, b| natural_key(&a.0).cmp(&natural_key(&b.0)));
+                vars.sort_by_key(|a| natural_key(&a.0));
                 vars.into_iter().partition(|(_, t)| t.requires_grad())
             }
         };

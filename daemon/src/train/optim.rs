@@ -48,8 +48,13 @@ impl Optimizer {
             OptimizerName::Sgd => {
                 let momentum = s.momentum.unwrap_or(0.0);
                 let wd = s.weight_decay.unwrap_or(0.0);
-                let device = self.params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
-                let neg_lr = Tensor::from(-lr).to_kind(tch::Kind::Float).to_device(device);
+                let device = self
+                    .params
+                    .first()
+                    .map_or(tch::Device::Cpu, |(_, p)| p.device());
+                let neg_lr = Tensor::from(-lr)
+                    .to_kind(tch::Kind::Float)
+                    .to_device(device);
                 for (i, (_, p)) in self.params.iter_mut().enumerate() {
                     let g = p.grad();
                     if !g.defined() {
