@@ -104,6 +104,21 @@ pub struct Txn {
     pub failure: Vec<TxnOp>,
 }
 
+impl Txn {
+    /// Writes `value` at `key` (no lease) if `compare` holds, and nothing otherwise.
+    pub fn put_if(compare: Compare, key: &str, value: Vec<u8>) -> Txn {
+        Txn {
+            compares: vec![compare],
+            success: vec![TxnOp::Put {
+                key: key.into(),
+                value,
+                lease: 0,
+            }],
+            failure: vec![],
+        }
+    }
+}
+
 /// What a transaction did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TxnResponse {

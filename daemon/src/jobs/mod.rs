@@ -15,7 +15,7 @@ use ferry_cluster::api::{EventKind, EventPage, FieldError, Job, JobEvent, JobPha
 use ferry_cluster::keys::Keys;
 use ferry_cluster::paths::{RootKind, Roots};
 use ferry_cluster::spec::{Arch, JobSpec};
-use ferry_cluster::store::{Compare, Store, StoreError, Txn, TxnOp};
+use ferry_cluster::store::{Compare, Store, StoreError, Txn};
 use ferry_cluster::time::now_rfc3339;
 
 use crate::config::Config;
@@ -194,15 +194,11 @@ impl JobManager {
             revision: 0,
         };
         let key = self.keys.job(&id);
-        let txn = Txn {
-            compares: vec![Compare::absent(&key)],
-            success: vec![TxnOp::Put {
-                key: key.clone(),
-                value: serde_json::to_vec(&job).expect("job serialises"),
-                lease: 0,
-            }],
-            failure: vec![],
-        };
+        let txn = Txn::put_if(
+            Compare::absent(&key),
+            &key,
+            serde_json::to_vec(&job).expect("job serialises"),
+        );
         let r = self.store.txn(txn).await?;
         if !r.succeeded {
             return Err(JobError::Conflict(format!(
@@ -257,15 +253,8 @@ impl JobManager {
                 .ok_or_else(|| JobError::NotFound(id.into()))?;
             let mut job = decode_job(&kv).ok_or_else(|| JobError::NotFound(id.into()))?;
             f(&mut job);
-            let txn = Txn {
-                compares: vec![Compare::mod_revision(&key, kv.mod_revision)],
-                success: vec![TxnOp::Put {
-                    key: key.clone(),
-                    value: serde_json::to_vec(&job).expect("job serialises"),
-                    lease: 0,
-                }],
-                failure: vec![],
-            };
+            let value = serde_json::to_vec(&job).expect("job serialises");
+            let txn = Txn::put_if(Compare::mod_revision(&key, kv.mod_revision), &key, value);
             let r = self.store.txn(txn).await?;
             if r.succeeded {
                 job.revision = r.revision;

@@ -247,21 +247,14 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
                 );
             }
             if ckpt_due && consumed < sampler.len {
-                let dir = save_checkpoint(
+                save_checkpoint(
                     &ckpt_root,
                     &model,
                     &opt,
-                    step,
-                    epoch,
-                    consumed,
-                    last_loss,
-                    val_accuracy,
+                    (step, epoch, consumed),
+                    (last_loss, val_accuracy),
                     spec.train.keep_checkpoints,
                 )?;
-                emit(&WorkerMessage::Checkpoint {
-                    step,
-                    path: dir.display().to_string(),
-                });
             }
         }
         if consumed < sampler.len {
@@ -286,21 +279,14 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
         metrics.flush()?;
         epoch += 1;
         consumed = 0;
-        let dir = save_checkpoint(
+        save_checkpoint(
             &ckpt_root,
             &model,
             &opt,
-            step,
-            epoch,
-            0,
-            last_loss,
-            val_accuracy,
+            (step, epoch, 0),
+            (last_loss, val_accuracy),
             spec.train.keep_checkpoints,
         )?;
-        emit(&WorkerMessage::Checkpoint {
-            step,
-            path: dir.display().to_string(),
-        });
     }
     metrics.flush()?;
     model.set_train(false)?;
@@ -324,18 +310,16 @@ fn check_logits(logits: &Tensor, classes_needed: i64) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Writes a checkpoint at the cursor (step, epoch, samples consumed in the epoch), with the
+/// last (loss, accuracy) for the status of a resumed job, and reports it.
 fn save_checkpoint(
     root: &Path,
     model: &Model,
     opt: &Optimizer,
-    step: u64,
-    epoch: u32,
-    consumed: usize,
-    train_loss: Option<f64>,
-    val_accuracy: Option<f64>,
+    (step, epoch, consumed): (u64, u32, usize),
+    (train_loss, val_accuracy): (Option<f64>, Option<f64>),
     keep: u32,
-) -> Result<PathBuf> {
+) -> Result<()> {
     let manifest = checkpoint::Manifest {
         format: checkpoint::FORMAT,
         step,
@@ -351,7 +335,12 @@ fn save_checkpoint(
         .state()
         .map(|(n, t)| (n.clone(), t.shallow_clone()))
         .collect();
-    checkpoint::write(root, &manifest, &state, &opt.state(), keep as usize)
+    let dir = checkpoint::write(root, &manifest, &state, &opt.state(), keep as usize)?;
+    emit(&WorkerMessage::Checkpoint {
+        step,
+        path: dir.display().to_string(),
+    });
+    Ok(())
 }
 
 /// Mean loss and accuracy over a data set, in evaluation mode.
