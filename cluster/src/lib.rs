@@ -11,6 +11,7 @@
 //! This crate never links libtorch: operators install `ferryctl` on a laptop.
 
 pub mod api;
+pub mod collective;
 pub mod keys;
 pub mod paths;
 pub mod spec;

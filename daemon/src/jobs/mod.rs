@@ -6,7 +6,7 @@
 
 mod supervisor;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,7 +50,7 @@ pub struct JobManager {
     /// Next event number per job (this node is the only writer of its jobs' events).
     event_seq: Mutex<HashMap<String, u64>>,
     /// Jobs whose supervisor runs in this process.
-    running: Mutex<HashMap<String, ()>>,
+    running: Mutex<HashSet<String>>,
 }
 
 fn decode_job(kv: &ferry_cluster::store::KeyValue) -> Option<Job> {
@@ -91,7 +91,7 @@ impl JobManager {
             plans_dir,
             wake: tokio::sync::Notify::new(),
             event_seq: Mutex::new(HashMap::new()),
-            running: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashSet::new()),
         }))
     }
 
@@ -276,8 +276,8 @@ impl JobManager {
                 job.phase.as_str()
             )));
         }
-        let was_pending = job.phase == JobPhase::Pending
-            && !self.running.lock().expect("lock").contains_key(&job.id);
+        let was_pending =
+            job.phase == JobPhase::Pending && !self.running.lock().expect("lock").contains(&job.id);
         let job = self
             .update(&job.id, |j| {
                 j.cancel_requested = true;
@@ -309,11 +309,20 @@ impl JobManager {
     /// Appends an event to a job's log. Failures are logged, not returned: an event that
     /// cannot be written must not fail the job.
     pub async fn event(&self, id: &str, kind: EventKind, message: String, data: serde_json::Value) {
-        let seq = {
-            let known = self.event_seq.lock().expect("lock").get(id).copied();
-            match known {
-                Some(s) => s,
-                None => match self.store.range(&self.keys.events(id)).await {
+        // Take the next number under one lock, so concurrent writers never share one.
+        let take = |map: &mut HashMap<String, u64>, first: Option<u64>| -> Option<u64> {
+            let next = match first {
+                Some(f) => map.entry(id.to_string()).or_insert(f),
+                None => map.get_mut(id)?,
+            };
+            *next += 1;
+            Some(*next - 1)
+        };
+        let cached = take(&mut self.event_seq.lock().expect("lock"), None);
+        let seq = match cached {
+            Some(s) => s,
+            None => {
+                let first = match self.store.range(&self.keys.events(id)).await {
                     Ok(kvs) => {
                         kvs.last()
                             .and_then(|kv| kv.key.rsplit('/').next()?.parse::<u64>().ok())
@@ -324,13 +333,10 @@ impl JobManager {
                         tracing::warn!(job = id, error = %e, "cannot read events");
                         return;
                     }
-                },
+                };
+                take(&mut self.event_seq.lock().expect("lock"), Some(first)).expect("inserted")
             }
         };
-        self.event_seq
-            .lock()
-            .expect("lock")
-            .insert(id.to_string(), seq + 1);
         let ev = JobEvent {
             seq,
             time: now_rfc3339(),
@@ -443,10 +449,10 @@ impl JobManager {
             }
             {
                 let mut running = self.running.lock().expect("lock");
-                if running.len() >= self.config.max_running_jobs || running.contains_key(&job.id) {
+                if running.len() >= self.config.max_running_jobs || running.contains(&job.id) {
                     continue;
                 }
-                running.insert(job.id.clone(), ());
+                running.insert(job.id.clone());
             }
             let me = self.clone();
             tokio::spawn(async move {
@@ -461,6 +467,6 @@ impl JobManager {
 
     /// Ids of the jobs running in this process.
     pub fn running_jobs(&self) -> Vec<String> {
-        self.running.lock().expect("lock").keys().cloned().collect()
+        self.running.lock().expect("lock").iter().cloned().collect()
     }
 }

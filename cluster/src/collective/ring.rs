@@ -1,0 +1,540 @@
+//! The TCP ring: reduce-scatter then all-gather over persistent connections.
+//!
+//! Each rank keeps two connections: one to the next rank and one from the previous rank. In a
+//! ring step a rank sends one segment while it receives and reduces another. For large
+//! segments a scoped thread writes the outgoing segment straight from the caller's buffer
+//! (no copy) while the calling thread receives chunk by chunk (`chunk_bytes`) and reduces
+//! each chunk as it lands: sending, receiving and reducing overlap. Small segments are
+//! written then read on one thread, which is cheaper than a thread and cannot deadlock
+//! because they fit in the socket buffers. Values travel in the hosts' byte order
+//! (little-endian on every platform ferry supports). Every operation starts with a small
+//! header (operation, sequence number, length) that each rank checks, so ranks that call
+//! different collectives fail with a clear error instead of corrupting data. Reads and writes
+//! time out; a closed connection fails at once, so a dead rank stops every other rank fast.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use super::{Collective, CollectiveError};
+
+const MAGIC: &[u8; 4] = b"FRY1";
+const OP_ALL_REDUCE: u32 = 1;
+const OP_BROADCAST: u32 = 2;
+
+/// Ring settings.
+#[derive(Debug, Clone)]
+pub struct RingConfig {
+    /// How long a read, a write or the connection set-up may wait for a peer.
+    pub timeout: Duration,
+    /// Bytes per pipelined chunk.
+    pub chunk_bytes: usize,
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        RingConfig {
+            timeout: Duration::from_secs(60),
+            chunk_bytes: 1 << 20,
+        }
+    }
+}
+
+struct Peer {
+    rank: usize,
+    addr: String,
+}
+
+/// One rank's end of the ring.
+pub struct Ring {
+    rank: usize,
+    world: usize,
+    cfg: RingConfig,
+    seq: u32,
+    prev: Option<(TcpStream, Peer)>,
+    next: Option<(TcpStream, Peer)>,
+    recv_buf: Vec<u8>,
+}
+
+/// Segments up to this size are written and then read on the calling thread.
+const INLINE_BYTES: usize = 64 << 10;
+
+/// Binds the listener this rank's previous rank will connect to (port chosen by the OS).
+pub fn listen(ip: IpAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(SocketAddr::new(ip, 0))
+}
+
+fn ne(b: &[u8]) -> f32 {
+    f32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Adds (or copies) received bytes into `dst`.
+fn apply(dst: &mut [f32], bytes: &[u8], add: bool) {
+    if add {
+        for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+            *d += ne(b);
+        }
+    } else {
+        for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+            *d = ne(b);
+        }
+    }
+}
+
+impl Ring {
+    /// Forms the ring: connects to rank `rank + 1` and accepts rank `rank - 1` on `listener`.
+    /// `peers[i]` is the listening address of rank `i`.
+    pub fn connect(
+        listener: TcpListener,
+        rank: usize,
+        peers: &[SocketAddr],
+        cfg: RingConfig,
+    ) -> Result<Ring, CollectiveError> {
+        let world = peers.len();
+        let setup = |reason: String| CollectiveError::Setup { rank, reason };
+        if rank >= world {
+            return Err(setup(format!("rank {rank} is outside a world of {world}")));
+        }
+        let mut ring = Ring {
+            rank,
+            world,
+            cfg,
+            seq: 0,
+            prev: None,
+            next: None,
+            recv_buf: Vec::new(),
+        };
+        if world == 1 {
+            return Ok(ring);
+        }
+        let deadline = Instant::now() + ring.cfg.timeout;
+        let next_rank = (rank + 1) % world;
+        let next_addr = peers[next_rank];
+        let mut next = loop {
+            match TcpStream::connect_timeout(&next_addr, Duration::from_secs(1)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "rank {next_rank} not reachable yet");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    return Err(setup(format!(
+                        "cannot connect to rank {next_rank} at {next_addr}: {e}"
+                    )))
+                }
+            }
+        };
+        let mut hello = Vec::with_capacity(12);
+        hello.extend_from_slice(MAGIC);
+        hello.extend_from_slice(&(rank as u32).to_le_bytes());
+        hello.extend_from_slice(&(world as u32).to_le_bytes());
+        next.write_all(&hello).map_err(|e| {
+            setup(format!(
+                "handshake with rank {next_rank} at {next_addr}: {e}"
+            ))
+        })?;
+
+        let prev_rank = (rank + world - 1) % world;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| setup(e.to_string()))?;
+        let (mut prev, prev_addr) = loop {
+            match listener.accept() {
+                Ok(pair) => break pair,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => {
+                    return Err(setup(format!(
+                        "rank {prev_rank} did not connect within {:?}: {e}",
+                        ring.cfg.timeout
+                    )))
+                }
+            }
+        };
+        prev.set_nonblocking(false)
+            .map_err(|e| setup(e.to_string()))?;
+        prev.set_read_timeout(Some(ring.cfg.timeout))
+            .map_err(|e| setup(e.to_string()))?;
+        let mut hello = [0u8; 12];
+        prev.read_exact(&mut hello)
+            .map_err(|e| setup(format!("handshake from {prev_addr}: {e}")))?;
+        let (from, their_world) = (
+            u32::from_le_bytes([hello[4], hello[5], hello[6], hello[7]]),
+            u32::from_le_bytes([hello[8], hello[9], hello[10], hello[11]]),
+        );
+        if &hello[..4] != MAGIC || from as usize != prev_rank || their_world as usize != world {
+            return Err(setup(format!(
+                "{prev_addr} is not rank {prev_rank} of this job (it says rank {from} of {their_world})"
+            )));
+        }
+        for s in [&prev, &next] {
+            let _ = s.set_nodelay(true);
+        }
+        next.set_write_timeout(Some(ring.cfg.timeout))
+            .map_err(|e| setup(e.to_string()))?;
+        ring.prev = Some((
+            prev,
+            Peer {
+                rank: prev_rank,
+                addr: prev_addr.to_string(),
+            },
+        ));
+        ring.next = Some((
+            next,
+            Peer {
+                rank: next_rank,
+                addr: next_addr.to_string(),
+            },
+        ));
+        Ok(ring)
+    }
+
+    fn lost(&self, peer: &Peer, op: &'static str, e: &std::io::Error) -> CollectiveError {
+        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+            CollectiveError::Timeout {
+                rank: self.rank,
+                peer: peer.rank,
+                addr: peer.addr.clone(),
+                op,
+                timeout: self.cfg.timeout,
+            }
+        } else {
+            CollectiveError::PeerLost {
+                rank: self.rank,
+                peer: peer.rank,
+                addr: peer.addr.clone(),
+                op,
+                reason: e.to_string(),
+            }
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8], op: &'static str) -> Result<(), CollectiveError> {
+        let (stream, _) = self.next.as_mut().expect("world > 1 has a next rank");
+        if let Err(e) = stream.write_all(bytes) {
+            let peer = &self.next.as_ref().expect("checked").1;
+            return Err(self.lost(peer, op, &e));
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self, n_bytes: usize, op: &'static str) -> Result<(), CollectiveError> {
+        self.recv_buf.resize(n_bytes, 0);
+        let (stream, _) = self.prev.as_mut().expect("world > 1 has a previous rank");
+        if let Err(e) = stream.read_exact(&mut self.recv_buf) {
+            let peer = &self.prev.as_ref().expect("checked").1;
+            return Err(self.lost(peer, op, &e));
+        }
+        Ok(())
+    }
+
+    /// Sends a header to the next rank and checks the previous rank's.
+    fn header(&mut self, code: u32, len: usize, op: &'static str) -> Result<(), CollectiveError> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut h = Vec::with_capacity(16);
+        h.extend_from_slice(&code.to_le_bytes());
+        h.extend_from_slice(&self.seq.to_le_bytes());
+        h.extend_from_slice(&(len as u64).to_le_bytes());
+        self.send(&h, op)?;
+        self.recv(16, op)?;
+        let b = &self.recv_buf;
+        let (c, s) = (
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+        );
+        let l = u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]) as usize;
+        if c != code || s != self.seq || l != len {
+            return Err(CollectiveError::Mismatch {
+                rank: self.rank,
+                op,
+                got: len,
+                want: l,
+            });
+        }
+        Ok(())
+    }
+
+    fn segment(&self, len: usize, i: usize) -> std::ops::Range<usize> {
+        (i * len / self.world)..((i + 1) * len / self.world)
+    }
+
+    /// One ring step: send segment `send` to the next rank while receiving segment `recv`
+    /// from the previous one; received values are added (`add`) or copied.
+    fn step(
+        &mut self,
+        data: &mut [f32],
+        send: usize,
+        recv: usize,
+        add: bool,
+        op: &'static str,
+    ) -> Result<(), CollectiveError> {
+        let (s, r) = (
+            self.segment(data.len(), send),
+            self.segment(data.len(), recv),
+        );
+        // Disjoint borrows of the two segments.
+        let (out, inp): (&[f32], &mut [f32]) = if s.end <= r.start {
+            let (a, b) = data.split_at_mut(r.start);
+            (&a[s], &mut b[..r.len()])
+        } else {
+            let (a, b) = data.split_at_mut(s.start);
+            (&b[..s.len()], &mut a[r])
+        };
+        let out: &[u8] = bytemuck::cast_slice(out);
+        if out.len() + inp.len() * 4 <= INLINE_BYTES {
+            self.send(out, op)?;
+            self.recv(inp.len() * 4, op)?;
+            apply(inp, &self.recv_buf, add);
+            return Ok(());
+        }
+        let chunk = (self.cfg.chunk_bytes / 4).max(1);
+        let Ring {
+            next,
+            prev,
+            recv_buf,
+            ..
+        } = self;
+        let (next_stream, next_peer) = next.as_mut().expect("world > 1 has a next rank");
+        let (prev_stream, prev_peer) = prev.as_mut().expect("world > 1 has a previous rank");
+        let (sent, received) = std::thread::scope(|scope| {
+            let writer = scope.spawn(move || next_stream.write_all(out));
+            let mut received = Ok(());
+            for part in inp.chunks_mut(chunk) {
+                recv_buf.resize(part.len() * 4, 0);
+                if let Err(e) = prev_stream.read_exact(recv_buf) {
+                    received = Err(e);
+                    // Unblock the writer: the step has failed anyway.
+                    let _ = prev_stream.shutdown(std::net::Shutdown::Both);
+                    break;
+                }
+                apply(part, recv_buf, add);
+            }
+            (
+                writer
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the ring's writer panicked"))),
+                received,
+            )
+        });
+        let (next_peer, prev_peer) = (
+            Peer {
+                rank: next_peer.rank,
+                addr: next_peer.addr.clone(),
+            },
+            Peer {
+                rank: prev_peer.rank,
+                addr: prev_peer.addr.clone(),
+            },
+        );
+        received.map_err(|e| self.lost(&prev_peer, op, &e))?;
+        sent.map_err(|e| self.lost(&next_peer, op, &e))
+    }
+}
+
+impl Collective for Ring {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let op = "all-reduce";
+        self.header(OP_ALL_REDUCE, data.len(), op)?;
+        let n = self.world;
+        // Reduce-scatter: after n-1 steps this rank holds the sum of segment rank+1.
+        for s in 0..n - 1 {
+            self.step(
+                data,
+                (self.rank + n - s) % n,
+                (self.rank + 2 * n - s - 1) % n,
+                true,
+                op,
+            )?;
+        }
+        // All-gather: pass the reduced segments around the ring.
+        for s in 0..n - 1 {
+            self.step(
+                data,
+                (self.rank + 1 + n - s) % n,
+                (self.rank + n - s) % n,
+                false,
+                op,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let op = "broadcast";
+        self.header(OP_BROADCAST, data.len(), op)?;
+        let chunk = (self.cfg.chunk_bytes / 4).max(1);
+        let last = (root + self.world - 1) % self.world;
+        // A chain from the root to the rank before it: store and forward, chunk by chunk.
+        for start in (0..data.len()).step_by(chunk) {
+            let range = start..(start + chunk).min(data.len());
+            if self.rank != root {
+                self.recv(range.len() * 4, op)?;
+                apply(&mut data[range.clone()], &self.recv_buf, false);
+            }
+            if self.rank != last {
+                self.send(bytemuck::cast_slice(&data[range]), op)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+
+    /// Runs `f` on `world` ranks (threads) joined in a ring; returns each rank's result.
+    fn on_ring<T: Send + 'static>(
+        world: usize,
+        cfg: RingConfig,
+        f: impl Fn(Ring) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
+        let listeners: Vec<TcpListener> = (0..world)
+            .map(|_| listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap())
+            .collect();
+        let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let f = Arc::new(f);
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let (peers, cfg, f) = (peers.clone(), cfg.clone(), f.clone());
+                std::thread::spawn(move || f(Ring::connect(l, rank, &peers, cfg).unwrap()))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn all_reduce_sums_for_any_world_size_and_length() {
+        for world in [1, 2, 3, 4, 5] {
+            for len in [0, 1, 3, 7, 1000, 100_003] {
+                // Tiny chunks exercise the pipelining.
+                let cfg = RingConfig {
+                    chunk_bytes: 4096,
+                    ..Default::default()
+                };
+                let results = on_ring(world, cfg, move |mut ring| {
+                    let r = ring.rank() as f32;
+                    let mut v: Vec<f32> = (0..len).map(|i| r * 1000.0 + i as f32).collect();
+                    ring.all_reduce_sum(&mut v).unwrap();
+                    ring.barrier().unwrap();
+                    v
+                });
+                let ranks_sum: f32 = (0..world).map(|r| r as f32 * 1000.0).sum();
+                let want: Vec<f32> = (0..len)
+                    .map(|i| ranks_sum + world as f32 * i as f32)
+                    .collect();
+                for got in results {
+                    assert_eq!(got, want, "world {world}, len {len}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn average_and_broadcast() {
+        let results = on_ring(3, RingConfig::default(), |mut ring| {
+            let mut avg = vec![ring.rank() as f32 * 3.0; 10];
+            ring.all_reduce_avg(&mut avg).unwrap();
+            let mut b: Vec<f32> = if ring.rank() == 1 {
+                (0..5000).map(|i| i as f32).collect()
+            } else {
+                vec![0.0; 5000]
+            };
+            ring.broadcast(&mut b, 1).unwrap();
+            (avg, b)
+        });
+        for (avg, b) in results {
+            assert_eq!(avg, vec![3.0; 10]);
+            assert_eq!(b, (0..5000).map(|i| i as f32).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn mismatched_calls_are_detected() {
+        let results = on_ring(
+            2,
+            RingConfig {
+                timeout: Duration::from_secs(5),
+                ..Default::default()
+            },
+            |mut ring| {
+                let mut v = vec![1.0; if ring.rank() == 0 { 10 } else { 11 }];
+                ring.all_reduce_sum(&mut v).map_err(|e| e.to_string())
+            },
+        );
+        assert!(
+            results
+                .iter()
+                .all(|r| r.as_ref().is_err_and(|e| e.contains("values"))),
+            "{results:?}"
+        );
+    }
+
+    #[test]
+    fn a_dead_peer_fails_the_others_fast() {
+        let start = Instant::now();
+        let results = on_ring(
+            3,
+            RingConfig {
+                timeout: Duration::from_secs(30),
+                ..Default::default()
+            },
+            |mut ring| {
+                if ring.rank() == 1 {
+                    drop(ring); // dies: its connections close
+                    return Ok(());
+                }
+                let mut v = vec![1.0f32; 1 << 20];
+                ring.all_reduce_sum(&mut v).map_err(|e| e.to_string())
+            },
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            start.elapsed()
+        );
+        for (rank, r) in results.iter().enumerate().filter(|(r, _)| *r != 1) {
+            let e = r.as_ref().expect_err("the others fail");
+            assert!(e.contains(&format!("rank {rank}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_stalled_peer_times_out() {
+        let results = on_ring(
+            2,
+            RingConfig {
+                timeout: Duration::from_millis(500),
+                ..Default::default()
+            },
+            |mut ring| {
+                if ring.rank() == 1 {
+                    std::thread::sleep(Duration::from_secs(2));
+                    return Ok(());
+                }
+                ring.all_reduce_sum(&mut [1.0]).map_err(|e| e.to_string())
+            },
+        );
+        let e = results[0].as_ref().expect_err("rank 0 times out");
+        assert!(e.contains("stalled") && e.contains("rank 1"), "{e}");
+    }
+}
