@@ -124,6 +124,8 @@ pub struct TrainSpec {
     /// Stop after this many steps in all (for smoke tests); default: all epochs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_steps: Option<u64>,
+    /// Gradient all-reduce bucket size in MB (data-parallel jobs).
+    pub bucket_mb: f64,
 }
 
 impl Default for TrainSpec {
@@ -137,6 +139,7 @@ impl Default for TrainSpec {
             checkpoint_every_steps: 0,
             keep_checkpoints: 2,
             max_steps: None,
+            bucket_mb: 25.0,
         }
     }
 }
@@ -487,11 +490,16 @@ impl JobSpec {
 
         if self.resources.ranks == 0 {
             bad("resources.ranks", "must be at least 1".into());
-        } else if self.resources.ranks > 1 {
+        } else if self.resources.ranks > 256 {
+            bad("resources.ranks", "must be at most 256".into());
+        } else if self.resources.ranks > 1 && self.resources.device == Device::Cuda {
             bad(
                 "resources.ranks",
-                "data-parallel training over several ranks is not available in this version of ferry; use ranks: 1".into(),
+                "several CUDA ranks (NCCL) are not available in this version of ferry; use ranks: 1 with cuda, or device: cpu".into(),
             );
+        }
+        if !(self.train.bucket_mb > 0.0 && self.train.bucket_mb <= 4096.0) {
+            bad("train.bucket_mb", "must be in (0, 4096] megabytes".into());
         }
         if let Some(th) = self.resources.threads {
             if th == 0 || th > 1024 {
@@ -673,8 +681,13 @@ output:
         let e = errors(&GOOD.replace("arch: torchscript", "arch: cnn"));
         let fields: Vec<_> = e.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, vec!["model.path", "model.num_classes"]);
-        let e = errors(&GOOD.replace("ranks: 1", "ranks: 4"));
+        let e = errors(
+            &GOOD
+                .replace("ranks: 1", "ranks: 4")
+                .replace("device: cpu", "device: cuda"),
+        );
         assert_eq!(e[0].field, "resources.ranks");
+        assert!(JobSpec::parse(&GOOD.replace("ranks: 1", "ranks: 4")).is_ok());
         let e = errors(&GOOD.replace("{name: cosine, warmup_steps: 0}", "{name: step}"));
         assert_eq!(e[0].field, "train.lr_schedule.step_size");
         let e = errors(&GOOD.replace("momentum: 0.9", "betas: [0.9, 0.99]"));

@@ -19,6 +19,8 @@ const KEYS: &[&str] = &[
     "progress_interval_ms",
     "log_format",
     "store_prefix",
+    "data_plane_ip",
+    "collective_timeout_ms",
 ];
 
 /// Directories that spec paths are confined to; each defaults to the daemon's working directory.
@@ -55,6 +57,10 @@ pub struct Config {
     pub log_format: String,
     /// Key prefix in the store.
     pub store_prefix: String,
+    /// The interface ranks bind their data-plane (ring) listeners to.
+    pub data_plane_ip: String,
+    /// How long a collective waits for a stalled peer before the rank fails (milliseconds).
+    pub collective_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -71,6 +77,8 @@ impl Default for Config {
             progress_interval_ms: 1000,
             log_format: "text".into(),
             store_prefix: "/ferry".into(),
+            data_plane_ip: "127.0.0.1".into(),
+            collective_timeout_ms: 60_000,
         }
     }
 }
@@ -122,6 +130,15 @@ impl Config {
         }
         if self.max_body_bytes < 1024 {
             bail!("max_body_bytes must be at least 1024");
+        }
+        if self.data_plane_ip.parse::<std::net::IpAddr>().is_err() {
+            bail!(
+                "data_plane_ip must be an IP address, got `{}`",
+                self.data_plane_ip
+            );
+        }
+        if self.collective_timeout_ms < 100 {
+            bail!("collective_timeout_ms must be at least 100");
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             bail!("log_format must be `text` or `json`");

@@ -72,9 +72,14 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    if let Some(Command::Worker { plan, .. }) = &cli.command {
+    if let Some(Command::Worker {
+        plan,
+        rank,
+        world_size,
+    }) = &cli.command
+    {
         // Errors go to the daemon as a protocol message, then the exit status says "failed".
-        if let Err(e) = train::run_worker(plan) {
+        if let Err(e) = train::run_worker(plan, *rank as usize, *world_size as usize) {
             let msg = protocol::WorkerMessage::Failed {
                 reason: format!("{e:#}"),
             };

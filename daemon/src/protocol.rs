@@ -18,12 +18,29 @@ pub struct WorkerPlan {
     pub resume: bool,
     /// Emit a progress message at most this often (milliseconds).
     pub progress_interval_ms: u64,
+    /// The address ranks bind their ring listeners to.
+    pub bind_ip: String,
+    /// How long a collective may wait for a peer (milliseconds).
+    pub collective_timeout_ms: u64,
 }
 
-/// One line a rank prints on stdout.
+/// What the daemon writes on a rank's stdin once every rank has reported its address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Peers {
+    /// The ring listener of rank `i` at index `i`.
+    pub peers: Vec<String>,
+}
+
+/// One line a rank prints on stdout. In a data-parallel job only rank 0 reports training
+/// progress; every rank reports `rendezvous` and, when it cannot go on, `failed`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WorkerMessage {
+    /// The rank listens for its ring neighbour here; it waits for [`Peers`] on stdin.
+    Rendezvous {
+        rank: u32,
+        addr: String,
+    },
     /// Set-up is done; training starts.
     Started {
         total_steps: u64,

@@ -8,11 +8,11 @@ use std::process::Stdio;
 use ferry_cluster::api::{EventKind, Job, JobPhase};
 use ferry_cluster::time::now_rfc3339;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
 use super::JobManager;
-use crate::protocol::{WorkerMessage, WorkerPlan};
+use crate::protocol::{Peers, WorkerMessage, WorkerPlan};
 
 /// stderr lines kept to explain a failure.
 const STDERR_TAIL: usize = 20;
@@ -86,31 +86,32 @@ pub async fn run(m: &JobManager, job: Job) {
     tracing::info!(job = %id, phase = phase.as_str(), "job ended");
 }
 
-async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result<Outcome> {
-    let plan = WorkerPlan {
-        job_id: job.id.clone(),
-        spec: job.spec.clone(),
-        output_dir: job.spec.output.dir.clone(),
-        threads: job
-            .spec
-            .resources
-            .threads
-            .unwrap_or_else(|| m.config.threads()),
-        resume,
-        progress_interval_ms: m.config.progress_interval_ms,
-    };
-    let plan_path = m.plans_dir.join(format!("{}.json", job.id));
-    std::fs::write(&plan_path, serde_json::to_vec_pretty(&plan)?)?;
+/// What a rank's task reports to the supervisor, in the order the rank produced it.
+enum RankEvent {
+    Stdout(String),
+    Stderr(String),
+    Exited(std::io::Result<std::process::ExitStatus>),
+}
 
+/// Starts rank `rank` of `world`; its task forwards its output, then its exit, to `tx`, and
+/// kills it when `kill` turns true.
+fn spawn_rank(
+    m: &JobManager,
+    plan_path: &std::path::Path,
+    rank: usize,
+    world: usize,
+    tx: tokio::sync::mpsc::Sender<(usize, RankEvent)>,
+    mut kill: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(u32, tokio::process::ChildStdin)> {
     let mut cmd = Command::new(&m.exe);
     cmd.arg("worker")
         .arg("--plan")
-        .arg(&plan_path)
+        .arg(plan_path)
         .arg("--rank")
-        .arg("0")
+        .arg(rank.to_string())
         .arg("--world-size")
-        .arg("1");
-    cmd.stdin(Stdio::null())
+        .arg(world.to_string());
+    cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
@@ -125,87 +126,67 @@ async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot start rank process {}: {e}", m.exe.display()))?;
+        .map_err(|e| anyhow::anyhow!("cannot start rank {rank} ({}): {e}", m.exe.display()))?;
     let pid = child.id().unwrap_or(0);
-    m.event(
-        &job.id,
-        EventKind::Log,
-        format!("rank 0 started (pid {pid})"),
-        json!({"rank": 0, "pid": pid}),
-    )
-    .await;
-
-    let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
-    let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
-    let mut watch = m
-        .store
-        .watch(&m.keys.job(&job.id), Some(job.revision + 1))
-        .await?;
-    let mut tail: VecDeque<String> = VecDeque::new();
-    let mut stderr_lines = 0usize;
-    let mut done = false;
-    let mut worker_failure: Option<String> = None;
-    let (mut out_open, mut err_open) = (true, true);
-    let mut cancelled = false;
-
-    let status = loop {
-        tokio::select! {
-            line = stdout.next_line(), if out_open => match line {
-                Ok(Some(l)) => match serde_json::from_str::<WorkerMessage>(&l) {
-                    Ok(WorkerMessage::Done { files, samples_per_sec }) => {
-                        done = true;
-                        let _ = m.update(&job.id, |j| j.status.samples_per_sec = Some(samples_per_sec)).await;
-                        m.event(&job.id, EventKind::Log, format!("wrote {}", files.join(", ")), json!({"files": files})).await;
-                    }
-                    Ok(WorkerMessage::Failed { reason }) => worker_failure = Some(reason),
-                    Ok(msg) => handle(m, job, msg).await,
-                    Err(_) => m.event(&job.id, EventKind::Log, l, json!({"rank": 0})).await,
+    let stdin = child.stdin.take().expect("piped");
+    let mut out = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let mut err = BufReader::new(child.stderr.take().expect("piped")).lines();
+    tokio::spawn(async move {
+        let (mut out_open, mut err_open, mut killed) = (true, true, false);
+        while out_open || err_open {
+            tokio::select! {
+                l = out.next_line(), if out_open => match l {
+                    Ok(Some(l)) => { let _ = tx.send((rank, RankEvent::Stdout(l))).await; }
+                    _ => out_open = false,
                 },
-                _ => out_open = false,
-            },
-            line = stderr.next_line(), if err_open => match line {
-                Ok(Some(l)) => {
-                    if tail.len() == STDERR_TAIL { tail.pop_front(); }
-                    tail.push_back(l.clone());
-                    stderr_lines += 1;
-                    if stderr_lines <= STDERR_EVENTS {
-                        m.event(&job.id, EventKind::Log, l, json!({"rank": 0, "stream": "stderr"})).await;
-                    }
+                l = err.next_line(), if err_open => match l {
+                    Ok(Some(l)) => { let _ = tx.send((rank, RankEvent::Stderr(l))).await; }
+                    _ => err_open = false,
+                },
+                _ = kill_requested(&mut kill), if !killed => {
+                    killed = true;
+                    let _ = child.start_kill();
                 }
-                _ => err_open = false,
-            },
-            ev = watch.recv(), if !cancelled => match ev {
-                Some(Ok(ev)) => {
-                    let wants_cancel = serde_json::from_slice::<Job>(&ev.kv().value).map(|j| j.cancel_requested).unwrap_or(false);
-                    if wants_cancel {
-                        cancelled = true;
-                        let _ = child.start_kill();
-                    }
-                }
-                // The watch ended (lagged or closed): fall back to reading the record.
-                _ => {
-                    if m.get(&job.id).await.map(|j| j.cancel_requested).unwrap_or(false) {
-                        cancelled = true;
-                        let _ = child.start_kill();
-                    } else {
-                        watch = m.store.watch(&m.keys.job(&job.id), None).await?;
-                    }
-                }
-            },
-            status = child.wait(), if !out_open && !err_open => break status?,
+            }
         }
-    };
-    let _ = std::fs::remove_file(&plan_path);
-    if cancelled {
-        return Ok(Outcome::Cancelled);
+        let status = tokio::select! {
+            st = child.wait() => st,
+            _ = kill_requested(&mut kill), if !killed => {
+                let _ = child.start_kill();
+                child.wait().await
+            }
+        };
+        let _ = tx.send((rank, RankEvent::Exited(status))).await;
+    });
+    Ok((pid, stdin))
+}
+
+/// Resolves once the supervisor asks for the ranks to be killed (never, if it goes away).
+async fn kill_requested(kill: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let requested = *kill.borrow_and_update();
+        if requested {
+            return;
+        }
+        if kill.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
-    if status.success() && done {
-        return Ok(Outcome::Succeeded);
-    }
-    if let Some(reason) = worker_failure {
-        return Ok(Outcome::Failed(format!("rank 0: {reason}")));
-    }
+}
+
+/// Why a rank stopped, ranked so that the cause of a failure is reported, not its echo:
+/// a rank that crashed or was killed explains the others' "lost the connection" errors.
+fn explain_exit(
+    rank: usize,
+    status: &std::process::ExitStatus,
+    reported: Option<&String>,
+    tail: &VecDeque<String>,
+) -> (u8, String) {
     use std::os::unix::process::ExitStatusExt;
+    if let Some(reason) = reported {
+        let echo = reason.contains("lost the connection") || reason.contains("is stalled");
+        return (if echo { 2 } else { 0 }, format!("rank {rank}: {reason}"));
+    }
     let how = match status.signal() {
         Some(libc::SIGKILL) => "was killed (SIGKILL; out of memory, or killed by hand)".to_string(),
         Some(libc::SIGABRT) => "aborted (SIGABRT, usually a libtorch assertion)".to_string(),
@@ -213,10 +194,151 @@ async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result
         Some(s) => format!("was killed by signal {s}"),
         None => format!("exited with status {}", status.code().unwrap_or(-1)),
     };
-    let last = tail.iter().rev().find(|l| !l.trim().is_empty()).cloned();
-    Ok(Outcome::Failed(match last {
-        Some(l) => format!("rank 0 {how}; last output: {l}"),
-        None => format!("rank 0 {how}"),
+    match tail.iter().rev().find(|l| !l.trim().is_empty()) {
+        Some(l) => (1, format!("rank {rank} {how}; last output: {l}")),
+        None => (1, format!("rank {rank} {how}")),
+    }
+}
+
+async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result<Outcome> {
+    let world = job.spec.resources.ranks.max(1) as usize;
+    let plan = WorkerPlan {
+        job_id: job.id.clone(),
+        spec: job.spec.clone(),
+        output_dir: job.spec.output.dir.clone(),
+        threads: job
+            .spec
+            .resources
+            .threads
+            .unwrap_or_else(|| m.config.threads()),
+        resume,
+        progress_interval_ms: m.config.progress_interval_ms,
+        bind_ip: m.config.data_plane_ip.clone(),
+        collective_timeout_ms: m.config.collective_timeout_ms,
+    };
+    let plan_path = m.plans_dir.join(format!("{}.json", job.id));
+    std::fs::write(&plan_path, serde_json::to_vec_pretty(&plan)?)?;
+
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let (kill_tx, kill_rx) = tokio::sync::watch::channel(false);
+    let mut stdins = Vec::with_capacity(world);
+    for rank in 0..world {
+        match spawn_rank(m, &plan_path, rank, world, tx.clone(), kill_rx.clone()) {
+            Ok((pid, stdin)) => {
+                stdins.push(Some(stdin));
+                m.event(
+                    &job.id,
+                    EventKind::Log,
+                    format!("rank {rank} started (pid {pid})"),
+                    json!({"rank": rank, "pid": pid}),
+                )
+                .await;
+            }
+            Err(e) => {
+                let _ = kill_tx.send(true);
+                return Err(e);
+            }
+        }
+    }
+    drop(tx);
+
+    let mut watch = m
+        .store
+        .watch(&m.keys.job(&job.id), Some(job.revision + 1))
+        .await?;
+    let mut tails: Vec<VecDeque<String>> = vec![VecDeque::new(); world];
+    let mut reported: Vec<Option<String>> = vec![None; world];
+    let mut addrs: Vec<Option<String>> = vec![None; world];
+    let mut failures: Vec<(u8, String)> = Vec::new();
+    let (mut stderr_lines, mut exited, mut done, mut cancelled) = (0usize, 0usize, false, false);
+    // After the first failure, the others get a moment to report why they stopped.
+    let mut grace: Option<tokio::time::Instant> = None;
+
+    while exited < world {
+        let grace_at = grace
+            .unwrap_or_else(|| tokio::time::Instant::now() + std::time::Duration::from_secs(3600));
+        tokio::select! {
+            ev = rx.recv() => {
+                let Some((rank, ev)) = ev else { break };
+                match ev {
+                    RankEvent::Stdout(l) => match serde_json::from_str::<WorkerMessage>(&l) {
+                        Ok(WorkerMessage::Rendezvous { addr, .. }) => {
+                            addrs[rank] = Some(addr);
+                            if addrs.iter().all(Option::is_some) {
+                                let peers = Peers { peers: addrs.iter().flatten().cloned().collect() };
+                                let line = format!("{}\n", serde_json::to_string(&peers)?);
+                                for stdin in stdins.iter_mut().filter_map(Option::take) {
+                                    let mut stdin = stdin;
+                                    let _ = stdin.write_all(line.as_bytes()).await;
+                                }
+                                m.event(&job.id, EventKind::Log, format!("{world} ranks joined the ring"), json!({"peers": peers.peers})).await;
+                            }
+                        }
+                        Ok(WorkerMessage::Done { files, samples_per_sec }) => {
+                            done = true;
+                            let _ = m.update(&job.id, |j| j.status.samples_per_sec = Some(samples_per_sec)).await;
+                            m.event(&job.id, EventKind::Log, format!("wrote {}", files.join(", ")), json!({"files": files})).await;
+                        }
+                        Ok(WorkerMessage::Failed { reason }) => reported[rank] = Some(reason),
+                        Ok(msg) => handle(m, job, msg).await,
+                        Err(_) => m.event(&job.id, EventKind::Log, l, json!({"rank": rank})).await,
+                    },
+                    RankEvent::Stderr(l) => {
+                        let tail = &mut tails[rank];
+                        if tail.len() == STDERR_TAIL {
+                            tail.pop_front();
+                        }
+                        tail.push_back(l.clone());
+                        stderr_lines += 1;
+                        if stderr_lines <= STDERR_EVENTS {
+                            m.event(&job.id, EventKind::Log, l, json!({"rank": rank, "stream": "stderr"})).await;
+                        }
+                    }
+                    RankEvent::Exited(status) => {
+                        exited += 1;
+                        let status = status?;
+                        if !status.success() && !cancelled {
+                            failures.push(explain_exit(rank, &status, reported[rank].as_ref(), &tails[rank]));
+                            if world == 1 {
+                                continue;
+                            }
+                            grace.get_or_insert_with(|| tokio::time::Instant::now() + std::time::Duration::from_secs(2));
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(grace_at), if grace.is_some() => {
+                let _ = kill_tx.send(true);
+                grace = None;
+            }
+            ev = watch.recv(), if !cancelled => {
+                let wants_cancel = match ev {
+                    Some(Ok(ev)) => serde_json::from_slice::<Job>(&ev.kv().value).map(|j| j.cancel_requested).unwrap_or(false),
+                    // The watch ended (lagged or closed): read the record instead, and watch again.
+                    _ => {
+                        watch = m.store.watch(&m.keys.job(&job.id), None).await?;
+                        m.get(&job.id).await.map(|j| j.cancel_requested).unwrap_or(false)
+                    }
+                };
+                if wants_cancel {
+                    cancelled = true;
+                    let _ = kill_tx.send(true);
+                }
+            }
+        }
+    }
+    let _ = kill_tx.send(true);
+    let _ = std::fs::remove_file(&plan_path);
+    if cancelled {
+        return Ok(Outcome::Cancelled);
+    }
+    if failures.is_empty() && done {
+        return Ok(Outcome::Succeeded);
+    }
+    failures.sort_by_key(|(priority, _)| *priority);
+    Ok(Outcome::Failed(match failures.into_iter().next() {
+        Some((_, reason)) => reason,
+        None => "rank 0 exited without finishing its training (no `done` report)".into(),
     }))
 }
 
@@ -344,6 +466,8 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
             m.event(id, EventKind::Log, message, json!({"rank": 0}))
                 .await
         }
-        WorkerMessage::Done { .. } | WorkerMessage::Failed { .. } => {}
+        WorkerMessage::Done { .. }
+        | WorkerMessage::Failed { .. }
+        | WorkerMessage::Rendezvous { .. } => {}
     }
 }

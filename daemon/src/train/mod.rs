@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod model;
 pub mod optim;
 pub mod sampler;
@@ -19,6 +20,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::protocol::{WorkerMessage, WorkerPlan};
 use data::Dataset;
+use dist::Dist;
 use model::Model;
 use optim::Optimizer;
 use sampler::Sampler;
@@ -47,8 +49,8 @@ fn load_cuda() -> Result<Device> {
     Ok(Device::Cuda(0))
 }
 
-/// The `ferryd worker` entry point.
-pub fn run_worker(plan_path: &Path) -> Result<()> {
+/// The `ferryd worker` entry point: rank `rank` of `world`.
+pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let plan: WorkerPlan = serde_json::from_slice(
         &std::fs::read(plan_path)
             .with_context(|| format!("cannot read {}", plan_path.display()))?,
@@ -57,6 +59,20 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
     let spec = &plan.spec;
     tch::set_num_threads(plan.threads as i32);
     tch::set_num_interop_threads(1);
+    if world == 0 || rank >= world || world != spec.resources.ranks as usize {
+        bail!(
+            "rank {rank} of {world} does not fit the job's resources.ranks = {}",
+            spec.resources.ranks
+        );
+    }
+    let mut dist = Dist::form(&plan, rank, world, emit)?;
+    let leader = dist.is_leader();
+    // Only rank 0 reports training progress and writes files; every rank trains.
+    let say = |m: &WorkerMessage| {
+        if leader {
+            emit(m)
+        }
+    };
     let device = match spec.resources.device {
         SpecDevice::Cpu => Device::Cpu,
         SpecDevice::Cuda => load_cuda()?,
@@ -75,7 +91,7 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
         ("data.val", val_set.as_ref()),
     ] {
         if let Some(classes) = ds.and_then(|d| d.classes.as_ref()) {
-            emit(&WorkerMessage::Log {
+            say(&WorkerMessage::Log {
                 message: format!("{field}: ImageFolder with classes {}", classes.join(", ")),
             });
         }
@@ -95,7 +111,7 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
     if let Some(init) = &spec.model.init {
         let r = model.load_init(Path::new(init))?;
         let frozen = model.freeze(&spec.model.freeze)?;
-        emit(&WorkerMessage::Init {
+        say(&WorkerMessage::Init {
             loaded: r.loaded.len(),
             missing: r.missing,
             unexpected: r.unexpected,
@@ -104,7 +120,7 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
         });
     } else if !spec.model.freeze.is_empty() {
         let frozen = model.freeze(&spec.model.freeze)?;
-        emit(&WorkerMessage::Log {
+        say(&WorkerMessage::Log {
             message: format!(
                 "froze {} parameter tensors (no init: they keep their initial values)",
                 frozen.len()
@@ -115,7 +131,7 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
     let sampler = Sampler {
         len: train_set.len(),
         batch: spec.train.batch_size as usize,
-        world: 1,
+        world,
         seed: spec.train.seed,
         shuffle: spec.data.shuffle,
     };
@@ -144,8 +160,12 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
             tch::manual_seed(spec.train.seed.wrapping_add(step) as i64);
         }
     }
+    // Every rank starts from rank 0's weights (initialisation, init file or checkpoint).
+    dist.broadcast_state(model.state())?;
+    let trainable_params = model.trainable();
+    dist.plan_buckets(&trainable_params, (spec.train.bucket_mb * 1e6) as usize);
     let (trainable, frozen) = model.parameter_counts();
-    emit(&WorkerMessage::Started {
+    say(&WorkerMessage::Started {
         total_steps,
         steps_per_epoch,
         epochs: spec.train.epochs,
@@ -160,13 +180,17 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
     let images = train_set.images.to_device(device);
     let labels = train_set.labels.to_device(device);
     let classes_needed = train_set.label_count();
-    let mut metrics = std::io::BufWriter::new(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(out_dir.join("metrics.jsonl"))
-            .context("cannot open metrics.jsonl")?,
-    );
+    let mut metrics: Box<dyn Write> = if leader {
+        Box::new(std::io::BufWriter::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(out_dir.join("metrics.jsonl"))
+                .context("cannot open metrics.jsonl")?,
+        ))
+    } else {
+        Box::new(std::io::sink())
+    };
     let interval = Duration::from_millis(plan.progress_interval_ms.max(50));
     let mut train_time = Duration::ZERO;
     let mut train_samples = 0u64;
@@ -188,7 +212,7 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
             }
             let t0 = Instant::now();
             let idx: Vec<i64> = sampler
-                .batch(&order, consumed, 0)
+                .batch(&order, consumed, rank)
                 .iter()
                 .map(|&i| i64::from(i))
                 .collect();
@@ -204,9 +228,13 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
             let loss = logits.cross_entropy_for_logits(&y);
             opt.zero_grad();
             loss.backward();
+            // This rank's share of the global batch weighs its gradient, so the mean over
+            // ranks equals the gradient of the whole batch even when shares differ.
+            let global = sampler.step_size(consumed);
+            dist.sync_grads(&trainable_params, idx.size()[0] as f64 / global as f64)?;
             opt.step(lr);
-            let n = idx.size()[0] as u64;
-            consumed += sampler.step_size(consumed);
+            let n = global as u64;
+            consumed += global;
             step += 1;
             train_time += t0.elapsed();
             train_samples += n;
@@ -226,7 +254,7 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
                     bail!("training diverged: the loss is {mean_loss} at step {step}; lower train.optimizer.lr");
                 }
                 let sps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
-                emit(&WorkerMessage::Progress {
+                say(&WorkerMessage::Progress {
                     epoch: epoch + 1,
                     step,
                     loss: mean_loss,
@@ -246,12 +274,12 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
                     0,
                 );
             }
-            if ckpt_due && consumed < sampler.len {
+            if ckpt_due && consumed < sampler.len && leader {
                 save_checkpoint(
                     &ckpt_root,
                     &model,
                     &opt,
-                    (step, epoch, consumed),
+                    (step, epoch, consumed, world),
                     (last_loss, val_accuracy),
                     spec.train.keep_checkpoints,
                 )?;
@@ -262,8 +290,14 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
         }
         if let Some(v) = &val_set {
             model.set_train(false)?;
-            let (vloss, acc) = evaluate(&model, v, spec.train.batch_size as i64 * 2, device)?;
-            emit(&WorkerMessage::Eval {
+            let (vloss, acc) = evaluate(
+                &model,
+                v,
+                spec.train.batch_size as i64 * 2,
+                device,
+                &mut dist,
+            )?;
+            say(&WorkerMessage::Eval {
                 epoch: epoch + 1,
                 step,
                 val_loss: vloss,
@@ -279,20 +313,25 @@ pub fn run_worker(plan_path: &Path) -> Result<()> {
         metrics.flush()?;
         epoch += 1;
         consumed = 0;
-        save_checkpoint(
-            &ckpt_root,
-            &model,
-            &opt,
-            (step, epoch, 0),
-            (last_loss, val_accuracy),
-            spec.train.keep_checkpoints,
-        )?;
+        if leader {
+            save_checkpoint(
+                &ckpt_root,
+                &model,
+                &opt,
+                (step, epoch, 0, world),
+                (last_loss, val_accuracy),
+                spec.train.keep_checkpoints,
+            )?;
+        }
     }
     metrics.flush()?;
     model.set_train(false)?;
+    if !leader {
+        return Ok(());
+    }
     let files = model.save_final(&out_dir)?;
     let sps = train_samples as f64 / train_time.as_secs_f64().max(1e-9);
-    emit(&WorkerMessage::Done {
+    say(&WorkerMessage::Done {
         files,
         samples_per_sec: sps,
     });
@@ -310,13 +349,13 @@ fn check_logits(logits: &Tensor, classes_needed: i64) -> Result<()> {
     Ok(())
 }
 
-/// Writes a checkpoint at the cursor (step, epoch, samples consumed in the epoch), with the
-/// last (loss, accuracy) for the status of a resumed job, and reports it.
+/// Writes a checkpoint at the cursor (step, epoch, samples consumed in the epoch, world size),
+/// with the last (loss, accuracy) for the status of a resumed job, and reports it.
 fn save_checkpoint(
     root: &Path,
     model: &Model,
     opt: &Optimizer,
-    (step, epoch, consumed): (u64, u32, usize),
+    (step, epoch, consumed, world): (u64, u32, usize, usize),
     (train_loss, val_accuracy): (Option<f64>, Option<f64>),
     keep: u32,
 ) -> Result<()> {
@@ -325,7 +364,7 @@ fn save_checkpoint(
         step,
         epoch,
         samples_in_epoch: consumed as u64,
-        world_size: 1,
+        world_size: world as u32,
         optimizer_steps: opt.steps,
         created_at: ferry_cluster::time::now_rfc3339(),
         train_loss,
@@ -343,16 +382,26 @@ fn save_checkpoint(
     Ok(())
 }
 
-/// Mean loss and accuracy over a data set, in evaluation mode.
-fn evaluate(model: &Model, ds: &Dataset, batch: i64, device: Device) -> Result<(f64, f64)> {
-    tch::no_grad(|| {
-        let n = ds.len() as i64;
+/// Mean loss and accuracy over a data set, in evaluation mode. Each rank evaluates every
+/// `world`-th sample; the sums are added across ranks.
+fn evaluate(
+    model: &Model,
+    ds: &Dataset,
+    batch: i64,
+    device: Device,
+    dist: &mut Dist,
+) -> Result<(f64, f64)> {
+    let (world, rank) = (dist.world as i64, dist.rank as i64);
+    let mine = Tensor::arange_start_step(rank, ds.len() as i64, world, (Kind::Int64, Device::Cpu));
+    let n = mine.size()[0];
+    let (loss_sum, correct) = tch::no_grad(|| -> Result<(f64, i64)> {
         let (mut loss_sum, mut correct) = (0.0, 0i64);
         let mut start = 0;
         while start < n {
             let len = batch.min(n - start);
-            let x = ds.images.narrow(0, start, len).to_device(device);
-            let y = ds.labels.narrow(0, start, len).to_device(device);
+            let idx = mine.narrow(0, start, len);
+            let x = ds.images.index_select(0, &idx).to_device(device);
+            let y = ds.labels.index_select(0, &idx).to_device(device);
             let logits = model.forward(&x, false)?;
             loss_sum += logits.cross_entropy_for_logits(&y).double_value(&[]) * len as f64;
             correct += logits
@@ -362,6 +411,10 @@ fn evaluate(model: &Model, ds: &Dataset, batch: i64, device: Device) -> Result<(
                 .int64_value(&[]);
             start += len;
         }
-        Ok((loss_sum / n as f64, correct as f64 / n as f64))
-    })
+        Ok((loss_sum, correct))
+    })?;
+    let mut sums = [loss_sum as f32, correct as f32, n as f32];
+    dist.sum(&mut sums)?;
+    let total = f64::from(sums[2]).max(1.0);
+    Ok((f64::from(sums[0]) / total, f64::from(sums[1]) / total))
 }

@@ -1,0 +1,206 @@
+//! Data parallelism for one rank: forming the ring through the daemon, making every rank
+//! start from rank 0's weights, and averaging gradients in buckets.
+
+use std::io::BufRead;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use ferry_cluster::collective::ring::{self, Ring, RingConfig};
+use ferry_cluster::collective::Collective;
+use tch::{Device, Kind, Tensor};
+
+use crate::protocol::{Peers, WorkerMessage, WorkerPlan};
+
+/// This rank's place in the job, and its connection to the others.
+pub struct Dist {
+    pub rank: usize,
+    pub world: usize,
+    coll: Option<Box<dyn Collective>>,
+    /// Indices into the trainable parameters, one list per bucket, in all-reduce order.
+    buckets: Vec<Vec<usize>>,
+}
+
+impl Dist {
+    /// A job of one rank: every collective is a no-op.
+    pub fn single() -> Dist {
+        Dist {
+            rank: 0,
+            world: 1,
+            coll: None,
+            buckets: Vec::new(),
+        }
+    }
+
+    /// Listens, reports the address to the daemon, waits for every rank's address on stdin,
+    /// and forms the ring.
+    pub fn form(
+        plan: &WorkerPlan,
+        rank: usize,
+        world: usize,
+        emit: impl Fn(&WorkerMessage),
+    ) -> Result<Dist> {
+        if world == 1 {
+            return Ok(Dist::single());
+        }
+        let ip: IpAddr = plan
+            .bind_ip
+            .parse()
+            .with_context(|| format!("bad bind address {}", plan.bind_ip))?;
+        let listener =
+            ring::listen(ip).with_context(|| format!("rank {rank}: cannot listen on {ip}"))?;
+        let addr = listener.local_addr()?;
+        emit(&WorkerMessage::Rendezvous {
+            rank: rank as u32,
+            addr: addr.to_string(),
+        });
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the peer list from the daemon")?;
+        if line.trim().is_empty() {
+            return Err(anyhow!(
+                "rank {rank}: the daemon closed the rendezvous before every rank reported"
+            ));
+        }
+        let peers: Peers = serde_json::from_str(&line).context("corrupt peer list")?;
+        let peers: Vec<SocketAddr> = peers
+            .peers
+            .iter()
+            .map(|p| p.parse())
+            .collect::<Result<_, _>>()
+            .context("corrupt peer address")?;
+        if peers.len() != world {
+            return Err(anyhow!(
+                "rank {rank}: {} peers for a world of {world}",
+                peers.len()
+            ));
+        }
+        let cfg = RingConfig {
+            timeout: Duration::from_millis(plan.collective_timeout_ms),
+            ..Default::default()
+        };
+        let ring = Ring::connect(listener, rank, &peers, cfg)?;
+        Ok(Dist {
+            rank,
+            world,
+            coll: Some(Box::new(ring)),
+            buckets: Vec::new(),
+        })
+    }
+
+    /// Whether this rank reports progress and writes files.
+    pub fn is_leader(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Copies rank 0's tensors (parameters and buffers) into every rank's, so all start equal.
+    pub fn broadcast_state<'a>(
+        &mut self,
+        tensors: impl Iterator<Item = &'a (String, Tensor)>,
+    ) -> Result<()> {
+        let Some(coll) = self.coll.as_mut() else {
+            return Ok(());
+        };
+        let tensors: Vec<&Tensor> = tensors.map(|(_, t)| t).collect();
+        let flat = Tensor::cat(
+            &tensors
+                .iter()
+                .map(|t| t.to_kind(Kind::Float).flatten(0, -1))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        let mut v = Vec::<f32>::try_from(&flat.to_device(Device::Cpu))?;
+        coll.broadcast(&mut v, 0)?;
+        let all = Tensor::from_slice(&v);
+        let mut off = 0i64;
+        tch::no_grad(|| -> Result<()> {
+            for t in tensors {
+                let n = t.numel() as i64;
+                let src = all
+                    .narrow(0, off, n)
+                    .view(t.size().as_slice())
+                    .to_kind(t.kind())
+                    .to_device(t.device());
+                t.shallow_clone().f_copy_(&src)?;
+                off += n;
+            }
+            Ok(())
+        })
+    }
+
+    /// Groups the trainable parameters into buckets of about `bucket_bytes`, last layer
+    /// first (the order in which backward produces gradients), the same on every rank.
+    pub fn plan_buckets(&mut self, params: &[(String, Tensor)], bucket_bytes: usize) {
+        self.buckets.clear();
+        let mut current = Vec::new();
+        let mut bytes = 0;
+        for i in (0..params.len()).rev() {
+            let b = params[i].1.numel() * 4;
+            if !current.is_empty() && bytes + b > bucket_bytes {
+                self.buckets.push(std::mem::take(&mut current));
+                bytes = 0;
+            }
+            current.push(i);
+            bytes += b;
+        }
+        if !current.is_empty() {
+            self.buckets.push(current);
+        }
+    }
+
+    /// Replaces each gradient by the global mean gradient: every rank weighs its own by
+    /// `weight` (its share of the global batch), then the buckets are summed across ranks.
+    pub fn sync_grads(&mut self, params: &[(String, Tensor)], weight: f64) -> Result<()> {
+        let Some(coll) = self.coll.as_mut() else {
+            return Ok(());
+        };
+        for bucket in &self.buckets {
+            let grads: Vec<Tensor> = bucket
+                .iter()
+                .map(|&i| {
+                    let (_, p) = &params[i];
+                    let g = p.grad();
+                    if g.defined() {
+                        g.flatten(0, -1)
+                    } else {
+                        Tensor::zeros([p.numel() as i64], (Kind::Float, p.device()))
+                    }
+                })
+                .collect();
+            let flat =
+                (Tensor::cat(&grads, 0).to_kind(Kind::Float) * weight).to_device(Device::Cpu);
+            let mut v = Vec::<f32>::try_from(&flat)?;
+            coll.all_reduce_sum(&mut v)?;
+            let reduced = Tensor::from_slice(&v);
+            let mut off = 0i64;
+            tch::no_grad(|| -> Result<()> {
+                for &i in bucket {
+                    let (_, p) = &params[i];
+                    let n = p.numel() as i64;
+                    let mut g = p.grad();
+                    if g.defined() {
+                        let src = reduced
+                            .narrow(0, off, n)
+                            .view(p.size().as_slice())
+                            .to_kind(g.kind())
+                            .to_device(g.device());
+                        g.f_copy_(&src)?;
+                    }
+                    off += n;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Sums `v` across ranks (in place).
+    pub fn sum(&mut self, v: &mut [f32]) -> Result<()> {
+        match self.coll.as_mut() {
+            Some(c) => Ok(c.all_reduce_sum(v)?),
+            None => Ok(()),
+        }
+    }
+}

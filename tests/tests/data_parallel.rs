@@ -1,0 +1,114 @@
+//! Data-parallel jobs: several rank processes on one TCP ring.
+
+use std::time::{Duration, Instant};
+
+use ferry_cluster::api::JobPhase;
+use ferry_tests::{pid_alive, run_python, Daemon};
+
+fn mlp_job(name: &str, ranks: u32, batch: u32) -> String {
+    format!(
+        "name: {name}\nmodel: {{arch: torchscript, path: mlp.pt}}\n\
+         data: {{train: {{path: train.safetensors}}, val: {{path: val}}, channels: 1}}\n\
+         train: {{epochs: 2, batch_size: {batch}, seed: 3, optimizer: {{name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}}}}\n\
+         resources: {{ranks: {ranks}, threads: 1}}\noutput: {{dir: {name}}}\n"
+    )
+}
+
+#[test]
+fn n_ranks_train_the_same_weights_as_one_rank_with_n_times_the_batch() {
+    let d = Daemon::start();
+    let single = |n: u32| d.submit(&mlp_job(&format!("single-{n}"), 1, 8 * n));
+    for n in [2u32, 3] {
+        let one = single(n);
+        let many = d.submit(&mlp_job(&format!("ranks-{n}"), n, 8));
+        let one = d.wait_terminal(&one.id, Duration::from_secs(120));
+        let many = d.wait_terminal(&many.id, Duration::from_secs(120));
+        assert_eq!(one.phase, JobPhase::Succeeded, "{:?}", one.status);
+        assert_eq!(
+            many.phase,
+            JobPhase::Succeeded,
+            "{:?}\n{}",
+            many.status,
+            d.log()
+        );
+        // 400 samples in global batches of 8n: the last step of each epoch is short
+        // (for n = 3, 16 samples split 6/5/5), which the weighting must handle.
+        assert_eq!(many.status.total_steps, one.status.total_steps);
+        assert_eq!(many.status.step, 2 * 400u64.div_ceil(8 * u64::from(n)));
+        let out = run_python(
+            "close_tensors.py",
+            &[
+                d.out()
+                    .join(format!("single-{n}/model.safetensors"))
+                    .to_str()
+                    .unwrap(),
+                d.out()
+                    .join(format!("ranks-{n}/model.safetensors"))
+                    .to_str()
+                    .unwrap(),
+                "1e-5",
+            ],
+        );
+        assert!(out.contains("max_abs_diff="), "{out}");
+        eprintln!(
+            "{n} ranks against 1 rank with batch {}: {}",
+            8 * n,
+            out.trim()
+        );
+        // Sharded evaluation sums to the same accuracy.
+        assert_eq!(one.status.val_accuracy, many.status.val_accuracy);
+        let events = d.events(&many.id).events;
+        assert!(events
+            .iter()
+            .any(|e| e.message == format!("{n} ranks joined the ring")));
+    }
+}
+
+#[test]
+fn a_killed_rank_stops_every_other_rank_within_seconds() {
+    let d = Daemon::start();
+    let spec = "name: dp-victim\nmodel: {arch: torchscript, path: cnn4.pt}\n\
+                data: {train: {path: big.safetensors}}\n\
+                train: {epochs: 1000, batch_size: 8, optimizer: {name: sgd, lr: 0.01}}\n\
+                resources: {ranks: 3, threads: 1}\noutput: {dir: dp-victim}\n";
+    let job = d.submit(spec);
+    d.wait_for(&job.id, Duration::from_secs(60), "steps", |j| {
+        j.status.step > 5
+    });
+    let pids: Vec<(u64, u32)> = d
+        .events(&job.id)
+        .events
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e.data.get("rank")?.as_u64()?,
+                e.data.get("pid")?.as_u64()? as u32,
+            ))
+        })
+        .collect();
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    let victim = pids.iter().find(|(r, _)| *r == 1).unwrap().1;
+    let killed_at = Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let end = d.wait_terminal(&job.id, Duration::from_secs(30));
+    let took = killed_at.elapsed();
+    assert_eq!(end.phase, JobPhase::Failed);
+    let reason = end.status.failure.unwrap();
+    assert!(
+        reason.starts_with("rank 1 was killed (SIGKILL"),
+        "the reason names the dead rank: {reason}"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "the job took {took:?} to fail"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for (rank, pid) in pids {
+        assert!(!pid_alive(pid), "rank {rank} (pid {pid}) still runs");
+    }
+    eprintln!("job failed {took:?} after rank 1 was killed: {reason}");
+}
