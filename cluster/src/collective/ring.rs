@@ -53,7 +53,8 @@ pub struct Ring {
     seq: u32,
     prev: Option<(TcpStream, Peer)>,
     next: Option<(TcpStream, Peer)>,
-    recv_buf: Vec<u8>,
+    /// Received values waiting to be added (f32, so reads land aligned and the sum vectorises).
+    recv_buf: Vec<f32>,
 }
 
 /// Segments up to this size are written and then read on the calling thread.
@@ -64,21 +65,9 @@ pub fn listen(ip: IpAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(SocketAddr::new(ip, 0))
 }
 
-fn ne(b: &[u8]) -> f32 {
-    f32::from_ne_bytes([b[0], b[1], b[2], b[3]])
-}
-
-/// Adds (or copies) received bytes into `dst`.
-fn apply(dst: &mut [f32], bytes: &[u8], add: bool) {
-    if add {
-        for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
-            *d += ne(b);
-        }
-    } else {
-        for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
-            *d = ne(b);
-        }
-    }
+/// Reads exactly `dst.len()` values from `stream` into `dst`, as raw bytes.
+fn read_values(stream: &mut TcpStream, dst: &mut [f32]) -> std::io::Result<()> {
+    stream.read_exact(bytemuck::cast_slice_mut(dst))
 }
 
 impl Ring {
@@ -219,14 +208,31 @@ impl Ring {
         Ok(())
     }
 
-    fn recv(&mut self, n_bytes: usize, op: &'static str) -> Result<(), CollectiveError> {
-        self.recv_buf.resize(n_bytes, 0);
+    /// Reads raw bytes from the previous rank.
+    fn recv_bytes(&mut self, dst: &mut [u8], op: &'static str) -> Result<(), CollectiveError> {
         let (stream, _) = self.prev.as_mut().expect("world > 1 has a previous rank");
-        if let Err(e) = stream.read_exact(&mut self.recv_buf) {
+        if let Err(e) = stream.read_exact(dst) {
             let peer = &self.prev.as_ref().expect("checked").1;
             return Err(self.lost(peer, op, &e));
         }
         Ok(())
+    }
+
+    /// Receives `dst.len()` values from the previous rank, adding them to `dst` or copying
+    /// them into it.
+    fn recv_into(&mut self, dst: &mut [f32], add: bool, op: &'static str) -> Result<(), CollectiveError> {
+        let (stream, _) = self.prev.as_mut().expect("world > 1 has a previous rank");
+        let r = if add {
+            self.recv_buf.resize(dst.len(), 0.0);
+            read_values(stream, &mut self.recv_buf).map(|()| {
+                for (d, v) in dst.iter_mut().zip(&self.recv_buf) {
+                    *d += *v;
+                }
+            })
+        } else {
+            read_values(stream, dst)
+        };
+        r.map_err(|e| self.lost(&self.prev.as_ref().expect("checked").1, op, &e))
     }
 
     /// Sends a header to the next rank and checks the previous rank's.
@@ -237,8 +243,8 @@ impl Ring {
         h.extend_from_slice(&self.seq.to_le_bytes());
         h.extend_from_slice(&(len as u64).to_le_bytes());
         self.send(&h, op)?;
-        self.recv(16, op)?;
-        let b = &self.recv_buf;
+        let mut b = [0u8; 16];
+        self.recv_bytes(&mut b, op)?;
         let (c, s) = (
             u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
             u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
@@ -284,9 +290,7 @@ impl Ring {
         let out: &[u8] = bytemuck::cast_slice(out);
         if out.len() + inp.len() * 4 <= INLINE_BYTES {
             self.send(out, op)?;
-            self.recv(inp.len() * 4, op)?;
-            apply(inp, &self.recv_buf, add);
-            return Ok(());
+            return self.recv_into(inp, add, op);
         }
         let chunk = (self.cfg.chunk_bytes / 4).max(1);
         let Ring {
@@ -301,14 +305,22 @@ impl Ring {
             let writer = scope.spawn(move || next_stream.write_all(out));
             let mut received = Ok(());
             for part in inp.chunks_mut(chunk) {
-                recv_buf.resize(part.len() * 4, 0);
-                if let Err(e) = prev_stream.read_exact(recv_buf) {
+                let r = if add {
+                    recv_buf.resize(part.len(), 0.0);
+                    read_values(prev_stream, recv_buf).map(|()| {
+                        for (d, v) in part.iter_mut().zip(recv_buf.iter()) {
+                            *d += *v;
+                        }
+                    })
+                } else {
+                    read_values(prev_stream, part)
+                };
+                if let Err(e) = r {
                     received = Err(e);
                     // Unblock the writer: the step has failed anyway.
                     let _ = prev_stream.shutdown(std::net::Shutdown::Both);
                     break;
                 }
-                apply(part, recv_buf, add);
             }
             (
                 writer
@@ -383,8 +395,7 @@ impl Collective for Ring {
         for start in (0..data.len()).step_by(chunk) {
             let range = start..(start + chunk).min(data.len());
             if self.rank != root {
-                self.recv(range.len() * 4, op)?;
-                apply(&mut data[range.clone()], &self.recv_buf, false);
+                self.recv_into(&mut data[range.clone()], false, op)?;
             }
             if self.rank != last {
                 self.send(bytemuck::cast_slice(&data[range]), op)?;
