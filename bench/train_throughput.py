@@ -6,6 +6,10 @@
                                     trains the same model on the same data with a plain PyTorch
                                     loop (SGD, momentum 0.9, sequential batches as in ferry's job
                                     with shuffle: false) and prints samples/s over the training steps
+  torchrun --nproc-per-node N train_throughput.py ddp DIR EPOCHS BATCH THREADS
+                                    the same with DistributedDataParallel over Gloo: rank r takes
+                                    its contiguous part of each global batch of N*BATCH samples (as
+                                    ferry does); rank 0 prints global samples/s over the steps
 """
 import os
 import sys
@@ -63,8 +67,41 @@ def run_torch(d, epochs, batch, threads):
     print(f"{seen / busy:.2f}")
 
 
+def run_ddp(d, epochs, batch, threads):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = DistributedDataParallel(torch.jit.load(f"{d}/models/bench.pt"))
+    model.train()
+    data = load_file(f"{d}/data/bench.safetensors")
+    x, y = data["images"].float() / 255.0, data["labels"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    n, seen, busy = len(y), 0, 0.0
+    dist.barrier()
+    for _ in range(epochs):
+        for i in range(0, n, batch * world):
+            t0 = time.perf_counter()
+            g = min(batch * world, n - i)
+            lo = i + rank * g // world
+            idx = torch.arange(lo, i + (rank + 1) * g // world)
+            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+            busy += time.perf_counter() - t0
+            seen += g
+    if rank == 0:
+        print(f"{seen / busy:.2f}")
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "prepare":
         prepare(sys.argv[2])
+    elif sys.argv[1] == "ddp":
+        run_ddp(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:
         run_torch(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

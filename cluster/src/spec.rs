@@ -26,6 +26,17 @@ pub struct JobSpec {
     pub resources: Resources,
     /// Where results go.
     pub output: OutputSpec,
+    /// What happens when a rank fails.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+/// Restarts after a failure: the job goes back to Pending and resumes from its newest
+/// checkpoint, at most `max_restarts` times; then it fails.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartPolicy {
+    pub max_restarts: u32,
 }
 
 /// Model architectures ferry can train.
@@ -507,6 +518,9 @@ impl JobSpec {
             }
         }
         check_path(&mut bad, "output.dir", &self.output.dir);
+        if self.restart.max_restarts > 100 {
+            bad("restart.max_restarts", "must be at most 100".into());
+        }
 
         if errs.is_empty() {
             Ok(())

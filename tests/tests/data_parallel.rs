@@ -112,3 +112,50 @@ fn a_killed_rank_stops_every_other_rank_within_seconds() {
     }
     eprintln!("job failed {took:?} after rank 1 was killed: {reason}");
 }
+
+#[test]
+fn a_restart_policy_resumes_a_job_whose_rank_was_killed() {
+    let d = Daemon::start();
+    let spec = "name: dp-phoenix\nmodel: {arch: torchscript, path: cnn4.pt}\n\
+                data: {train: {path: big.safetensors}}\n\
+                train: {epochs: 8, batch_size: 8, checkpoint_every_steps: 50, optimizer: {name: sgd, lr: 0.01}}\n\
+                resources: {ranks: 2, threads: 1}\nrestart: {max_restarts: 1}\noutput: {dir: dp-phoenix}\n";
+    let job = d.submit(spec);
+    d.wait_for(&job.id, Duration::from_secs(60), "a checkpoint", |j| {
+        j.status.checkpoint.is_some() && j.status.step >= 100
+    });
+    let victim = d
+        .events(&job.id)
+        .events
+        .iter()
+        .find_map(|e| {
+            (e.data.get("rank")?.as_u64()? == 1)
+                .then(|| e.data.get("pid")?.as_u64())
+                .flatten()
+        })
+        .expect("rank 1's pid");
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let end = d.wait_terminal(&job.id, Duration::from_secs(180));
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    assert_eq!(end.status.attempts, 2);
+    assert_eq!(end.status.step, 1000);
+    let events = d.events(&job.id).events;
+    let restart = events
+        .iter()
+        .find(|e| e.message.starts_with("restarting (1 of 1 restarts)"))
+        .expect("a restart event");
+    assert!(
+        restart.message.contains("rank 1 was killed"),
+        "{}",
+        restart.message
+    );
+    let resumed = events
+        .iter()
+        .find(|e| e.message.starts_with("training resumed at step"))
+        .expect("a resume");
+    assert!(resumed.data["start_step"].as_u64().unwrap() >= 100);
+}

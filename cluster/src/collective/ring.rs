@@ -220,7 +220,12 @@ impl Ring {
 
     /// Receives `dst.len()` values from the previous rank, adding them to `dst` or copying
     /// them into it.
-    fn recv_into(&mut self, dst: &mut [f32], add: bool, op: &'static str) -> Result<(), CollectiveError> {
+    fn recv_into(
+        &mut self,
+        dst: &mut [f32],
+        add: bool,
+        op: &'static str,
+    ) -> Result<(), CollectiveError> {
         let (stream, _) = self.prev.as_mut().expect("world > 1 has a previous rank");
         let r = if add {
             self.recv_buf.resize(dst.len(), 0.0);

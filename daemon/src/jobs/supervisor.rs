@@ -66,6 +66,34 @@ pub async fn run(m: &JobManager, job: Job) {
         Outcome::Failed(reason) => (JobPhase::Failed, Some(reason), "failed"),
     };
     m.metrics.rank_exits.with_label_values(&[label]).inc();
+    // The restart policy: back to Pending, to resume from the newest checkpoint.
+    let restarts_used = attempt.saturating_sub(1);
+    if let (JobPhase::Failed, Some(reason)) = (phase, &failure) {
+        let max = job.spec.restart.max_restarts;
+        if restarts_used < max {
+            m.event(
+                &id,
+                EventKind::Phase,
+                format!(
+                    "restarting ({} of {max} restarts) after: {reason}",
+                    restarts_used + 1
+                ),
+                json!({"reason": reason}),
+            )
+            .await;
+            let r = m
+                .update(&id, |j| {
+                    if !j.cancel_requested {
+                        j.phase = JobPhase::Pending;
+                        j.status.failure = Some(reason.clone());
+                    }
+                })
+                .await;
+            if r.is_ok_and(|j| j.phase == JobPhase::Pending) {
+                return;
+            }
+        }
+    }
     m.metrics.forget_job(&id, &job.name);
     let msg = match &failure {
         Some(r) => format!("Failed: {r}"),
