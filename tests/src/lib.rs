@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use ferry_cluster::api::{EventPage, Job, JobPhase};
+use ferry_cluster::api::{EventPage, Job};
 use serde_json::Value;
 
 /// The workspace root.
@@ -335,17 +335,26 @@ pub fn pid_alive(pid: u32) -> bool {
             .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
 }
 
-/// The pid of rank 0 of the job's latest attempt, from its events.
-pub fn rank_pid(d: &Daemon, id: &str) -> u32 {
+/// (rank, pid) of every rank the job has started, oldest first, from its events.
+pub fn rank_pids(d: &Daemon, id: &str) -> Vec<(u64, u32)> {
     d.events(id)
         .events
         .iter()
-        .rev()
-        .find_map(|e| e.data.get("pid").and_then(Value::as_u64))
-        .expect("a rank started") as u32
+        .filter_map(|e| {
+            Some((
+                e.data.get("rank")?.as_u64()?,
+                e.data.get("pid")?.as_u64()? as u32,
+            ))
+        })
+        .collect()
 }
 
-/// `phase` is terminal and is `want`.
-pub fn is(job: &Job, want: JobPhase) -> bool {
-    job.phase == want
+/// The pid of rank `rank` in the job's latest attempt.
+pub fn rank_pid(d: &Daemon, id: &str, rank: u64) -> u32 {
+    rank_pids(d, id)
+        .into_iter()
+        .rev()
+        .find(|(r, _)| *r == rank)
+        .expect("the rank started")
+        .1
 }

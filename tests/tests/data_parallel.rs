@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use ferry_cluster::api::JobPhase;
-use ferry_tests::{pid_alive, run_python, Daemon};
+use ferry_tests::{pid_alive, rank_pid, rank_pids, run_python, Daemon};
 
 fn mlp_job(name: &str, ranks: u32, batch: u32) -> String {
     format!(
@@ -75,19 +75,9 @@ fn a_killed_rank_stops_every_other_rank_within_seconds() {
     d.wait_for(&job.id, Duration::from_secs(60), "steps", |j| {
         j.status.step > 5
     });
-    let pids: Vec<(u64, u32)> = d
-        .events(&job.id)
-        .events
-        .iter()
-        .filter_map(|e| {
-            Some((
-                e.data.get("rank")?.as_u64()?,
-                e.data.get("pid")?.as_u64()? as u32,
-            ))
-        })
-        .collect();
+    let pids = rank_pids(&d, &job.id);
     assert_eq!(pids.len(), 3, "{pids:?}");
-    let victim = pids.iter().find(|(r, _)| *r == 1).unwrap().1;
+    let victim = rank_pid(&d, &job.id, 1);
     let killed_at = Instant::now();
     assert!(std::process::Command::new("kill")
         .args(["-9", &victim.to_string()])
@@ -124,16 +114,7 @@ fn a_restart_policy_resumes_a_job_whose_rank_was_killed() {
     d.wait_for(&job.id, Duration::from_secs(60), "a checkpoint", |j| {
         j.status.checkpoint.is_some() && j.status.step >= 100
     });
-    let victim = d
-        .events(&job.id)
-        .events
-        .iter()
-        .find_map(|e| {
-            (e.data.get("rank")?.as_u64()? == 1)
-                .then(|| e.data.get("pid")?.as_u64())
-                .flatten()
-        })
-        .expect("rank 1's pid");
+    let victim = rank_pid(&d, &job.id, 1);
     assert!(std::process::Command::new("kill")
         .args(["-9", &victim.to_string()])
         .status()
