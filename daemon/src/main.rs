@@ -165,6 +165,7 @@ fn run_daemon(cli: Cli) -> Result<()> {
             roots.clone(),
             node_name.clone(),
             metrics.clone(),
+            node::cuda_devices(),
         )?;
         let recovered = jobs.recover().await?;
         let node = Node {

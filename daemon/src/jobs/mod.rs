@@ -21,6 +21,10 @@ use ferry_cluster::time::now_rfc3339;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
+/// Events kept per job (the newest), besides the first [`KEEP_FIRST_EVENTS`].
+const MAX_EVENTS: u64 = 10_000;
+const KEEP_FIRST_EVENTS: u64 = 100;
+
 /// Errors of job operations, mapped to HTTP problems at the edge.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -46,6 +50,8 @@ pub struct JobManager {
     pub exe: PathBuf,
     /// Where worker plans are written.
     pub plans_dir: PathBuf,
+    /// GPUs on this node (a CUDA job on a node without one is refused at submission).
+    cuda_devices: u32,
     wake: tokio::sync::Notify,
     /// Next event number per job (this node is the only writer of its jobs' events).
     event_seq: Mutex<HashMap<String, u64>>,
@@ -76,11 +82,13 @@ impl JobManager {
         roots: Roots,
         node: String,
         metrics: Metrics,
+        cuda_devices: u32,
     ) -> std::io::Result<Arc<Self>> {
         let exe = std::env::current_exe()?;
         let plans_dir = config.data_dir.join("plans");
         std::fs::create_dir_all(&plans_dir)?;
         Ok(Arc::new(JobManager {
+            cuda_devices,
             keys: Keys::new(&config.store_prefix),
             store,
             node,
@@ -145,6 +153,15 @@ impl JobManager {
     /// Validates, resolves and records a new job as Pending.
     pub async fn submit(&self, spec: JobSpec) -> Result<Job, JobError> {
         spec.validate().map_err(|e| JobError::Invalid(e.0))?;
+        if spec.resources.device == ferry_cluster::spec::Device::Cuda && self.cuda_devices == 0 {
+            return Err(JobError::Invalid(vec![FieldError {
+                field: "resources.device".into(),
+                message: format!(
+                    "node {} has no CUDA device (see `ferryctl nodes`); use device: cpu",
+                    self.node
+                ),
+            }]));
+        }
         let resolved = self.resolve(&spec).map_err(JobError::Invalid)?;
         let out_dir = PathBuf::from(&resolved.output.dir);
         // One job per output directory: results of two runs never mix.
@@ -354,6 +371,14 @@ impl JobManager {
             .await
         {
             tracing::warn!(job = id, error = %e, "cannot write event");
+        }
+        // Retention: a job keeps its newest MAX_EVENTS events (its first ones stay too:
+        // they hold the init report and the start).
+        if seq > MAX_EVENTS + KEEP_FIRST_EVENTS {
+            let _ = self
+                .store
+                .delete(&self.keys.event(id, seq - MAX_EVENTS))
+                .await;
         }
     }
 
