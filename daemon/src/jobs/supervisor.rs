@@ -189,6 +189,21 @@ fn spawn_rank(
     Ok((pid, stdin))
 }
 
+/// Asks every rank of an attempt to be killed, at the latest when dropped.
+struct KillOnDrop(tokio::sync::watch::Sender<bool>);
+
+impl KillOnDrop {
+    fn send(&self, kill: bool) -> Result<(), tokio::sync::watch::error::SendError<bool>> {
+        self.0.send(kill)
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(true);
+    }
+}
+
 /// Resolves once the supervisor asks for the ranks to be killed (never, if it goes away).
 async fn kill_requested(kill: &mut tokio::sync::watch::Receiver<bool>) {
     loop {
@@ -249,6 +264,8 @@ async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result
 
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
     let (kill_tx, kill_rx) = tokio::sync::watch::channel(false);
+    // However this attempt ends (an error included), its ranks are killed.
+    let kill_tx = KillOnDrop(kill_tx);
     let mut stdins = Vec::with_capacity(world);
     for rank in 0..world {
         match spawn_rank(m, &plan_path, rank, world, tx.clone(), kill_rx.clone()) {
