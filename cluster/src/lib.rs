@@ -7,6 +7,9 @@
 //! - [`store`]: the coordination store interface (keys with revisions, leases, watches,
 //!   compare-and-swap transactions) and [`store::embedded`], its single-node implementation.
 //! - [`keys`]: where jobs, events and nodes live in the store.
+//! - [`collective`]: all-reduce, broadcast and barrier between the ranks of a job, and
+//!   [`collective::ring`], the TCP ring for CPU ranks.
+//! - [`time`]: RFC 3339 timestamps.
 //!
 //! This crate never links libtorch: operators install `ferryctl` on a laptop.
 
