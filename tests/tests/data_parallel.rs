@@ -140,3 +140,33 @@ fn a_restart_policy_resumes_a_job_whose_rank_was_killed() {
         .expect("a resume");
     assert!(resumed.data["start_step"].as_u64().unwrap() >= 100);
 }
+
+#[test]
+fn feature_extraction_on_two_ranks_matches_one_rank() {
+    // A frozen backbone (BatchNorm in eval mode, so per-rank batch statistics play no part)
+    // and a new head: only the head trains, and both runs must agree.
+    let d = Daemon::start();
+    let job = |name: &str, ranks: u32, batch: u32| {
+        format!(
+            "name: {name}\nmodel: {{arch: torchscript, path: cnn4.pt, init: cnn3_init.safetensors, freeze: [features]}}\n\
+             data: {{train: {{path: train.safetensors}}}}\n\
+             train: {{epochs: 2, batch_size: {batch}, optimizer: {{name: sgd, lr: 0.1, momentum: 0.9}}}}\n\
+             resources: {{ranks: {ranks}, threads: 1}}\noutput: {{dir: {name}}}\n"
+        )
+    };
+    let one = d.submit(&job("fe-one", 1, 16));
+    let two = d.submit(&job("fe-two", 2, 8));
+    for j in [&one, &two] {
+        let end = d.wait_terminal(&j.id, Duration::from_secs(120));
+        assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    }
+    let out = run_python(
+        "close_tensors.py",
+        &[
+            d.out().join("fe-one/model.safetensors").to_str().unwrap(),
+            d.out().join("fe-two/model.safetensors").to_str().unwrap(),
+            "1e-5",
+        ],
+    );
+    eprintln!("feature extraction, 2 ranks against 1: {}", out.trim());
+}
