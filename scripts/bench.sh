@@ -17,10 +17,7 @@ WORK="$(mktemp -d)"
 PORT="${FERRY_BENCH_PORT:-7079}"
 trap 'kill $FERRYD 2>/dev/null; wait $FERRYD 2>/dev/null; rm -rf "$WORK"' EXIT
 "$FERRY_PYTHON" bench/train_throughput.py prepare "$WORK"
-(cd "$WORK" && exec "$REL/ferryd" --standalone --listen "127.0.0.1:$PORT" --data-dir "$WORK/.ferry" >"$WORK/ferryd.log" 2>&1) &
-FERRYD=$!
-export FERRY_SERVER="http://127.0.0.1:$PORT"
-for _ in $(seq 100); do "$REL/ferryctl" nodes >/dev/null 2>&1 && break; sleep 0.1; done
+start_ferryd "$REL" "$WORK" "$PORT"
 
 ferry_round() {
   local name="bench-$1"

@@ -16,15 +16,8 @@ echo "==> preparing data and TorchScript models (PyTorch, scikit-learn)" >&2
 "$FERRY_PYTHON" demo/prepare.py "$WORK" "${FERRY_DEMO_SHOTS:-3}"
 
 echo "==> starting ferryd --standalone on 127.0.0.1:$PORT (log: $WORK/ferryd.log)" >&2
-(cd "$WORK" && exec ferryd --standalone --listen "127.0.0.1:$PORT" --data-dir "$WORK/.ferry" >"$WORK/ferryd.log" 2>&1) &
-FERRYD=$!
 trap 'kill $FERRYD 2>/dev/null; wait $FERRYD 2>/dev/null || true' EXIT
-export FERRY_SERVER="http://127.0.0.1:$PORT"
-for _ in $(seq 100); do
-  ferryctl nodes >/dev/null 2>&1 && break
-  kill -0 $FERRYD 2>/dev/null || { cat "$WORK/ferryd.log" >&2; exit 1; }
-  sleep 0.1
-done
+start_ferryd "$FERRY_ROOT/target/debug" "$WORK" "$PORT"
 
 echo "==> step 1: the source task" >&2
 ferryctl submit demo/jobs/source.yaml --wait

@@ -358,3 +358,12 @@ pub fn rank_pid(d: &Daemon, id: &str, rank: u64) -> u32 {
         .expect("the rank started")
         .1
 }
+
+/// Sends SIGKILL to `pid`, as the OOM killer would.
+pub fn kill9(pid: u32) {
+    let ok = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -9 {pid}");
+}

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use ferry_cluster::api::JobPhase;
-use ferry_tests::{pid_alive, rank_pid, rank_pids, run_python, Daemon};
+use ferry_tests::{kill9, pid_alive, rank_pid, rank_pids, run_python, Daemon};
 
 fn mlp_job(name: &str, ranks: u32, batch: u32) -> String {
     format!(
@@ -79,11 +79,7 @@ fn a_killed_rank_stops_every_other_rank_within_seconds() {
     assert_eq!(pids.len(), 3, "{pids:?}");
     let victim = rank_pid(&d, &job.id, 1);
     let killed_at = Instant::now();
-    assert!(std::process::Command::new("kill")
-        .args(["-9", &victim.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    kill9(victim);
     let end = d.wait_terminal(&job.id, Duration::from_secs(30));
     let took = killed_at.elapsed();
     assert_eq!(end.phase, JobPhase::Failed);
@@ -115,11 +111,7 @@ fn a_restart_policy_resumes_a_job_whose_rank_was_killed() {
         j.status.checkpoint.is_some() && j.status.step >= 100
     });
     let victim = rank_pid(&d, &job.id, 1);
-    assert!(std::process::Command::new("kill")
-        .args(["-9", &victim.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    kill9(victim);
     let end = d.wait_terminal(&job.id, Duration::from_secs(180));
     assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
     assert_eq!(end.status.attempts, 2);

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use ferry_cluster::api::JobPhase;
-use ferry_tests::{fixtures, pid_alive, rank_pid, run_python, Daemon};
+use ferry_tests::{fixtures, kill9, pid_alive, rank_pid, run_python, Daemon};
 
 /// Feature extraction on the fixture CNN: init from a 3-class source, new 4-class head.
 fn feature_extraction(name: &str) -> String {
@@ -233,7 +233,7 @@ fn a_killed_rank_fails_the_job_but_not_the_daemon() {
         j.status.step > 0
     });
     let pid = rank_pid(&d, &job.id, 0);
-    unsafe_kill(pid);
+    kill9(pid);
     let end = d.wait_terminal(&job.id, Duration::from_secs(20));
     assert_eq!(end.phase, JobPhase::Failed);
     let reason = end.status.failure.unwrap();
@@ -448,14 +448,4 @@ fn metrics_and_openapi_are_served() {
     std::fs::write(&path, doc.to_string()).unwrap();
     let out = run_python("validate_openapi.py", &[path.to_str().unwrap()]);
     assert!(out.contains("valid"), "{out}");
-}
-
-/// SIGKILL, as the OOM killer would.
-fn unsafe_kill(pid: u32) {
-    let ok = std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -9 {pid}");
 }

@@ -105,12 +105,17 @@ impl Optimizer {
         })
     }
 
-    /// The optimizer state as named tensors (`{param}.momentum_buffer`, `.exp_avg`, `.exp_avg_sq`).
-    pub fn state(&self) -> Vec<(String, Tensor)> {
-        let (n1, n2) = match self.spec.name {
+    /// Suffixes of the per-parameter state tensors, as PyTorch names them ("" for none).
+    fn state_names(&self) -> (&'static str, &'static str) {
+        match self.spec.name {
             OptimizerName::Sgd => ("momentum_buffer", ""),
             OptimizerName::Adamw => ("exp_avg", "exp_avg_sq"),
-        };
+        }
+    }
+
+    /// The optimizer state as named tensors (`{param}.momentum_buffer`, `.exp_avg`, `.exp_avg_sq`).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let (n1, n2) = self.state_names();
         let mut out = Vec::new();
         for (i, (name, _)) in self.params.iter().enumerate() {
             if let Some(t) = &self.state1[i] {
@@ -126,10 +131,7 @@ impl Optimizer {
     /// Restores state written by [`Optimizer::state`].
     pub fn load_state(&mut self, tensors: Vec<(String, Tensor)>, steps: u64) -> Result<()> {
         let mut by_name: HashMap<String, Tensor> = tensors.into_iter().collect();
-        let (n1, n2) = match self.spec.name {
-            OptimizerName::Sgd => ("momentum_buffer", ""),
-            OptimizerName::Adamw => ("exp_avg", "exp_avg_sq"),
-        };
+        let (n1, n2) = self.state_names();
         let device = self.params.first().map(|(_, p)| p.device());
         for (i, (name, p)) in self.params.iter().enumerate() {
             let to_dev = |t: Tensor| device.map_or(t.shallow_clone(), |d| t.to_device(d));
