@@ -44,4 +44,14 @@ impl Keys {
     pub fn node(&self, name: &str) -> String {
         format!("{}/nodes/{name}", self.prefix)
     }
+
+    /// The prefix holding the teacher replicas of job `id` (each attached to a lease).
+    pub fn teachers(&self, id: &str) -> String {
+        format!("{}/teachers/{id}/", self.prefix)
+    }
+
+    /// The registration of teacher replica `replica` of job `id`.
+    pub fn teacher(&self, id: &str, replica: u32) -> String {
+        format!("{}/teachers/{id}/{replica:03}", self.prefix)
+    }
 }

@@ -9,12 +9,14 @@
 //! - [`keys`]: where jobs, events and nodes live in the store.
 //! - [`collective`]: all-reduce, broadcast and barrier between the ranks of a job, and
 //!   [`collective::ring`], the TCP ring for CPU ranks.
+//! - [`distill`]: the teacher service's wire format, server, client and soft-label cache.
 //! - [`time`]: RFC 3339 timestamps.
 //!
 //! This crate never links libtorch: operators install `ferryctl` on a laptop.
 
 pub mod api;
 pub mod collective;
+pub mod distill;
 pub mod keys;
 pub mod paths;
 pub mod spec;

@@ -29,6 +29,144 @@ pub struct JobSpec {
     /// What happens when a rank fails.
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// Knowledge distillation from a teacher served over the network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillSpec>,
+}
+
+/// Knowledge distillation: the students learn from a teacher's soft labels,
+/// `loss = alpha*CE(hard labels) + (1-alpha)*T^2*KL(teacher/T || student/T)`, per sample,
+/// averaged over the batch. Samples without a label (`data.unlabelled`) have no CE term.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSpec {
+    pub teacher: TeacherSpec,
+    /// Softening temperature T.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Weight of the hard-label cross-entropy; `1 - alpha` weighs the distillation term.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Soft labels travel and are cached as the k most likely classes (class, f16
+    /// probability), renormalised over those k classes; 0 sends every class.
+    #[serde(default = "default_top_k")]
+    pub top_k: u32,
+    /// When no teacher replica answers: `wait` (up to `wait_timeout_s`, then fail),
+    /// `hard-labels` (train that step on hard labels only) or `fail`.
+    #[serde(default)]
+    pub on_teacher_failure: OnTeacherFailure,
+    /// `index`: ask by sample index (the teacher reads the same data); `tensor`: send images.
+    #[serde(default)]
+    pub mode: DistillMode,
+    /// How long one request may take on one replica before it moves to another.
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+    /// How long `wait` waits for a teacher (including at start-up) before failing the job.
+    #[serde(default = "default_wait_timeout_s")]
+    pub wait_timeout_s: u64,
+    /// Steps whose soft labels are requested ahead of training.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u32,
+    /// Cache soft labels on the student (the inputs are deterministic), so later epochs
+    /// need no teacher round trip.
+    #[serde(default = "yes")]
+    pub cache: bool,
+    /// Memory for the cache per rank, in MB; the rest spills to a file in the output dir.
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: u64,
+}
+
+/// The teacher model and how it is served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherSpec {
+    pub arch: Arch,
+    /// TorchScript file (`arch: torchscript`), relative to the models root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Output classes of a built-in architecture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_classes: Option<u32>,
+    /// Weights (safetensors, by state_dict name) loaded into the teacher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
+    /// Teacher processes serving this job; students spread requests over them.
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Most samples one forward pass of the teacher takes (requests are coalesced).
+    #[serde(default = "default_teacher_batch")]
+    pub max_batch: u32,
+    /// Intra-op threads per teacher process (default: the daemon's `worker_threads`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u32>,
+    /// How often the daemon restarts a teacher replica that dies.
+    #[serde(default = "default_teacher_restarts")]
+    pub max_restarts: u32,
+}
+
+impl TeacherSpec {
+    /// The teacher as a model section (what loads it).
+    pub fn model(&self) -> ModelSpec {
+        ModelSpec {
+            arch: self.arch,
+            path: self.path.clone(),
+            num_classes: self.num_classes,
+            init: self.init.clone(),
+            freeze: Vec::new(),
+        }
+    }
+}
+
+/// What a student does when no teacher replica answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnTeacherFailure {
+    #[default]
+    Wait,
+    HardLabels,
+    Fail,
+}
+
+/// How students ask for soft labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DistillMode {
+    /// By sample index: the teacher reads the same data set.
+    #[default]
+    Index,
+    /// By input tensor: for data the teacher cannot read.
+    Tensor,
+}
+
+fn default_temperature() -> f64 {
+    4.0
+}
+fn default_alpha() -> f64 {
+    0.5
+}
+fn default_top_k() -> u32 {
+    10
+}
+fn default_deadline_ms() -> u64 {
+    5_000
+}
+fn default_wait_timeout_s() -> u64 {
+    300
+}
+fn default_prefetch() -> u32 {
+    4
+}
+fn default_cache_mb() -> u64 {
+    512
+}
+fn default_teacher_batch() -> u32 {
+    512
+}
+fn default_teacher_restarts() -> u32 {
+    3
+}
+fn one() -> u32 {
+    1
 }
 
 /// Restarts after a failure: the job goes back to Pending and resumes from its newest
@@ -89,6 +227,10 @@ pub struct DataSpec {
     pub train: DataSource,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val: Option<DataSource>,
+    /// Images without labels (safetensors with `images` only, or a directory of images),
+    /// learned from the teacher's soft labels alone; needs `distill`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlabelled: Option<DataSource>,
     /// Side length ImageFolder images are resized to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_size: Option<u32>,
@@ -315,40 +457,9 @@ impl JobSpec {
             bad("name", m);
         }
         let m = &self.model;
-        match (m.arch, &m.path) {
-            (Arch::Torchscript, None) => {
-                bad("model.path", "arch `torchscript` needs the path of a TorchScript file exported with torch.jit.script or torch.jit.trace".into())
-            }
-            (a, Some(_)) if a.is_builtin() => bad(
-                "model.path",
-                format!("arch `{}` is built in and takes no path; use arch: torchscript to load a file", arch_name(a)),
-            ),
-            _ => {}
-        }
-        match (m.arch, m.num_classes) {
-            (a, None) if a.is_builtin() => bad(
-                "model.num_classes",
-                format!(
-                    "arch `{}` needs num_classes (the size of its new head)",
-                    arch_name(a)
-                ),
-            ),
-            (Arch::Torchscript, Some(_)) => bad(
-                "model.num_classes",
-                "a TorchScript model has its own head; num_classes applies to built-in archs only"
-                    .into(),
-            ),
-            (_, Some(0)) => bad("model.num_classes", "must be at least 1".into()),
-            _ => {}
-        }
-        if let Some(p) = &m.path {
-            check_path(&mut bad, "model.path", p);
-        }
+        check_model(&mut bad, "model", m.arch, m.path.as_ref(), m.num_classes);
         if let Some(p) = &m.init {
-            check_path(&mut bad, "model.init", p);
-            if !p.ends_with(".safetensors") {
-                bad("model.init", "must be a .safetensors file (export with safetensors.torch.save_file(model.state_dict(), ...))".into());
-            }
+            check_init(&mut bad, "model.init", p);
         }
         for (i, f) in m.freeze.iter().enumerate() {
             if f.trim().is_empty() || f.ends_with('.') {
@@ -521,12 +632,138 @@ impl JobSpec {
         if self.restart.max_restarts > 100 {
             bad("restart.max_restarts", "must be at most 100".into());
         }
+        if let Some(u) = &self.data.unlabelled {
+            check_path(&mut bad, "data.unlabelled.path", &u.path);
+        }
+        match &self.distill {
+            None if self.data.unlabelled.is_some() => bad(
+                "data.unlabelled",
+                "unlabelled data is learned from a teacher's soft labels; add a distill section"
+                    .into(),
+            ),
+            None => {}
+            Some(d) => validate_distill(&mut bad, d, self.data.unlabelled.is_some()),
+        }
 
         if errs.is_empty() {
             Ok(())
         } else {
             Err(SpecError(errs))
         }
+    }
+}
+
+fn validate_distill(bad: &mut impl FnMut(&str, String), d: &DistillSpec, unlabelled: bool) {
+    let t = &d.teacher;
+    check_model(
+        bad,
+        "distill.teacher",
+        t.arch,
+        t.path.as_ref(),
+        t.num_classes,
+    );
+    if let Some(p) = &t.init {
+        check_init(bad, "distill.teacher.init", p);
+    }
+    if !(1..=16).contains(&t.replicas) {
+        bad(
+            "distill.teacher.replicas",
+            "must be between 1 and 16".into(),
+        );
+    }
+    if !(1..=65_536).contains(&t.max_batch) {
+        bad(
+            "distill.teacher.max_batch",
+            "must be between 1 and 65536".into(),
+        );
+    }
+    if t.threads.is_some_and(|th| th == 0 || th > 1024) {
+        bad(
+            "distill.teacher.threads",
+            "must be between 1 and 1024".into(),
+        );
+    }
+    if t.max_restarts > 100 {
+        bad("distill.teacher.max_restarts", "must be at most 100".into());
+    }
+    if !(d.temperature > 0.0 && d.temperature <= 100.0) {
+        bad("distill.temperature", "must be in (0, 100]".into());
+    }
+    if !(0.0..=1.0).contains(&d.alpha) {
+        bad("distill.alpha", "must be in [0, 1]".into());
+    } else if d.alpha == 1.0 && unlabelled {
+        bad(
+            "distill.alpha",
+            "alpha 1 ignores the teacher, so data.unlabelled would teach nothing; lower alpha"
+                .into(),
+        );
+    }
+    if d.top_k > 65_535 {
+        bad(
+            "distill.top_k",
+            "must be at most 65535 (0 sends every class)".into(),
+        );
+    }
+    if !(1..=3_600_000).contains(&d.deadline_ms) {
+        bad(
+            "distill.deadline_ms",
+            "must be between 1 and 3600000".into(),
+        );
+    }
+    if d.wait_timeout_s == 0 {
+        bad("distill.wait_timeout_s", "must be at least 1".into());
+    }
+    if d.prefetch > 1024 {
+        bad("distill.prefetch", "must be at most 1024 steps".into());
+    }
+}
+
+fn check_model(
+    bad: &mut impl FnMut(&str, String),
+    section: &str,
+    arch: Arch,
+    path: Option<&String>,
+    num_classes: Option<u32>,
+) {
+    match (arch, path) {
+        (Arch::Torchscript, None) => bad(
+            &format!("{section}.path"),
+            "arch `torchscript` needs the path of a TorchScript file exported with torch.jit.script or torch.jit.trace".into(),
+        ),
+        (a, Some(_)) if a.is_builtin() => bad(
+            &format!("{section}.path"),
+            format!("arch `{}` is built in and takes no path; use arch: torchscript to load a file", arch_name(a)),
+        ),
+        _ => {}
+    }
+    match (arch, num_classes) {
+        (a, None) if a.is_builtin() => bad(
+            &format!("{section}.num_classes"),
+            format!(
+                "arch `{}` needs num_classes (the size of its head)",
+                arch_name(a)
+            ),
+        ),
+        (Arch::Torchscript, Some(_)) => bad(
+            &format!("{section}.num_classes"),
+            "a TorchScript model has its own head; num_classes applies to built-in archs only"
+                .into(),
+        ),
+        (_, Some(0)) => bad(
+            &format!("{section}.num_classes"),
+            "must be at least 1".into(),
+        ),
+        _ => {}
+    }
+    if let Some(p) = path {
+        check_path(bad, &format!("{section}.path"), p);
+    }
+}
+
+fn check_init(bad: &mut impl FnMut(&str, String), field: &str, p: &str) {
+    check_path(bad, field, p);
+    if !p.ends_with(".safetensors") {
+        bad(field, "must be a .safetensors file (export with safetensors.torch.save_file(model.state_dict(), ...))".into());
     }
 }
 
@@ -706,6 +943,56 @@ output:
         assert_eq!(e[0].field, "train.lr_schedule.step_size");
         let e = errors(&GOOD.replace("momentum: 0.9", "betas: [0.9, 0.99]"));
         assert_eq!(e[0].field, "train.optimizer");
+    }
+
+    #[test]
+    fn distillation_specs_are_validated() {
+        let with = |d: &str| format!("{GOOD}distill:\n{d}");
+        let s = JobSpec::parse(&with(
+            "  teacher: {arch: torchscript, path: models/teacher.pt}\n",
+        ))
+        .unwrap();
+        let d = s.distill.unwrap();
+        assert_eq!((d.temperature, d.alpha, d.top_k), (4.0, 0.5, 10));
+        assert_eq!(d.on_teacher_failure, OnTeacherFailure::Wait);
+        assert_eq!(d.mode, DistillMode::Index);
+        assert_eq!(d.teacher.replicas, 1);
+        let s = JobSpec::parse(&with(
+            "  teacher: {arch: cnn, num_classes: 4, init: models/t.safetensors, replicas: 2}\n  on_teacher_failure: hard-labels\n  mode: tensor\n  top_k: 0\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            s.distill.as_ref().unwrap().on_teacher_failure,
+            OnTeacherFailure::HardLabels
+        );
+        let e = errors(&with(
+            "  teacher: {arch: cnn, path: x.pt}\n  alpha: 1.5\n  temperature: 0\n",
+        ));
+        let fields: Vec<_> = e.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "distill.teacher.path",
+                "distill.teacher.num_classes",
+                "distill.temperature",
+                "distill.alpha"
+            ]
+        );
+        let e = errors(&with(
+            "  teacher: {arch: mlp, num_classes: 4}\n  on_teacher_failure: retry\n",
+        ));
+        assert_eq!(e[0].field, "distill.on_teacher_failure", "{e:?}");
+        // Unlabelled data needs a teacher, and a teacher that counts.
+        let pool = GOOD.replace(
+            "  image_size: 32",
+            "  image_size: 32\n  unlabelled: {path: data/pool.safetensors}",
+        );
+        let e = errors(&pool);
+        assert_eq!(e[0].field, "data.unlabelled");
+        let e = errors(&format!(
+            "{pool}distill:\n  teacher: {{arch: mlp, num_classes: 4}}\n  alpha: 1\n"
+        ));
+        assert_eq!(e[0].field, "distill.alpha");
     }
 
     #[test]
