@@ -155,6 +155,20 @@ pub struct Node {
     pub running_jobs: Vec<String>,
 }
 
+/// A teacher replica serving a job's students, registered under
+/// `keys.teacher(job, replica)` with a lease: if its process or its node dies, the record
+/// goes, and students stop being sent to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TeacherRecord {
+    pub job: String,
+    pub replica: u32,
+    /// The data-plane address students connect to.
+    pub addr: String,
+    pub node: String,
+    pub pid: u32,
+    pub registered_at: String,
+}
+
 /// A list of nodes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeList {

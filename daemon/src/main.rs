@@ -68,6 +68,14 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         world_size: u32,
     },
+    /// Internal: one replica of a job's distillation teacher, started by the daemon.
+    #[command(hide = true)]
+    Teacher {
+        #[arg(long)]
+        plan: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        replica: u32,
+    },
 }
 
 fn main() {
@@ -80,6 +88,16 @@ fn main() {
     {
         // Errors go to the daemon as a protocol message, then the exit status says "failed".
         if let Err(e) = train::run_worker(plan, *rank as usize, *world_size as usize) {
+            let msg = protocol::WorkerMessage::Failed {
+                reason: format!("{e:#}"),
+            };
+            println!("{}", serde_json::to_string(&msg).unwrap_or_default());
+            std::process::exit(1);
+        }
+        return;
+    }
+    if let Some(Command::Teacher { plan, replica }) = &cli.command {
+        if let Err(e) = train::distill::run_teacher(plan, *replica, train::emit) {
             let msg = protocol::WorkerMessage::Failed {
                 reason: format!("{e:#}"),
             };

@@ -19,6 +19,12 @@ pub struct Metrics {
     pub job_samples_per_second: GaugeVec,
     /// Rank processes that ended, by outcome (`succeeded`, `failed`, `cancelled`).
     pub rank_exits: IntCounterVec,
+    /// Distillation: soft-label cache hit rate of rank 0.
+    pub distill_cache_hit_ratio: GaugeVec,
+    /// Distillation: steps rank 0 trained on hard labels because no teacher answered.
+    pub distill_fallback_steps: GaugeVec,
+    /// Distillation: share of rank 0's training time spent waiting for soft labels.
+    pub distill_teacher_wait_ratio: GaugeVec,
 }
 
 impl Metrics {
@@ -83,6 +89,30 @@ impl Metrics {
                 &["outcome"],
             )
             .expect("valid metric"),
+            distill_cache_hit_ratio: GaugeVec::new(
+                Opts::new(
+                    "ferry_distill_cache_hit_ratio",
+                    "Soft-label cache hits over lookups (rank 0 of a distillation job)",
+                ),
+                job,
+            )
+            .expect("valid metric"),
+            distill_fallback_steps: GaugeVec::new(
+                Opts::new(
+                    "ferry_distill_fallback_steps",
+                    "Steps trained on hard labels because no teacher answered (rank 0)",
+                ),
+                job,
+            )
+            .expect("valid metric"),
+            distill_teacher_wait_ratio: GaugeVec::new(
+                Opts::new(
+                    "ferry_distill_teacher_wait_ratio",
+                    "Share of training time spent waiting for soft labels (rank 0)",
+                ),
+                job,
+            )
+            .expect("valid metric"),
             registry,
         };
         for c in [
@@ -94,6 +124,9 @@ impl Metrics {
             Box::new(m.job_val_accuracy.clone()),
             Box::new(m.job_samples_per_second.clone()),
             Box::new(m.rank_exits.clone()),
+            Box::new(m.distill_cache_hit_ratio.clone()),
+            Box::new(m.distill_fallback_steps.clone()),
+            Box::new(m.distill_teacher_wait_ratio.clone()),
         ] {
             m.registry.register(c).expect("metric registered once");
         }
@@ -107,9 +140,25 @@ impl Metrics {
             &self.job_loss,
             &self.job_val_accuracy,
             &self.job_samples_per_second,
+            &self.distill_cache_hit_ratio,
+            &self.distill_fallback_steps,
+            &self.distill_teacher_wait_ratio,
         ] {
             let _ = g.remove_label_values(&[id, name]);
         }
+    }
+
+    /// Sets a distillation job's gauges from rank 0's progress.
+    pub fn record_distill(&self, labels: &[&str], d: &crate::protocol::DistillProgress) {
+        self.distill_cache_hit_ratio
+            .with_label_values(labels)
+            .set(d.cache_hit_rate);
+        self.distill_fallback_steps
+            .with_label_values(labels)
+            .set(d.fallback_steps as f64);
+        self.distill_teacher_wait_ratio
+            .with_label_values(labels)
+            .set(d.teacher_wait_fraction);
     }
 
     /// The text exposition format.

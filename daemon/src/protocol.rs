@@ -31,6 +31,39 @@ pub struct Peers {
     pub peers: Vec<String>,
 }
 
+/// What the daemon writes on a student rank's stdin whenever the job's teacher replicas
+/// (registered in the store) change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Teachers {
+    /// Data-plane addresses of the live replicas.
+    pub teachers: Vec<String>,
+}
+
+/// Any line the daemon writes on a rank's stdin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Control {
+    Peers(Peers),
+    Teachers(Teachers),
+}
+
+/// A student's distillation counters, sent with its progress.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DistillProgress {
+    /// Soft-label cache hits over lookups, since the start of the attempt.
+    pub cache_hit_rate: f64,
+    /// Steps trained on hard labels because no teacher answered.
+    pub fallback_steps: u64,
+    /// Requests moved to another replica.
+    pub failovers: u64,
+    /// Share of training time spent waiting for soft labels.
+    pub teacher_wait_fraction: f64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Samples whose soft labels came over the network.
+    pub samples_fetched: u64,
+}
+
 /// One line a rank prints on stdout. In a data-parallel job only rank 0 reports training
 /// progress; every rank reports `rendezvous` and, when it cannot go on, `failed`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,6 +105,13 @@ pub enum WorkerMessage {
         loss: f64,
         lr: f64,
         samples_per_sec: f64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        distill: Option<DistillProgress>,
+    },
+    /// A teacher process serves soft labels at `addr` (printed by `ferryd teacher`).
+    TeacherReady {
+        replica: u32,
+        addr: String,
     },
     Eval {
         epoch: u32,

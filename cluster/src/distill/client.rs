@@ -32,8 +32,11 @@ const BACKOFF: Duration = Duration::from_secs(1);
 /// mode, the daemon watching the store writes them to the rank's stdin).
 #[derive(Clone, Default)]
 pub struct Directory {
-    inner: Arc<(Mutex<(u64, Vec<String>)>, Condvar)>,
+    inner: Arc<(Mutex<Versioned>, Condvar)>,
 }
+
+/// (version, addresses): the version grows with every change.
+type Versioned = (u64, Vec<String>);
 
 impl Directory {
     /// Replaces the list of addresses.
@@ -684,7 +687,7 @@ mod tests {
             deadline: Duration::from_millis(300),
             policy,
             wait_timeout: Duration::from_secs(5),
-            cache: cache.then(|| (100, 1 << 20, spill)),
+            cache: cache.then_some((100, 1 << 20, spill)),
         };
         (Client::new(cfg, dir.clone()), dir)
     }

@@ -107,6 +107,7 @@ pub fn document(version: &str) -> Value {
                             "freeze": {"type": "array", "items": {"type": "string"}}}},
                         "data": {"type": "object", "additionalProperties": false, "required": ["train"], "properties": {
                             "train": {"$ref": "#/components/schemas/DataSource"}, "val": {"$ref": "#/components/schemas/DataSource"},
+                            "unlabelled": {"$ref": "#/components/schemas/DataSource"},
                             "image_size": {"type": "integer", "minimum": 1, "maximum": 4096}, "channels": {"type": "integer", "enum": [1, 3]},
                             "shuffle": {"type": "boolean"},
                             "normalize": {"type": "object", "additionalProperties": false, "required": ["mean", "std"], "properties": {
@@ -125,7 +126,19 @@ pub fn document(version: &str) -> Value {
                         "resources": {"type": "object", "additionalProperties": false, "properties": {
                             "ranks": {"type": "integer", "minimum": 1}, "device": {"type": "string", "enum": ["cpu", "cuda"]}, "threads": {"type": "integer", "minimum": 1}}},
                         "output": {"type": "object", "additionalProperties": false, "required": ["dir"], "properties": {"dir": {"type": "string"}}},
-                        "restart": {"type": "object", "additionalProperties": false, "properties": {"max_restarts": {"type": "integer", "minimum": 0, "maximum": 100}}}}},
+                        "restart": {"type": "object", "additionalProperties": false, "properties": {"max_restarts": {"type": "integer", "minimum": 0, "maximum": 100}}},
+                        "distill": {"type": "object", "additionalProperties": false, "required": ["teacher"], "properties": {
+                            "teacher": {"type": "object", "additionalProperties": false, "required": ["arch"], "properties": {
+                                "arch": {"type": "string", "enum": ["torchscript", "resnet18", "resnet50", "cnn", "mlp"]},
+                                "path": {"type": "string"}, "num_classes": {"type": "integer", "minimum": 1}, "init": {"type": "string"},
+                                "replicas": {"type": "integer", "minimum": 1, "maximum": 16}, "max_batch": {"type": "integer", "minimum": 1},
+                                "threads": {"type": "integer", "minimum": 1}, "max_restarts": {"type": "integer", "minimum": 0, "maximum": 100}}},
+                            "temperature": {"type": "number"}, "alpha": {"type": "number", "minimum": 0, "maximum": 1},
+                            "top_k": {"type": "integer", "minimum": 0, "maximum": 65535},
+                            "on_teacher_failure": {"type": "string", "enum": ["wait", "hard-labels", "fail"]},
+                            "mode": {"type": "string", "enum": ["index", "tensor"]},
+                            "deadline_ms": {"type": "integer", "minimum": 1}, "wait_timeout_s": {"type": "integer", "minimum": 1},
+                            "prefetch": {"type": "integer", "minimum": 0}, "cache": {"type": "boolean"}, "cache_mb": {"type": "integer", "minimum": 0}}}}},
                 "DataSource": {"type": "object", "additionalProperties": false, "required": ["path"], "properties": {"path": {"type": "string"}}}
             }
         }

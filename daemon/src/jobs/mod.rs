@@ -132,6 +132,17 @@ impl JobManager {
         if let Some(v) = out.data.val.as_mut() {
             fix("data.val.path", RootKind::Data, &mut v.path, true);
         }
+        if let Some(u) = out.data.unlabelled.as_mut() {
+            fix("data.unlabelled.path", RootKind::Data, &mut u.path, true);
+        }
+        if let Some(t) = out.distill.as_mut().map(|d| &mut d.teacher) {
+            if let Some(p) = t.path.as_mut() {
+                fix("distill.teacher.path", RootKind::Models, p, true);
+            }
+            if let Some(p) = t.init.as_mut() {
+                fix("distill.teacher.init", RootKind::Models, p, true);
+            }
+        }
         fix("output.dir", RootKind::Outputs, &mut out.output.dir, false);
         if spec.model.arch == Arch::Torchscript && errs.is_empty() {
             if let Some(p) = &out.model.path {
@@ -141,6 +152,14 @@ impl JobManager {
                         message: format!("`{p}` is not a file"),
                     });
                 }
+            }
+        }
+        if let Some(p) = out.distill.as_ref().and_then(|d| d.teacher.path.as_ref()) {
+            if errs.is_empty() && !std::path::Path::new(p).is_file() {
+                errs.push(FieldError {
+                    field: "distill.teacher.path".into(),
+                    message: format!("`{p}` is not a file"),
+                });
             }
         }
         if errs.is_empty() {

@@ -5,14 +5,15 @@
 use std::collections::VecDeque;
 use std::process::Stdio;
 
-use ferry_cluster::api::{EventKind, Job, JobPhase};
+use ferry_cluster::api::{EventKind, Job, JobPhase, TeacherRecord};
+use ferry_cluster::store::LeaseId;
 use ferry_cluster::time::now_rfc3339;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
 use super::JobManager;
-use crate::protocol::{Peers, WorkerMessage, WorkerPlan};
+use crate::protocol::{Control, Peers, Teachers, WorkerMessage, WorkerPlan};
 
 /// stderr lines kept to explain a failure.
 const STDERR_TAIL: usize = 20;
@@ -114,31 +115,56 @@ pub async fn run(m: &JobManager, job: Job) {
     tracing::info!(job = %id, phase = phase.as_str(), "job ended");
 }
 
-/// What a rank's task reports to the supervisor, in the order the rank produced it.
+/// A process of a job: a training rank, or a replica of its distillation teacher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proc {
+    Rank(usize),
+    Teacher(u32),
+}
+
+impl std::fmt::Display for Proc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Proc::Rank(r) => write!(f, "rank {r}"),
+            Proc::Teacher(r) => write!(f, "teacher replica {r}"),
+        }
+    }
+}
+
+/// What a process's task reports to the supervisor, in the order the process produced it.
 enum RankEvent {
     Stdout(String),
     Stderr(String),
     Exited(std::io::Result<std::process::ExitStatus>),
 }
 
-/// Starts rank `rank` of `world`; its task forwards its output, then its exit, to `tx`, and
-/// kills it when `kill` turns true.
-fn spawn_rank(
+/// Starts `proc` (of a job of `world` ranks); its task forwards its output, then its exit,
+/// to `tx`, and kills it when `kill` turns true.
+fn spawn_proc(
     m: &JobManager,
     plan_path: &std::path::Path,
-    rank: usize,
+    proc: Proc,
     world: usize,
-    tx: tokio::sync::mpsc::Sender<(usize, RankEvent)>,
+    tx: tokio::sync::mpsc::Sender<(Proc, RankEvent)>,
     mut kill: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(u32, tokio::process::ChildStdin)> {
     let mut cmd = Command::new(&m.exe);
-    cmd.arg("worker")
-        .arg("--plan")
-        .arg(plan_path)
-        .arg("--rank")
-        .arg(rank.to_string())
-        .arg("--world-size")
-        .arg(world.to_string());
+    match proc {
+        Proc::Rank(rank) => cmd
+            .arg("worker")
+            .arg("--plan")
+            .arg(plan_path)
+            .arg("--rank")
+            .arg(rank.to_string())
+            .arg("--world-size")
+            .arg(world.to_string()),
+        Proc::Teacher(replica) => cmd
+            .arg("teacher")
+            .arg("--plan")
+            .arg(plan_path)
+            .arg("--replica")
+            .arg(replica.to_string()),
+    };
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -154,7 +180,7 @@ fn spawn_rank(
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot start rank {rank} ({}): {e}", m.exe.display()))?;
+        .map_err(|e| anyhow::anyhow!("cannot start {proc} ({}): {e}", m.exe.display()))?;
     let pid = child.id().unwrap_or(0);
     let stdin = child.stdin.take().expect("piped");
     let mut out = BufReader::new(child.stdout.take().expect("piped")).lines();
@@ -164,11 +190,11 @@ fn spawn_rank(
         while out_open || err_open {
             tokio::select! {
                 l = out.next_line(), if out_open => match l {
-                    Ok(Some(l)) => { let _ = tx.send((rank, RankEvent::Stdout(l))).await; }
+                    Ok(Some(l)) => { let _ = tx.send((proc, RankEvent::Stdout(l))).await; }
                     _ => out_open = false,
                 },
                 l = err.next_line(), if err_open => match l {
-                    Ok(Some(l)) => { let _ = tx.send((rank, RankEvent::Stderr(l))).await; }
+                    Ok(Some(l)) => { let _ = tx.send((proc, RankEvent::Stderr(l))).await; }
                     _ => err_open = false,
                 },
                 _ = kill_requested(&mut kill), if !killed => {
@@ -184,7 +210,7 @@ fn spawn_rank(
                 child.wait().await
             }
         };
-        let _ = tx.send((rank, RankEvent::Exited(status))).await;
+        let _ = tx.send((proc, RankEvent::Exited(status))).await;
     });
     Ok((pid, stdin))
 }
@@ -220,7 +246,7 @@ async fn kill_requested(kill: &mut tokio::sync::watch::Receiver<bool>) {
 /// Why a rank stopped, ranked so that the cause of a failure is reported, not its echo:
 /// a rank that crashed or was killed explains the others' "lost the connection" errors.
 fn explain_exit(
-    rank: usize,
+    who: Proc,
     status: &std::process::ExitStatus,
     reported: Option<&String>,
     tail: &VecDeque<String>,
@@ -228,7 +254,7 @@ fn explain_exit(
     use std::os::unix::process::ExitStatusExt;
     if let Some(reason) = reported {
         let echo = reason.contains("lost the connection") || reason.contains("is stalled");
-        return (if echo { 2 } else { 0 }, format!("rank {rank}: {reason}"));
+        return (if echo { 2 } else { 0 }, format!("{who}: {reason}"));
     }
     let how = match status.signal() {
         Some(libc::SIGKILL) => "was killed (SIGKILL; out of memory, or killed by hand)".to_string(),
@@ -238,9 +264,97 @@ fn explain_exit(
         None => format!("exited with status {}", status.code().unwrap_or(-1)),
     };
     match tail.iter().rev().find(|l| !l.trim().is_empty()) {
-        Some(l) => (1, format!("rank {rank} {how}; last output: {l}")),
-        None => (1, format!("rank {rank} {how}")),
+        Some(l) => (1, format!("{who} {how}; last output: {l}")),
+        None => (1, format!("{who} {how}")),
     }
+}
+
+/// Lease TTL of a teacher registration: a teacher whose supervisor is gone expires.
+const TEACHER_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A teacher replica of the running attempt.
+#[derive(Default)]
+struct TeacherState {
+    pid: u32,
+    /// It has reported its address at least once (since its last start).
+    ready: bool,
+    lease: Option<LeaseId>,
+    keepalive: Option<tokio::task::JoinHandle<()>>,
+    restarts: u32,
+    reported: Option<String>,
+    tail: VecDeque<String>,
+}
+
+impl TeacherState {
+    /// Ends its registration (students are told it is gone).
+    async fn deregister(&mut self, m: &JobManager) {
+        if let Some(k) = self.keepalive.take() {
+            k.abort();
+        }
+        if let Some(l) = self.lease.take() {
+            let _ = m.store.revoke_lease(l).await;
+        }
+    }
+}
+
+/// Registers a ready teacher in the store under a lease, kept alive while it runs.
+async fn register_teacher(
+    m: &JobManager,
+    job: &Job,
+    replica: u32,
+    addr: &str,
+    t: &mut TeacherState,
+) -> anyhow::Result<()> {
+    t.deregister(m).await;
+    let lease = m.store.grant_lease(TEACHER_TTL).await?;
+    let record = TeacherRecord {
+        job: job.id.clone(),
+        replica,
+        addr: addr.to_string(),
+        node: m.node.clone(),
+        pid: t.pid,
+        registered_at: now_rfc3339(),
+    };
+    m.store
+        .put(
+            &m.keys.teacher(&job.id, replica),
+            serde_json::to_vec(&record)?,
+            lease,
+        )
+        .await?;
+    let store = m.store.clone();
+    t.lease = Some(lease);
+    t.keepalive = Some(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(TEACHER_TTL / 4).await;
+            if store.keep_alive(lease).await.is_err() {
+                return;
+            }
+        }
+    }));
+    Ok(())
+}
+
+/// Writes one line to every rank still listening on stdin.
+async fn tell_ranks(stdins: &mut [Option<tokio::process::ChildStdin>], line: &str) {
+    for slot in stdins.iter_mut() {
+        if let Some(stdin) = slot {
+            if stdin.write_all(line.as_bytes()).await.is_err() {
+                *slot = None;
+            }
+        }
+    }
+}
+
+/// The teacher addresses registered for `job`, in replica order.
+async fn teacher_addrs(m: &JobManager, job: &Job) -> anyhow::Result<Vec<String>> {
+    Ok(m.store
+        .range(&m.keys.teachers(&job.id))
+        .await?
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<TeacherRecord>(&kv.value).ok())
+        .map(|t| t.addr)
+        .collect())
 }
 
 async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result<Outcome> {
@@ -264,28 +378,65 @@ async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result
 
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
     let (kill_tx, kill_rx) = tokio::sync::watch::channel(false);
-    // However this attempt ends (an error included), its ranks are killed.
+    // However this attempt ends (an error included), its processes are killed.
     let kill_tx = KillOnDrop(kill_tx);
-    let mut stdins = Vec::with_capacity(world);
-    for rank in 0..world {
-        match spawn_rank(m, &plan_path, rank, world, tx.clone(), kill_rx.clone()) {
-            Ok((pid, stdin)) => {
-                stdins.push(Some(stdin));
-                m.event(
-                    &job.id,
-                    EventKind::Log,
-                    format!("rank {rank} started (pid {pid})"),
-                    json!({"rank": rank, "pid": pid}),
-                )
-                .await;
-            }
-            Err(e) => {
-                let _ = kill_tx.send(true);
-                return Err(e);
-            }
+
+    // Teachers first: they load their model while the ranks load theirs.
+    let replicas = job.spec.distill.as_ref().map_or(0, |d| d.teacher.replicas);
+    let max_teacher_restarts = job
+        .spec
+        .distill
+        .as_ref()
+        .map_or(0, |d| d.teacher.max_restarts);
+    let mut teachers: Vec<TeacherState> = Vec::new();
+    let mut teacher_watch = None;
+    if replicas > 0 {
+        // Registrations left by an earlier attempt name dead processes.
+        for kv in m.store.range(&m.keys.teachers(&job.id)).await? {
+            let _ = m.store.delete(&kv.key).await;
+        }
+        teacher_watch = Some(m.store.watch(&m.keys.teachers(&job.id), None).await?);
+        for r in 0..replicas {
+            let (pid, _stdin) = spawn_proc(
+                m,
+                &plan_path,
+                Proc::Teacher(r),
+                world,
+                tx.clone(),
+                kill_rx.clone(),
+            )?;
+            m.event(
+                &job.id,
+                EventKind::Log,
+                format!("teacher replica {r} started (pid {pid})"),
+                json!({"teacher": r, "pid": pid}),
+            )
+            .await;
+            teachers.push(TeacherState {
+                pid,
+                ..Default::default()
+            });
         }
     }
-    drop(tx);
+    let mut stdins = Vec::with_capacity(world);
+    for rank in 0..world {
+        let (pid, stdin) = spawn_proc(
+            m,
+            &plan_path,
+            Proc::Rank(rank),
+            world,
+            tx.clone(),
+            kill_rx.clone(),
+        )?;
+        stdins.push(Some(stdin));
+        m.event(
+            &job.id,
+            EventKind::Log,
+            format!("rank {rank} started (pid {pid})"),
+            json!({"rank": rank, "pid": pid}),
+        )
+        .await;
+    }
 
     let mut watch = m
         .store
@@ -304,18 +455,66 @@ async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result
             .unwrap_or_else(|| tokio::time::Instant::now() + std::time::Duration::from_secs(3600));
         tokio::select! {
             ev = rx.recv() => {
-                let Some((rank, ev)) = ev else { break };
+                let Some((proc, ev)) = ev else { break };
+                let rank = match proc {
+                    Proc::Rank(rank) => rank,
+                    Proc::Teacher(r) => {
+                        let t = &mut teachers[r as usize];
+                        match ev {
+                            RankEvent::Stdout(l) => match serde_json::from_str::<WorkerMessage>(&l) {
+                                Ok(WorkerMessage::TeacherReady { addr, .. }) => {
+                                    t.ready = true;
+                                    register_teacher(m, job, r, &addr, t).await?;
+                                    m.event(&job.id, EventKind::Log, format!("teacher replica {r} serves soft labels at {addr}"), json!({"teacher": r, "addr": addr, "pid": t.pid})).await;
+                                }
+                                Ok(WorkerMessage::Failed { reason }) => t.reported = Some(reason),
+                                Ok(WorkerMessage::Log { message }) => m.event(&job.id, EventKind::Log, message, json!({"teacher": r})).await,
+                                _ => m.event(&job.id, EventKind::Log, l, json!({"teacher": r})).await,
+                            },
+                            RankEvent::Stderr(l) => {
+                                if t.tail.len() == STDERR_TAIL {
+                                    t.tail.pop_front();
+                                }
+                                t.tail.push_back(l.clone());
+                                stderr_lines += 1;
+                                if stderr_lines <= STDERR_EVENTS {
+                                    m.event(&job.id, EventKind::Log, l, json!({"teacher": r, "stream": "stderr"})).await;
+                                }
+                            }
+                            RankEvent::Exited(status) => {
+                                t.deregister(m).await;
+                                if cancelled || done || grace.is_some() {
+                                    continue;
+                                }
+                                let status = status?;
+                                let (_, why) = explain_exit(proc, &status, t.reported.take().as_ref(), &t.tail);
+                                if !t.ready {
+                                    // It never served: a bad teacher spec, not an outage.
+                                    failures.push((0, format!("{why} before serving (check distill.teacher)")));
+                                    let _ = kill_tx.send(true);
+                                } else if t.restarts < max_teacher_restarts {
+                                    t.restarts += 1;
+                                    t.ready = false;
+                                    t.tail.clear();
+                                    m.event(&job.id, EventKind::Log, format!("{why}; restarting it ({} of {max_teacher_restarts} restarts)", t.restarts), json!({"teacher": r})).await;
+                                    let (pid, _stdin) = spawn_proc(m, &plan_path, proc, world, tx.clone(), kill_rx.clone())?;
+                                    t.pid = pid;
+                                } else {
+                                    m.event(&job.id, EventKind::Log, format!("{why}; not restarted (distill.teacher.max_restarts = {max_teacher_restarts} used up)"), json!({"teacher": r})).await;
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                };
                 match ev {
                     RankEvent::Stdout(l) => match serde_json::from_str::<WorkerMessage>(&l) {
                         Ok(WorkerMessage::Rendezvous { addr, .. }) => {
                             addrs[rank] = Some(addr);
                             if addrs.iter().all(Option::is_some) {
                                 let peers = Peers { peers: addrs.iter().flatten().cloned().collect() };
-                                let line = format!("{}\n", serde_json::to_string(&peers)?);
-                                for stdin in stdins.iter_mut().filter_map(Option::take) {
-                                    let mut stdin = stdin;
-                                    let _ = stdin.write_all(line.as_bytes()).await;
-                                }
+                                let line = format!("{}\n", serde_json::to_string(&Control::Peers(peers.clone()))?);
+                                tell_ranks(&mut stdins, &line).await;
                                 m.event(&job.id, EventKind::Log, format!("{world} ranks joined the ring"), json!({"peers": peers.peers})).await;
                             }
                         }
@@ -341,9 +540,10 @@ async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result
                     }
                     RankEvent::Exited(status) => {
                         exited += 1;
+                        stdins[rank] = None;
                         let status = status?;
                         if !status.success() && !cancelled {
-                            failures.push(explain_exit(rank, &status, reported[rank].as_ref(), &tails[rank]));
+                            failures.push(explain_exit(proc, &status, reported[rank].as_ref(), &tails[rank]));
                             if world == 1 {
                                 continue;
                             }
@@ -351,6 +551,16 @@ async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result
                         }
                     }
                 }
+            }
+            ev = async { teacher_watch.as_mut().expect("guarded").recv().await }, if teacher_watch.is_some() => {
+                if !matches!(ev, Some(Ok(_))) {
+                    // The watch ended (lagged or closed): watch again, then list.
+                    teacher_watch = Some(m.store.watch(&m.keys.teachers(&job.id), None).await?);
+                }
+                // Students learn the replicas from the store's registrations, never from the
+                // processes directly: the same path cluster mode takes.
+                let line = format!("{}\n", serde_json::to_string(&Control::Teachers(Teachers { teachers: teacher_addrs(m, job).await? }))?);
+                tell_ranks(&mut stdins, &line).await;
             }
             _ = tokio::time::sleep_until(grace_at), if grace.is_some() => {
                 let _ = kill_tx.send(true);
@@ -373,6 +583,9 @@ async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result
         }
     }
     let _ = kill_tx.send(true);
+    for t in &mut teachers {
+        t.deregister(m).await;
+    }
     let _ = std::fs::remove_file(&plan_path);
     if cancelled {
         return Ok(Outcome::Cancelled);
@@ -448,7 +661,11 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
             loss,
             lr,
             samples_per_sec,
+            ref distill,
         } => {
+            if let Some(d) = distill {
+                m.metrics.record_distill(&labels, d);
+            }
             let _ = m
                 .update(id, |j| {
                     j.status.epoch = epoch;
@@ -470,7 +687,7 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
                 id,
                 EventKind::Progress,
                 format!("epoch {epoch} step {step}: loss {loss:.4}, lr {lr:.3e}, {samples_per_sec:.0} samples/s"),
-                json!({"epoch": epoch, "step": step, "loss": loss, "lr": lr, "samples_per_sec": samples_per_sec}),
+                json!({"epoch": epoch, "step": step, "loss": loss, "lr": lr, "samples_per_sec": samples_per_sec, "distill": distill}),
             )
             .await;
         }
@@ -513,6 +730,7 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
         }
         WorkerMessage::Done { .. }
         | WorkerMessage::Failed { .. }
-        | WorkerMessage::Rendezvous { .. } => {}
+        | WorkerMessage::Rendezvous { .. }
+        | WorkerMessage::TeacherReady { .. } => {}
     }
 }

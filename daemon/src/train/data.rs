@@ -41,15 +41,58 @@ impl Dataset {
 
     /// Loads `path` (the `field` of the spec, for messages) per the data spec.
     pub fn load(path: &Path, field: &str, spec: &DataSpec) -> Result<Dataset> {
+        Self::load_with(path, field, spec, true)
+    }
+
+    /// Loads a data set whose labels are optional: every sample gets label -1 (unlabelled
+    /// images, learned from a teacher). An ImageFolder's class directories are ignored.
+    pub fn load_unlabelled(path: &Path, field: &str, spec: &DataSpec) -> Result<Dataset> {
+        let mut ds = Self::load_with(path, field, spec, false)?;
+        ds.labels = Tensor::full([ds.len() as i64], -1, (Kind::Int64, tch::Device::Cpu));
+        ds.classes = None;
+        Ok(ds)
+    }
+
+    /// The training set of a job: `data.train`, followed by `data.unlabelled` (label -1)
+    /// when there is one. Students and teachers index samples in this order.
+    pub fn load_training(spec: &DataSpec) -> Result<Dataset> {
+        let train = Dataset::load(Path::new(&spec.train.path), "data.train", spec)?;
+        let Some(u) = &spec.unlabelled else {
+            return Ok(train);
+        };
+        let pool = Dataset::load_unlabelled(Path::new(&u.path), "data.unlabelled", spec)?;
+        if pool.shape() != train.shape() {
+            bail!(
+                "data.unlabelled images are {:?} but data.train images are {:?} (C,H,W); set data.image_size",
+                pool.shape(),
+                train.shape()
+            );
+        }
+        if train.len() + pool.len() > u32::MAX as usize {
+            bail!("data.train and data.unlabelled together exceed 2^32 samples");
+        }
+        Ok(Dataset {
+            images: Tensor::cat(&[train.images, pool.images], 0),
+            labels: Tensor::cat(&[train.labels, pool.labels], 0),
+            classes: train.classes,
+        })
+    }
+
+    /// Samples with a label (>= 0).
+    pub fn labelled(&self) -> usize {
+        self.labels.ge(0).sum(Kind::Int64).int64_value(&[]) as usize
+    }
+
+    fn load_with(path: &Path, field: &str, spec: &DataSpec, labelled: bool) -> Result<Dataset> {
         let mut ds = if path.is_dir() {
             load_image_folder(path, field, spec)?
         } else {
-            load_safetensors(path, field)?
+            load_safetensors(path, field, labelled)?
         };
         if ds.len() == 0 {
             bail!("{field}: {} holds no samples", path.display());
         }
-        if ds.labels.min().int64_value(&[]) < 0 {
+        if labelled && ds.labels.min().int64_value(&[]) < 0 {
             bail!("{field}: labels must be class indices >= 0");
         }
         if let Some(n) = &spec.normalize {
@@ -72,7 +115,7 @@ impl Dataset {
     }
 }
 
-fn load_safetensors(path: &Path, field: &str) -> Result<Dataset> {
+fn load_safetensors(path: &Path, field: &str, labelled: bool) -> Result<Dataset> {
     let tensors = Tensor::read_safetensors(path).with_context(|| {
         format!(
             "{field}: cannot read {} as safetensors (expected tensors `images` and `labels`)",
@@ -88,10 +131,19 @@ fn load_safetensors(path: &Path, field: &str) -> Result<Dataset> {
             _ => {}
         }
     }
+    let labels = match (labels, &images) {
+        (Some(l), _) => Some(l),
+        (None, Some(i)) if !labelled => Some(Tensor::zeros(
+            [i.size()[0]],
+            (Kind::Int64, tch::Device::Cpu),
+        )),
+        _ => None,
+    };
     let (Some(images), Some(labels)) = (images, labels) else {
         bail!(
-            "{field}: {} must hold tensors named `images` (N,C,H,W) and `labels` (N)",
-            path.display()
+            "{field}: {} must hold tensors named `images` (N,C,H,W){}",
+            path.display(),
+            if labelled { " and `labels` (N)" } else { "" }
         );
     };
     let images = match images.dim() {

@@ -1,7 +1,6 @@
 //! Data parallelism for one rank: forming the ring through the daemon, making every rank
 //! start from rank 0's weights, and averaging gradients in buckets.
 
-use std::io::BufRead;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -10,7 +9,8 @@ use ferry_cluster::collective::ring::{self, Ring, RingConfig};
 use ferry_cluster::collective::Collective;
 use tch::{Device, Kind, Tensor};
 
-use crate::protocol::{Peers, WorkerMessage, WorkerPlan};
+use super::control::ControlChannel;
+use crate::protocol::{WorkerMessage, WorkerPlan};
 
 /// This rank's place in the job, and its connection to the others.
 pub struct Dist {
@@ -38,6 +38,7 @@ impl Dist {
         plan: &WorkerPlan,
         rank: usize,
         world: usize,
+        control: &ControlChannel,
         emit: impl Fn(&WorkerMessage),
     ) -> Result<Dist> {
         if world == 1 {
@@ -54,17 +55,7 @@ impl Dist {
             rank: rank as u32,
             addr: addr.to_string(),
         });
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .context("reading the peer list from the daemon")?;
-        if line.trim().is_empty() {
-            return Err(anyhow!(
-                "rank {rank}: the daemon closed the rendezvous before every rank reported"
-            ));
-        }
-        let peers: Peers = serde_json::from_str(&line).context("corrupt peer list")?;
+        let peers = control.peers(rank)?;
         let peers: Vec<SocketAddr> = peers
             .peers
             .iter()

@@ -3,8 +3,10 @@
 //! libtorch runs only here, never on the daemon's async threads.
 
 pub mod checkpoint;
+pub mod control;
 pub mod data;
 pub mod dist;
+pub mod distill;
 pub mod model;
 pub mod optim;
 pub mod sampler;
@@ -26,7 +28,7 @@ use optim::Optimizer;
 use sampler::Sampler;
 
 /// Prints one protocol message on stdout (the daemon reads it line by line).
-fn emit(msg: &WorkerMessage) {
+pub(crate) fn emit(msg: &WorkerMessage) {
     let mut out = std::io::stdout().lock();
     let _ = serde_json::to_writer(&mut out, msg);
     let _ = out.write_all(b"\n");
@@ -49,6 +51,14 @@ fn load_cuda() -> Result<Device> {
     Ok(Device::Cuda(0))
 }
 
+/// The libtorch device of a spec's `resources.device`.
+fn device(d: SpecDevice) -> Result<Device> {
+    match d {
+        SpecDevice::Cpu => Ok(Device::Cpu),
+        SpecDevice::Cuda => load_cuda(),
+    }
+}
+
 /// The `ferryd worker` entry point: rank `rank` of `world`.
 pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let plan: WorkerPlan = serde_json::from_slice(
@@ -65,7 +75,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             spec.resources.ranks
         );
     }
-    let mut dist = Dist::form(&plan, rank, world, emit)?;
+    let control = control::ControlChannel::start();
+    let mut dist = Dist::form(&plan, rank, world, &control, emit)?;
     let leader = dist.is_leader();
     // Only rank 0 reports training progress and writes files; every rank trains.
     let say = |m: &WorkerMessage| {
@@ -73,15 +84,21 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             emit(m)
         }
     };
-    let device = match spec.resources.device {
-        SpecDevice::Cpu => Device::Cpu,
-        SpecDevice::Cuda => load_cuda()?,
-    };
+    let device = device(spec.resources.device)?;
     let out_dir = PathBuf::from(&plan.output_dir);
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create output dir {}", out_dir.display()))?;
 
-    let train_set = Dataset::load(Path::new(&spec.data.train.path), "data.train", &spec.data)?;
+    let train_set = Dataset::load_training(&spec.data)?;
+    if spec.data.unlabelled.is_some() {
+        let labelled = train_set.labelled();
+        say(&WorkerMessage::Log {
+            message: format!(
+                "training set: {labelled} labelled samples and {} unlabelled ones",
+                train_set.len() - labelled
+            ),
+        });
+    }
     let val_set = match &spec.data.val {
         Some(v) => Some(Dataset::load(Path::new(&v.path), "data.val", &spec.data)?),
         None => None,
@@ -165,6 +182,24 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let trainable_params = model.trainable();
     dist.plan_buckets(&trainable_params, (spec.train.bucket_mb * 1e6) as usize);
     let (trainable, frozen) = model.parameter_counts();
+    let mut student = match &spec.distill {
+        Some(d) => {
+            say(&WorkerMessage::Log {
+                message: format!(
+                    "waiting for a teacher replica (up to {} s)",
+                    d.wait_timeout_s
+                ),
+            });
+            Some(distill::Student::connect(
+                d,
+                control.teachers.clone(),
+                &train_set,
+                &out_dir,
+                rank,
+            )?)
+        }
+        None => None,
+    };
     say(&WorkerMessage::Started {
         total_steps,
         steps_per_epoch,
@@ -196,10 +231,12 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let mut train_samples = 0u64;
     let mut checked_logits = false;
     let mut val_accuracy = None;
+    let prefetch = spec.distill.as_ref().map_or(0, |d| d.prefetch as usize);
 
     'epochs: while epoch < spec.train.epochs && step < total_steps {
         let order = sampler.order(epoch);
         model.set_train(true)?;
+        let (epoch_time, epoch_samples) = (train_time, train_samples);
         let mut window = (
             Instant::now(),
             0u64,
@@ -211,11 +248,19 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 break 'epochs;
             }
             let t0 = Instant::now();
-            let idx: Vec<i64> = sampler
-                .batch(&order, consumed, rank)
-                .iter()
-                .map(|&i| i64::from(i))
-                .collect();
+            let mine = sampler.batch(&order, consumed, rank);
+            if let Some(st) = student.as_mut() {
+                // Ask for this step's and the next steps' soft labels: the teacher works
+                // while this rank trains.
+                for j in 0..=prefetch {
+                    let at = consumed + j * sampler.global_batch();
+                    if at >= sampler.len {
+                        break;
+                    }
+                    st.prefetch(step + j as u64, sampler.batch(&order, at, rank));
+                }
+            }
+            let idx: Vec<i64> = mine.iter().map(|&i| i64::from(i)).collect();
             let idx = Tensor::from_slice(&idx).to_device(device);
             let x = images.index_select(0, &idx);
             let y = labels.index_select(0, &idx);
@@ -225,7 +270,22 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 check_logits(&logits, classes_needed)?;
                 checked_logits = true;
             }
-            let loss = logits.cross_entropy_for_logits(&y);
+            let loss = match (student.as_mut(), &spec.distill) {
+                (Some(st), Some(d)) => {
+                    let targets = st.targets(step, mine, device)?;
+                    if let Some(t) = &targets {
+                        if t.size()[1] != logits.size()[1] {
+                            bail!(
+                                "the teacher has {} classes and the student {}; distillation needs the same classes",
+                                t.size()[1],
+                                logits.size()[1]
+                            );
+                        }
+                    }
+                    distill::loss(&logits, &y, targets.as_ref(), d.alpha, d.temperature)
+                }
+                _ => logits.cross_entropy_for_logits(&y),
+            };
             opt.zero_grad();
             loss.backward();
             // This rank's share of the global batch weighs its gradient, so the mean over
@@ -254,17 +314,19 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                     bail!("training diverged: the loss is {mean_loss} at step {step}; lower train.optimizer.lr");
                 }
                 let sps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+                let distill = student.as_ref().map(|s| s.progress());
                 say(&WorkerMessage::Progress {
                     epoch: epoch + 1,
                     step,
                     loss: mean_loss,
                     lr,
                     samples_per_sec: sps,
+                    distill: distill.clone(),
                 });
                 writeln!(
                     metrics,
                     "{}",
-                    serde_json::json!({"step": step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr, "samples_per_sec": sps})
+                    serde_json::json!({"step": step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr, "samples_per_sec": sps, "distill": distill})
                 )?;
                 last_loss = Some(mean_loss);
                 window = (
@@ -288,6 +350,15 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         if consumed < sampler.len {
             break; // stopped by max_steps mid-epoch
         }
+        let (secs, n) = (
+            (train_time - epoch_time).as_secs_f64(),
+            train_samples - epoch_samples,
+        );
+        writeln!(
+            metrics,
+            "{}",
+            serde_json::json!({"epoch": epoch + 1, "epoch_samples_per_sec": n as f64 / secs.max(1e-9)})
+        )?;
         if let Some(v) = &val_set {
             model.set_train(false)?;
             let (vloss, acc) = evaluate(
@@ -328,6 +399,22 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     model.set_train(false)?;
     if !leader {
         return Ok(());
+    }
+    if let Some(p) = student.as_ref().map(|s| s.progress()) {
+        writeln!(metrics, "{}", serde_json::json!({ "distill": p }))?;
+        metrics.flush()?;
+        say(&WorkerMessage::Log {
+            message: format!(
+                "distillation (rank 0): {} soft labels over the network, cache hit rate {:.1}%, {} steps on hard labels, {} fail-overs, {:.1}% of training time waiting for the teacher, {} bytes sent, {} received",
+                p.samples_fetched,
+                p.cache_hit_rate * 100.0,
+                p.fallback_steps,
+                p.failovers,
+                p.teacher_wait_fraction * 100.0,
+                p.bytes_sent,
+                p.bytes_received
+            ),
+        });
     }
     let files = model.save_final(&out_dir)?;
     let sps = train_samples as f64 / train_time.as_secs_f64().max(1e-9);

@@ -1,0 +1,235 @@
+//! Knowledge distillation: students trained from a teacher service's soft labels.
+
+use std::time::Duration;
+
+use ferry_cluster::api::{Job, JobPhase};
+use ferry_tests::{kill9, pid_alive, run_python, Daemon};
+use serde_json::Value;
+
+/// A distillation job: the MLP student learns 12 labelled images and the unlabelled pool
+/// from the trained CNN teacher. `extra` is appended to the `distill` section.
+fn job(name: &str, ranks: u32, replicas: u32, epochs: u32, extra: &str) -> String {
+    format!(
+        "name: {name}\nmodel: {{arch: torchscript, path: mlp.pt}}\n\
+         data: {{train: {{path: few.safetensors}}, unlabelled: {{path: pool.safetensors}}, val: {{path: val}}, channels: 1}}\n\
+         train: {{epochs: {epochs}, batch_size: 8, seed: 5, optimizer: {{name: sgd, lr: 0.05, momentum: 0.9}}}}\n\
+         resources: {{ranks: {ranks}, threads: 1}}\n\
+         distill:\n  teacher: {{arch: torchscript, path: teacher4.pt, replicas: {replicas}, threads: 1}}\n  temperature: 2.0\n  alpha: 0.5\n  top_k: 2\n{extra}\
+         output: {{dir: {name}}}\n"
+    )
+}
+
+/// The last `distill` record rank 0 wrote to metrics.jsonl.
+fn final_distill(d: &Daemon, name: &str) -> Value {
+    let text = std::fs::read_to_string(d.out().join(name).join("metrics.jsonl")).unwrap();
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v.get("distill").is_some_and(|d| !d.is_null()) && v.get("step").is_none())
+        .expect("a final distill record")["distill"]
+        .clone()
+}
+
+/// The pid of teacher replica `replica`, from its newest "serves soft labels" event.
+fn teacher_pid(d: &Daemon, job: &Job, replica: u64) -> u32 {
+    d.events(&job.id)
+        .events
+        .iter()
+        .rev()
+        .find(|e| e.data["teacher"] == replica && e.message.contains("serves soft labels"))
+        .and_then(|e| e.data["pid"].as_u64())
+        .expect("the teacher replica reported its address") as u32
+}
+
+fn messages(d: &Daemon, job: &Job) -> Vec<String> {
+    d.events(&job.id)
+        .events
+        .into_iter()
+        .map(|e| e.message)
+        .collect()
+}
+
+#[test]
+fn two_students_learn_from_two_teacher_replicas() {
+    let d = Daemon::start();
+    let scratch = d.submit(
+        "name: few-scratch\nmodel: {arch: torchscript, path: mlp.pt}\n\
+         data: {train: {path: few.safetensors}, val: {path: val}, channels: 1}\n\
+         train: {epochs: 8, batch_size: 8, seed: 5, optimizer: {name: sgd, lr: 0.05, momentum: 0.9}}\n\
+         resources: {threads: 1}\noutput: {dir: few-scratch}\n",
+    );
+    let j = d.submit(&job("distill-2x2", 2, 2, 8, ""));
+    let end = d.wait_terminal(&j.id, Duration::from_secs(180));
+    assert_eq!(
+        end.phase,
+        JobPhase::Succeeded,
+        "{:?}\n{}",
+        end.status,
+        d.log()
+    );
+    let scratch = d.wait_terminal(&scratch.id, Duration::from_secs(120));
+    let msgs = messages(&d, &j);
+    for r in 0..2 {
+        assert!(
+            msgs.iter()
+                .any(|m| m.starts_with(&format!("teacher replica {r} serves soft labels at"))),
+            "{msgs:#?}"
+        );
+    }
+    assert!(msgs
+        .iter()
+        .any(|m| m == "training set: 12 labelled samples and 600 unlabelled ones"));
+    let stats = final_distill(&d, "distill-2x2");
+    assert_eq!(stats["fallback_steps"], 0, "{stats}");
+    // 8 epochs over 612 samples: rank 0 fetches each sample it meets once.
+    let hit = stats["cache_hit_rate"].as_f64().unwrap();
+    // Each rank caches what it has seen, and shuffling deals it other samples each epoch, so
+    // with 2 ranks a rank meets about half its samples for the first time in epoch 2.
+    assert!(hit > 0.6, "cache hit rate {hit}");
+    let (distilled, plain) = (
+        end.status.val_accuracy.unwrap(),
+        scratch.status.val_accuracy.unwrap(),
+    );
+    eprintln!("val accuracy: distilled {distilled:.3}, from 12 labels alone {plain:.3}; {stats}");
+    assert!(
+        distilled >= plain && distilled >= 0.9,
+        "distilled {distilled}, scratch {plain}"
+    );
+}
+
+#[test]
+fn the_distillation_loss_matches_pytorch() {
+    let d = Daemon::start();
+    let spec = job("distill-numerics", 1, 1, 1, "")
+        .replace("channels: 1}", "channels: 1, shuffle: false}")
+        .replace(
+            "optimizer: {name: sgd, lr: 0.05, momentum: 0.9}",
+            "max_steps: 6, optimizer: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}",
+        )
+        .replace("alpha: 0.5", "alpha: 0.3");
+    let j = d.submit(&spec);
+    let end = d.wait_terminal(&j.id, Duration::from_secs(120));
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    let f = ferry_tests::fixtures();
+    let path = |p: &str| f.join(p).to_str().unwrap().to_string();
+    // Step 1 (samples 8-15) mixes 4 labelled and 4 unlabelled images; steps 2-5 are unlabelled.
+    let out = run_python(
+        "distill_reference.py",
+        &[
+            &path("models/mlp.pt"),
+            &path("models/teacher4.pt"),
+            &path("data/few.safetensors"),
+            &path("data/pool.safetensors"),
+            d.out()
+                .join("distill-numerics/model.safetensors")
+                .to_str()
+                .unwrap(),
+            "6",
+            "8",
+            "2",
+            "0.3",
+            "2.0",
+        ],
+    );
+    eprintln!("distillation loss against PyTorch: {}", out.trim());
+}
+
+/// Kills the only teacher replica of a job whose students need it at every step (no cache),
+/// and returns the job's end.
+fn kill_the_teacher(d: &Daemon, name: &str, policy: &str, replicas: u32) -> Job {
+    let spec = job(
+        name,
+        1,
+        replicas,
+        1000,
+        &format!("  on_teacher_failure: {policy}\n  cache: false\n  deadline_ms: 2000\n"),
+    )
+    .replace("seed: 5,", "seed: 5, max_steps: 600,");
+    let j = d.submit(&spec);
+    d.wait_for(&j.id, Duration::from_secs(60), "steps", |j| {
+        j.status.step > 20
+    });
+    let victim = teacher_pid(d, &j, 0);
+    kill9(victim);
+    let end = d.wait_terminal(&j.id, Duration::from_secs(180));
+    assert!(!pid_alive(victim));
+    end
+}
+
+#[test]
+fn a_killed_teacher_with_policy_fail_fails_the_job_naming_the_teacher() {
+    let d = Daemon::start();
+    let end = kill_the_teacher(&d, "teacher-fail", "fail", 1);
+    assert_eq!(end.phase, JobPhase::Failed);
+    let reason = end.status.failure.unwrap();
+    assert!(
+        reason.contains("no teacher replica answered") && reason.contains("`fail`"),
+        "{reason}"
+    );
+    eprintln!("policy fail: {reason}");
+}
+
+#[test]
+fn a_killed_teacher_with_policy_hard_labels_trains_on_and_recovers() {
+    let d = Daemon::start();
+    let end = kill_the_teacher(&d, "teacher-hard", "hard-labels", 1);
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    assert_eq!(end.status.step, 600);
+    let msgs = messages(&d, &end);
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("restarting it (1 of 3 restarts)")),
+        "{msgs:#?}"
+    );
+    let stats = final_distill(&d, "teacher-hard");
+    let fallback = stats["fallback_steps"].as_u64().unwrap();
+    assert!((1..600).contains(&fallback), "{stats}");
+    eprintln!("policy hard-labels: {stats}");
+}
+
+#[test]
+fn a_killed_teacher_with_policy_wait_resumes_on_the_restarted_teacher() {
+    let d = Daemon::start();
+    let end = kill_the_teacher(&d, "teacher-wait", "wait", 1);
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    let stats = final_distill(&d, "teacher-wait");
+    assert_eq!(stats["fallback_steps"], 0, "{stats}");
+    let pids: Vec<_> = d
+        .events(&end.id)
+        .events
+        .iter()
+        .filter(|e| e.message.contains("serves soft labels"))
+        .map(|e| e.data["pid"].clone())
+        .collect();
+    assert_eq!(pids.len(), 2, "the teacher came back once: {pids:?}");
+    eprintln!("policy wait: {stats}");
+}
+
+#[test]
+fn students_fail_over_to_another_replica_when_one_dies() {
+    // Policy `fail`: the job only survives if every request moves to the live replica.
+    let d = Daemon::start();
+    let end = kill_the_teacher(&d, "teacher-failover", "fail", 2);
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    let stats = final_distill(&d, "teacher-failover");
+    assert_eq!(stats["fallback_steps"], 0, "{stats}");
+    eprintln!("fail-over: {stats}");
+}
+
+#[test]
+fn a_teacher_that_cannot_start_fails_the_job_with_its_reason() {
+    let d = Daemon::start();
+    // A built-in teacher whose init does not fit it.
+    let spec = job("teacher-broken", 1, 1, 1, "").replace(
+        "{arch: torchscript, path: teacher4.pt,",
+        "{arch: mlp, num_classes: 4, init: teacher4.safetensors,",
+    );
+    let j = d.submit(&spec);
+    let end = d.wait_terminal(&j.id, Duration::from_secs(60));
+    assert_eq!(end.phase, JobPhase::Failed);
+    let reason = end.status.failure.unwrap();
+    assert!(
+        reason.starts_with("teacher replica 0: ") && reason.contains("distill.teacher"),
+        "{reason}"
+    );
+}
