@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The ferry demo: sets everything up, starts a standalone ferryd on the embedded store, and
 # runs a real transfer-learning experiment through ferryctl on scikit-learn's handwritten
-# digits: learn digits 0-5, then digits 6-9 from 10 labels per class three ways (scratch,
-# feature extraction, fine-tuning), and compare their validation accuracy.
+# digits: learn digits 0-5, then digits 6-9 from 3 labels per class three ways (scratch,
+# feature extraction, fine-tuning), then distil the fine-tuned model into a much smaller
+# student through a teacher service, using unlabelled target images, and compare them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -26,9 +27,13 @@ for job in scratch feature-extraction fine-tune; do
   ferryctl submit "demo/jobs/target-$job.yaml" --wait
 done
 
+echo "==> step 3: a small student, from the few labels alone, then distilled from the fine-tuned model" >&2
+ferryctl submit demo/jobs/student-scratch.yaml --wait
+ferryctl submit demo/jobs/student-distill.yaml --wait
+
 echo >&2
 ferryctl get
-for name in digits-scratch digits-feature-extraction digits-fine-tune; do
+for name in digits-scratch digits-feature-extraction digits-fine-tune tiny-scratch tiny-distilled; do
   ferryctl get "$name" -o json | tr -d '\n'
   echo
 done | "$FERRY_PYTHON" demo/report.py
