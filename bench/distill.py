@@ -57,7 +57,10 @@ def report(d):
     print("1. student throughput with the remote teacher (no cache: a round trip every step)")
     for i, (a, b) in enumerate(zip(plain, distilled), 1):
         print(f"   round {i}: without distillation {a:8.1f} samples/s, with the teacher {b:8.1f} samples/s")
-    print(f"   median: {p:.1f} vs {q:.1f}; ratio distilled/plain = {q / p:.3f} (goal >= 0.95)")
+    waits = [[r["distill"] for r in records(d, f"distill-{i}") if r.get("distill") and "step" not in r][-1]["teacher_wait_fraction"]
+             for i in range(1, len(rounds) + 1)]
+    print(f"   median: {p:.1f} vs {q:.1f}; ratio distilled/plain = {q / p:.3f} (goal >= 0.95); "
+          f"time blocked on the teacher: {', '.join(f'{w * 100:.1f}%' for w in waits)}")
     print("2. bytes on the wire per sample (request + response, framing included)")
     for mode, k in [("index", 10), ("index", 0), ("tensor", 10), ("tensor", 0)]:
         s = [r["distill"] for r in records(d, f"bytes-{mode}-{k}") if r.get("distill") and "step" not in r][-1]

@@ -6,8 +6,9 @@
 //! and the answer is usually there when it is needed.
 //!
 //! Requests go to the replica with the lowest `latency × (1 + requests in flight)`, so load
-//! spreads and follows measured speed. A request that passes its deadline, or whose
-//! connection breaks, moves to another replica. When no replica can answer, the
+//! spreads and follows measured speed. A request that passes its deadline (counted from
+//! when its step needs it, so deep prefetching is not punished) or whose connection
+//! breaks moves to another replica. When no replica can answer, the
 //! `on_teacher_failure` policy decides: `fail` ends the job, `hard-labels` trains the step on
 //! hard labels alone, `wait` retries (the daemon restarts dead teachers) for up to
 //! `wait_timeout`, then ends the job. Nothing blocks longer than a deadline without a
@@ -274,6 +275,9 @@ impl Client {
         source: &dyn Fn(&[u32]) -> Inputs,
     ) -> Result<bool, ClientError> {
         let mut failing_since: Option<Instant> = None;
+        // A prefetched request may sit in the teacher's queue behind others for a while;
+        // its deadline counts from when this step needs it.
+        let needed_at = Instant::now();
         while !p.missing.is_empty() && p.got.is_none() {
             if p.sent.is_none() && !self.send(p, source) {
                 let why = self.unavailable();
@@ -300,7 +304,7 @@ impl Client {
                 }
             }
             let sent = p.sent.take().expect("sent above");
-            match self.wait(&sent) {
+            match self.wait(&sent, sent.at.max(needed_at)) {
                 Wait::Answer(Ok(labels)) => {
                     self.finish_request(&sent, true);
                     if labels.len() != p.missing.len() {
@@ -482,8 +486,9 @@ impl Client {
         Ok(())
     }
 
-    fn wait(&self, sent: &Sent) -> Wait {
-        let deadline = sent.at + self.cfg.deadline;
+    /// Waits for `sent`'s answer until `since` + the deadline.
+    fn wait(&self, sent: &Sent, since: Instant) -> Wait {
+        let deadline = since + self.cfg.deadline;
         let mut st = self.inbox.state.lock().expect("inbox");
         loop {
             if let Some(a) = st.answers.remove(&sent.id) {
@@ -652,11 +657,15 @@ mod tests {
     }
 
     fn start_teacher(delay: Duration) -> (String, Arc<ServerStats>) {
+        start_teacher_batch(delay, 64)
+    }
+
+    fn start_teacher_batch(delay: Duration, max_batch: usize) -> (String, Arc<ServerStats>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let stats = Arc::new(ServerStats::default());
         let s = stats.clone();
-        std::thread::spawn(move || serve(l, &mut Modulo { delay }, 64, s));
+        std::thread::spawn(move || serve(l, &mut Modulo { delay }, max_batch, s));
         (addr, stats)
     }
 
@@ -745,6 +754,24 @@ mod tests {
             assert_eq!(argmax_rows(&got), vec![(key % 3) as usize]);
         }
         assert!(c.stats.failovers >= 1, "{:?}", c.stats);
+    }
+
+    #[test]
+    fn deep_prefetching_is_not_mistaken_for_a_dead_teacher() {
+        // One sample per forward pass, 100 ms each, and a 300 ms deadline: the sixth
+        // prefetched request is answered 600 ms after it was sent, but only ~100 ms after
+        // its step asked for it.
+        let (slow, stats) = start_teacher_batch(Duration::from_millis(100), 1);
+        let (mut c, _dir) = client(OnTeacherFailure::Fail, vec![slow], false);
+        for key in 0..6u64 {
+            c.prefetch(key, &[key as u32], &by_index);
+        }
+        for key in 0..6u64 {
+            let got = c.take(key, &[key as u32], &by_index).unwrap().unwrap();
+            assert_eq!(argmax_rows(&got), vec![(key % 3) as usize]);
+        }
+        assert_eq!(c.stats.failovers, 0);
+        assert_eq!(stats.batches.load(Ordering::Relaxed), 6);
     }
 
     #[test]

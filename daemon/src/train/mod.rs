@@ -235,6 +235,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
 
     'epochs: while epoch < spec.train.epochs && step < total_steps {
         let order = sampler.order(epoch);
+        let next_order =
+            (prefetch > 0 && epoch + 1 < spec.train.epochs).then(|| sampler.order(epoch + 1));
         model.set_train(true)?;
         let (epoch_time, epoch_samples) = (train_time, train_samples);
         let mut window = (
@@ -250,14 +252,25 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             let t0 = Instant::now();
             let mine = sampler.batch(&order, consumed, rank);
             if let Some(st) = student.as_mut() {
-                // Ask for this step's and the next steps' soft labels: the teacher works
-                // while this rank trains.
+                // Ask for this step's and the next steps' soft labels, into the next epoch:
+                // the teacher works while this rank trains.
+                let gb = sampler.global_batch();
+                let left = (sampler.len - consumed).div_ceil(gb);
                 for j in 0..=prefetch {
-                    let at = consumed + j * sampler.global_batch();
-                    if at >= sampler.len {
+                    if step + j as u64 >= total_steps {
                         break;
                     }
-                    st.prefetch(step + j as u64, sampler.batch(&order, at, rank));
+                    if j < left {
+                        st.prefetch(
+                            step + j as u64,
+                            sampler.batch(&order, consumed + j * gb, rank),
+                        );
+                    } else if let Some(next) = &next_order {
+                        let at = (j - left) * gb;
+                        if at < sampler.len {
+                            st.prefetch(step + j as u64, sampler.batch(next, at, rank));
+                        }
+                    }
                 }
             }
             let idx: Vec<i64> = mine.iter().map(|&i| i64::from(i)).collect();
