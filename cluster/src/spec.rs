@@ -93,9 +93,11 @@ pub struct TeacherSpec {
     /// Teacher processes serving this job; students spread requests over them.
     #[serde(default = "one")]
     pub replicas: u32,
-    /// Most samples one forward pass of the teacher takes (requests are coalesced).
-    #[serde(default = "default_teacher_batch")]
-    pub max_batch: u32,
+    /// Most samples one forward pass of the teacher takes: requests from all students are
+    /// coalesced up to it. Default: 512 on CUDA; on CPU, one request per pass (a CPU pass
+    /// costs the same per sample at any batch size, so coalescing would only delay answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch: Option<u32>,
     /// Intra-op threads per teacher process (default: the daemon's `worker_threads`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<u32>,
@@ -157,9 +159,6 @@ fn default_prefetch() -> u32 {
     4
 }
 fn default_cache_mb() -> u64 {
-    512
-}
-fn default_teacher_batch() -> u32 {
     512
 }
 fn default_teacher_restarts() -> u32 {
@@ -671,7 +670,7 @@ fn validate_distill(bad: &mut impl FnMut(&str, String), d: &DistillSpec, unlabel
             "must be between 1 and 16".into(),
         );
     }
-    if !(1..=65_536).contains(&t.max_batch) {
+    if t.max_batch.is_some_and(|b| !(1..=65_536).contains(&b)) {
         bad(
             "distill.teacher.max_batch",
             "must be between 1 and 65536".into(),

@@ -68,6 +68,15 @@ fn two_students_learn_from_two_teacher_replicas() {
         d.log()
     );
     let scratch = d.wait_terminal(&scratch.id, Duration::from_secs(120));
+    // The teachers go with the job.
+    std::thread::sleep(Duration::from_millis(300));
+    for r in 0..2 {
+        let pid = teacher_pid(&d, &j, r);
+        assert!(
+            !pid_alive(pid),
+            "teacher replica {r} (pid {pid}) outlived its job"
+        );
+    }
     let msgs = messages(&d, &j);
     for r in 0..2 {
         assert!(
@@ -95,6 +104,47 @@ fn two_students_learn_from_two_teacher_replicas() {
         distilled >= plain && distilled >= 0.9,
         "distilled {distilled}, scratch {plain}"
     );
+}
+
+#[test]
+fn tensor_mode_sends_the_images_and_teaches_the_same() {
+    let d = Daemon::start();
+    let index = d.submit(&job("mode-index", 1, 1, 2, "  cache: false\n"));
+    let tensor = d.submit(&job(
+        "mode-tensor",
+        1,
+        1,
+        2,
+        "  cache: false\n  mode: tensor\n",
+    ));
+    let index = d.wait_terminal(&index.id, Duration::from_secs(120));
+    let tensor = d.wait_terminal(&tensor.id, Duration::from_secs(120));
+    assert_eq!(tensor.phase, JobPhase::Succeeded, "{:?}", tensor.status);
+    assert_eq!(index.phase, JobPhase::Succeeded, "{:?}", index.status);
+    let (i, t) = (
+        final_distill(&d, "mode-index"),
+        final_distill(&d, "mode-tensor"),
+    );
+    let per =
+        |s: &Value| s["bytes_sent"].as_f64().unwrap() / s["samples_fetched"].as_f64().unwrap();
+    // 8x8 float images are 256 bytes a sample; an index is 4.
+    assert!(per(&t) > 256.0 && per(&i) < 8.0, "tensor {t}, index {i}");
+    // The same soft labels either way: the same weights.
+    let out = run_python(
+        "close_tensors.py",
+        &[
+            d.out()
+                .join("mode-index/model.safetensors")
+                .to_str()
+                .unwrap(),
+            d.out()
+                .join("mode-tensor/model.safetensors")
+                .to_str()
+                .unwrap(),
+            "1e-5",
+        ],
+    );
+    eprintln!("tensor mode against index mode: {}", out.trim());
 }
 
 #[test]

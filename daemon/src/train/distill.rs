@@ -393,8 +393,15 @@ pub fn run_teacher(plan_path: &Path, replica: u32, emit: impl Fn(&WorkerMessage)
         spec: d.clone(),
         device,
     };
-    serve(listener, &mut teacher, d.teacher.max_batch as usize, stats)
-        .context("the teacher server stopped")?;
+    let max_batch = d.teacher.max_batch.map_or(
+        if matches!(device, Device::Cuda(_)) {
+            512
+        } else {
+            1
+        },
+        |b| b as usize,
+    );
+    serve(listener, &mut teacher, max_batch, stats).context("the teacher server stopped")?;
     Ok(())
 }
 
