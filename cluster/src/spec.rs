@@ -278,6 +278,19 @@ pub struct TrainSpec {
     pub max_steps: Option<u64>,
     /// Gradient all-reduce bucket size in MB (data-parallel jobs).
     pub bucket_mb: f64,
+    /// Forward passes in `fp32`, or mixed precision with autocast to `bf16` or `fp16`
+    /// (with dynamic loss scaling). Weights, gradients and optimizer state stay fp32.
+    pub precision: Precision,
+}
+
+/// Numeric precision of forward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Fp16,
+    Bf16,
 }
 
 impl Default for TrainSpec {
@@ -292,6 +305,7 @@ impl Default for TrainSpec {
             keep_checkpoints: 2,
             max_steps: None,
             bucket_mb: 25.0,
+            precision: Precision::Fp32,
         }
     }
 }
@@ -882,6 +896,12 @@ output:
         assert_eq!(s.train.optimizer.momentum, Some(0.9));
         assert_eq!(s.train.lr_schedule.name, LrScheduleName::Cosine);
         assert!(s.data.shuffle);
+        assert_eq!(s.train.precision, Precision::Fp32);
+        let bf16 =
+            JobSpec::parse(&GOOD.replace("  seed: 0", "  seed: 0\n  precision: bf16")).unwrap();
+        assert_eq!(bf16.train.precision, Precision::Bf16);
+        let e = errors(&GOOD.replace("  seed: 0", "  seed: 0\n  precision: fp8"));
+        assert_eq!(e[0].field, "train.precision");
     }
 
     #[test]

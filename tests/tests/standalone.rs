@@ -310,17 +310,22 @@ fn a_restarted_daemon_keeps_its_jobs_and_resumes_a_running_one() {
 #[test]
 fn ferry_matches_pytorch_sgd_and_adamw_step_for_step() {
     let d = Daemon::start();
-    for (opt, yaml) in [
+    let sgd = "{name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}";
+    // Mixed precision against torch.autocast("cpu") (and GradScaler for fp16).
+    for (opt, yaml, precision) in [
+        ("sgd", sgd, "fp32"),
         (
-            "sgd",
-            "{name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}",
+            "adamw",
+            "{name: adamw, lr: 0.001, weight_decay: 0.01}",
+            "fp32",
         ),
-        ("adamw", "{name: adamw, lr: 0.001, weight_decay: 0.01}"),
+        ("sgd", sgd, "bf16"),
+        ("sgd", sgd, "fp16"),
     ] {
-        let name = format!("numerics-{opt}");
+        let name = format!("numerics-{opt}-{precision}");
         let spec = format!(
             "name: {name}\nmodel: {{arch: torchscript, path: mlp.pt}}\ndata: {{train: {{path: train.safetensors}}, shuffle: false}}\n\
-             train: {{epochs: 1, batch_size: 16, max_steps: 6, optimizer: {yaml}}}\noutput: {{dir: {name}}}\n"
+             train: {{epochs: 1, batch_size: 16, max_steps: 6, precision: {precision}, optimizer: {yaml}}}\noutput: {{dir: {name}}}\n"
         );
         let job = d.submit(&spec);
         let end = d.wait_terminal(&job.id, Duration::from_secs(60));
@@ -339,9 +344,11 @@ fn ferry_matches_pytorch_sgd_and_adamw_step_for_step() {
                 opt,
                 "6",
                 "16",
+                precision,
             ],
         );
         assert!(out.contains("max_abs_diff="), "{out}");
+        eprintln!("{opt} {precision} against PyTorch: {}", out.trim());
     }
 }
 

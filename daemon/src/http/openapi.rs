@@ -122,7 +122,8 @@ pub fn document(version: &str) -> Value {
                                 "name": {"type": "string", "enum": ["constant", "cosine", "step"]}, "warmup_steps": {"type": "integer"},
                                 "step_size": {"type": "integer"}, "gamma": {"type": "number"}, "min_lr": {"type": "number"}}},
                             "seed": {"type": "integer"}, "checkpoint_every_steps": {"type": "integer"}, "keep_checkpoints": {"type": "integer", "minimum": 1},
-                            "max_steps": {"type": "integer", "minimum": 1}, "bucket_mb": {"type": "number"}}},
+                            "max_steps": {"type": "integer", "minimum": 1}, "bucket_mb": {"type": "number"},
+                            "precision": {"type": "string", "enum": ["fp32", "fp16", "bf16"]}}},
                         "resources": {"type": "object", "additionalProperties": false, "properties": {
                             "ranks": {"type": "integer", "minimum": 1}, "device": {"type": "string", "enum": ["cpu", "cuda"]}, "threads": {"type": "integer", "minimum": 1}}},
                         "output": {"type": "object", "additionalProperties": false, "required": ["dir"], "properties": {"dir": {"type": "string"}}},

@@ -27,6 +27,11 @@ pub struct Manifest {
     /// The last training loss, for the status of a resumed job.
     pub train_loss: Option<f64>,
     pub val_accuracy: Option<f64>,
+    /// fp16 jobs: the loss scaler's scale and clean steps since it last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_growth_tracker: Option<u32>,
 }
 
 fn dir_name(step: u64) -> String {
@@ -176,6 +181,8 @@ mod tests {
                 created_at: "now".into(),
                 train_loss: Some(0.5),
                 val_accuracy: None,
+                loss_scale: None,
+                scale_growth_tracker: None,
             };
             write(dir.path(), &m, &model, &opt, 2).unwrap();
         }

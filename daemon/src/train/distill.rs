@@ -181,6 +181,7 @@ struct TeacherModel {
     data: Option<Dataset>,
     spec: DistillSpec,
     device: Device,
+    precision: ferry_cluster::spec::Precision,
 }
 
 impl TeacherModel {
@@ -215,6 +216,10 @@ impl TeacherModel {
                     self.model = Some(
                         Model::build(&self.spec.teacher.model(), None, (c, h, w), self.device)
                             .and_then(|m| load_teacher_init(m, &self.spec))
+                            .map(|mut m| {
+                                m.set_precision(self.precision);
+                                m
+                            })
                             .map_err(|e| format!("{e:#}"))?,
                     );
                 }
@@ -350,7 +355,14 @@ pub fn run_teacher(plan_path: &Path, replica: u32, emit: impl Fn(&WorkerMessage)
         )?),
         (None, true) => None,
     };
-    let model = model.map(|m| load_teacher_init(m, &d)).transpose()?;
+    let model = model
+        .map(|m| load_teacher_init(m, &d))
+        .transpose()?
+        .map(|mut m| {
+            // The teacher runs its forward passes at the job's precision too.
+            m.set_precision(spec.train.precision);
+            m
+        });
     let ip: IpAddr = plan
         .bind_ip
         .parse()
@@ -392,6 +404,7 @@ pub fn run_teacher(plan_path: &Path, replica: u32, emit: impl Fn(&WorkerMessage)
         data,
         spec: d.clone(),
         device,
+        precision: spec.train.precision,
     };
     let max_batch = d.teacher.max_batch.map_or(
         if matches!(device, Device::Cuda(_)) {

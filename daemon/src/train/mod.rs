@@ -10,6 +10,7 @@ pub mod distill;
 pub mod model;
 pub mod optim;
 pub mod sampler;
+pub mod scaler;
 pub mod torchscript;
 
 use std::io::Write;
@@ -144,6 +145,9 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             ),
         });
     }
+    model.set_precision(spec.train.precision);
+    let mut scaler = (spec.train.precision == ferry_cluster::spec::Precision::Fp16)
+        .then(scaler::GradScaler::default);
     let mut opt = Optimizer::new(&spec.train.optimizer, model.trainable());
     let sampler = Sampler {
         len: train_set.len(),
@@ -172,6 +176,10 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             consumed = ck.manifest.samples_in_epoch as usize;
             step = ck.manifest.step;
             last_loss = ck.manifest.train_loss;
+            if let (Some(s), Some(scale)) = (scaler.as_mut(), ck.manifest.loss_scale) {
+                s.scale = scale;
+                s.growth_tracker = ck.manifest.scale_growth_tracker.unwrap_or(0);
+            }
             resumed_from = Some(ck.dir.display().to_string());
             // Dropout draws continue from a seed tied to the step, so a resume is deterministic.
             tch::manual_seed(spec.train.seed.wrapping_add(step) as i64);
@@ -300,12 +308,24 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 _ => logits.cross_entropy_for_logits(&y),
             };
             opt.zero_grad();
-            loss.backward();
+            match &scaler {
+                Some(s) => s.scale(&loss).backward(),
+                None => loss.backward(),
+            }
             // This rank's share of the global batch weighs its gradient, so the mean over
             // ranks equals the gradient of the whole batch even when shares differ.
             let global = sampler.step_size(consumed);
             dist.sync_grads(&trainable_params, idx.size()[0] as f64 / global as f64)?;
-            opt.step(lr);
+            // fp16: a step whose (all-reduced) gradients overflowed is skipped on every rank.
+            let overflow = scaler
+                .as_ref()
+                .is_some_and(|s| s.unscale(&trainable_params));
+            if !overflow {
+                opt.step(lr);
+            }
+            if let Some(s) = scaler.as_mut() {
+                s.update(overflow);
+            }
             let n = global as u64;
             consumed += global;
             step += 1;
@@ -356,6 +376,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                     &opt,
                     (step, epoch, consumed, world),
                     (last_loss, val_accuracy),
+                    scaler.as_ref(),
                     spec.train.keep_checkpoints,
                 )?;
             }
@@ -404,6 +425,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 &opt,
                 (step, epoch, 0, world),
                 (last_loss, val_accuracy),
+                scaler.as_ref(),
                 spec.train.keep_checkpoints,
             )?;
         }
@@ -426,6 +448,14 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 p.teacher_wait_fraction * 100.0,
                 p.bytes_sent,
                 p.bytes_received
+            ),
+        });
+    }
+    if let Some(s) = &scaler {
+        say(&WorkerMessage::Log {
+            message: format!(
+                "fp16: {} steps skipped for non-finite gradients; final loss scale {}",
+                s.skipped, s.scale
             ),
         });
     }
@@ -457,6 +487,7 @@ fn save_checkpoint(
     opt: &Optimizer,
     (step, epoch, consumed, world): (u64, u32, usize, usize),
     (train_loss, val_accuracy): (Option<f64>, Option<f64>),
+    scaler: Option<&scaler::GradScaler>,
     keep: u32,
 ) -> Result<()> {
     let manifest = checkpoint::Manifest {
@@ -469,6 +500,8 @@ fn save_checkpoint(
         created_at: ferry_cluster::time::now_rfc3339(),
         train_loss,
         val_accuracy,
+        loss_scale: scaler.map(|s| s.scale),
+        scale_growth_tracker: scaler.map(|s| s.growth_tracker),
     };
     let state: Vec<(String, Tensor)> = model
         .state()

@@ -5,12 +5,12 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use ferry_cluster::spec::{Arch, ModelSpec};
+use ferry_cluster::spec::{Arch, ModelSpec, Precision};
 use serde::Serialize;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
-use super::torchscript::TorchScriptModule;
+use super::torchscript::{set_autocast, TorchScriptModule};
 
 enum Net {
     Script(TorchScriptModule),
@@ -29,6 +29,9 @@ pub struct Model {
     frozen: Vec<bool>,
     /// The `model.freeze` prefixes: those modules also stay in evaluation mode.
     frozen_prefixes: Vec<String>,
+    device: Device,
+    /// Forward passes run under autocast to this precision (weights stay fp32).
+    precision: Precision,
 }
 
 /// What `model.init` did, reported as a job event.
@@ -95,11 +98,29 @@ impl Model {
             buffers,
             frozen,
             frozen_prefixes: Vec::new(),
+            device,
+            precision: Precision::Fp32,
         })
     }
 
-    /// Logits for a batch.
+    /// Runs forward passes in mixed precision (`train.precision`).
+    pub fn set_precision(&mut self, p: Precision) {
+        self.precision = p;
+    }
+
+    /// Logits for a batch, as fp32 whatever the precision of the pass.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if self.precision == Precision::Fp32 {
+            return self.forward_plain(x, train);
+        }
+        // Autocast covers the forward pass only; backward follows the forward's dtypes.
+        set_autocast(self.device, self.precision);
+        let out = self.forward_plain(x, train);
+        set_autocast(self.device, Precision::Fp32);
+        Ok(out?.to_kind(Kind::Float))
+    }
+
+    fn forward_plain(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match &self.net {
             Net::Script(m) => m.forward(x),
             Net::Builtin { module, .. } => Ok(module.forward_t(x, train)),

@@ -13,6 +13,7 @@ type NamedCb = extern "C" fn(*mut c_void, *const c_char, *mut torch_sys::C_tenso
 extern "C" {
     fn ferry_free_string(s: *mut c_char);
     fn ferry_clear_grad(t: *mut torch_sys::C_tensor);
+    fn ferry_autocast(device: c_int, dtype: c_int);
     fn ferry_ts_load(path: *const c_char, cuda_index: c_int, err: *mut *mut c_char) -> *mut c_void;
     fn ferry_ts_free(m: *mut c_void);
     fn ferry_ts_train(
@@ -51,6 +52,20 @@ fn take_err(err: *mut c_char) -> Option<String> {
 }
 
 /// Drops `t`'s gradient, as PyTorch's `zero_grad(set_to_none=True)` does.
+/// Turns autocast on (to `precision`) or off for `device`, on this thread. Every model kind
+/// goes through the dispatcher, so this covers TorchScript and built-in models alike.
+pub fn set_autocast(device: tch::Device, precision: ferry_cluster::spec::Precision) {
+    use ferry_cluster::spec::Precision;
+    let dev = c_int::from(matches!(device, tch::Device::Cuda(_)));
+    let dtype = match precision {
+        Precision::Fp32 => 0,
+        Precision::Fp16 => 1,
+        Precision::Bf16 => 2,
+    };
+    // SAFETY: sets thread-local dispatcher state; no pointers cross.
+    unsafe { ferry_autocast(dev, dtype) }
+}
+
 pub fn clear_grad(t: &mut Tensor) {
     // SAFETY: the tensor is live and only its autograd metadata changes.
     unsafe { ferry_clear_grad(t.as_mut_ptr()) }

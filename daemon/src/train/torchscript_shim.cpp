@@ -5,6 +5,7 @@
 // takes ownership with tch::Tensor::from_ptr. Every entry point catches C++ exceptions and
 // returns the message through `err` (freed with ferry_free_string).
 
+#include <ATen/autocast_mode.h>
 #include <torch/script.h>
 
 #include <cstring>
@@ -26,6 +27,22 @@ void ferry_free_string(char *s) { std::free(s); }
 // Drops a tensor's gradient (PyTorch's zero_grad(set_to_none=True)): the next backward
 // writes a fresh gradient instead of zero-filling and accumulating into the old one.
 void ferry_clear_grad(at::Tensor *t) { t->mutable_grad() = at::Tensor(); }
+
+// Mixed precision for the forward passes that follow, on this thread: `device` 0 is the
+// CPU, 1 CUDA; `dtype` 0 turns autocast off, 1 selects float16, 2 bfloat16. The weight-cast
+// cache stays off: ferry leaves autocast on across steps, and cached casts of weights
+// that the optimizer has since updated would be stale. (tch's own autocast offers only
+// CUDA float16; this is the route to bfloat16 and to CPU autocast.)
+void ferry_autocast(int device, int dtype) {
+  const auto dev = device == 1 ? at::kCUDA : at::kCPU;
+  if (dtype == 0) {
+    at::autocast::set_autocast_enabled(dev, false);
+    return;
+  }
+  at::autocast::set_autocast_cache_enabled(false);
+  at::autocast::set_autocast_dtype(dev, dtype == 1 ? at::kHalf : at::kBFloat16);
+  at::autocast::set_autocast_enabled(dev, true);
+}
 
 void *ferry_ts_load(const char *path, int cuda_index, char **err) {
   try {

@@ -1,0 +1,108 @@
+//! Dynamic loss scaling for fp16 training, with `torch.amp.GradScaler`'s rules: the loss is
+//! multiplied by the scale before backward; the gradients are divided by it before the
+//! optimizer step; a step whose gradients hold an inf or NaN is skipped and halves the
+//! scale; 2000 clean steps in a row double it. In a data-parallel job the check runs after
+//! the all-reduce, so every rank sees the same non-finite sums and skips the same steps.
+
+use tch::{Kind, Tensor};
+
+/// PyTorch's defaults.
+pub const INIT_SCALE: f64 = 65536.0;
+const GROWTH_FACTOR: f64 = 2.0;
+const BACKOFF_FACTOR: f64 = 0.5;
+const GROWTH_INTERVAL: u32 = 2000;
+
+/// The scaler's state (checkpointed with the model).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradScaler {
+    pub scale: f64,
+    /// Clean steps since the scale last changed.
+    pub growth_tracker: u32,
+    /// Steps skipped for non-finite gradients, in this attempt.
+    pub skipped: u64,
+}
+
+impl Default for GradScaler {
+    fn default() -> Self {
+        GradScaler {
+            scale: INIT_SCALE,
+            growth_tracker: 0,
+            skipped: 0,
+        }
+    }
+}
+
+impl GradScaler {
+    /// The loss to call backward on.
+    pub fn scale(&self, loss: &Tensor) -> Tensor {
+        loss * self.scale
+    }
+
+    /// Divides every gradient by the scale; true when any of them holds an inf or NaN.
+    pub fn unscale(&self, params: &[(String, Tensor)]) -> bool {
+        // fp32 reciprocal of the scale, as GradScaler computes it.
+        let inv = (1.0 / self.scale) as f32;
+        let mut finite = true;
+        tch::no_grad(|| {
+            for (_, p) in params {
+                let mut g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let _ = g.f_mul_scalar_(f64::from(inv));
+                if finite && !g.sum(Kind::Double).double_value(&[]).is_finite() {
+                    finite = false;
+                }
+            }
+        });
+        !finite
+    }
+
+    /// Moves the scale after a step: `found_inf` halves it (and the step was skipped);
+    /// `GROWTH_INTERVAL` clean steps double it.
+    pub fn update(&mut self, found_inf: bool) {
+        if found_inf {
+            self.scale *= BACKOFF_FACTOR;
+            self.growth_tracker = 0;
+            self.skipped += 1;
+        } else {
+            self.growth_tracker += 1;
+            if self.growth_tracker == GROWTH_INTERVAL {
+                self.scale *= GROWTH_FACTOR;
+                self.growth_tracker = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scale_backs_off_on_overflow_and_grows_after_clean_steps() {
+        let mut s = GradScaler::default();
+        s.update(true);
+        assert_eq!((s.scale, s.growth_tracker, s.skipped), (32768.0, 0, 1));
+        for _ in 0..GROWTH_INTERVAL - 1 {
+            s.update(false);
+        }
+        assert_eq!(s.scale, 32768.0);
+        s.update(false);
+        assert_eq!((s.scale, s.growth_tracker), (65536.0, 0));
+    }
+
+    #[test]
+    fn unscaling_divides_gradients_and_finds_non_finite_ones() {
+        let s = GradScaler::default();
+        let p = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        (s.scale(&(&p * &p).sum(Kind::Float))).backward();
+        let params = vec![("p".to_string(), p.shallow_clone())];
+        assert!(!s.unscale(&params));
+        assert_eq!(Vec::<f32>::try_from(p.grad()).unwrap(), vec![2.0, 4.0]);
+        let q = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
+        (&q * f64::INFINITY).sum(Kind::Float).backward();
+        let params = vec![("q".to_string(), q.shallow_clone())];
+        assert!(s.unscale(&params), "an inf gradient is found");
+    }
+}
