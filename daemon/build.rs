@@ -15,6 +15,8 @@ fn main() {
         .to_path_buf();
     let include = torch.join("include");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    // Where the NCCL of the same torch wheel is looked for first (see src/gpu.rs).
+    println!("cargo:rustc-env=FERRY_LIBTORCH_LIB={}", lib.display());
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     cc::Build::new()
         .cpp(true)

@@ -21,6 +21,7 @@ const KEYS: &[&str] = &[
     "store_prefix",
     "data_plane_ip",
     "collective_timeout_ms",
+    "nccl_library",
 ];
 
 /// Directories that spec paths are confined to; each defaults to the daemon's working directory.
@@ -61,6 +62,9 @@ pub struct Config {
     pub data_plane_ip: String,
     /// How long a collective waits for a stalled peer before the rank fails (milliseconds).
     pub collective_timeout_ms: u64,
+    /// `libnccl.so.2` for CUDA ranks (default: found next to the libtorch in use, in the
+    /// torch wheel's `nvidia/nccl/lib`).
+    pub nccl_library: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -79,6 +83,7 @@ impl Default for Config {
             store_prefix: "/ferry".into(),
             data_plane_ip: "127.0.0.1".into(),
             collective_timeout_ms: 60_000,
+            nccl_library: None,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! - [`http`]: the REST API, probes, metrics and the OpenAPI document.
 //! - [`jobs`]: the job lifecycle on the store, the scheduler, and the supervisor of rank processes.
 //! - [`node`]: this node's registration (a leased record).
+//! - [`gpu`]: finding NCCL and giving each CUDA rank its GPU; [`doctor`] checks them.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`protocol`]: what a rank process and the daemon say to each other.
 //! - [`train`]: the training runtime a rank process runs (the only code that touches libtorch).
@@ -12,6 +13,8 @@
 #![recursion_limit = "512"]
 
 mod config;
+mod doctor;
+mod gpu;
 mod http;
 mod jobs;
 mod metrics;
@@ -58,6 +61,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Checks what CUDA jobs need on this node: libtorch's CUDA, the GPUs, NCCL (and a
+    /// one-rank NCCL all-reduce and bf16 autocast on GPU 0). Exits 1 if a check fails.
+    Doctor,
     /// Internal: one rank of a job, started by the daemon.
     #[command(hide = true)]
     Worker {
@@ -105,6 +111,16 @@ fn main() {
             std::process::exit(1);
         }
         return;
+    }
+    if let Some(Command::Doctor) = &cli.command {
+        let config = config::Config::load(cli.config.as_deref(), &[]).and_then(|c| doctor::run(&c));
+        match config {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("ferryd doctor: {e:#}");
+                std::process::exit(1);
+            }
+        }
     }
     if let Err(e) = run_daemon(cli) {
         eprintln!("ferryd: {e:#}");

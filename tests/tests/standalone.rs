@@ -161,6 +161,11 @@ fn a_bad_spec_gets_a_4xx_naming_the_field() {
             "channels: 1\nresources: {device: cuda}",
             "resources.device",
         ));
+        cases.push((
+            "channels: 1",
+            "channels: 1\nresources: {device: cuda, ranks: 2}",
+            "resources.device",
+        ));
     }
     for (from, to, field) in cases {
         let (got, body) = d.post("/v1/jobs", &good.replace(from, to));
@@ -455,4 +460,38 @@ fn metrics_and_openapi_are_served() {
     std::fs::write(&path, doc.to_string()).unwrap();
     let out = run_python("validate_openapi.py", &[path.to_str().unwrap()]);
     assert!(out.contains("valid"), "{out}");
+}
+
+#[test]
+fn ferryd_doctor_checks_this_nodes_gpu_stack() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(ferry_tests::bin("ferryd"))
+        .arg("doctor")
+        .env("FERRY_DATA_DIR", dir.path())
+        .env_remove("FERRY_CONFIG")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("result: ok"), "{text}");
+    // The pinned torch wheel ships NCCL as libnccl.so.2: ferryd finds it beside libtorch,
+    // links it as libnccl.so and loads it through cudarc, as CUDA ranks do.
+    let wheel_has_nccl = std::fs::read_dir(ferry_tests::workspace().join(".venv/lib"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|py| {
+            py.path()
+                .join("site-packages/nvidia/nccl/lib/libnccl.so.2")
+                .is_file()
+        });
+    if wheel_has_nccl {
+        assert!(text.contains("nccl loadable: yes"), "{text}");
+        assert!(dir.path().join("lib/libnccl.so").exists());
+    }
+    eprintln!("{text}");
 }

@@ -1,8 +1,11 @@
 //! Collective operations between the ranks of a job: the interface the training runtime
 //! uses, with one algorithm per file. [`ring::Ring`] is the TCP ring for CPU ranks (any world
-//! size, persistent connections, chunked and pipelined). NCCL for CUDA ranks implements the
-//! same trait in the daemon, where CUDA lives.
+//! size, persistent connections, chunked and pipelined). [`nccl`] (feature `nccl`, which the
+//! daemon enables) wraps NCCL for CUDA ranks: its buffers are device memory, so it takes
+//! device pointers and a stream rather than implementing this trait over host slices.
 
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod ring;
 
 use std::time::Duration;

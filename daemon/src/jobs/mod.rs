@@ -172,14 +172,25 @@ impl JobManager {
     /// Validates, resolves and records a new job as Pending.
     pub async fn submit(&self, spec: JobSpec) -> Result<Job, JobError> {
         spec.validate().map_err(|e| JobError::Invalid(e.0))?;
-        if spec.resources.device == ferry_cluster::spec::Device::Cuda && self.cuda_devices == 0 {
-            return Err(JobError::Invalid(vec![FieldError {
-                field: "resources.device".into(),
-                message: format!(
-                    "node {} has no CUDA device (see `ferryctl nodes`); use device: cpu",
-                    self.node
-                ),
-            }]));
+        if spec.resources.device == ferry_cluster::spec::Device::Cuda {
+            if self.cuda_devices == 0 {
+                return Err(JobError::Invalid(vec![FieldError {
+                    field: "resources.device".into(),
+                    message: format!(
+                        "node {} has no CUDA device (see `ferryctl nodes`); use device: cpu",
+                        self.node
+                    ),
+                }]));
+            }
+            if spec.resources.ranks > self.cuda_devices {
+                return Err(JobError::Invalid(vec![FieldError {
+                    field: "resources.ranks".into(),
+                    message: format!(
+                        "{} CUDA ranks need a GPU each, and node {} has {}; NCCL cannot run two ranks on one GPU",
+                        spec.resources.ranks, self.node, self.cuda_devices
+                    ),
+                }]));
+            }
         }
         let resolved = self.resolve(&spec).map_err(JobError::Invalid)?;
         let out_dir = PathBuf::from(&resolved.output.dir);

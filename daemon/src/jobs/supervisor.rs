@@ -147,8 +147,10 @@ fn spawn_proc(
     world: usize,
     tx: tokio::sync::mpsc::Sender<(Proc, RankEvent)>,
     mut kill: tokio::sync::watch::Receiver<bool>,
+    env: &[(&str, std::ffi::OsString)],
 ) -> anyhow::Result<(u32, tokio::process::ChildStdin)> {
     let mut cmd = Command::new(&m.exe);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     match proc {
         Proc::Rank(rank) => cmd
             .arg("worker")
@@ -381,6 +383,22 @@ async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result
     // However this attempt ends (an error included), its processes are killed.
     let kill_tx = KillOnDrop(kill_tx);
 
+    // CUDA processes find NCCL through a `libnccl.so` link on their library path.
+    let cuda = job.spec.resources.device == ferry_cluster::spec::Device::Cuda;
+    let mut gpu_env: Vec<(&str, std::ffi::OsString)> = Vec::new();
+    if cuda {
+        let linked = crate::gpu::find_nccl(m.config.nccl_library.as_deref()).and_then(|lib| {
+            crate::gpu::nccl_link_dir(&m.config.data_dir, &lib)
+                .map_err(|e| format!("cannot link {}: {e}", lib.display()))
+        });
+        match linked {
+            Ok(dir) => gpu_env.push(("LD_LIBRARY_PATH", crate::gpu::library_path_with(&dir))),
+            // One rank needs no collective; several cannot do without NCCL.
+            Err(e) if world > 1 => anyhow::bail!("{world} CUDA ranks need NCCL: {e}"),
+            Err(_) => {}
+        }
+    }
+
     // Teachers first: they load their model while the ranks load theirs.
     let replicas = job.spec.distill.as_ref().map_or(0, |d| d.teacher.replicas);
     let max_teacher_restarts = job
@@ -404,6 +422,7 @@ async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result
                 world,
                 tx.clone(),
                 kill_rx.clone(),
+                &gpu_env,
             )?;
             m.event(
                 &job.id,
@@ -420,6 +439,12 @@ async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result
     }
     let mut stdins = Vec::with_capacity(world);
     for rank in 0..world {
+        let mut env = gpu_env.clone();
+        if cuda {
+            if let Some(dev) = crate::gpu::visible_device(rank, world) {
+                env.push(("CUDA_VISIBLE_DEVICES", dev.into()));
+            }
+        }
         let (pid, stdin) = spawn_proc(
             m,
             &plan_path,
@@ -427,6 +452,7 @@ async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result
             world,
             tx.clone(),
             kill_rx.clone(),
+            &env,
         )?;
         stdins.push(Some(stdin));
         m.event(
@@ -497,7 +523,7 @@ async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result
                                     t.ready = false;
                                     t.tail.clear();
                                     m.event(&job.id, EventKind::Log, format!("{why}; restarting it ({} of {max_teacher_restarts} restarts)", t.restarts), json!({"teacher": r})).await;
-                                    let (pid, _stdin) = spawn_proc(m, &plan_path, proc, world, tx.clone(), kill_rx.clone())?;
+                                    let (pid, _stdin) = spawn_proc(m, &plan_path, proc, world, tx.clone(), kill_rx.clone(), &gpu_env)?;
                                     t.pid = pid;
                                 } else {
                                     m.event(&job.id, EventKind::Log, format!("{why}; not restarted (distill.teacher.max_restarts = {max_teacher_restarts} used up)"), json!({"teacher": r})).await;

@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
+use ferry_cluster::collective::nccl::{Nccl, UniqueId};
 use ferry_cluster::collective::ring::{self, Ring, RingConfig};
 use ferry_cluster::collective::Collective;
 use tch::{Device, Kind, Tensor};
@@ -16,7 +17,11 @@ use crate::protocol::{WorkerMessage, WorkerPlan};
 pub struct Dist {
     pub rank: usize,
     pub world: usize,
+    /// CPU ranks: the TCP ring over host buffers.
     coll: Option<Box<dyn Collective>>,
+    /// CUDA ranks: NCCL over device buffers, on libtorch's (default) stream.
+    nccl: Option<Nccl>,
+    device: Device,
     /// Indices into the trainable parameters, one list per bucket, in all-reduce order.
     buckets: Vec<Vec<usize>>,
 }
@@ -28,6 +33,8 @@ impl Dist {
             rank: 0,
             world: 1,
             coll: None,
+            nccl: None,
+            device: Device::Cpu,
             buckets: Vec::new(),
         }
     }
@@ -38,11 +45,15 @@ impl Dist {
         plan: &WorkerPlan,
         rank: usize,
         world: usize,
+        device: Device,
         control: &ControlChannel,
         emit: impl Fn(&WorkerMessage),
     ) -> Result<Dist> {
         if world == 1 {
             return Ok(Dist::single());
+        }
+        if device.is_cuda() {
+            return Self::form_nccl(rank, world, device, control, emit);
         }
         let ip: IpAddr = plan
             .bind_ip
@@ -77,8 +88,76 @@ impl Dist {
             rank,
             world,
             coll: Some(Box::new(ring)),
+            nccl: None,
+            device,
             buckets: Vec::new(),
         })
+    }
+
+    /// CUDA ranks: rank 0 makes the NCCL id and reports it as its rendezvous address; the
+    /// daemon's peer list carries it to the others; every rank joins the communicator on
+    /// the one GPU it sees.
+    fn form_nccl(
+        rank: usize,
+        world: usize,
+        device: Device,
+        control: &ControlChannel,
+        emit: impl Fn(&WorkerMessage),
+    ) -> Result<Dist> {
+        let addr = if rank == 0 {
+            format!("nccl:{}", UniqueId::new()?.to_hex())
+        } else {
+            "nccl".to_string()
+        };
+        emit(&WorkerMessage::Rendezvous {
+            rank: rank as u32,
+            addr,
+        });
+        let peers = control.peers(rank)?;
+        let id = peers
+            .peers
+            .first()
+            .and_then(|p| p.strip_prefix("nccl:"))
+            .and_then(UniqueId::from_hex)
+            .ok_or_else(|| anyhow!("rank {rank}: rank 0 sent no NCCL id in the rendezvous"))?;
+        let nccl = Nccl::init(&id, rank, world)?;
+        Ok(Dist {
+            rank,
+            world,
+            coll: None,
+            nccl: Some(nccl),
+            device,
+            buckets: Vec::new(),
+        })
+    }
+
+    /// Sums (or, with `root`, broadcasts from it) a flat f32 tensor across ranks; returns
+    /// the result, on the CPU for the ring and on the device for NCCL.
+    fn reduce_flat(&mut self, flat: Tensor, root: Option<usize>) -> Result<Tensor> {
+        if let Some(n) = self.nccl.as_mut() {
+            let flat = flat.to_device(self.device).contiguous();
+            let count = flat.numel();
+            #[allow(unsafe_code)]
+            // SAFETY: `flat` is a contiguous f32 device tensor of `count` values that lives
+            // until the end of this call; the operation is enqueued on the legacy default
+            // stream, which libtorch's later kernels on it follow in order.
+            unsafe {
+                match root {
+                    Some(r) => n.broadcast(flat.data_ptr(), count, r, std::ptr::null_mut())?,
+                    None => n.all_reduce_sum(flat.data_ptr(), count, std::ptr::null_mut())?,
+                }
+            }
+            return Ok(flat);
+        }
+        let Some(coll) = self.coll.as_mut() else {
+            return Ok(flat);
+        };
+        let mut v = Vec::<f32>::try_from(&flat.to_device(Device::Cpu))?;
+        match root {
+            Some(r) => coll.broadcast(&mut v, r)?,
+            None => coll.all_reduce_sum(&mut v)?,
+        }
+        Ok(Tensor::from_slice(&v))
     }
 
     /// Whether this rank reports progress and writes files.
@@ -91,9 +170,9 @@ impl Dist {
         &mut self,
         tensors: impl Iterator<Item = &'a (String, Tensor)>,
     ) -> Result<()> {
-        let Some(coll) = self.coll.as_mut() else {
+        if self.world == 1 {
             return Ok(());
-        };
+        }
         let tensors: Vec<&Tensor> = tensors.map(|(_, t)| t).collect();
         let flat = Tensor::cat(
             &tensors
@@ -102,9 +181,7 @@ impl Dist {
                 .collect::<Vec<_>>(),
             0,
         );
-        let mut v = Vec::<f32>::try_from(&flat.to_device(Device::Cpu))?;
-        coll.broadcast(&mut v, 0)?;
-        let all = Tensor::from_slice(&v);
+        let all = self.reduce_flat(flat, Some(0))?;
         let mut off = 0i64;
         tch::no_grad(|| -> Result<()> {
             for t in tensors {
@@ -144,10 +221,11 @@ impl Dist {
     /// Replaces each gradient by the global mean gradient: every rank weighs its own by
     /// `weight` (its share of the global batch), then the buckets are summed across ranks.
     pub fn sync_grads(&mut self, params: &[(String, Tensor)], weight: f64) -> Result<()> {
-        let Some(coll) = self.coll.as_mut() else {
+        if self.world == 1 {
             return Ok(());
-        };
-        for bucket in &self.buckets {
+        }
+        for b in 0..self.buckets.len() {
+            let bucket = self.buckets[b].clone();
             let grads: Vec<Tensor> = bucket
                 .iter()
                 .map(|&i| {
@@ -160,14 +238,11 @@ impl Dist {
                     }
                 })
                 .collect();
-            let flat =
-                (Tensor::cat(&grads, 0).to_kind(Kind::Float) * weight).to_device(Device::Cpu);
-            let mut v = Vec::<f32>::try_from(&flat)?;
-            coll.all_reduce_sum(&mut v)?;
-            let reduced = Tensor::from_slice(&v);
+            let flat = Tensor::cat(&grads, 0).to_kind(Kind::Float) * weight;
+            let reduced = self.reduce_flat(flat, None)?;
             let mut off = 0i64;
             tch::no_grad(|| -> Result<()> {
-                for &i in bucket {
+                for &i in &bucket {
                     let (_, p) = &params[i];
                     let n = p.numel() as i64;
                     let mut g = p.grad();
@@ -189,9 +264,12 @@ impl Dist {
 
     /// Sums `v` across ranks (in place).
     pub fn sum(&mut self, v: &mut [f32]) -> Result<()> {
-        match self.coll.as_mut() {
-            Some(c) => Ok(c.all_reduce_sum(v)?),
-            None => Ok(()),
+        if self.world == 1 {
+            return Ok(());
         }
+        let summed = self.reduce_flat(Tensor::from_slice(v), None)?;
+        let out = Vec::<f32>::try_from(&summed.to_device(Device::Cpu))?;
+        v.copy_from_slice(&out);
+        Ok(())
     }
 }

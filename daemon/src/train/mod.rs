@@ -37,7 +37,7 @@ pub(crate) fn emit(msg: &WorkerMessage) {
 }
 
 /// Loads `libtorch_cuda.so` so libtorch sees the GPUs (the linker drops it as unneeded).
-fn load_cuda() -> Result<Device> {
+pub(crate) fn load_cuda() -> Result<Device> {
     #[allow(unsafe_code)]
     // SAFETY: dlopen of a library that sits beside libtorch_cpu; kept loaded for the process.
     let handle = unsafe {
@@ -77,7 +77,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         );
     }
     let control = control::ControlChannel::start();
-    let mut dist = Dist::form(&plan, rank, world, &control, emit)?;
+    let device = device(spec.resources.device)?;
+    let mut dist = Dist::form(&plan, rank, world, device, &control, emit)?;
     let leader = dist.is_leader();
     // Only rank 0 reports training progress and writes files; every rank trains.
     let say = |m: &WorkerMessage| {
@@ -85,7 +86,6 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             emit(m)
         }
     };
-    let device = device(spec.resources.device)?;
     let out_dir = PathBuf::from(&plan.output_dir);
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create output dir {}", out_dir.display()))?;
