@@ -384,6 +384,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         if consumed < sampler.len {
             break; // stopped by max_steps mid-epoch
         }
+        // CUDA runs ahead of the host: the epoch ends when the device has done its work.
+        train_time += sync_device(device);
         let (secs, n) = (
             (train_time - epoch_time).as_secs_f64(),
             train_samples - epoch_samples,
@@ -431,6 +433,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         }
     }
     metrics.flush()?;
+    train_time += sync_device(device);
     model.set_train(false)?;
     if !leader {
         return Ok(());
@@ -466,6 +469,15 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         samples_per_sec: sps,
     });
     Ok(())
+}
+
+/// Waits for the device's queued work; returns how long that took (zero on the CPU).
+fn sync_device(device: Device) -> Duration {
+    let t = Instant::now();
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+    t.elapsed()
 }
 
 fn check_logits(logits: &Tensor, classes_needed: i64) -> Result<()> {
