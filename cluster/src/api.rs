@@ -70,12 +70,16 @@ pub struct JobStatus {
 }
 
 /// A job: its spec as submitted, and what has become of it.
+///
+/// `S` is the spec's type: the daemon's [`JobSpec`], or for clients a `serde_json::Value`
+/// kept verbatim, so that a `ferryctl` older than its daemon still reads jobs whose specs
+/// use fields it does not know.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Job {
+pub struct Job<S = JobSpec> {
     pub id: String,
     pub name: String,
     pub phase: JobPhase,
-    pub spec: JobSpec,
+    pub spec: S,
     pub status: JobStatus,
     pub created_at: String,
     /// The node that owns the job.
@@ -132,8 +136,8 @@ pub struct EventPage {
 
 /// A list of jobs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JobList {
-    pub jobs: Vec<Job>,
+pub struct JobList<S = JobSpec> {
+    pub jobs: Vec<Job<S>>,
 }
 
 /// A ferry node as registered in the store.
@@ -200,3 +204,33 @@ pub struct Problem {
 
 /// The media type of [`Problem`] documents.
 pub const PROBLEM_JSON: &str = "application/problem+json";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_reads_jobs_whose_spec_has_fields_it_does_not_know() {
+        let spec = JobSpec::parse(
+            "name: a\nmodel: {arch: mlp, num_classes: 2}\ndata: {train: {path: t}}\noutput: {dir: o}\n",
+        )
+        .unwrap();
+        let job = Job {
+            id: "j1".into(),
+            name: "a".into(),
+            phase: JobPhase::Running,
+            spec,
+            status: JobStatus::default(),
+            created_at: "now".into(),
+            node: None,
+            cancel_requested: false,
+            revision: 0,
+        };
+        let mut doc = serde_json::to_value(&job).unwrap();
+        doc["spec"]["train"]["from_the_future"] = serde_json::json!(1);
+        assert!(serde_json::from_value::<Job>(doc.clone()).is_err());
+        let seen: Job<serde_json::Value> = serde_json::from_value(doc).unwrap();
+        assert_eq!(seen.spec["train"]["from_the_future"], 1);
+        assert_eq!(seen.phase, JobPhase::Running);
+    }
+}

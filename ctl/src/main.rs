@@ -11,7 +11,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use client::{segment, Client};
-use ferry_cluster::api::{EventKind, EventPage, Job, JobList, JobPhase, NodeList};
+use ferry_cluster::api::{EventKind, EventPage, JobPhase, NodeList};
+
+/// Jobs as ferryctl reads them: the spec kept verbatim, so this ferryctl also reads jobs of
+/// a newer daemon whose specs use fields it does not know.
+type Job = ferry_cluster::api::Job<serde_json::Value>;
+type JobList = ferry_cluster::api::JobList<serde_json::Value>;
 
 /// Exit status of `submit --wait` and `logs -f` when the job failed.
 const EXIT_FAILED: i32 = 1;

@@ -1,7 +1,9 @@
 //! Tables for people, JSON and YAML for programs.
 
 use anyhow::Result;
-use ferry_cluster::api::{Job, JobEvent, JobList, NodeList};
+use ferry_cluster::api::{JobEvent, NodeList};
+
+use crate::{Job, JobList};
 use serde::Serialize;
 
 use crate::Format;
