@@ -54,7 +54,12 @@ fn rank(rank: &str, ports: &str, sizes: &str, iters: &str) {
         .map(|p| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), p.parse().expect("port")))
         .collect();
     let listener = TcpListener::bind(peers[rank]).expect("bind my port");
-    let mut ring = Ring::connect(listener, rank, &peers, RingConfig::default()).expect("ring");
+    // FERRY_RING_SHM=0 keeps bulk data on TCP, as between hosts.
+    let cfg = RingConfig {
+        shared_memory: std::env::var("FERRY_RING_SHM").map_or(true, |v| v != "0"),
+        ..RingConfig::default()
+    };
+    let mut ring = Ring::connect(listener, rank, &peers, cfg).expect("ring");
     let iters: usize = iters.parse().expect("iters");
     let n = peers.len() as f64;
     for size in sizes.split(',').map(|s| s.parse::<usize>().expect("size")) {

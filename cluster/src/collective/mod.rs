@@ -7,6 +7,7 @@
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod ring;
+pub mod shm;
 
 use std::time::Duration;
 

@@ -11,11 +11,17 @@
 //! header (operation, sequence number, length) that each rank checks, so ranks that call
 //! different collectives fail with a clear error instead of corrupting data. Reads and writes
 //! time out; a closed connection fails at once, so a dead rank stops every other rank fast.
+//!
+//! When two neighbours share a host, large segments travel through a shared-memory region
+//! instead ([`super::shm`]); the TCP connection then carries only chunk announcements and
+//! credits. The set-up handshake decides it per link: the connecting rank offers a region,
+//! and the accepting rank uses it if it can map it (it cannot from another host).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use super::shm::{ShmIn, ShmOut, SLOTS};
 use super::{Collective, CollectiveError};
 
 const MAGIC: &[u8; 4] = b"FRY1";
@@ -29,6 +35,8 @@ pub struct RingConfig {
     pub timeout: Duration,
     /// Bytes per pipelined chunk.
     pub chunk_bytes: usize,
+    /// Use shared memory with a neighbour on the same host.
+    pub shared_memory: bool,
 }
 
 impl Default for RingConfig {
@@ -36,7 +44,15 @@ impl Default for RingConfig {
         RingConfig {
             timeout: Duration::from_secs(60),
             chunk_bytes: 1 << 20,
+            shared_memory: true,
         }
+    }
+}
+
+impl RingConfig {
+    /// Floats per chunk (and per shared-memory slot).
+    fn chunk_floats(&self) -> usize {
+        (self.chunk_bytes / 4).max(1)
     }
 }
 
@@ -55,6 +71,9 @@ pub struct Ring {
     next: Option<(TcpStream, Peer)>,
     /// Received values waiting to be added (f32, so reads land aligned and the sum vectorises).
     recv_buf: Vec<f32>,
+    /// Shared memory towards the next rank (we write) and from the previous one (we read).
+    shm_out: Option<ShmOut>,
+    shm_in: Option<ShmIn>,
 }
 
 /// Segments up to this size are written and then read on the calling thread.
@@ -92,6 +111,8 @@ impl Ring {
             prev: None,
             next: None,
             recv_buf: Vec::new(),
+            shm_out: None,
+            shm_in: None,
         };
         if world == 1 {
             return Ok(ring);
@@ -113,10 +134,24 @@ impl Ring {
                 }
             }
         };
-        let mut hello = Vec::with_capacity(12);
+        // Offer the next rank a shared-memory region (it can map it only on this host).
+        let slot_bytes = ring.cfg.chunk_floats() * 4;
+        let mut shm_out = if ring.cfg.shared_memory {
+            ShmOut::create(slot_bytes, &format!("r{rank}")).ok()
+        } else {
+            None
+        };
+        let offer = shm_out
+            .as_ref()
+            .map(|s| s.path().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut hello = Vec::with_capacity(20 + offer.len());
         hello.extend_from_slice(MAGIC);
         hello.extend_from_slice(&(rank as u32).to_le_bytes());
         hello.extend_from_slice(&(world as u32).to_le_bytes());
+        hello.extend_from_slice(&(slot_bytes as u32).to_le_bytes());
+        hello.extend_from_slice(&(offer.len() as u32).to_le_bytes());
+        hello.extend_from_slice(offer.as_bytes());
         next.write_all(&hello).map_err(|e| {
             setup(format!(
                 "handshake with rank {next_rank} at {next_addr}: {e}"
@@ -145,7 +180,7 @@ impl Ring {
             .map_err(|e| setup(e.to_string()))?;
         prev.set_read_timeout(Some(ring.cfg.timeout))
             .map_err(|e| setup(e.to_string()))?;
-        let mut hello = [0u8; 12];
+        let mut hello = [0u8; 20];
         prev.read_exact(&mut hello)
             .map_err(|e| setup(format!("handshake from {prev_addr}: {e}")))?;
         let (from, their_world) = (
@@ -157,6 +192,35 @@ impl Ring {
                 "{prev_addr} is not rank {prev_rank} of this job (it says rank {from} of {their_world})"
             )));
         }
+        let their_slot = u32::from_le_bytes([hello[12], hello[13], hello[14], hello[15]]) as usize;
+        let offer_len = u32::from_le_bytes([hello[16], hello[17], hello[18], hello[19]]) as usize;
+        if offer_len > 4096 {
+            return Err(setup(format!("{prev_addr} sent a malformed handshake")));
+        }
+        let mut their_offer = vec![0u8; offer_len];
+        prev.read_exact(&mut their_offer)
+            .map_err(|e| setup(format!("handshake from {prev_addr}: {e}")))?;
+        // Take the previous rank's region if it is on this host and cut like ours.
+        let their_offer = String::from_utf8_lossy(&their_offer).into_owned();
+        ring.shm_in = (offer_len > 0 && their_slot == slot_bytes)
+            .then(|| ShmIn::open(std::path::Path::new(&their_offer), slot_bytes).ok())
+            .flatten();
+        prev.write_all(&[u8::from(ring.shm_in.is_some())])
+            .map_err(|e| setup(format!("handshake with {prev_addr}: {e}")))?;
+        // And learn whether the next rank took ours.
+        next.set_read_timeout(Some(ring.cfg.timeout))
+            .map_err(|e| setup(e.to_string()))?;
+        let mut taken = [0u8; 1];
+        next.read_exact(&mut taken).map_err(|e| {
+            setup(format!(
+                "handshake with rank {next_rank} at {next_addr}: {e}"
+            ))
+        })?;
+        if let Some(s) = shm_out.as_mut() {
+            // Both ends have it mapped (or it is not used): the name is no longer needed.
+            s.unlink();
+        }
+        ring.shm_out = if taken[0] == 1 { shm_out } else { None };
         for s in [&prev, &next] {
             let _ = s.set_nodelay(true);
         }
@@ -177,6 +241,12 @@ impl Ring {
             },
         ));
         Ok(ring)
+    }
+
+    /// Whether bulk data to the next rank and from the previous one goes through shared
+    /// memory (neighbours on the same host).
+    pub fn shared_memory_links(&self) -> (bool, bool) {
+        (self.shm_out.is_some(), self.shm_in.is_some())
     }
 
     fn lost(&self, peer: &Peer, op: &'static str, e: &std::io::Error) -> CollectiveError {
@@ -297,28 +367,36 @@ impl Ring {
             self.send(out, op)?;
             return self.recv_into(inp, add, op);
         }
-        let chunk = (self.cfg.chunk_bytes / 4).max(1);
+        let chunk = self.cfg.chunk_floats();
         let Ring {
             next,
             prev,
             recv_buf,
+            shm_out,
+            shm_in,
             ..
         } = self;
         let (next_stream, next_peer) = next.as_mut().expect("world > 1 has a next rank");
         let (prev_stream, prev_peer) = prev.as_mut().expect("world > 1 has a previous rank");
+        let shm_in = &*shm_in;
         let (sent, received) = std::thread::scope(|scope| {
-            let writer = scope.spawn(move || next_stream.write_all(out));
+            let writer = scope.spawn(move || match shm_out.as_mut() {
+                Some(region) => write_shared(next_stream, region, out),
+                None => next_stream.write_all(out),
+            });
             let mut received = Ok(());
-            for part in inp.chunks_mut(chunk) {
-                let r = if add {
-                    recv_buf.resize(part.len(), 0.0);
-                    read_values(prev_stream, recv_buf).map(|()| {
-                        for (d, v) in part.iter_mut().zip(recv_buf.iter()) {
-                            *d += *v;
-                        }
-                    })
-                } else {
-                    read_values(prev_stream, part)
+            for (i, part) in inp.chunks_mut(chunk).enumerate() {
+                let r = match shm_in {
+                    Some(region) => read_shared(prev_stream, region, i, part, add),
+                    None if add => {
+                        recv_buf.resize(part.len(), 0.0);
+                        read_values(prev_stream, recv_buf).map(|()| {
+                            for (d, v) in part.iter_mut().zip(recv_buf.iter()) {
+                                *d += *v;
+                            }
+                        })
+                    }
+                    None => read_values(prev_stream, part),
                 };
                 if let Err(e) = r {
                     received = Err(e);
@@ -347,6 +425,54 @@ impl Ring {
         received.map_err(|e| self.lost(&prev_peer, op, &e))?;
         sent.map_err(|e| self.lost(&next_peer, op, &e))
     }
+}
+
+/// Sends `out` through the shared region, a slot per chunk: waits for a credit when every
+/// slot is taken, announces each chunk, and collects the outstanding credits at the end so
+/// the connection holds nothing for the next step.
+fn write_shared(stream: &mut TcpStream, region: &mut ShmOut, out: &[u8]) -> std::io::Result<()> {
+    let mut credit = [0u8; 1];
+    let chunks = out.chunks(region.slot_bytes());
+    let n = chunks.len();
+    for (i, c) in chunks.enumerate() {
+        if i >= SLOTS {
+            stream.read_exact(&mut credit)?;
+        }
+        region.put(i % SLOTS, c);
+        stream.write_all(&(c.len() as u32).to_le_bytes())?;
+    }
+    for _ in 0..n.min(SLOTS) {
+        stream.read_exact(&mut credit)?;
+    }
+    Ok(())
+}
+
+/// Receives chunk `i` from the shared region: waits for its announcement, adds or copies
+/// it straight from the slot, and returns the slot's credit.
+fn read_shared(
+    stream: &mut TcpStream,
+    region: &ShmIn,
+    i: usize,
+    part: &mut [f32],
+    add: bool,
+) -> std::io::Result<()> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len)?;
+    if u32::from_le_bytes(len) as usize != part.len() * 4 {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            "shared-memory chunk of the wrong size",
+        ));
+    }
+    let src = region.values(i % SLOTS, part.len());
+    if add {
+        for (d, v) in part.iter_mut().zip(src) {
+            *d += *v;
+        }
+    } else {
+        part.copy_from_slice(src);
+    }
+    stream.write_all(&[1])
 }
 
 impl Collective for Ring {
@@ -394,7 +520,7 @@ impl Collective for Ring {
         }
         let op = "broadcast";
         self.header(OP_BROADCAST, data.len(), op)?;
-        let chunk = (self.cfg.chunk_bytes / 4).max(1);
+        let chunk = self.cfg.chunk_floats();
         let last = (root + self.world - 1) % self.world;
         // A chain from the root to the rank before it: store and forward, chunk by chunk.
         for start in (0..data.len()).step_by(chunk) {
@@ -440,14 +566,23 @@ mod tests {
 
     #[test]
     fn all_reduce_sums_for_any_world_size_and_length() {
-        for world in [1, 2, 3, 4, 5] {
+        for (world, shared_memory) in [1, 2, 3, 4, 5]
+            .into_iter()
+            .flat_map(|w| [(w, true), (w, false)])
+        {
             for len in [0, 1, 3, 7, 1000, 100_003] {
-                // Tiny chunks exercise the pipelining.
+                // Tiny chunks exercise the pipelining (and, in shared memory, slot reuse).
                 let cfg = RingConfig {
                     chunk_bytes: 4096,
+                    shared_memory,
                     ..Default::default()
                 };
                 let results = on_ring(world, cfg, move |mut ring| {
+                    let links = ring.shared_memory_links();
+                    assert_eq!(
+                        links,
+                        (shared_memory && world > 1, shared_memory && world > 1)
+                    );
                     let r = ring.rank() as f32;
                     let mut v: Vec<f32> = (0..len).map(|i| r * 1000.0 + i as f32).collect();
                     ring.all_reduce_sum(&mut v).unwrap();
