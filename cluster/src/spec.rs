@@ -67,13 +67,10 @@ pub struct DistillSpec {
     /// Steps whose soft labels are requested ahead of training.
     #[serde(default = "default_prefetch")]
     pub prefetch: u32,
-    /// Cache soft labels on the student (the inputs are deterministic), so later epochs
-    /// need no teacher round trip.
+    /// Cache soft labels for the students (the inputs are deterministic), so later epochs
+    /// need no teacher round trip. The ranks of a node share one cache.
     #[serde(default = "yes")]
     pub cache: bool,
-    /// Memory for the cache per rank, in MB; the rest spills to a file in the output dir.
-    #[serde(default = "default_cache_mb")]
-    pub cache_mb: u64,
 }
 
 /// The teacher model and how it is served.
@@ -157,9 +154,6 @@ fn default_wait_timeout_s() -> u64 {
 }
 fn default_prefetch() -> u32 {
     4
-}
-fn default_cache_mb() -> u64 {
-    512
 }
 fn default_teacher_restarts() -> u32 {
     3

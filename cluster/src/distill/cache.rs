@@ -1,45 +1,86 @@
-//! The student's soft-label cache. When a sample's input is deterministic (no random
-//! augmentation), its soft label never changes, so the teacher is asked once per sample for
-//! the whole job. Records have a fixed size, so the cache is an array indexed by sample:
-//! the first samples (as many as `memory_bytes` holds) live in memory, the others in a
-//! spill file read and written at fixed offsets.
+//! The students' soft-label cache, shared by the ranks of a job on one node. When a
+//! sample's input is deterministic (no random augmentation), its soft label never changes,
+//! so the teacher is asked once per sample for the whole job, whichever rank meets it.
+//!
+//! Records have a fixed size, so the cache is a file of `samples` presence bytes followed by
+//! `samples` records, mapped into every rank. The kernel's page cache is its memory; pages
+//! it evicts live on in the file, on disk. A rank writes a record, then sets its presence
+//! byte (release); readers check the byte (acquire) before they read. Two ranks that write
+//! the same sample write the same bytes. The file is reused by a restarted attempt of the
+//! same job (same spec, same teacher) and removed at the end of the job.
 
-use std::fs::File;
+#![allow(unsafe_code)]
+
+use std::fs::OpenOptions;
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 
-/// Fixed-size soft-label records by sample index.
+use memmap2::MmapMut;
+
+const MAGIC: &[u8; 8] = b"FRYSL001";
+/// magic, samples (u64), record bytes (u64).
+const HEADER: usize = 24;
+
+/// Fixed-size soft-label records by sample index, shared through a mapped file.
 pub struct Cache {
+    map: MmapMut,
     record: usize,
     samples: usize,
-    /// Samples `0..in_memory` are held in `memory`.
-    in_memory: usize,
-    memory: Vec<u8>,
-    present: Vec<bool>,
-    spill_path: PathBuf,
-    spill: Option<File>,
+    path: PathBuf,
 }
 
 impl Cache {
-    /// A cache for `samples` records of `record` bytes, holding up to `memory_bytes` in
-    /// memory and the rest in `spill_path` (created on first use, removed on drop).
-    pub fn new(samples: usize, record: usize, memory_bytes: usize, spill_path: PathBuf) -> Cache {
-        let in_memory = (memory_bytes / record.max(1)).min(samples);
-        Cache {
+    /// Opens (creating it if needed) the cache file at `path` for `samples` records of
+    /// `record` bytes. A file laid out for another shape is started afresh.
+    pub fn open(path: &Path, samples: usize, record: usize) -> io::Result<Cache> {
+        let len = HEADER + samples + samples * record;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let mut header = [0u8; HEADER];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..16].copy_from_slice(&(samples as u64).to_le_bytes());
+        header[16..24].copy_from_slice(&(record as u64).to_le_bytes());
+        let current = file.metadata()?.len();
+        if current != len as u64 {
+            // New (every rank sets the same length and header), or from another shape.
+            file.set_len(0)?;
+            file.set_len(len as u64)?;
+        }
+        // SAFETY: the file has `len` bytes and is never shortened while mapped (every opener
+        // computes the same length); the protocol in the module docs orders the accesses.
+        let mut map = unsafe { MmapMut::map_mut(&file)? };
+        if map[..HEADER] != header {
+            if map[..8] == *MAGIC {
+                // Same length, another shape: start afresh.
+                map[HEADER..].fill(0);
+            }
+            map[..HEADER].copy_from_slice(&header);
+        }
+        Ok(Cache {
+            map,
             record,
             samples,
-            in_memory,
-            memory: vec![0; in_memory * record],
-            present: vec![false; samples],
-            spill_path,
-            spill: None,
-        }
+            path: path.to_path_buf(),
+        })
     }
 
-    /// Whether sample `i` is cached.
+    fn presence(&self, i: usize) -> &AtomicU8 {
+        // SAFETY: the byte is inside the mapping, and AtomicU8 has u8's layout.
+        unsafe { &*(self.map.as_ptr().add(HEADER + i) as *const AtomicU8) }
+    }
+
+    fn offset(&self, i: usize) -> usize {
+        HEADER + self.samples + i * self.record
+    }
+
+    /// Whether sample `i` is cached (by any rank).
     pub fn contains(&self, i: u32) -> bool {
-        self.present.get(i as usize).copied().unwrap_or(false)
+        (i as usize) < self.samples && self.presence(i as usize).load(Ordering::Acquire) == 1
     }
 
     /// Stores sample `i`'s record.
@@ -48,51 +89,24 @@ impl Cache {
         if i >= self.samples || rec.len() != self.record {
             return Ok(()); // not cacheable: ignore
         }
-        if i < self.in_memory {
-            self.memory[i * self.record..(i + 1) * self.record].copy_from_slice(rec);
-        } else {
-            let f = match &self.spill {
-                Some(f) => f,
-                None => {
-                    let f = std::fs::OpenOptions::new()
-                        .create(true)
-                        .truncate(true)
-                        .read(true)
-                        .write(true)
-                        .open(&self.spill_path)?;
-                    self.spill.insert(f)
-                }
-            };
-            f.write_all_at(rec, ((i - self.in_memory) * self.record) as u64)?;
-        }
-        self.present[i] = true;
+        let at = self.offset(i);
+        self.map[at..at + self.record].copy_from_slice(rec);
+        self.presence(i).store(1, Ordering::Release);
         Ok(())
     }
 
     /// Sample `i`'s record, if cached.
     pub fn get(&self, i: u32) -> io::Result<Option<Vec<u8>>> {
-        let i = i as usize;
-        if !self.present.get(i).copied().unwrap_or(false) {
+        if !self.contains(i) {
             return Ok(None);
         }
-        if i < self.in_memory {
-            return Ok(Some(
-                self.memory[i * self.record..(i + 1) * self.record].to_vec(),
-            ));
-        }
-        let mut rec = vec![0; self.record];
-        if let Some(f) = &self.spill {
-            f.read_exact_at(&mut rec, ((i - self.in_memory) * self.record) as u64)?;
-        }
-        Ok(Some(rec))
+        let at = self.offset(i as usize);
+        Ok(Some(self.map[at..at + self.record].to_vec()))
     }
-}
 
-impl Drop for Cache {
-    fn drop(&mut self) {
-        if self.spill.take().is_some() {
-            let _ = std::fs::remove_file(&self.spill_path);
-        }
+    /// Removes the file (the job is over; mappings stay valid until dropped).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -101,27 +115,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn records_live_in_memory_then_spill_to_disk() {
+    fn ranks_share_records_through_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let spill = dir.path().join("spill.bin");
-        // 10 samples of 4 bytes, 12 bytes of memory: samples 0-2 in memory, 3-9 on disk.
-        let mut c = Cache::new(10, 4, 12, spill.clone());
-        assert!(!c.contains(5));
-        for i in [0u32, 2, 3, 9] {
-            c.put(i, &[i as u8; 4]).unwrap();
-        }
-        assert!(spill.exists(), "samples beyond memory spill");
-        for i in [0u32, 2, 3, 9] {
-            assert!(c.contains(i));
-            assert_eq!(c.get(i).unwrap().unwrap(), vec![i as u8; 4]);
-        }
-        assert_eq!(c.get(1).unwrap(), None);
-        assert!(!c.contains(1));
+        let path = dir.path().join("softlabels.cache");
+        // Two ranks of one job open the same cache.
+        let mut a = Cache::open(&path, 10, 4).unwrap();
+        let mut b = Cache::open(&path, 10, 4).unwrap();
+        assert!(!a.contains(5));
+        a.put(5, &[5; 4]).unwrap();
+        b.put(9, &[9; 4]).unwrap();
+        assert!(b.contains(5) && a.contains(9));
+        assert_eq!(b.get(5).unwrap().unwrap(), vec![5; 4]);
+        assert_eq!(a.get(9).unwrap().unwrap(), vec![9; 4]);
+        assert_eq!(a.get(1).unwrap(), None);
         // Out of range or wrong size: ignored, never a panic.
-        c.put(10, &[1; 4]).unwrap();
-        c.put(1, &[1; 3]).unwrap();
-        assert!(!c.contains(10) && !c.contains(1));
-        drop(c);
-        assert!(!spill.exists(), "the spill file goes with the cache");
+        a.put(10, &[1; 4]).unwrap();
+        a.put(1, &[1; 3]).unwrap();
+        assert!(!a.contains(10) && !a.contains(1));
+        drop((a, b));
+        // A restarted attempt finds what was fetched; another shape starts afresh.
+        let again = Cache::open(&path, 10, 4).unwrap();
+        assert!(again.contains(5) && again.contains(9));
+        let other = Cache::open(&path, 10, 8).unwrap();
+        assert!(!other.contains(5));
+        let same_len = Cache::open(&path, 20, 2).unwrap(); // 24 + 20 + 40 = 24 + 10 + 80 - 30
+        assert!(!same_len.contains(5));
+        other.remove();
+        assert!(!path.exists());
     }
 }

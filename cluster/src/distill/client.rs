@@ -83,9 +83,9 @@ pub struct ClientConfig {
     pub policy: OnTeacherFailure,
     /// How long `wait` waits for a teacher before the job fails.
     pub wait_timeout: Duration,
-    /// Cache soft labels: (samples in the data set, memory bytes, spill file). Only valid
-    /// when the inputs are deterministic.
-    pub cache: Option<(usize, usize, PathBuf)>,
+    /// Cache soft labels: (samples in the data set, the cache file the ranks of the job on
+    /// this node share). Only valid when the inputs are deterministic.
+    pub cache: Option<(usize, PathBuf)>,
 }
 
 /// Why the student cannot go on.
@@ -268,6 +268,13 @@ impl Client {
         }
     }
 
+    /// Removes the cache file (the job is over); a cache not yet opened is removed too.
+    pub fn remove_cache(&self) {
+        if let Some((_, path)) = &self.cfg.cache {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
     /// Drives `p` to an answer: Ok(true) answered, Ok(false) fall back to hard labels.
     fn complete(
         &mut self,
@@ -353,13 +360,10 @@ impl Client {
         }
         self.format = Some(fmt);
         if self.cache.is_none() {
-            if let Some((samples, memory, path)) = &self.cfg.cache {
-                self.cache = Some(Cache::new(
-                    *samples,
-                    labels.record_len(),
-                    *memory,
-                    path.clone(),
-                ));
+            if let Some((samples, path)) = &self.cfg.cache {
+                self.cache = Some(Cache::open(path, *samples, labels.record_len()).map_err(
+                    |e| ClientError(format!("soft-label cache {}: {e}", path.display())),
+                )?);
             }
         }
         match &mut self.cache {
@@ -688,15 +692,21 @@ mod tests {
         l.local_addr().unwrap().to_string()
     }
 
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+
     fn client(policy: OnTeacherFailure, addrs: Vec<String>, cache: bool) -> (Client, Directory) {
         let dir = Directory::default();
         dir.set(addrs);
-        let spill = std::env::temp_dir().join(format!("ferry-cache-test-{}", std::process::id()));
+        let spill = std::env::temp_dir().join(format!(
+            "ferry-cache-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         let cfg = ClientConfig {
             deadline: Duration::from_millis(300),
             policy,
             wait_timeout: Duration::from_secs(5),
-            cache: cache.then_some((100, 1 << 20, spill)),
+            cache: cache.then_some((100, spill)),
         };
         (Client::new(cfg, dir.clone()), dir)
     }

@@ -7,7 +7,7 @@
 //!   one batch for its model.
 //! - [`client`]: the student's side: replicas chosen by measured latency, a deadline per
 //!   request, fail-over, the `on_teacher_failure` policy, and prefetching.
-//! - [`cache`]: the student's soft-label cache, in memory and spilling to disk.
+//! - [`cache`]: the students' soft-label cache, a mapped file shared by a node's ranks.
 //!
 //! # Why a binary protocol over TCP
 //! A request in index mode is a few bytes per sample and a top-10 response is 40 bytes per

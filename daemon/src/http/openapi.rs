@@ -139,7 +139,7 @@ pub fn document(version: &str) -> Value {
                             "on_teacher_failure": {"type": "string", "enum": ["wait", "hard-labels", "fail"]},
                             "mode": {"type": "string", "enum": ["index", "tensor"]},
                             "deadline_ms": {"type": "integer", "minimum": 1}, "wait_timeout_s": {"type": "integer", "minimum": 1},
-                            "prefetch": {"type": "integer", "minimum": 0}, "cache": {"type": "boolean"}, "cache_mb": {"type": "integer", "minimum": 0}}}}},
+                            "prefetch": {"type": "integer", "minimum": 0}, "cache": {"type": "boolean"}}}}},
                 "DataSource": {"type": "object", "additionalProperties": false, "required": ["path"], "properties": {"path": {"type": "string"}}}
             }
         }

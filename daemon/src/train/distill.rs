@@ -31,6 +31,9 @@ use super::data::Dataset;
 use super::model::Model;
 use crate::protocol::{DistillProgress, WorkerMessage, WorkerPlan};
 
+/// The soft-label cache the ranks of a job share, in its output dir.
+pub const CACHE_FILE: &str = ".softlabels.cache";
+
 /// The distillation loss (see the module docs). `labels` holds -1 for unlabelled samples;
 /// `targets` is `n × classes`, each row a distribution.
 pub fn loss(
@@ -78,15 +81,9 @@ impl Student {
         teachers: Directory,
         train: &Dataset,
         out_dir: &Path,
-        rank: usize,
     ) -> Result<Student> {
-        let cache = spec.cache.then(|| {
-            (
-                train.len(),
-                (spec.cache_mb as usize) << 20,
-                out_dir.join(format!(".softlabels-rank{rank}.cache")),
-            )
-        });
+        // One cache file for the job's ranks on this node.
+        let cache = spec.cache.then(|| (train.len(), out_dir.join(CACHE_FILE)));
         let client = Client::new(
             ClientConfig {
                 deadline: Duration::from_millis(spec.deadline_ms),
@@ -119,6 +116,11 @@ impl Student {
             return Ok(None);
         };
         Ok(Some(to_targets(&labels, device)?))
+    }
+
+    /// Removes the shared cache file (rank 0, when the job has succeeded).
+    pub fn remove_cache(&self) {
+        self.client.remove_cache();
     }
 
     /// Counters for progress reports.

@@ -203,7 +203,6 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 control.teachers.clone(),
                 &train_set,
                 &out_dir,
-                rank,
             )?)
         }
         None => None,
@@ -437,6 +436,9 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     model.set_train(false)?;
     if !leader {
         return Ok(());
+    }
+    if let Some(st) = &student {
+        st.remove_cache();
     }
     if let Some(p) = student.as_ref().map(|s| s.progress()) {
         writeln!(metrics, "{}", serde_json::json!({ "distill": p }))?;
