@@ -6,8 +6,10 @@
 //! `samples` records, mapped into every rank. The kernel's page cache is its memory; pages
 //! it evicts live on in the file, on disk. A rank writes a record, then sets its presence
 //! byte (release); readers check the byte (acquire) before they read. Two ranks that write
-//! the same sample write the same bytes. The file is reused by a restarted attempt of the
-//! same job (same spec, same teacher) and removed at the end of the job.
+//! the same sample write the same bytes. The file's name carries its shape (samples and
+//! record size), so files of other shapes are never shared, and an open file is only ever
+//! grown, never truncated under another rank's mapping. The file is reused by a restarted
+//! attempt of the same job (same spec, same teacher) and removed at the end of the job.
 
 #![allow(unsafe_code)]
 
@@ -31,41 +33,49 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// Opens (creating it if needed) the cache file at `path` for `samples` records of
-    /// `record` bytes. A file laid out for another shape is started afresh.
-    pub fn open(path: &Path, samples: usize, record: usize) -> io::Result<Cache> {
-        let len = HEADER + samples + samples * record;
+    /// The file for `samples` records of `record` bytes: `base` with the shape appended.
+    pub fn file_for(base: &Path, samples: usize, record: usize) -> PathBuf {
+        PathBuf::from(format!("{}.{samples}x{record}", base.display()))
+    }
+
+    /// Opens, creating it if needed, the cache for `samples` records of `record` bytes at
+    /// [`Cache::file_for`]`(base, ..)`.
+    pub fn open(base: &Path, samples: usize, record: usize) -> io::Result<Cache> {
+        let path = Self::file_for(base, samples, record);
+        let len = (HEADER + samples + samples * record) as u64;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(path)?;
+            .open(&path)?;
+        let current = file.metadata()?.len();
+        if current > len {
+            return Err(io::Error::other(format!(
+                "{} has {current} bytes, more than its shape allows ({len})",
+                path.display()
+            )));
+        }
+        if current < len {
+            // New: every rank grows it to the same length (growing keeps what is written).
+            file.set_len(len)?;
+        }
+        // SAFETY: the file has `len` bytes and is never shortened while mapped; the protocol
+        // in the module docs orders the accesses to each record.
+        let mut map = unsafe { MmapMut::map_mut(&file)? };
         let mut header = [0u8; HEADER];
         header[..8].copy_from_slice(MAGIC);
         header[8..16].copy_from_slice(&(samples as u64).to_le_bytes());
         header[16..24].copy_from_slice(&(record as u64).to_le_bytes());
-        let current = file.metadata()?.len();
-        if current != len as u64 {
-            // New (every rank sets the same length and header), or from another shape.
-            file.set_len(0)?;
-            file.set_len(len as u64)?;
-        }
-        // SAFETY: the file has `len` bytes and is never shortened while mapped (every opener
-        // computes the same length); the protocol in the module docs orders the accesses.
-        let mut map = unsafe { MmapMut::map_mut(&file)? };
         if map[..HEADER] != header {
-            if map[..8] == *MAGIC {
-                // Same length, another shape: start afresh.
-                map[HEADER..].fill(0);
-            }
+            // Every opener writes the same bytes.
             map[..HEADER].copy_from_slice(&header);
         }
         Ok(Cache {
             map,
             record,
             samples,
-            path: path.to_path_buf(),
+            path,
         })
     }
 
@@ -118,6 +128,10 @@ mod tests {
     fn ranks_share_records_through_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("softlabels.cache");
+        assert_eq!(
+            Cache::file_for(&path, 10, 4),
+            dir.path().join("softlabels.cache.10x4")
+        );
         // Two ranks of one job open the same cache.
         let mut a = Cache::open(&path, 10, 4).unwrap();
         let mut b = Cache::open(&path, 10, 4).unwrap();
@@ -133,14 +147,14 @@ mod tests {
         a.put(1, &[1; 3]).unwrap();
         assert!(!a.contains(10) && !a.contains(1));
         drop((a, b));
-        // A restarted attempt finds what was fetched; another shape starts afresh.
+        // A restarted attempt finds what was fetched; another shape has a file of its own.
         let again = Cache::open(&path, 10, 4).unwrap();
         assert!(again.contains(5) && again.contains(9));
         let other = Cache::open(&path, 10, 8).unwrap();
         assert!(!other.contains(5));
-        let same_len = Cache::open(&path, 20, 2).unwrap(); // 24 + 20 + 40 = 24 + 10 + 80 - 30
-        assert!(!same_len.contains(5));
         other.remove();
-        assert!(!path.exists());
+        again.remove();
+        assert!(!Cache::file_for(&path, 10, 4).exists());
+        assert!(!Cache::file_for(&path, 10, 8).exists());
     }
 }

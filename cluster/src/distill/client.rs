@@ -268,10 +268,10 @@ impl Client {
         }
     }
 
-    /// Removes the cache file (the job is over); a cache not yet opened is removed too.
+    /// Removes the cache file this client opened (the job is over).
     pub fn remove_cache(&self) {
-        if let Some((_, path)) = &self.cfg.cache {
-            let _ = std::fs::remove_file(path);
+        if let Some(c) = &self.cache {
+            c.remove();
         }
     }
 

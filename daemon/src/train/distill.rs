@@ -118,9 +118,16 @@ impl Student {
         Ok(Some(to_targets(&labels, device)?))
     }
 
-    /// Removes the shared cache file (rank 0, when the job has succeeded).
-    pub fn remove_cache(&self) {
+    /// Removes the shared cache files (rank 0, when the job has succeeded), including any
+    /// that only the other ranks opened.
+    pub fn remove_cache(&self, out_dir: &Path) {
         self.client.remove_cache();
+        let prefix = format!("{CACHE_FILE}.");
+        for e in std::fs::read_dir(out_dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Counters for progress reports.

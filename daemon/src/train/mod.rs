@@ -438,7 +438,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         return Ok(());
     }
     if let Some(st) = &student {
-        st.remove_cache();
+        st.remove_cache(&out_dir);
     }
     if let Some(p) = student.as_ref().map(|s| s.progress()) {
         writeln!(metrics, "{}", serde_json::json!({ "distill": p }))?;
