@@ -13,14 +13,20 @@ use tch::{Device, Kind, Tensor};
 use super::control::ControlChannel;
 use crate::protocol::{WorkerMessage, WorkerPlan};
 
+/// How this rank's values reach the others.
+enum Transport {
+    /// CPU ranks: the TCP ring over host buffers.
+    Ring(Box<dyn Collective>),
+    /// CUDA ranks: NCCL over device buffers, on libtorch's (default) stream.
+    Nccl(Nccl),
+}
+
 /// This rank's place in the job, and its connection to the others.
 pub struct Dist {
     pub rank: usize,
     pub world: usize,
-    /// CPU ranks: the TCP ring over host buffers.
-    coll: Option<Box<dyn Collective>>,
-    /// CUDA ranks: NCCL over device buffers, on libtorch's (default) stream.
-    nccl: Option<Nccl>,
+    /// None in a job of one rank.
+    transport: Option<Transport>,
     device: Device,
     /// Indices into the trainable parameters, one list per bucket, in all-reduce order.
     buckets: Vec<Vec<usize>>,
@@ -29,14 +35,39 @@ pub struct Dist {
 impl Dist {
     /// A job of one rank: every collective is a no-op.
     pub fn single() -> Dist {
+        Dist::joined(0, 1, Device::Cpu, None)
+    }
+
+    fn joined(rank: usize, world: usize, device: Device, transport: Option<Transport>) -> Dist {
         Dist {
-            rank: 0,
-            world: 1,
-            coll: None,
-            nccl: None,
-            device: Device::Cpu,
+            rank,
+            world,
+            transport,
+            device,
             buckets: Vec::new(),
         }
+    }
+
+    /// Reports this rank's rendezvous address to the daemon and waits for every rank's.
+    fn rendezvous(
+        rank: usize,
+        world: usize,
+        addr: String,
+        control: &ControlChannel,
+        emit: impl Fn(&WorkerMessage),
+    ) -> Result<Vec<String>> {
+        emit(&WorkerMessage::Rendezvous {
+            rank: rank as u32,
+            addr,
+        });
+        let peers = control.peers(rank)?.peers;
+        if peers.len() != world {
+            return Err(anyhow!(
+                "rank {rank}: {} peers for a world of {world}",
+                peers.len()
+            ));
+        }
+        Ok(peers)
     }
 
     /// Listens, reports the address to the daemon, waits for every rank's address on stdin,
@@ -61,37 +92,23 @@ impl Dist {
             .with_context(|| format!("bad bind address {}", plan.bind_ip))?;
         let listener =
             ring::listen(ip).with_context(|| format!("rank {rank}: cannot listen on {ip}"))?;
-        let addr = listener.local_addr()?;
-        emit(&WorkerMessage::Rendezvous {
-            rank: rank as u32,
-            addr: addr.to_string(),
-        });
-        let peers = control.peers(rank)?;
-        let peers: Vec<SocketAddr> = peers
-            .peers
+        let addr = listener.local_addr()?.to_string();
+        let peers: Vec<SocketAddr> = Self::rendezvous(rank, world, addr, control, emit)?
             .iter()
             .map(|p| p.parse())
             .collect::<Result<_, _>>()
             .context("corrupt peer address")?;
-        if peers.len() != world {
-            return Err(anyhow!(
-                "rank {rank}: {} peers for a world of {world}",
-                peers.len()
-            ));
-        }
         let cfg = RingConfig {
             timeout: Duration::from_millis(plan.collective_timeout_ms),
             ..Default::default()
         };
         let ring = Ring::connect(listener, rank, &peers, cfg)?;
-        Ok(Dist {
+        Ok(Dist::joined(
             rank,
             world,
-            coll: Some(Box::new(ring)),
-            nccl: None,
             device,
-            buckets: Vec::new(),
-        })
+            Some(Transport::Ring(Box::new(ring))),
+        ))
     }
 
     /// CUDA ranks: rank 0 makes the NCCL id and reports it as its rendezvous address; the
@@ -109,48 +126,42 @@ impl Dist {
         } else {
             "nccl".to_string()
         };
-        emit(&WorkerMessage::Rendezvous {
-            rank: rank as u32,
-            addr,
-        });
-        let peers = control.peers(rank)?;
+        let peers = Self::rendezvous(rank, world, addr, control, emit)?;
         let id = peers
-            .peers
             .first()
             .and_then(|p| p.strip_prefix("nccl:"))
             .and_then(UniqueId::from_hex)
             .ok_or_else(|| anyhow!("rank {rank}: rank 0 sent no NCCL id in the rendezvous"))?;
         let nccl = Nccl::init(&id, rank, world)?;
-        Ok(Dist {
+        Ok(Dist::joined(
             rank,
             world,
-            coll: None,
-            nccl: Some(nccl),
             device,
-            buckets: Vec::new(),
-        })
+            Some(Transport::Nccl(nccl)),
+        ))
     }
 
     /// Sums (or, with `root`, broadcasts from it) a flat f32 tensor across ranks; returns
     /// the result, on the CPU for the ring and on the device for NCCL.
     fn reduce_flat(&mut self, flat: Tensor, root: Option<usize>) -> Result<Tensor> {
-        if let Some(n) = self.nccl.as_mut() {
-            let flat = flat.to_device(self.device).contiguous();
-            let count = flat.numel();
-            #[allow(unsafe_code)]
-            // SAFETY: `flat` is a contiguous f32 device tensor of `count` values that lives
-            // until the end of this call; the operation is enqueued on the legacy default
-            // stream, which libtorch's later kernels on it follow in order.
-            unsafe {
-                match root {
-                    Some(r) => n.broadcast(flat.data_ptr(), count, r, std::ptr::null_mut())?,
-                    None => n.all_reduce_sum(flat.data_ptr(), count, std::ptr::null_mut())?,
+        let coll = match self.transport.as_mut() {
+            None => return Ok(flat),
+            Some(Transport::Ring(coll)) => coll,
+            Some(Transport::Nccl(n)) => {
+                let flat = flat.to_device(self.device).contiguous();
+                let count = flat.numel();
+                #[allow(unsafe_code)]
+                // SAFETY: `flat` is a contiguous f32 device tensor of `count` values that lives
+                // until the end of this call; the operation is enqueued on the legacy default
+                // stream, which libtorch's later kernels on it follow in order.
+                unsafe {
+                    match root {
+                        Some(r) => n.broadcast(flat.data_ptr(), count, r, std::ptr::null_mut())?,
+                        None => n.all_reduce_sum(flat.data_ptr(), count, std::ptr::null_mut())?,
+                    }
                 }
+                return Ok(flat);
             }
-            return Ok(flat);
-        }
-        let Some(coll) = self.coll.as_mut() else {
-            return Ok(flat);
         };
         let mut v = Vec::<f32>::try_from(&flat.to_device(Device::Cpu))?;
         match root {
@@ -224,8 +235,20 @@ impl Dist {
         if self.world == 1 {
             return Ok(());
         }
-        for b in 0..self.buckets.len() {
-            let bucket = self.buckets[b].clone();
+        // The plan is set aside while the transport (also in `self`) is borrowed.
+        let buckets = std::mem::take(&mut self.buckets);
+        let r = self.sync_buckets(&buckets, params, weight);
+        self.buckets = buckets;
+        r
+    }
+
+    fn sync_buckets(
+        &mut self,
+        buckets: &[Vec<usize>],
+        params: &[(String, Tensor)],
+        weight: f64,
+    ) -> Result<()> {
+        for bucket in buckets {
             let grads: Vec<Tensor> = bucket
                 .iter()
                 .map(|&i| {
@@ -242,7 +265,7 @@ impl Dist {
             let reduced = self.reduce_flat(flat, None)?;
             let mut off = 0i64;
             tch::no_grad(|| -> Result<()> {
-                for &i in &bucket {
+                for &i in bucket {
                     let (_, p) = &params[i];
                     let n = p.numel() as i64;
                     let mut g = p.grad();
