@@ -42,20 +42,26 @@ impl GradScaler {
     pub fn unscale(&self, params: &[(String, Tensor)]) -> bool {
         // fp32 reciprocal of the scale, as GradScaler computes it.
         let inv = (1.0 / self.scale) as f32;
-        let mut finite = true;
-        tch::no_grad(|| {
-            for (_, p) in params {
-                let mut g = p.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let _ = g.f_mul_scalar_(f64::from(inv));
-                if finite && !g.sum(Kind::Double).double_value(&[]).is_finite() {
-                    finite = false;
-                }
-            }
+        // One sum per gradient stays on the device; a single read decides: an inf or NaN
+        // anywhere makes the total non-finite.
+        let sums: Vec<Tensor> = tch::no_grad(|| {
+            params
+                .iter()
+                .filter_map(|(_, p)| {
+                    let mut g = p.grad();
+                    if !g.defined() {
+                        return None;
+                    }
+                    let _ = g.f_mul_scalar_(f64::from(inv));
+                    Some(g.sum(Kind::Double))
+                })
+                .collect()
         });
-        !finite
+        !sums.is_empty()
+            && !Tensor::stack(&sums, 0)
+                .sum(Kind::Double)
+                .double_value(&[])
+                .is_finite()
     }
 
     /// Moves the scale after a step: `found_inf` halves it (and the step was skipped);
