@@ -24,7 +24,7 @@ use anyhow::{bail, Context, Result};
 use ferry_cluster::distill::client::{Client, ClientConfig, Directory};
 use ferry_cluster::distill::server::{serve, ServerStats, Teacher};
 use ferry_cluster::distill::{dense_targets, encode_dense, encode_topk, Inputs, SoftLabels};
-use ferry_cluster::spec::{DistillMode, DistillSpec};
+use ferry_cluster::spec::{DistillMode, DistillSpec, Precision};
 use tch::{Device, Kind, Tensor};
 
 use super::data::Dataset;
@@ -190,7 +190,7 @@ struct TeacherModel {
     data: Option<Dataset>,
     spec: DistillSpec,
     device: Device,
-    precision: ferry_cluster::spec::Precision,
+    precision: Precision,
 }
 
 impl TeacherModel {
@@ -223,12 +223,7 @@ impl TeacherModel {
                 if self.model.is_none() {
                     // A built-in teacher in tensor mode learns its input shape from the first request.
                     self.model = Some(
-                        Model::build(&self.spec.teacher.model(), None, (c, h, w), self.device)
-                            .and_then(|m| load_teacher_init(m, &self.spec))
-                            .map(|mut m| {
-                                m.set_precision(self.precision);
-                                m
-                            })
+                        build_teacher(&self.spec, (c, h, w), self.device, self.precision)
                             .map_err(|e| format!("{e:#}"))?,
                     );
                 }
@@ -313,7 +308,15 @@ impl TeacherModel {
     }
 }
 
-fn load_teacher_init(mut model: Model, spec: &DistillSpec) -> Result<Model> {
+/// Loads the teacher for inputs of `shape`: its weights, eval mode, the job's precision.
+fn build_teacher(
+    spec: &DistillSpec,
+    shape: (i64, i64, i64),
+    device: Device,
+    precision: Precision,
+) -> Result<Model> {
+    let t = &spec.teacher;
+    let mut model = Model::build(&t.model(), t.path.as_deref().map(Path::new), shape, device)?;
     if let Some(init) = &spec.teacher.init {
         let r = model
             .load_init(Path::new(init))
@@ -327,6 +330,7 @@ fn load_teacher_init(mut model: Model, spec: &DistillSpec) -> Result<Model> {
         }
     }
     model.set_train(false)?;
+    model.set_precision(precision);
     Ok(model)
 }
 
@@ -349,29 +353,20 @@ pub fn run_teacher(plan_path: &Path, replica: u32, emit: impl Fn(&WorkerMessage)
         DistillMode::Index => Some(Dataset::load_training(&spec.data)?),
         DistillMode::Tensor => None,
     };
-    let model = match (&data, d.teacher.arch.is_builtin()) {
-        (Some(ds), _) => Some(Model::build(
-            &d.teacher.model(),
-            d.teacher.path.as_deref().map(Path::new),
-            ds.shape(),
-            device,
-        )?),
-        (None, false) => Some(Model::build(
-            &d.teacher.model(),
-            d.teacher.path.as_deref().map(Path::new),
-            (0, 0, 0),
-            device,
-        )?),
+    // A built-in teacher needs the input shape: without data (tensor mode) it is built
+    // from the first request. A TorchScript teacher needs none.
+    let model = match (
+        data.as_ref().map(Dataset::shape),
+        d.teacher.arch.is_builtin(),
+    ) {
         (None, true) => None,
+        (shape, _) => Some(build_teacher(
+            &d,
+            shape.unwrap_or((0, 0, 0)),
+            device,
+            spec.train.precision,
+        )?),
     };
-    let model = model
-        .map(|m| load_teacher_init(m, &d))
-        .transpose()?
-        .map(|mut m| {
-            // The teacher runs its forward passes at the job's precision too.
-            m.set_precision(spec.train.precision);
-            m
-        });
     let ip: IpAddr = plan
         .bind_ip
         .parse()
