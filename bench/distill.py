@@ -14,22 +14,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-
-class BenchCNN(torch.nn.Module):
-    def __init__(self, width: float, classes: int):
-        super().__init__()
-        c = [int(w * width) for w in (32, 32, 64, 64, 128)]
-
-        def block(i, o):
-            return [torch.nn.Conv2d(i, o, 3, padding=1, bias=False), torch.nn.BatchNorm2d(o), torch.nn.ReLU()]
-        self.features = torch.nn.Sequential(
-            *block(3, c[0]), *block(c[0], c[1]), torch.nn.MaxPool2d(2),
-            *block(c[1], c[2]), *block(c[2], c[3]), torch.nn.MaxPool2d(2),
-            *block(c[3], c[4]), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-        self.classifier = torch.nn.Linear(c[4], classes)
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
+from train_throughput import BenchCNN
 
 
 def prepare(d):

@@ -17,11 +17,7 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def benchcnn():
-    sys.path.insert(0, "bench")
-    from train_throughput import BenchCNN
-    return BenchCNN()
+from train_throughput import BenchCNN
 
 
 def prepare(d, model, n, size):
@@ -33,7 +29,7 @@ def prepare(d, model, n, size):
         import torchvision
         m, classes = torchvision.models.resnet50(num_classes=1000), 1000
     else:
-        m, classes = benchcnn(), 10
+        m, classes = BenchCNN(), 10
     torch.jit.script(m).save(f"{d}/models/{model}.pt")
     g = torch.Generator().manual_seed(0)
     save_file({"images": torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),

@@ -20,15 +20,19 @@ from safetensors.torch import load_file, save_file
 
 
 class BenchCNN(torch.nn.Module):
-    def __init__(self):
+    """5 conv-BN-ReLU blocks (32-128 channels times `width`) and a linear head."""
+
+    def __init__(self, width: float = 1.0, classes: int = 10):
         super().__init__()
+        c = [int(w * width) for w in (32, 32, 64, 64, 128)]
+
         def block(i, o):
             return [torch.nn.Conv2d(i, o, 3, padding=1, bias=False), torch.nn.BatchNorm2d(o), torch.nn.ReLU()]
         self.features = torch.nn.Sequential(
-            *block(3, 32), *block(32, 32), torch.nn.MaxPool2d(2),
-            *block(32, 64), *block(64, 64), torch.nn.MaxPool2d(2),
-            *block(64, 128), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-        self.classifier = torch.nn.Linear(128, 10)
+            *block(3, c[0]), *block(c[0], c[1]), torch.nn.MaxPool2d(2),
+            *block(c[1], c[2]), *block(c[2], c[3]), torch.nn.MaxPool2d(2),
+            *block(c[3], c[4]), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.classifier = torch.nn.Linear(c[4], classes)
 
     def forward(self, x):
         return self.classifier(self.features(x))

@@ -12,14 +12,8 @@ scripts/setup.sh
 . scripts/env.sh
 EPOCHS="${1:-2}"; BATCH="${2:-64}"; ROUNDS="${3:-3}"
 
-echo "==> building release binaries" >&2
-cargo build --release -q -p ferry-daemon -p ferry-ctl
-REL="$FERRY_ROOT/target/release"
-WORK="$(mktemp -d)"
-PORT="${FERRY_BENCH_PORT:-7078}"
-trap 'kill $FERRYD 2>/dev/null; wait $FERRYD 2>/dev/null; rm -rf "$WORK"' EXIT
+bench_ferryd "${FERRY_BENCH_PORT:-7078}"
 "$FERRY_PYTHON" bench/distill.py prepare "$WORK"
-start_ferryd "$REL" "$WORK" "$PORT"
 
 # run NAME EPOCHS [DISTILL-YAML]: runs a job to its end and prints its samples/s.
 run() {
@@ -33,8 +27,7 @@ run() {
     echo "output: {dir: runs/$name}"
     [ -n "$distill" ] && printf 'distill:\n  teacher: {arch: torchscript, path: models/teacher.pt, threads: 1}\n%s\n' "$distill"
   } >"$WORK/$name.yaml"
-  "$REL/ferryctl" submit "$WORK/$name.yaml" --wait >/dev/null 2>&1 || true
-  "$REL/ferryctl" get "$name" -o json | "$FERRY_PYTHON" -c 'import json,sys; j=json.load(sys.stdin); assert j["phase"]=="Succeeded", j["status"]; print("%.2f" % j["status"]["samples_per_sec"])'
+  job_samples_per_sec "$REL" "$WORK/$name.yaml" "$name"
 }
 
 : >"$WORK/throughput.txt"

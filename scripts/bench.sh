@@ -10,14 +10,8 @@ scripts/setup.sh
 . scripts/env.sh
 EPOCHS="${1:-2}"; BATCH="${2:-64}"; THREADS="${3:-2}"; ROUNDS="${4:-5}"; RANKS="${5:-1}"
 
-echo "==> building release binaries" >&2
-cargo build --release -q -p ferry-daemon -p ferry-ctl
-REL="$FERRY_ROOT/target/release"
-WORK="$(mktemp -d)"
-PORT="${FERRY_BENCH_PORT:-7079}"
-trap 'kill $FERRYD 2>/dev/null; wait $FERRYD 2>/dev/null; rm -rf "$WORK"' EXIT
+bench_ferryd "${FERRY_BENCH_PORT:-7079}"
 "$FERRY_PYTHON" bench/train_throughput.py prepare "$WORK"
-start_ferryd "$REL" "$WORK" "$PORT"
 
 ferry_round() {
   local name="bench-$1"
@@ -32,8 +26,7 @@ train:
 resources: {ranks: $RANKS, threads: $THREADS}
 output: {dir: runs/$name}
 YAML
-  "$REL/ferryctl" submit "$WORK/$name.yaml" --wait >/dev/null 2>&1
-  "$REL/ferryctl" get "$name" -o json | "$FERRY_PYTHON" -c 'import json,sys; j=json.load(sys.stdin); assert j["phase"]=="Succeeded", j["status"]; print("%.2f" % j["status"]["samples_per_sec"])'
+  job_samples_per_sec "$REL" "$WORK/$name.yaml" "$name"
 }
 
 ferry=(); torch=()

@@ -22,3 +22,28 @@ start_ferryd() {
   echo "ferryd did not become ready on port $port; see $work/ferryd.log" >&2
   return 1
 }
+
+# bench_ferryd PORT: builds the release binaries, makes a scratch dir WORK (removed on exit)
+# and starts a release ferryd there on PORT; sets REL (the binaries' dir), WORK and FERRYD.
+bench_ferryd() {
+  echo "==> building release binaries" >&2
+  cargo build --release -q -p ferry-daemon -p ferry-ctl
+  REL="$FERRY_ROOT/target/release"
+  WORK="$(mktemp -d)"
+  trap 'kill $FERRYD 2>/dev/null; wait $FERRYD 2>/dev/null; rm -rf "$WORK"' EXIT
+  start_ferryd "$REL" "$WORK" "$1"
+}
+
+# job_samples_per_sec BIN_DIR SPEC NAME: submits the spec file SPEC with ferryctl, waits for
+# job NAME to end, and prints its samples/s; prints "FAILED: reason" and returns 1 unless
+# it succeeded.
+job_samples_per_sec() {
+  "$1/ferryctl" submit "$2" --wait >/dev/null 2>&1
+  "$1/ferryctl" get "$3" -o json | "$FERRY_PYTHON" -c '
+import json, sys
+j = json.load(sys.stdin)
+if j["phase"] != "Succeeded":
+    print("FAILED: %s" % j["status"].get("failure"))
+    sys.exit(1)
+print("%.2f" % j["status"]["samples_per_sec"])'
+}

@@ -41,11 +41,11 @@ PORT="${FERRY_GPU_PORT:-7090}"
 say "== preparing $MODEL, $IMAGES synthetic images ${SIZE}x${SIZE}"
 "$PY" bench/gpu_throughput.py prepare "$WORK" "$MODEL" "$IMAGES" "$SIZE" >>"$OUT/prepare.txt" 2>&1 \
   || { say "prepare failed:"; cat "$OUT/prepare.txt" >>"$summary"; exit 1; }
-(cd "$WORK" && exec "$BIN/ferryd" --standalone --listen "127.0.0.1:$PORT" --data-dir "$WORK/.ferry" >"$OUT/ferryd.log" 2>&1) &
-FERRYD=$!
-trap 'kill $FERRYD 2>/dev/null; wait $FERRYD 2>/dev/null' EXIT
-export FERRY_SERVER="http://127.0.0.1:$PORT"
-for _ in $(seq 100); do "$BIN/ferryctl" nodes >/dev/null 2>&1 && break; sleep 0.2; done
+# env.sh for start_ferryd and job_samples_per_sec, with this machine's python.
+. scripts/env.sh
+FERRY_PYTHON="$PY"
+trap 'kill $FERRYD 2>/dev/null; wait $FERRYD 2>/dev/null; cp "$WORK/ferryd.log" "$OUT/" 2>/dev/null' EXIT
+start_ferryd "$BIN" "$WORK" "$PORT" || { say "ferryd did not start"; exit 1; }
 "$BIN/ferryctl" nodes | tee -a "$summary"
 
 # ferry_job NAME PRECISION: runs the benchmark job through ferryctl; prints samples/s.
@@ -58,9 +58,8 @@ train: {epochs: $EPOCHS, batch_size: $BATCH, precision: $2, optimizer: {name: sg
 resources: {device: $DEVICE, threads: $THREADS}
 output: {dir: runs/$1}
 YAML
-  "$BIN/ferryctl" submit "$WORK/$1.yaml" --wait >>"$OUT/jobs.txt" 2>&1
+  job_samples_per_sec "$BIN" "$WORK/$1.yaml" "$1"
   "$BIN/ferryctl" get "$1" -o json >"$OUT/$1.json"
-  "$PY" -c 'import json,sys; j=json.load(open(sys.argv[1])); print("%.2f" % j["status"]["samples_per_sec"] if j["phase"]=="Succeeded" else "FAILED:"+str(j["status"].get("failure")))' "$OUT/$1.json"
 }
 
 say "== $MODEL, batch $BATCH, $EPOCHS epochs of $IMAGES images, device $DEVICE: ferry against PyTorch eager"
@@ -78,10 +77,9 @@ try:
     t = statistics.median(map(float, sys.argv[2].split()))
     print(f"  {sys.argv[3]}: median ferry {f:.1f}, pytorch {t:.1f} samples/s, ratio ferry/pytorch = {f / t:.3f}")
 except ValueError:
-    print(f"  {sys.argv[3]}: a run failed; see jobs.txt, torch.txt and ferryd.log")
+    print(f"  {sys.argv[3]}: a run failed; see the bench-*.json files, torch.txt and ferryd.log")
 PY
 done
 "$BIN/ferryctl" get >>"$summary"
-cp "$WORK"/runs/*/metrics.jsonl "$OUT/" 2>/dev/null || true
 for m in "$WORK"/runs/*/metrics.jsonl; do cp "$m" "$OUT/$(basename "$(dirname "$m")").metrics.jsonl"; done 2>/dev/null
 say "== done"
