@@ -1,7 +1,9 @@
 """The peer of ferry's training-throughput benchmark, and its data.
 
-  train_throughput.py prepare DIR   writes DIR/models/bench.pt (TorchScript CNN, 3x32x32, 10 classes)
-                                    and DIR/data/bench.safetensors (4096 synthetic uint8 images)
+  train_throughput.py prepare DIR [cnn|mlp]
+                                    writes DIR/models/bench.pt (TorchScript BenchCNN, or with mlp
+                                    BenchMLP; 3x32x32 in, 10 classes) and DIR/data/bench.safetensors
+                                    (4096 synthetic uint8 images)
   train_throughput.py torch DIR EPOCHS BATCH THREADS
                                     trains the same model on the same data with a plain PyTorch
                                     loop (SGD, momentum 0.9, sequential batches as in ferry's job
@@ -38,11 +40,25 @@ class BenchCNN(torch.nn.Module):
         return self.classifier(self.features(x))
 
 
-def prepare(d):
+class BenchMLP(torch.nn.Module):
+    """Two hidden layers of 2048 on the flattened image: ~10.5M parameters (42 MB of fp32
+    gradients) against little compute, so that gradient communication is a large part of a step."""
+
+    def __init__(self, hidden: int = 2048, classes: int = 10):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, hidden), torch.nn.ReLU(),
+            torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def prepare(d, model="cnn"):
     os.makedirs(f"{d}/models", exist_ok=True)
     os.makedirs(f"{d}/data", exist_ok=True)
     torch.manual_seed(0)
-    torch.jit.script(BenchCNN()).save(f"{d}/models/bench.pt")
+    torch.jit.script(BenchMLP() if model == "mlp" else BenchCNN()).save(f"{d}/models/bench.pt")
     g = torch.Generator().manual_seed(0)
     save_file({"images": torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8, generator=g),
                "labels": torch.randint(0, 10, (4096,), generator=g)}, f"{d}/data/bench.safetensors")
@@ -104,7 +120,7 @@ def run_ddp(d, epochs, batch, threads):
 
 if __name__ == "__main__":
     if sys.argv[1] == "prepare":
-        prepare(sys.argv[2])
+        prepare(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "cnn")
     elif sys.argv[1] == "ddp":
         run_ddp(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:

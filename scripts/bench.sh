@@ -2,17 +2,21 @@
 # Training throughput: ferry (a job through a release ferryd) against PyTorch on the same
 # TorchScript model, data, per-rank batch size and threads per rank, measured in the same
 # run, alternating, ROUNDS times each. With RANKS = 1 the peer is a plain PyTorch loop; with
-# more, it is torchrun + DistributedDataParallel over Gloo. Prints both medians and the ratio.
-# Usage: scripts/bench.sh [EPOCHS] [BATCH] [THREADS] [ROUNDS] [RANKS]
+# more, it is torchrun + DistributedDataParallel over Gloo, and ferry also runs a third time
+# with train.overlap_grad_sync: false (all-reduce after backward), to show what the overlap
+# is worth. Prints the medians and the ratios.
+# Usage: scripts/bench.sh [EPOCHS] [BATCH] [THREADS] [ROUNDS] [RANKS] [MODEL=cnn|mlp]
+# (mlp: a 10.5M-parameter MLP whose steps are dominated by gradient communication.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 . scripts/env.sh
-EPOCHS="${1:-2}"; BATCH="${2:-64}"; THREADS="${3:-2}"; ROUNDS="${4:-5}"; RANKS="${5:-1}"
+EPOCHS="${1:-2}"; BATCH="${2:-64}"; THREADS="${3:-2}"; ROUNDS="${4:-5}"; RANKS="${5:-1}"; MODEL="${6:-cnn}"
 
 bench_ferryd "${FERRY_BENCH_PORT:-7079}"
-"$FERRY_PYTHON" bench/train_throughput.py prepare "$WORK"
+"$FERRY_PYTHON" bench/train_throughput.py prepare "$WORK" "$MODEL"
 
+# ferry_round NAME [OVERLAP=true]
 ferry_round() {
   local name="bench-$1"
   cat >"$WORK/$name.yaml" <<YAML
@@ -22,6 +26,7 @@ data: {train: {path: data/bench.safetensors}, shuffle: false}
 train:
   epochs: $EPOCHS
   batch_size: $BATCH
+  overlap_grad_sync: ${2:-true}
   optimizer: {name: sgd, lr: 0.01, momentum: 0.9}
 resources: {ranks: $RANKS, threads: $THREADS}
 output: {dir: runs/$name}
@@ -29,7 +34,7 @@ YAML
   job_samples_per_sec "$REL" "$WORK/$name.yaml" "$name"
 }
 
-ferry=(); torch=()
+ferry=(); torch=(); serial=()
 torch_round() {
   if [ "$RANKS" -eq 1 ]; then
     "$FERRY_PYTHON" bench/train_throughput.py torch "$WORK" "$EPOCHS" "$BATCH" "$THREADS"
@@ -45,17 +50,26 @@ for r in $(seq "$ROUNDS"); do
   else
     torch+=("$(torch_round)"); ferry+=("$(ferry_round "$r")")
   fi
-  echo "round $r: ferry ${ferry[-1]} samples/s, pytorch ${torch[-1]} samples/s" >&2
+  line="round $r: ferry ${ferry[-1]} samples/s, pytorch ${torch[-1]} samples/s"
+  if [ "$RANKS" -gt 1 ]; then
+    serial+=("$(ferry_round "$r-serial" false)")
+    line="$line, ferry without overlap ${serial[-1]} samples/s"
+  fi
+  echo "$line" >&2
 done
-"$FERRY_PYTHON" - "${ferry[*]}" "${torch[*]}" "$EPOCHS" "$BATCH" "$THREADS" "$RANKS" <<'PY'
+"$FERRY_PYTHON" - "${ferry[*]}" "${torch[*]}" "$EPOCHS" "$BATCH" "$THREADS" "$RANKS" "$MODEL" "${serial[*]:-}" <<'PY'
 import statistics, sys
 f = statistics.median(map(float, sys.argv[1].split()))
 t = statistics.median(map(float, sys.argv[2].split()))
 ranks = int(sys.argv[6])
 peer = "pytorch" if ranks == 1 else "ddp"
-print(f"training throughput, BenchCNN 3x32x32, {ranks} rank(s) x batch {sys.argv[4]} x {sys.argv[5]} threads, "
+print(f"training throughput, {'BenchMLP' if sys.argv[7] == 'mlp' else 'BenchCNN'} 3x32x32, {ranks} rank(s) x batch {sys.argv[4]} x {sys.argv[5]} threads, "
       f"{sys.argv[3]} epochs of 4096 samples (median of rounds)")
 print(f"  ferry   {f:10.1f} samples/s")
 print(f"  {peer:<7} {t:10.1f} samples/s")
 print(f"  ratio ferry/{peer} = {f / t:.3f}")
+if sys.argv[8]:
+    s = statistics.median(map(float, sys.argv[8].split()))
+    print(f"  ferry without overlap (train.overlap_grad_sync: false) {s:.1f} samples/s: "
+          f"ratio to {peer} {s / t:.3f}, overlap gains {f / s:.3f}x")
 PY

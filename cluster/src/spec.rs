@@ -272,6 +272,9 @@ pub struct TrainSpec {
     pub max_steps: Option<u64>,
     /// Gradient all-reduce bucket size in MB (data-parallel jobs).
     pub bucket_mb: f64,
+    /// CPU data-parallel jobs: all-reduce each bucket while backward computes the rest
+    /// (false: after the whole backward, as CUDA ranks do for now).
+    pub overlap_grad_sync: bool,
     /// Forward passes in `fp32`, or mixed precision with autocast to `bf16` or `fp16`
     /// (with dynamic loss scaling). Weights, gradients and optimizer state stay fp32.
     pub precision: Precision,
@@ -299,6 +302,7 @@ impl Default for TrainSpec {
             keep_checkpoints: 2,
             max_steps: None,
             bucket_mb: 25.0,
+            overlap_grad_sync: true,
             precision: Precision::Fp32,
         }
     }

@@ -6,10 +6,15 @@ use ferry_cluster::api::JobPhase;
 use ferry_tests::{kill9, pid_alive, rank_pid, rank_pids, run_python, Daemon};
 
 fn mlp_job(name: &str, ranks: u32, batch: u32) -> String {
+    mlp_job_with(name, ranks, batch, "")
+}
+
+/// `train_extra`: more `train` fields, each followed by ", ".
+fn mlp_job_with(name: &str, ranks: u32, batch: u32, train_extra: &str) -> String {
     format!(
         "name: {name}\nmodel: {{arch: torchscript, path: mlp.pt}}\n\
          data: {{train: {{path: train.safetensors}}, val: {{path: val}}, channels: 1}}\n\
-         train: {{epochs: 2, batch_size: {batch}, seed: 3, optimizer: {{name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}}}}\n\
+         train: {{{train_extra}epochs: 2, batch_size: {batch}, seed: 3, optimizer: {{name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}}}}\n\
          resources: {{ranks: {ranks}, threads: 1}}\noutput: {{dir: {name}}}\n"
     )
 }
@@ -17,10 +22,18 @@ fn mlp_job(name: &str, ranks: u32, batch: u32) -> String {
 #[test]
 fn n_ranks_train_the_same_weights_as_one_rank_with_n_times_the_batch() {
     let d = Daemon::start();
-    let single = |n: u32| d.submit(&mlp_job(&format!("single-{n}"), 1, 8 * n));
-    for n in [2u32, 3] {
-        let one = single(n);
-        let many = d.submit(&mlp_job(&format!("ranks-{n}"), n, 8));
+    // Tiny buckets (about one per parameter tensor), all-reduced during backward; and, for
+    // 2 ranks, the path CUDA ranks take: one 25 MB bucket after backward.
+    let runs = [
+        (2u32, "train: {bucket_mb: 0.001, "),
+        (3, "train: {bucket_mb: 0.001, "),
+        (2, "train: {overlap_grad_sync: false, "),
+    ];
+    for (i, (n, extra)) in runs.into_iter().enumerate() {
+        let overlap = !extra.contains("false");
+        let extra = extra.trim_start_matches("train: {");
+        let one = d.submit(&mlp_job(&format!("single-{i}"), 1, 8 * n));
+        let many = d.submit(&mlp_job_with(&format!("ranks-{i}"), n, 8, extra));
         let one = d.wait_terminal(&one.id, Duration::from_secs(120));
         let many = d.wait_terminal(&many.id, Duration::from_secs(120));
         assert_eq!(one.phase, JobPhase::Succeeded, "{:?}", one.status);
@@ -39,11 +52,11 @@ fn n_ranks_train_the_same_weights_as_one_rank_with_n_times_the_batch() {
             "close_tensors.py",
             &[
                 d.out()
-                    .join(format!("single-{n}/model.safetensors"))
+                    .join(format!("single-{i}/model.safetensors"))
                     .to_str()
                     .unwrap(),
                 d.out()
-                    .join(format!("ranks-{n}/model.safetensors"))
+                    .join(format!("ranks-{i}/model.safetensors"))
                     .to_str()
                     .unwrap(),
                 "1e-5",
@@ -51,7 +64,7 @@ fn n_ranks_train_the_same_weights_as_one_rank_with_n_times_the_batch() {
         );
         assert!(out.contains("max_abs_diff="), "{out}");
         eprintln!(
-            "{n} ranks against 1 rank with batch {}: {}",
+            "{n} ranks ({extra}) against 1 rank with batch {}: {}",
             8 * n,
             out.trim()
         );
@@ -61,6 +74,25 @@ fn n_ranks_train_the_same_weights_as_one_rank_with_n_times_the_batch() {
         assert!(events
             .iter()
             .any(|e| e.message == format!("{n} ranks joined the ring")));
+        // With overlap, every bucket's all-reduce started inside backward (each parameter
+        // gets a gradient in this model), not after it.
+        let overlapped = events.iter().find_map(|e| {
+            e.message
+                .strip_prefix("gradient all-reduce overlaps backward: ")
+        });
+        if overlap {
+            let counts: Vec<u32> = overlapped
+                .expect("no overlap report")
+                .split(' ')
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            assert!(
+                counts.len() == 2 && counts[1] > 1 && counts[0] == counts[1],
+                "{overlapped:?}"
+            );
+        } else {
+            assert!(overlapped.is_none(), "{overlapped:?}");
+        }
     }
 }
 

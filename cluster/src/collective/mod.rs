@@ -3,7 +3,10 @@
 //! size, persistent connections, chunked and pipelined). [`nccl`] (feature `nccl`, which the
 //! daemon enables) wraps NCCL for CUDA ranks: its buffers are device memory, so it takes
 //! device pointers and a stream rather than implementing this trait over host slices.
+//! [`background::Background`] runs any of these collectives on a thread of its own, so that
+//! training overlaps gradient communication with backward.
 
+pub mod background;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod ring;
@@ -11,8 +14,9 @@ pub mod shm;
 
 use std::time::Duration;
 
-/// What can go wrong between ranks. Every message names this rank and the peer.
-#[derive(Debug, thiserror::Error)]
+/// What can go wrong between ranks. Every message names this rank (and the peer, where one
+/// is to blame).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CollectiveError {
     #[error("rank {rank}: lost the connection to rank {peer} ({addr}) during {op}: {reason}; rank {peer} probably died or was killed")]
     PeerLost {
@@ -32,6 +36,8 @@ pub enum CollectiveError {
     },
     #[error("rank {rank}: cannot form the ring: {reason}")]
     Setup { rank: usize, reason: String },
+    #[error("rank {rank}: {reason}")]
+    Failed { rank: usize, reason: String },
     #[error("rank {rank}: {op} on {got} values, but the root/other ranks use {want}")]
     Mismatch {
         rank: usize,

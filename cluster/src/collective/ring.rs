@@ -537,13 +537,13 @@ impl Collective for Ring {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::net::Ipv4Addr;
     use std::sync::Arc;
 
     /// Runs `f` on `world` ranks (threads) joined in a ring; returns each rank's result.
-    fn on_ring<T: Send + 'static>(
+    pub(crate) fn on_ring<T: Send + 'static>(
         world: usize,
         cfg: RingConfig,
         f: impl Fn(Ring) -> T + Send + Sync + 'static,

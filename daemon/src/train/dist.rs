@@ -1,22 +1,25 @@
 //! Data parallelism for one rank: forming the ring through the daemon, making every rank
-//! start from rank 0's weights, and averaging gradients in buckets.
+//! start from rank 0's weights, and averaging gradients in buckets (on the ring, overlapped
+//! with backward: see [`super::overlap`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
+use ferry_cluster::collective::background::Background;
 use ferry_cluster::collective::nccl::{Nccl, UniqueId};
 use ferry_cluster::collective::ring::{self, Ring, RingConfig};
 use ferry_cluster::collective::Collective;
 use tch::{Device, Kind, Tensor};
 
 use super::control::ControlChannel;
+use super::overlap::{self, Overlap};
 use crate::protocol::{WorkerMessage, WorkerPlan};
 
 /// How this rank's values reach the others.
 enum Transport {
-    /// CPU ranks: the TCP ring over host buffers.
-    Ring(Box<dyn Collective>),
+    /// CPU ranks: the TCP ring over host buffers, on its own thread.
+    Ring(Background),
     /// CUDA ranks: NCCL over device buffers, on libtorch's (default) stream.
     Nccl(Nccl),
 }
@@ -30,6 +33,15 @@ pub struct Dist {
     device: Device,
     /// Indices into the trainable parameters, one list per bucket, in all-reduce order.
     buckets: Vec<Vec<usize>>,
+    /// Ring ranks: the buckets' buffers, and their hooks when gradients are all-reduced during
+    /// backward (`train.overlap_grad_sync`).
+    overlap: Option<Overlap>,
+    /// NCCL ranks: one flat device buffer per bucket.
+    device_buckets: Vec<Tensor>,
+    /// This step's share of the global batch (see `begin_step`).
+    weight: f64,
+    /// With overlap: buckets whose all-reduce started during the last backward.
+    pub overlapped_buckets: Option<usize>,
 }
 
 impl Dist {
@@ -45,6 +57,10 @@ impl Dist {
             transport,
             device,
             buckets: Vec::new(),
+            overlap: None,
+            device_buckets: Vec::new(),
+            weight: 1.0,
+            overlapped_buckets: None,
         }
     }
 
@@ -103,11 +119,13 @@ impl Dist {
             ..Default::default()
         };
         let ring = Ring::connect(listener, rank, &peers, cfg)?;
+        let comm = Background::spawn(Box::new(ring))
+            .with_context(|| format!("rank {rank}: cannot start the communication thread"))?;
         Ok(Dist::joined(
             rank,
             world,
             device,
-            Some(Transport::Ring(Box::new(ring))),
+            Some(Transport::Ring(comm)),
         ))
     }
 
@@ -171,6 +189,11 @@ impl Dist {
         Ok(Tensor::from_slice(&v))
     }
 
+    /// How many gradient buckets there are.
+    pub fn bucket_count(&self) -> usize {
+        self.buckets.len()
+    }
+
     /// Whether this rank reports progress and writes files.
     pub fn is_leader(&self) -> bool {
         self.rank == 0
@@ -210,8 +233,16 @@ impl Dist {
     }
 
     /// Groups the trainable parameters into buckets of about `bucket_bytes`, last layer
-    /// first (the order in which backward produces gradients), the same on every rank.
-    pub fn plan_buckets(&mut self, params: &[(String, Tensor)], bucket_bytes: usize) {
+    /// first (the order in which backward produces gradients), the same on every rank. With
+    /// `overlap`, ring ranks hook every parameter so that each bucket is all-reduced as soon
+    /// as backward has produced it. (NCCL ranks all-reduce after backward: overlapping there
+    /// needs a second CUDA stream, which ferry does not manage yet.)
+    pub fn plan_buckets(
+        &mut self,
+        params: &[(String, Tensor)],
+        bucket_bytes: usize,
+        overlap: bool,
+    ) -> Result<()> {
         self.buckets.clear();
         let mut current = Vec::new();
         let mut bytes = 0;
@@ -227,62 +258,65 @@ impl Dist {
         if !current.is_empty() {
             self.buckets.push(current);
         }
+        match &self.transport {
+            Some(Transport::Ring(comm)) => {
+                self.overlap = Some(Overlap::new(params, self.buckets.clone(), comm, overlap)?);
+            }
+            Some(Transport::Nccl(_)) => {
+                self.device_buckets = self
+                    .buckets
+                    .iter()
+                    .map(|b| {
+                        let n: i64 = b.iter().map(|&i| params[i].1.numel() as i64).sum();
+                        Tensor::f_zeros([n], (Kind::Float, self.device))
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            None => {}
+        }
+        Ok(())
     }
 
-    /// Replaces each gradient by the global mean gradient: every rank weighs its own by
-    /// `weight` (its share of the global batch), then the buckets are summed across ranks.
-    pub fn sync_grads(&mut self, params: &[(String, Tensor)], weight: f64) -> Result<()> {
+    /// Before backward: this rank's gradient will weigh `weight` (its share of the global
+    /// batch) in the global mean.
+    pub fn begin_step(&mut self, weight: f64) {
+        self.weight = weight;
+        if let Some(o) = &self.overlap {
+            o.arm(weight);
+        }
+    }
+
+    /// After backward: replaces each gradient by the global mean gradient: every rank's
+    /// gradient, weighed by its share, summed across ranks bucket by bucket.
+    pub fn sync_grads(&mut self, params: &[(String, Tensor)]) -> Result<()> {
         if self.world == 1 {
             return Ok(());
         }
-        // The plan is set aside while the transport (also in `self`) is borrowed.
-        let buckets = std::mem::take(&mut self.buckets);
-        let r = self.sync_buckets(&buckets, params, weight);
-        self.buckets = buckets;
-        r
-    }
-
-    fn sync_buckets(
-        &mut self,
-        buckets: &[Vec<usize>],
-        params: &[(String, Tensor)],
-        weight: f64,
-    ) -> Result<()> {
-        for bucket in buckets {
-            let grads: Vec<Tensor> = bucket
-                .iter()
-                .map(|&i| {
-                    let (_, p) = &params[i];
-                    let g = p.grad();
-                    if g.defined() {
-                        g.flatten(0, -1)
-                    } else {
-                        Tensor::zeros([p.numel() as i64], (Kind::Float, p.device()))
-                    }
-                })
-                .collect();
-            let flat = Tensor::cat(&grads, 0).to_kind(Kind::Float) * weight;
-            let reduced = self.reduce_flat(flat, None)?;
-            let mut off = 0i64;
-            tch::no_grad(|| -> Result<()> {
-                for &i in bucket {
-                    let (_, p) = &params[i];
-                    let n = p.numel() as i64;
-                    let mut g = p.grad();
-                    if g.defined() {
-                        let src = reduced
-                            .narrow(0, off, n)
-                            .view(p.size().as_slice())
-                            .to_kind(g.kind())
-                            .to_device(g.device());
-                        g.f_copy_(&src)?;
-                    }
-                    off += n;
+        match (&self.overlap, self.transport.as_mut()) {
+            (Some(o), Some(Transport::Ring(comm))) => {
+                let early = o.finish(params, comm)?;
+                self.overlapped_buckets = o.hooked().then_some(early);
+                Ok(())
+            }
+            (_, Some(Transport::Nccl(n))) => {
+                for (bucket, flat) in self.buckets.iter().zip(&self.device_buckets) {
+                    let grads: Vec<Tensor> = bucket.iter().map(|&i| params[i].1.grad()).collect();
+                    let sizes = bucket.iter().map(|&i| params[i].1.numel() as i64);
+                    overlap::gather(flat, grads.iter().map(Some).zip(sizes.clone()), self.weight)?;
+                    #[allow(unsafe_code)]
+                    // SAFETY: `flat` is a contiguous f32 device buffer that lives as long as
+                    // `self`; the all-reduce is enqueued on the legacy default stream, which
+                    // libtorch's kernels before (gather) and after (scatter) it also use.
+                    unsafe {
+                        n.all_reduce_sum(flat.data_ptr(), flat.numel(), std::ptr::null_mut())?
+                    };
+                    let mut grads = grads;
+                    overlap::scatter(flat, grads.iter_mut().map(Some).zip(sizes))?;
                 }
                 Ok(())
-            })?;
+            }
+            _ => Err(anyhow!("gradient buckets were never planned")),
         }
-        Ok(())
     }
 
     /// Sums `v` across ranks (in place).

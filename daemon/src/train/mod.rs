@@ -9,6 +9,7 @@ pub mod dist;
 pub mod distill;
 pub mod model;
 pub mod optim;
+pub mod overlap;
 pub mod sampler;
 pub mod scaler;
 pub mod torchscript;
@@ -188,7 +189,11 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     // Every rank starts from rank 0's weights (initialisation, init file or checkpoint).
     dist.broadcast_state(model.state())?;
     let trainable_params = model.trainable();
-    dist.plan_buckets(&trainable_params, (spec.train.bucket_mb * 1e6) as usize);
+    dist.plan_buckets(
+        &trainable_params,
+        (spec.train.bucket_mb * 1e6) as usize,
+        spec.train.overlap_grad_sync,
+    )?;
     let (trainable, frozen) = model.parameter_counts();
     let mut student = match &spec.distill {
         Some(d) => {
@@ -237,6 +242,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let mut train_time = Duration::ZERO;
     let mut train_samples = 0u64;
     let mut checked_logits = false;
+    let mut reported_overlap = false;
     let mut val_accuracy = None;
     let prefetch = spec.distill.as_ref().map_or(0, |d| d.prefetch as usize);
 
@@ -307,14 +313,24 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 _ => logits.cross_entropy_for_logits(&y),
             };
             opt.zero_grad();
+            // This rank's share of the global batch weighs its gradient, so the mean over
+            // ranks equals the gradient of the whole batch even when shares differ.
+            let global = sampler.step_size(consumed);
+            dist.begin_step(idx.size()[0] as f64 / global as f64);
             match &scaler {
                 Some(s) => s.scale(&loss).backward(),
                 None => loss.backward(),
             }
-            // This rank's share of the global batch weighs its gradient, so the mean over
-            // ranks equals the gradient of the whole batch even when shares differ.
-            let global = sampler.step_size(consumed);
-            dist.sync_grads(&trainable_params, idx.size()[0] as f64 / global as f64)?;
+            dist.sync_grads(&trainable_params)?;
+            if let (Some(early), false) = (dist.overlapped_buckets, reported_overlap) {
+                reported_overlap = true;
+                say(&WorkerMessage::Log {
+                    message: format!(
+                        "gradient all-reduce overlaps backward: {early} of {} buckets started during the first backward",
+                        dist.bucket_count()
+                    ),
+                });
+            }
             // fp16: a step whose (all-reduced) gradients overflowed is skipped on every rank.
             let overflow = scaler
                 .as_ref()

@@ -39,7 +39,7 @@ extern "C" {
 }
 
 /// Takes the shim's error string, if any.
-fn take_err(err: *mut c_char) -> Option<String> {
+pub(crate) fn take_err(err: *mut c_char) -> Option<String> {
     if err.is_null() {
         return None;
     }
@@ -51,7 +51,6 @@ fn take_err(err: *mut c_char) -> Option<String> {
     Some(s)
 }
 
-/// Drops `t`'s gradient, as PyTorch's `zero_grad(set_to_none=True)` does.
 /// Turns autocast on (to `precision`) or off for `device`, on this thread. Every model kind
 /// goes through the dispatcher, so this covers TorchScript and built-in models alike.
 pub fn set_autocast(device: tch::Device, precision: ferry_cluster::spec::Precision) {
@@ -66,6 +65,7 @@ pub fn set_autocast(device: tch::Device, precision: ferry_cluster::spec::Precisi
     unsafe { ferry_autocast(dev, dtype) }
 }
 
+/// Drops `t`'s gradient, as PyTorch's `zero_grad(set_to_none=True)` does.
 pub fn clear_grad(t: &mut Tensor) {
     // SAFETY: the tensor is live and only its autograd metadata changes.
     unsafe { ferry_clear_grad(t.as_mut_ptr()) }

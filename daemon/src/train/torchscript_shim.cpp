@@ -6,6 +6,8 @@
 // returns the message through `err` (freed with ferry_free_string).
 
 #include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/script.h>
 
 #include <cstring>
@@ -21,12 +23,49 @@ char *dup(const std::string &s) {
 
 extern "C" {
 typedef void (*ferry_named_tensor_cb)(void *data, const char *name, at::Tensor *t);
+typedef void (*ferry_grad_ready_cb)(void *data, int64_t index, at::Tensor *grad);
+typedef void (*ferry_release_cb)(void *data);
+}
+
+namespace {
+// Tells ferry that backward has accumulated a parameter's gradient: `cb(data, index, grad)`,
+// with a new handle to the gradient that ferry owns. `release(data)` runs when the hook is
+// destroyed (with its tensor, or when replaced), so ferry can free what `data` points to.
+struct GradReady : torch::autograd::PostAccumulateGradHook {
+  void *data;
+  int64_t index;
+  ferry_grad_ready_cb cb;
+  ferry_release_cb release;
+  GradReady(void *d, int64_t i, ferry_grad_ready_cb c, ferry_release_cb r) : data(d), index(i), cb(c), release(r) {}
+  void operator()(const torch::autograd::Variable &t) override { cb(data, index, new at::Tensor(t.grad())); }
+  ~GradReady() override { release(data); }
+};
+}  // namespace
+
+extern "C" {
 
 void ferry_free_string(char *s) { std::free(s); }
 
 // Drops a tensor's gradient (PyTorch's zero_grad(set_to_none=True)): the next backward
 // writes a fresh gradient instead of zero-filling and accumulating into the old one.
 void ferry_clear_grad(at::Tensor *t) { t->mutable_grad() = at::Tensor(); }
+
+// Calls `cb(data, index, grad)` each time backward has accumulated `t`'s gradient (PyTorch's
+// post-accumulate-grad hook), on whichever thread runs backward for `t`'s device. A tensor
+// has one such hook: this replaces the previous one, whose `release` then runs. On failure
+// `release(data)` has run too, so the caller frees nothing twice.
+int ferry_on_grad_ready(at::Tensor *t, void *data, int64_t index, ferry_grad_ready_cb cb, ferry_release_cb release,
+                        char **err) {
+  std::unique_ptr<GradReady> hook(new GradReady(data, index, cb, release));
+  try {
+    if (!t->requires_grad()) throw std::runtime_error("the tensor does not require a gradient");
+    torch::autograd::impl::set_post_acc_grad_hooks(*t, std::move(hook));
+    return 0;
+  } catch (const std::exception &e) {
+    *err = dup(e.what());
+    return -1;
+  }
+}
 
 // Mixed precision for the forward passes that follow, on this thread: `device` 0 is the
 // CPU, 1 CUDA; `dtype` 0 turns autocast off, 1 selects float16, 2 bfloat16. The weight-cast
