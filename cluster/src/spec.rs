@@ -272,12 +272,26 @@ pub struct TrainSpec {
     pub max_steps: Option<u64>,
     /// Gradient all-reduce bucket size in MB (data-parallel jobs).
     pub bucket_mb: f64,
-    /// CPU data-parallel jobs: all-reduce each bucket while backward computes the rest
-    /// (false: after the whole backward, as CUDA ranks do for now).
-    pub overlap_grad_sync: bool,
+    /// CPU data-parallel jobs: whether each bucket is all-reduced while backward computes
+    /// the rest, or after the whole backward (as CUDA ranks do for now).
+    pub overlap_grad_sync: OverlapGradSync,
     /// Forward passes in `fp32`, or mixed precision with autocast to `bf16` or `fp16`
     /// (with dynamic loss scaling). Weights, gradients and optimizer state stay fp32.
     pub precision: Precision,
+}
+
+/// When a CPU rank all-reduces gradient buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OverlapGradSync {
+    /// During backward, unless every rank is on this host and their threads already fill
+    /// its cores (then the communication thread would only compete with them).
+    #[default]
+    Auto,
+    /// During backward, on a communication thread, as soon as a bucket's gradients exist.
+    Always,
+    /// After backward.
+    Never,
 }
 
 /// Numeric precision of forward passes.
@@ -302,7 +316,7 @@ impl Default for TrainSpec {
             keep_checkpoints: 2,
             max_steps: None,
             bucket_mb: 25.0,
-            overlap_grad_sync: true,
+            overlap_grad_sync: OverlapGradSync::Auto,
             precision: Precision::Fp32,
         }
     }
@@ -895,6 +909,14 @@ output:
         assert_eq!(bf16.train.precision, Precision::Bf16);
         let e = errors(&GOOD.replace("  seed: 0", "  seed: 0\n  precision: fp8"));
         assert_eq!(e[0].field, "train.precision");
+        assert_eq!(s.train.overlap_grad_sync, OverlapGradSync::Auto);
+        let never = GOOD.replace("  seed: 0", "  seed: 0\n  overlap_grad_sync: never");
+        assert_eq!(
+            JobSpec::parse(&never).unwrap().train.overlap_grad_sync,
+            OverlapGradSync::Never
+        );
+        let e = errors(&GOOD.replace("  seed: 0", "  seed: 0\n  overlap_grad_sync: true"));
+        assert_eq!(e[0].field, "train.overlap_grad_sync", "{e:?}");
     }
 
     #[test]

@@ -25,12 +25,15 @@ fn n_ranks_train_the_same_weights_as_one_rank_with_n_times_the_batch() {
     // Tiny buckets (about one per parameter tensor), all-reduced during backward; and, for
     // 2 ranks, the path CUDA ranks take: one 25 MB bucket after backward.
     let runs = [
-        (2u32, "train: {bucket_mb: 0.001, "),
-        (3, "train: {bucket_mb: 0.001, "),
-        (2, "train: {overlap_grad_sync: false, "),
+        (
+            2u32,
+            "train: {overlap_grad_sync: always, bucket_mb: 0.001, ",
+        ),
+        (3, "train: {overlap_grad_sync: always, bucket_mb: 0.001, "),
+        (2, "train: {overlap_grad_sync: never, "),
     ];
     for (i, (n, extra)) in runs.into_iter().enumerate() {
-        let overlap = !extra.contains("false");
+        let overlap = extra.contains("always");
         let extra = extra.trim_start_matches("train: {");
         let one = d.submit(&mlp_job(&format!("single-{i}"), 1, 8 * n));
         let many = d.submit(&mlp_job_with(&format!("ranks-{i}"), n, 8, extra));
@@ -92,6 +95,10 @@ fn n_ranks_train_the_same_weights_as_one_rank_with_n_times_the_batch() {
             );
         } else {
             assert!(overlapped.is_none(), "{overlapped:?}");
+            assert!(events
+                .iter()
+                .any(|e| e.message
+                    == "gradient all-reduce after backward (overlap_grad_sync: never)"));
         }
     }
 }

@@ -12,6 +12,8 @@ use ferry_cluster::collective::ring::{self, Ring, RingConfig};
 use ferry_cluster::collective::Collective;
 use tch::{Device, Kind, Tensor};
 
+use ferry_cluster::spec::OverlapGradSync;
+
 use super::control::ControlChannel;
 use super::overlap::{self, Overlap};
 use crate::protocol::{WorkerMessage, WorkerPlan};
@@ -36,6 +38,8 @@ pub struct Dist {
     /// Ring ranks: the buckets' buffers, and their hooks when gradients are all-reduced during
     /// backward (`train.overlap_grad_sync`).
     overlap: Option<Overlap>,
+    /// Whether every rank of the ring runs on this host.
+    all_local: bool,
     /// NCCL ranks: one flat device buffer per bucket.
     device_buckets: Vec<Tensor>,
     /// This step's share of the global batch (see `begin_step`).
@@ -59,6 +63,7 @@ impl Dist {
             buckets: Vec::new(),
             overlap: None,
             device_buckets: Vec::new(),
+            all_local: true,
             weight: 1.0,
             overlapped_buckets: None,
         }
@@ -118,15 +123,13 @@ impl Dist {
             timeout: Duration::from_millis(plan.collective_timeout_ms),
             ..Default::default()
         };
+        let all_local = peers.iter().all(|p| p.ip() == ip);
         let ring = Ring::connect(listener, rank, &peers, cfg)?;
         let comm = Background::spawn(Box::new(ring))
             .with_context(|| format!("rank {rank}: cannot start the communication thread"))?;
-        Ok(Dist::joined(
-            rank,
-            world,
-            device,
-            Some(Transport::Ring(comm)),
-        ))
+        let mut dist = Dist::joined(rank, world, device, Some(Transport::Ring(comm)));
+        dist.all_local = all_local;
+        Ok(dist)
     }
 
     /// CUDA ranks: rank 0 makes the NCCL id and reports it as its rendezvous address; the
@@ -233,10 +236,11 @@ impl Dist {
     }
 
     /// Groups the trainable parameters into buckets of about `bucket_bytes`, last layer
-    /// first (the order in which backward produces gradients), the same on every rank. With
-    /// `overlap`, ring ranks hook every parameter so that each bucket is all-reduced as soon
-    /// as backward has produced it. (NCCL ranks all-reduce after backward: overlapping there
-    /// needs a second CUDA stream, which ferry does not manage yet.)
+    /// first (the order in which backward produces gradients), the same on every rank. Ring
+    /// ranks that overlap (see [`overlaps`]) hook every parameter so that each bucket is
+    /// all-reduced as soon as backward has produced it. (NCCL ranks all-reduce after
+    /// backward: overlapping there needs a second CUDA stream, which ferry does not manage
+    /// yet.)
     pub fn plan_buckets(
         &mut self,
         params: &[(String, Tensor)],
@@ -275,6 +279,13 @@ impl Dist {
             None => {}
         }
         Ok(())
+    }
+
+    /// Whether a ring rank with `threads` intra-op threads all-reduces during backward.
+    /// (Ranks may decide differently: it changes when the ring runs, not what it runs.)
+    pub fn overlaps(&self, mode: OverlapGradSync, threads: usize) -> bool {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        decide_overlap(mode, self.all_local, self.world, threads, cores)
     }
 
     /// Before backward: this rank's gradient will weigh `weight` (its share of the global
@@ -328,5 +339,43 @@ impl Dist {
         let out = Vec::<f32>::try_from(&summed.to_device(Device::Cpu))?;
         v.copy_from_slice(&out);
         Ok(())
+    }
+}
+
+/// `auto` overlaps unless all `world` ranks share this host and their compute threads plus
+/// one communication thread each would outnumber its `cores`: then the all-reduce (memory
+/// copies and sums through shared memory, all CPU work) only competes with backward for the
+/// same cores. Measured on 2 cores with 2 ranks of 1 thread: overlapping was 0.95x of not
+/// (docs/benchmarks.md).
+fn decide_overlap(
+    mode: OverlapGradSync,
+    all_local: bool,
+    world: usize,
+    threads: usize,
+    cores: usize,
+) -> bool {
+    match mode {
+        OverlapGradSync::Always => true,
+        OverlapGradSync::Never => false,
+        OverlapGradSync::Auto => !(all_local && world * (threads + 1) > cores),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_overlaps_unless_local_ranks_would_crowd_the_cores() {
+        use OverlapGradSync::*;
+        // 2 ranks x 1 thread on 2 cores (this project's CI machine): no room for the comm threads.
+        assert!(!decide_overlap(Auto, true, 2, 1, 2));
+        // Room for them.
+        assert!(decide_overlap(Auto, true, 2, 1, 4));
+        assert!(decide_overlap(Auto, true, 4, 7, 32));
+        // A rank on another host: the ring waits on the network, not on these cores.
+        assert!(decide_overlap(Auto, false, 2, 1, 2));
+        assert!(decide_overlap(Always, true, 2, 1, 2));
+        assert!(!decide_overlap(Never, false, 8, 1, 64));
     }
 }

@@ -189,11 +189,26 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     // Every rank starts from rank 0's weights (initialisation, init file or checkpoint).
     dist.broadcast_state(model.state())?;
     let trainable_params = model.trainable();
+    let overlap = dist.overlaps(spec.train.overlap_grad_sync, plan.threads as usize);
     dist.plan_buckets(
         &trainable_params,
         (spec.train.bucket_mb * 1e6) as usize,
-        spec.train.overlap_grad_sync,
+        overlap,
     )?;
+    if world > 1 && !device.is_cuda() && !overlap {
+        let mode = spec.train.overlap_grad_sync;
+        say(&WorkerMessage::Log {
+            message: if mode == ferry_cluster::spec::OverlapGradSync::Auto {
+                format!(
+                    "gradient all-reduce after backward (overlap_grad_sync: auto): {world} ranks with {} threads and a communication thread each would crowd this host's {} cores",
+                    plan.threads,
+                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                )
+            } else {
+                "gradient all-reduce after backward (overlap_grad_sync: never)".into()
+            },
+        });
+    }
     let (trainable, frozen) = model.parameter_counts();
     let mut student = match &spec.distill {
         Some(d) => {
