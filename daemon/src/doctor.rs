@@ -55,7 +55,9 @@ pub fn run(config: &Config) -> Result<i32> {
     println!("cuda: {} device(s)", tch::Cuda::device_count());
     if nccl_loads {
         match nccl_world_one(device) {
-            Ok(()) => println!("nccl all-reduce and broadcast, world size 1, GPU 0: ok"),
+            Ok(()) => {
+                println!("nccl all-reduce, broadcast and gradient buckets, world size 1, GPU 0: ok")
+            }
             Err(e) => {
                 failed = true;
                 println!("nccl all-reduce, world size 1: FAILED: {e:#}");
@@ -76,7 +78,8 @@ pub fn run(config: &Config) -> Result<i32> {
     Ok(i32::from(failed))
 }
 
-/// A one-rank communicator sums and broadcasts a device tensor to itself.
+/// A one-rank communicator sums and broadcasts a device tensor to itself, then averages
+/// real gradients through the CUDA ranks' own bucket code (two buckets, weight 0.5).
 fn nccl_world_one(device: Device) -> Result<()> {
     let id = UniqueId::new()?;
     let mut comm = Nccl::init(&id, 0, 1)?;
@@ -90,5 +93,35 @@ fn nccl_world_one(device: Device) -> Result<()> {
     }
     let got = Vec::<f32>::try_from(t.to_device(Device::Cpu))?;
     anyhow::ensure!(got == [1.0, 2.0, 3.0], "got {got:?}");
+    drop(comm);
+
+    let mut dist = crate::train::dist::Dist::nccl_alone(device)?;
+    let params: Vec<(String, Tensor)> = [("a", 3i64), ("b", 5)]
+        .into_iter()
+        .map(|(n, k)| {
+            let p = Tensor::arange(k, (tch::Kind::Float, device)).set_requires_grad(true);
+            (n.to_string(), p)
+        })
+        .collect();
+    // d/dp of sum(p^2) = 2p.
+    let loss = params
+        .iter()
+        .map(|(_, p)| p.square().sum(tch::Kind::Float))
+        .reduce(|a, b| a + b)
+        .expect("two parameters");
+    loss.backward();
+    dist.broadcast_state(params.iter())?;
+    dist.plan_buckets(&params, 12, false)?;
+    anyhow::ensure!(dist.bucket_count() == 2, "{} buckets", dist.bucket_count());
+    dist.begin_step(0.5);
+    dist.sync_grads(&params)?;
+    for (name, p) in &params {
+        let got = Vec::<f32>::try_from(p.grad().to_device(Device::Cpu))?;
+        let want: Vec<f32> = (0..got.len()).map(|i| i as f32).collect();
+        anyhow::ensure!(
+            got == want,
+            "gradient of {name}: got {got:?}, want {want:?}"
+        );
+    }
     Ok(())
 }

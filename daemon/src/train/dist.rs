@@ -132,6 +132,13 @@ impl Dist {
         Ok(dist)
     }
 
+    /// A one-rank NCCL communicator on `device`, for `ferryd doctor`: it runs the CUDA ranks'
+    /// gradient path on a machine with one GPU.
+    pub fn nccl_alone(device: Device) -> Result<Dist> {
+        let nccl = Nccl::init(&UniqueId::new()?, 0, 1)?;
+        Ok(Dist::joined(0, 1, device, Some(Transport::Nccl(nccl))))
+    }
+
     /// CUDA ranks: rank 0 makes the NCCL id and reports it as its rendezvous address; the
     /// daemon's peer list carries it to the others; every rank joins the communicator on
     /// the one GPU it sees.
@@ -207,7 +214,7 @@ impl Dist {
         &mut self,
         tensors: impl Iterator<Item = &'a (String, Tensor)>,
     ) -> Result<()> {
-        if self.world == 1 {
+        if self.transport.is_none() {
             return Ok(());
         }
         let tensors: Vec<&Tensor> = tensors.map(|(_, t)| t).collect();
@@ -300,7 +307,7 @@ impl Dist {
     /// After backward: replaces each gradient by the global mean gradient: every rank's
     /// gradient, weighed by its share, summed across ranks bucket by bucket.
     pub fn sync_grads(&mut self, params: &[(String, Tensor)]) -> Result<()> {
-        if self.world == 1 {
+        if self.transport.is_none() {
             return Ok(());
         }
         match (&self.overlap, self.transport.as_mut()) {
@@ -332,7 +339,7 @@ impl Dist {
 
     /// Sums `v` across ranks (in place).
     pub fn sum(&mut self, v: &mut [f32]) -> Result<()> {
-        if self.world == 1 {
+        if self.transport.is_none() {
             return Ok(());
         }
         let summed = self.reduce_flat(Tensor::from_slice(v), None)?;
@@ -364,6 +371,53 @@ fn decide_overlap(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-rank ring (a rank connected to itself), on its communication thread.
+    fn ring_alone() -> Dist {
+        let l = ring::listen(IpAddr::from([127, 0, 0, 1])).unwrap();
+        let me = l.local_addr().unwrap();
+        let ring = Ring::connect(l, 0, &[me], RingConfig::default()).unwrap();
+        let comm = Background::spawn(Box::new(ring)).unwrap();
+        Dist::joined(0, 1, Device::Cpu, Some(Transport::Ring(comm)))
+    }
+
+    #[test]
+    fn buckets_average_gradients_with_and_without_hooks() {
+        for hooks in [true, false] {
+            let mut dist = ring_alone();
+            // `c` gets no gradient: its bucket (the last) can only go after backward.
+            let params: Vec<(String, Tensor)> = [("c", 2i64), ("a", 3), ("b", 5)]
+                .into_iter()
+                .map(|(n, k)| {
+                    (
+                        n.to_string(),
+                        Tensor::arange(k, (Kind::Float, Device::Cpu)).set_requires_grad(true),
+                    )
+                })
+                .collect();
+            // 12 bytes: one bucket per parameter, in the order b, a, c.
+            dist.plan_buckets(&params, 12, hooks).unwrap();
+            assert_eq!(dist.buckets, vec![vec![2], vec![1], vec![0]]);
+            for step in 0..3 {
+                for (_, p) in &params {
+                    super::super::torchscript::clear_grad(&mut p.shallow_clone());
+                }
+                dist.begin_step(0.5);
+                // d/dp of sum(p^2) = 2p, times the weight 0.5: p.
+                (params[1].1.square().sum(Kind::Float) + params[2].1.square().sum(Kind::Float))
+                    .backward();
+                dist.sync_grads(&params).unwrap();
+                for (name, p) in &params[1..] {
+                    let got = Vec::<f32>::try_from(p.grad()).unwrap();
+                    let want = Vec::<f32>::try_from(p.detach()).unwrap();
+                    assert_eq!(got, want, "step {step}, hooks {hooks}: gradient of {name}");
+                }
+                assert!(!params[0].1.grad().defined());
+                // b's and a's buckets went during backward; c's waited for it to end.
+                assert_eq!(dist.overlapped_buckets, hooks.then_some(2));
+            }
+        }
+    }
 
     #[test]
     fn auto_overlaps_unless_local_ranks_would_crowd_the_cores() {
