@@ -106,9 +106,11 @@ fn n_ranks_train_the_same_weights_as_one_rank_with_n_times_the_batch() {
 #[test]
 fn a_killed_rank_stops_every_other_rank_within_seconds() {
     let d = Daemon::start();
+    // Small buckets all-reduced during backward: the kill lands while several are queued
+    // on the survivors' communication threads.
     let spec = "name: dp-victim\nmodel: {arch: torchscript, path: cnn4.pt}\n\
                 data: {train: {path: big.safetensors}}\n\
-                train: {epochs: 1000, batch_size: 8, optimizer: {name: sgd, lr: 0.01}}\n\
+                train: {epochs: 1000, batch_size: 8, overlap_grad_sync: always, bucket_mb: 0.002, optimizer: {name: sgd, lr: 0.01}}\n\
                 resources: {ranks: 3, threads: 1}\noutput: {dir: dp-victim}\n";
     let job = d.submit(spec);
     d.wait_for(&job.id, Duration::from_secs(60), "steps", |j| {
