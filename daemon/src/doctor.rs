@@ -60,7 +60,7 @@ pub fn run(config: &Config) -> Result<i32> {
             }
             Err(e) => {
                 failed = true;
-                println!("nccl all-reduce, world size 1: FAILED: {e:#}");
+                println!("nccl, world size 1: FAILED: {e:#}");
             }
         }
     }
@@ -78,8 +78,8 @@ pub fn run(config: &Config) -> Result<i32> {
     Ok(i32::from(failed))
 }
 
-/// A one-rank communicator sums and broadcasts a device tensor to itself, then averages
-/// real gradients through the CUDA ranks' own bucket code (two buckets, weight 0.5).
+/// A one-rank communicator sums and broadcasts a device tensor to itself; then the CUDA
+/// ranks' own bucket code averages real gradients.
 fn nccl_world_one(device: Device) -> Result<()> {
     let id = UniqueId::new()?;
     let mut comm = Nccl::init(&id, 0, 1)?;
@@ -94,7 +94,11 @@ fn nccl_world_one(device: Device) -> Result<()> {
     let got = Vec::<f32>::try_from(t.to_device(Device::Cpu))?;
     anyhow::ensure!(got == [1.0, 2.0, 3.0], "got {got:?}");
     drop(comm);
+    nccl_gradient_buckets(device).context("gradient buckets")
+}
 
+/// The CUDA ranks' gradient path on a one-rank communicator: two buckets, weight 0.5.
+fn nccl_gradient_buckets(device: Device) -> Result<()> {
     let mut dist = crate::train::dist::Dist::nccl_alone(device)?;
     let params: Vec<(String, Tensor)> = [("a", 3i64), ("b", 5)]
         .into_iter()

@@ -13,6 +13,7 @@
 //! [`wait`]: Background::wait
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -31,6 +32,15 @@ enum Request {
 }
 
 type Reply = (u64, Result<Vec<f32>, CollectiveError>);
+
+/// The message a panic carried (`panic!` with a literal or a formatted string), if any.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
 
 /// Submits operations to a [`Background`] collective from any thread.
 #[derive(Clone)]
@@ -89,10 +99,20 @@ impl Background {
                 {
                     let result = match &failed {
                         Some(e) => Err(e.clone()),
-                        None => match op {
+                        // A panic (a bug) fails the operation, not the thread silently.
+                        None => catch_unwind(AssertUnwindSafe(|| match op {
                             Op::AllReduceSum => coll.all_reduce_sum(&mut data),
                             Op::Broadcast(root) => coll.broadcast(&mut data, root),
-                        },
+                        }))
+                        .unwrap_or_else(|panic| {
+                            Err(CollectiveError::Failed {
+                                rank,
+                                reason: format!(
+                                    "the collective panicked: {}",
+                                    panic_message(panic.as_ref())
+                                ),
+                            })
+                        }),
                     };
                     let reply = match result {
                         Ok(()) => Ok(data),

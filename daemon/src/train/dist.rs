@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 use ferry_cluster::spec::OverlapGradSync;
 
 use super::control::ControlChannel;
-use super::overlap::{self, Overlap};
+use super::overlap::{self, Overlap, OverlapReport};
 use crate::protocol::{WorkerMessage, WorkerPlan};
 
 /// How this rank's values reach the others.
@@ -44,8 +44,8 @@ pub struct Dist {
     device_buckets: Vec<Tensor>,
     /// This step's share of the global batch (see `begin_step`).
     weight: f64,
-    /// With overlap: buckets whose all-reduce started during the last backward.
-    pub overlapped_buckets: Option<usize>,
+    /// With overlap: what the last step's overlap did.
+    pub overlap_report: Option<OverlapReport>,
 }
 
 impl Dist {
@@ -65,7 +65,7 @@ impl Dist {
             device_buckets: Vec::new(),
             all_local: true,
             weight: 1.0,
-            overlapped_buckets: None,
+            overlap_report: None,
         }
     }
 
@@ -278,7 +278,7 @@ impl Dist {
                     .buckets
                     .iter()
                     .map(|b| {
-                        let n: i64 = b.iter().map(|&i| params[i].1.numel() as i64).sum();
+                        let n = overlap::bucket_len(b.iter().map(|&i| params[i].1.numel() as i64));
                         Tensor::f_zeros([n], (Kind::Float, self.device))
                     })
                     .collect::<Result<_, _>>()?;
@@ -312,15 +312,19 @@ impl Dist {
         }
         match (&self.overlap, self.transport.as_mut()) {
             (Some(o), Some(Transport::Ring(comm))) => {
-                let early = o.finish(params, comm)?;
-                self.overlapped_buckets = o.hooked().then_some(early);
+                let report = o.finish(params, comm)?;
+                self.overlap_report = o.hooked().then_some(report);
                 Ok(())
             }
-            (_, Some(Transport::Nccl(n))) => {
+            (_, Some(Transport::Nccl(n))) if self.device_buckets.len() == self.buckets.len() => {
                 for (bucket, flat) in self.buckets.iter().zip(&self.device_buckets) {
                     let grads: Vec<Tensor> = bucket.iter().map(|&i| params[i].1.grad()).collect();
-                    let sizes = bucket.iter().map(|&i| params[i].1.numel() as i64);
-                    overlap::gather(flat, grads.iter().map(Some).zip(sizes.clone()), self.weight)?;
+                    let items: Vec<(Option<&Tensor>, i64)> = grads
+                        .iter()
+                        .zip(bucket)
+                        .map(|(g, &i)| (Some(g), params[i].1.numel() as i64))
+                        .collect();
+                    overlap::gather(flat, &items, self.weight)?;
                     #[allow(unsafe_code)]
                     // SAFETY: `flat` is a contiguous f32 device buffer that lives as long as
                     // `self`; the all-reduce is enqueued on the legacy default stream, which
@@ -328,8 +332,8 @@ impl Dist {
                     unsafe {
                         n.all_reduce_sum(flat.data_ptr(), flat.numel(), std::ptr::null_mut())?
                     };
-                    let mut grads = grads;
-                    overlap::scatter(flat, grads.iter_mut().map(Some).zip(sizes))?;
+                    let bucket: Vec<&Tensor> = bucket.iter().map(|&i| &params[i].1).collect();
+                    overlap::scatter(flat, &bucket)?;
                 }
                 Ok(())
             }
@@ -382,22 +386,54 @@ mod tests {
     }
 
     #[test]
+    fn a_parameter_used_on_one_rank_only_gets_the_same_gradient_on_every_rank() {
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let listeners: Vec<_> = (0..2).map(|_| ring::listen(ip).unwrap()).collect();
+        let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let ranks: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let peers = peers.clone();
+                std::thread::spawn(move || {
+                    let ring = Ring::connect(l, rank, &peers, RingConfig::default()).unwrap();
+                    let comm = Background::spawn(Box::new(ring)).unwrap();
+                    let mut dist = Dist::joined(rank, 2, Device::Cpu, Some(Transport::Ring(comm)));
+                    let w = Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+                    let params = vec![("w".to_string(), w)];
+                    dist.plan_buckets(&params, 1 << 20, rank == 0).unwrap();
+                    dist.begin_step(0.5);
+                    // Rank 0's branch uses w (gradient 3 everywhere); rank 1's does not.
+                    if rank == 0 {
+                        (params[0].1.sum(Kind::Float) * 3.0).backward();
+                    }
+                    dist.sync_grads(&params).unwrap();
+                    Vec::<f32>::try_from(params[0].1.grad()).unwrap()
+                })
+            })
+            .collect();
+        for (rank, r) in ranks.into_iter().enumerate() {
+            // (0.5 * 3 + 0.5 * 0): the global mean, on both ranks.
+            assert_eq!(r.join().unwrap(), vec![1.5; 4], "rank {rank}");
+        }
+    }
+
+    #[test]
     fn buckets_average_gradients_with_and_without_hooks() {
         for hooks in [true, false] {
             let mut dist = ring_alone();
             // `c` gets no gradient: its bucket (the last) can only go after backward.
-            let params: Vec<(String, Tensor)> = [("c", 2i64), ("a", 3), ("b", 5)]
+            // `f` was exported not requiring a gradient: it cannot be hooked.
+            let params: Vec<(String, Tensor)> = [("c", 2i64), ("a", 3), ("b", 5), ("f", 2)]
                 .into_iter()
                 .map(|(n, k)| {
-                    (
-                        n.to_string(),
-                        Tensor::arange(k, (Kind::Float, Device::Cpu)).set_requires_grad(true),
-                    )
+                    let t = Tensor::arange(k, (Kind::Float, Device::Cpu));
+                    (n.to_string(), t.set_requires_grad(n != "f"))
                 })
                 .collect();
-            // 12 bytes: one bucket per parameter, in the order b, a, c.
+            // 12 bytes: one bucket per parameter, in the order f, b, a, c.
             dist.plan_buckets(&params, 12, hooks).unwrap();
-            assert_eq!(dist.buckets, vec![vec![2], vec![1], vec![0]]);
+            assert_eq!(dist.buckets, vec![vec![3], vec![2], vec![1], vec![0]]);
             for step in 0..3 {
                 for (_, p) in &params {
                     super::super::torchscript::clear_grad(&mut p.shallow_clone());
@@ -407,14 +443,17 @@ mod tests {
                 (params[1].1.square().sum(Kind::Float) + params[2].1.square().sum(Kind::Float))
                     .backward();
                 dist.sync_grads(&params).unwrap();
-                for (name, p) in &params[1..] {
+                for (name, p) in &params[1..3] {
                     let got = Vec::<f32>::try_from(p.grad()).unwrap();
                     let want = Vec::<f32>::try_from(p.detach()).unwrap();
                     assert_eq!(got, want, "step {step}, hooks {hooks}: gradient of {name}");
                 }
                 assert!(!params[0].1.grad().defined());
-                // b's and a's buckets went during backward; c's waited for it to end.
-                assert_eq!(dist.overlapped_buckets, hooks.then_some(2));
+                assert!(!params[3].1.grad().defined());
+                // f's, b's and a's buckets went during backward; c's waited for it to end.
+                let report = dist.overlap_report.as_ref();
+                assert_eq!(report.map(|r| r.during_backward), hooks.then_some(3));
+                assert_eq!(report.map(|r| r.silent.clone()), hooks.then(|| vec![0]));
             }
         }
     }

@@ -337,14 +337,28 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 None => loss.backward(),
             }
             dist.sync_grads(&trainable_params)?;
-            if let (Some(early), false) = (dist.overlapped_buckets, reported_overlap) {
+            if let (Some(r), false) = (&dist.overlap_report, reported_overlap) {
                 reported_overlap = true;
-                say(&WorkerMessage::Log {
-                    message: format!(
-                        "gradient all-reduce overlaps backward: {early} of {} buckets started during the first backward",
-                        dist.bucket_count()
-                    ),
-                });
+                let mut message = format!(
+                    "gradient all-reduce overlaps backward: {} of {} buckets started during the first backward",
+                    r.during_backward,
+                    dist.bucket_count()
+                );
+                if !r.silent.is_empty() {
+                    let names: Vec<&str> = r
+                        .silent
+                        .iter()
+                        .take(5)
+                        .map(|&i| trainable_params[i].0.as_str())
+                        .collect();
+                    message += &format!(
+                        "; {} parameters got no gradient from backward ({}{}), so their buckets and all later ones waited for its end",
+                        r.silent.len(),
+                        names.join(", "),
+                        if r.silent.len() > 5 { ", ..." } else { "" }
+                    );
+                }
+                say(&WorkerMessage::Log { message });
             }
             // fp16: a step whose (all-reduced) gradients overflowed is skipped on every rank.
             let overflow = scaler

@@ -22,7 +22,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{anyhow, bail, Result};
-use ferry_cluster::collective::background::{Background, Submitter};
+use ferry_cluster::collective::background::{panic_message, Background, Submitter};
 use tch::{Device, Kind, Tensor};
 
 type GradReadyCb = extern "C" fn(*mut c_void, i64, *mut torch_sys::C_tensor);
@@ -39,36 +39,59 @@ extern "C" {
     ) -> c_int;
 }
 
+/// How many values a bucket's flat buffer holds for parameters of `sizes` values: theirs,
+/// then one flag per parameter.
+pub fn bucket_len(sizes: impl Iterator<Item = i64>) -> i64 {
+    sizes.fold(0, |len, n| len + n + 1)
+}
+
 /// Writes each gradient times `weight` (zeros where a parameter has none) into consecutive
-/// parts of the flat f32 buffer `flat`; `grads` gives each gradient with its parameter's size.
-pub fn gather<'a>(
-    flat: &Tensor,
-    grads: impl Iterator<Item = (Option<&'a Tensor>, i64)>,
-    weight: f64,
-) -> Result<()> {
+/// parts of the flat f32 buffer `flat`, then one flag per parameter: 1 where it has a
+/// gradient. Summed across ranks, a flag counts the ranks that had one. `grads` gives each
+/// gradient with its parameter's size.
+pub fn gather(flat: &Tensor, grads: &[(Option<&Tensor>, i64)], weight: f64) -> Result<()> {
+    let mut flags = vec![0f32; grads.len()];
     let mut off = 0i64;
-    for (g, n) in grads {
-        let mut dst = flat.narrow(0, off, n);
+    for ((g, n), flag) in grads.iter().zip(&mut flags) {
+        let mut dst = flat.f_narrow(0, off, *n)?;
         match g.filter(|g| g.defined()) {
-            Some(g) => drop(g.reshape([-1]).f_mul_scalar_out(&dst, weight)?),
+            Some(g) => {
+                drop(g.f_reshape([-1])?.f_mul_scalar_out(&dst, weight)?);
+                *flag = 1.0;
+            }
             None => drop(dst.f_zero_()?),
         }
         off += n;
     }
+    let flags = Tensor::from_slice(&flags).f_to_device(flat.device())?;
+    flat.f_narrow(0, off, grads.len() as i64)?.f_copy_(&flags)?;
     Ok(())
 }
 
 /// The inverse of [`gather`] (without the weight): copies consecutive parts of `flat` into
-/// the gradients, skipping parameters that have none.
-pub fn scatter<'a>(
-    flat: &Tensor,
-    grads: impl Iterator<Item = (Option<&'a mut Tensor>, i64)>,
-) -> Result<()> {
+/// the parameters' gradients. A parameter without a gradient here gets one if another rank
+/// had one (as DistributedDataParallel does), so every rank applies the same update; one that
+/// no rank had a gradient for keeps none.
+pub fn scatter(flat: &Tensor, params: &[&Tensor]) -> Result<()> {
+    let mut grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
+    let total: i64 = params.iter().map(|p| p.numel() as i64).sum();
+    // Flags are read back only when needed: on a device, reading them waits for the sum.
+    let flags = if grads.iter().all(Tensor::defined) {
+        Vec::new()
+    } else {
+        let f = flat.f_narrow(0, total, params.len() as i64)?;
+        Vec::<f32>::try_from(f.f_to_device(Device::Cpu)?)?
+    };
     let mut off = 0i64;
-    for (g, n) in grads {
-        if let Some(g) = g.filter(|g| g.defined()) {
-            let src = flat.narrow(0, off, n).view(g.size().as_slice());
+    for (k, (p, g)) in params.iter().zip(&mut grads).enumerate() {
+        let n = p.numel() as i64;
+        let src = flat.f_narrow(0, off, n)?.f_view(p.size().as_slice())?;
+        if g.defined() {
             g.f_copy_(&src)?;
+        } else if flags[k] > 0.5 {
+            let mut fresh = p.f_zeros_like()?;
+            fresh.f_copy_(&src)?;
+            super::torchscript::set_grad(p, &fresh);
         }
         off += n;
     }
@@ -97,8 +120,12 @@ struct State {
     /// Each parameter's bucket, and its number of values.
     bucket_of: Vec<usize>,
     numels: Vec<i64>,
-    /// Per bucket: parameters whose gradient has not arrived this step.
+    /// Per bucket: hooked parameters whose gradient has not arrived this step, and how many
+    /// it has in all.
     missing: Vec<usize>,
+    expected: Vec<usize>,
+    /// Per parameter: whether it has a hook.
+    hooked: Vec<bool>,
     /// Per parameter: its gradient, once backward has reported it.
     grads: Vec<Option<Tensor>>,
     /// Per bucket: its flat buffer, while not with the communication thread.
@@ -131,13 +158,17 @@ impl State {
         let mut buf = self.buffers[b]
             .take()
             .ok_or_else(|| anyhow!("bucket {b} handed over twice in one step"))?;
-        // SAFETY: `flat` is dropped before `buf` moves to the communication thread.
-        let flat = unsafe { view(&mut buf)? };
-        let grads = self.buckets[b]
+        let grads: Vec<(Option<&Tensor>, i64)> = self.buckets[b]
             .iter()
-            .map(|&i| (self.grads[i].as_ref(), self.numels[i]));
-        gather(&flat, grads, self.weight)?;
-        drop(flat);
+            .map(|&i| (self.grads[i].as_ref(), self.numels[i]))
+            .collect();
+        // SAFETY: `flat` is dropped (at the end of the closure) before `buf` moves.
+        let filled = (|| gather(&unsafe { view(&mut buf) }?, &grads, self.weight))();
+        drop(grads);
+        if let Err(e) = filled {
+            self.buffers[b] = Some(buf);
+            return Err(e);
+        }
         self.tickets[b] = Some(self.submit.all_reduce_sum(buf));
         Ok(())
     }
@@ -156,6 +187,8 @@ extern "C" fn grad_ready(data: *mut c_void, index: i64, grad: *mut torch_sys::C_
     let r = catch_unwind(AssertUnwindSafe(|| {
         let mut s = State::lock(state);
         let i = index as usize;
+        // One report per parameter and step: ferry runs one backward per step. (Gradient
+        // accumulation over several backwards would have to arm only the last one.)
         if !s.armed || s.error.is_some() || s.grads[i].is_some() {
             return;
         }
@@ -166,14 +199,24 @@ extern "C" fn grad_ready(data: *mut c_void, index: i64, grad: *mut torch_sys::C_
             s.error = Some(format!("{e:#}"));
         }
     }));
-    if r.is_err() {
-        State::lock(state).error = Some("a gradient hook panicked".into());
+    if let Err(panic) = r {
+        let what = panic_message(panic.as_ref());
+        State::lock(state).error = Some(format!("a gradient hook panicked: {what}"));
     }
 }
 
 extern "C" fn release(data: *mut c_void) {
     // SAFETY: gives back the reference that `Overlap::new` leaked for this hook.
     drop(unsafe { Arc::from_raw(data as *const Mutex<State>) });
+}
+
+/// What one step's overlap did.
+pub struct OverlapReport {
+    /// Buckets whose all-reduce started during backward.
+    pub during_backward: usize,
+    /// Hooked parameters that got no gradient from backward (their bucket, and every later
+    /// one, waited for backward to end).
+    pub silent: Vec<usize>,
 }
 
 /// Gradient averaging on the ring, overlapped with backward: arm it before backward, finish
@@ -193,21 +236,34 @@ impl Overlap {
         comm: &Background,
         hooks: bool,
     ) -> Result<Overlap> {
+        // A parameter that does not require a gradient (exported that way) never gets one,
+        // and a tensor listed twice (tied weights) has one hook slot: only its first listing
+        // is hooked. The others go with zeros or, after backward, with their gradient.
+        let mut seen = std::collections::HashSet::new();
+        let hooked: Vec<bool> = params
+            .iter()
+            .map(|(_, p)| {
+                hooks && p.requires_grad() && p.numel() > 0 && seen.insert(p.data_ptr() as usize)
+            })
+            .collect();
         let mut bucket_of = vec![usize::MAX; params.len()];
         let mut buffers = Vec::with_capacity(buckets.len());
         for (b, bucket) in buckets.iter().enumerate() {
-            let mut len = 0;
-            for &i in bucket {
-                bucket_of[i] = b;
-                len += params[i].1.numel();
-            }
-            buffers.push(Some(vec![0f32; len]));
+            bucket.iter().for_each(|&i| bucket_of[i] = b);
+            let len = bucket_len(bucket.iter().map(|&i| params[i].1.numel() as i64));
+            buffers.push(Some(vec![0f32; len as usize]));
         }
         if let Some(i) = bucket_of.iter().position(|&b| b == usize::MAX) {
             bail!("parameter {} is in no gradient bucket", params[i].0);
         }
+        let expected: Vec<usize> = buckets
+            .iter()
+            .map(|b| b.iter().filter(|&&i| hooked[i]).count())
+            .collect();
         let state = Arc::new(Mutex::new(State {
-            missing: buckets.iter().map(Vec::len).collect(),
+            missing: expected.clone(),
+            expected,
+            hooked: hooked.clone(),
             tickets: vec![None; buckets.len()],
             grads: (0..params.len()).map(|_| None).collect(),
             numels: params.iter().map(|(_, p)| p.numel() as i64).collect(),
@@ -220,7 +276,7 @@ impl Overlap {
             submit: comm.submitter(),
             error: None,
         }));
-        for (i, (name, p)) in params.iter().enumerate().filter(|_| hooks) {
+        for (i, (name, p)) in params.iter().enumerate().filter(|(i, _)| hooked[*i]) {
             let data = Arc::into_raw(state.clone()) as *mut c_void;
             let mut err = std::ptr::null_mut();
             let mut handle = p.shallow_clone();
@@ -261,9 +317,12 @@ impl Overlap {
 
     /// After backward: hands over the buckets still waiting (taking the gradients the hooks
     /// did not report from `params`), waits for every all-reduce and writes the global mean
-    /// gradient back into each parameter's gradient. Returns how many buckets were handed
-    /// over during backward.
-    pub fn finish(&self, params: &[(String, Tensor)], comm: &mut Background) -> Result<usize> {
+    /// gradient back into each parameter's gradient.
+    pub fn finish(
+        &self,
+        params: &[(String, Tensor)],
+        comm: &mut Background,
+    ) -> Result<OverlapReport> {
         let mut guard = State::lock(&self.state);
         let s = &mut *guard;
         let result = Self::complete(s, params, comm);
@@ -271,10 +330,8 @@ impl Overlap {
         s.armed = false;
         s.next = 0;
         s.error = None;
-        for (b, bucket) in s.buckets.iter().enumerate() {
-            s.missing[b] = bucket.len();
-            s.tickets[b] = None;
-        }
+        s.missing.clone_from(&s.expected);
+        s.tickets.iter_mut().for_each(|t| *t = None);
         s.grads.iter_mut().for_each(|g| *g = None);
         result
     }
@@ -283,15 +340,19 @@ impl Overlap {
         s: &mut State,
         params: &[(String, Tensor)],
         comm: &mut Background,
-    ) -> Result<usize> {
+    ) -> Result<OverlapReport> {
         if !s.armed {
             bail!("gradient synchronisation finished without being armed");
         }
         if let Some(e) = s.error.take() {
             bail!("gradient synchronisation failed during backward: {e}");
         }
+        let mut silent = Vec::new();
         for (i, (_, p)) in params.iter().enumerate() {
             if s.grads[i].is_none() {
+                if s.hooked[i] {
+                    silent.push(i);
+                }
                 s.grads[i] = Some(p.grad());
             }
         }
@@ -303,15 +364,15 @@ impl Overlap {
                 .take()
                 .ok_or_else(|| anyhow!("bucket {b} was never handed over"))?;
             let mut buf = comm.wait(ticket)?;
-            // SAFETY: `flat` is dropped before `buf` moves.
-            let flat = unsafe { view(&mut buf)? };
-            let mut grads: Vec<Option<Tensor>> =
-                s.buckets[b].iter().map(|&i| s.grads[i].take()).collect();
-            let sizes = s.buckets[b].iter().map(|&i| s.numels[i]);
-            scatter(&flat, grads.iter_mut().map(Option::as_mut).zip(sizes))?;
-            drop(flat);
+            let bucket: Vec<&Tensor> = s.buckets[b].iter().map(|&i| &params[i].1).collect();
+            // SAFETY: `flat` is dropped (at the end of the closure) before `buf` moves.
+            let copied = (|| scatter(&unsafe { view(&mut buf) }?, &bucket))();
             s.buffers[b] = Some(buf);
+            copied?;
         }
-        Ok(during_backward)
+        Ok(OverlapReport {
+            during_backward,
+            silent,
+        })
     }
 }

@@ -13,6 +13,7 @@ type NamedCb = extern "C" fn(*mut c_void, *const c_char, *mut torch_sys::C_tenso
 extern "C" {
     fn ferry_free_string(s: *mut c_char);
     fn ferry_clear_grad(t: *mut torch_sys::C_tensor);
+    fn ferry_set_grad(t: *mut torch_sys::C_tensor, g: *mut torch_sys::C_tensor);
     fn ferry_autocast(device: c_int, dtype: c_int);
     fn ferry_ts_load(path: *const c_char, cuda_index: c_int, err: *mut *mut c_char) -> *mut c_void;
     fn ferry_ts_free(m: *mut c_void);
@@ -69,6 +70,13 @@ pub fn set_autocast(device: tch::Device, precision: ferry_cluster::spec::Precisi
 pub fn clear_grad(t: &mut Tensor) {
     // SAFETY: the tensor is live and only its autograd metadata changes.
     unsafe { ferry_clear_grad(t.as_mut_ptr()) }
+}
+
+/// Makes `g` the gradient of `p` (they then share storage).
+pub fn set_grad(p: &Tensor, g: &Tensor) {
+    let (mut p, mut g) = (p.shallow_clone(), g.shallow_clone());
+    // SAFETY: both tensors are live; only `p`'s autograd metadata changes.
+    unsafe { ferry_set_grad(p.as_mut_ptr(), g.as_mut_ptr()) }
 }
 
 /// A loaded TorchScript module. Not shared between threads.

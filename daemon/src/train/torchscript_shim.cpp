@@ -11,6 +11,7 @@
 #include <torch/script.h>
 
 #include <cstring>
+#include <new>
 #include <string>
 
 namespace {
@@ -50,13 +51,21 @@ void ferry_free_string(char *s) { std::free(s); }
 // writes a fresh gradient instead of zero-filling and accumulating into the old one.
 void ferry_clear_grad(at::Tensor *t) { t->mutable_grad() = at::Tensor(); }
 
+// Sets a tensor's gradient to `g` (which it then shares).
+void ferry_set_grad(at::Tensor *t, at::Tensor *g) { t->mutable_grad() = *g; }
+
 // Calls `cb(data, index, grad)` each time backward has accumulated `t`'s gradient (PyTorch's
 // post-accumulate-grad hook), on whichever thread runs backward for `t`'s device. A tensor
 // has one such hook: this replaces the previous one, whose `release` then runs. On failure
 // `release(data)` has run too, so the caller frees nothing twice.
 int ferry_on_grad_ready(at::Tensor *t, void *data, int64_t index, ferry_grad_ready_cb cb, ferry_release_cb release,
                         char **err) {
-  std::unique_ptr<GradReady> hook(new GradReady(data, index, cb, release));
+  std::unique_ptr<GradReady> hook(new (std::nothrow) GradReady(data, index, cb, release));
+  if (!hook) {
+    release(data);
+    *err = dup("out of memory");
+    return -1;
+  }
   try {
     if (!t->requires_grad()) throw std::runtime_error("the tensor does not require a gradient");
     torch::autograd::impl::set_post_acc_grad_hooks(*t, std::move(hook));
