@@ -356,7 +356,7 @@ impl Dist {
 /// `auto` overlaps unless all `world` ranks share this host and their compute threads plus
 /// one communication thread each would outnumber its `cores`: then the all-reduce (memory
 /// copies and sums through shared memory, all CPU work) only competes with backward for the
-/// same cores. Measured on 2 cores with 2 ranks of 1 thread: overlapping was 0.95x of not
+/// same cores. Measured on 2 cores with 2 ranks of 1 thread: overlapping was 0.92-0.97x of not
 /// (docs/benchmarks.md).
 fn decide_overlap(
     mode: OverlapGradSync,
