@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of ferry in one run, made for the device machine (one GPU, no cargo, no
-# network): `ferryd doctor` (CUDA, NCCL found and loaded, a one-rank NCCL all-reduce, bf16
+# network): `ferryd doctor` (CUDA, NCCL found and loaded, a one-rank NCCL all-reduce, the
+# CUDA ranks' gradient buckets after and during backward (NCCL on a side stream), bf16
 # autocast), a CUDA job through ferryd --standalone and ferryctl at each precision, and the
 # training benchmark: ferry against a plain PyTorch eager loop on ResNet-50, batch 128,
 # synthetic 224x224 images, same precision, alternating. Results go to $OUT.

@@ -99,6 +99,18 @@ fn nccl_world_one(device: Device) -> Result<()> {
 
 /// The CUDA ranks' gradient path on a one-rank communicator: two buckets, weight 0.5.
 fn nccl_gradient_buckets(device: Device) -> Result<()> {
+    for overlap in [false, true] {
+        let mode = if overlap {
+            "during backward, on a side stream"
+        } else {
+            "after backward"
+        };
+        nccl_buckets_once(device, overlap).with_context(|| format!("all-reduce {mode}"))?;
+    }
+    Ok(())
+}
+
+fn nccl_buckets_once(device: Device, overlap: bool) -> Result<()> {
     let mut dist = crate::train::dist::Dist::nccl_alone(device)?;
     let params: Vec<(String, Tensor)> = [("a", 3i64), ("b", 5)]
         .into_iter()
@@ -107,25 +119,37 @@ fn nccl_gradient_buckets(device: Device) -> Result<()> {
             (n.to_string(), p)
         })
         .collect();
-    // d/dp of sum(p^2) = 2p.
-    let loss = params
-        .iter()
-        .map(|(_, p)| p.square().sum(tch::Kind::Float))
-        .reduce(|a, b| a + b)
-        .expect("two parameters");
-    loss.backward();
     dist.broadcast_state(params.iter())?;
-    dist.plan_buckets(&params, 12, false)?;
+    dist.plan_buckets(&params, 12, overlap)?;
     anyhow::ensure!(dist.bucket_count() == 2, "{} buckets", dist.bucket_count());
-    dist.begin_step(0.5);
-    dist.sync_grads(&params)?;
-    for (name, p) in &params {
-        let got = Vec::<f32>::try_from(p.grad().to_device(Device::Cpu))?;
-        let want: Vec<f32> = (0..got.len()).map(|i| i as f32).collect();
-        anyhow::ensure!(
-            got == want,
-            "gradient of {name}: got {got:?}, want {want:?}"
-        );
+    for step in 0..2 {
+        for (_, p) in &params {
+            crate::train::torchscript::clear_grad(&mut p.shallow_clone());
+        }
+        dist.begin_step(0.5);
+        // d/dp of sum(p^2) = 2p, times the weight 0.5: p.
+        let loss = params
+            .iter()
+            .map(|(_, p)| p.square().sum(tch::Kind::Float))
+            .reduce(|a, b| a + b)
+            .expect("two parameters");
+        loss.backward();
+        dist.sync_grads(&params)?;
+        for (name, p) in &params {
+            let got = Vec::<f32>::try_from(p.grad().to_device(Device::Cpu))?;
+            let want: Vec<f32> = (0..got.len()).map(|i| i as f32).collect();
+            anyhow::ensure!(
+                got == want,
+                "step {step}: gradient of {name}: got {got:?}, want {want:?}"
+            );
+        }
+        if overlap {
+            let early = dist.overlap_report.as_ref().map(|r| r.during_backward);
+            anyhow::ensure!(
+                early == Some(2),
+                "step {step}: {early:?} of 2 buckets went during backward"
+            );
+        }
     }
     Ok(())
 }

@@ -15,6 +15,9 @@
 
 use std::ffi::{c_void, CStr};
 
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nccl::sys;
 
 use super::CollectiveError;
@@ -171,6 +174,65 @@ impl Nccl {
                 stream as sys::cudaStream_t,
             ),
         )
+    }
+}
+
+/// A CUDA stream beside libtorch's (the legacy default stream), for NCCL to run on while
+/// libtorch computes, with the two orderings between them. Both streams belong to the
+/// device's primary context, which libtorch uses too.
+pub struct SideStream {
+    side: Arc<CudaStream>,
+    main: Arc<CudaStream>,
+    rank: usize,
+}
+
+impl SideStream {
+    /// A non-blocking stream on GPU `ordinal` (as this process sees it).
+    pub fn new(ordinal: usize, rank: usize) -> Result<SideStream, CollectiveError> {
+        // SAFETY: only probes whether libcuda can be loaded.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CollectiveError::Failed {
+                rank,
+                reason: "the CUDA driver library (libcuda.so) cannot be loaded".into(),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver(rank, "opening the GPU", e))?;
+        let side = ctx
+            .new_stream()
+            .map_err(|e| driver(rank, "creating a stream", e))?;
+        Ok(SideStream {
+            main: ctx.default_stream(),
+            side,
+            rank,
+        })
+    }
+
+    /// The side stream, for NCCL calls.
+    pub fn raw(&self) -> *mut c_void {
+        self.side.cu_stream() as *mut c_void
+    }
+
+    /// Work queued on the side stream from now on waits for all work queued on libtorch's
+    /// stream so far.
+    pub fn side_after_main(&self) -> Result<(), CollectiveError> {
+        self.side
+            .join(&self.main)
+            .map_err(|e| driver(self.rank, "ordering the streams", e))
+    }
+
+    /// Work queued on libtorch's stream from now on waits for all work queued on the side
+    /// stream so far.
+    pub fn main_after_side(&self) -> Result<(), CollectiveError> {
+        self.main
+            .join(&self.side)
+            .map_err(|e| driver(self.rank, "ordering the streams", e))
+    }
+}
+
+fn driver(rank: usize, what: &str, e: cudarc::driver::DriverError) -> CollectiveError {
+    CollectiveError::Failed {
+        rank,
+        reason: format!("CUDA driver error while {what}: {e:?}"),
     }
 }
 

@@ -1,13 +1,14 @@
 //! Data parallelism for one rank: forming the ring through the daemon, making every rank
-//! start from rank 0's weights, and averaging gradients in buckets (on the ring, overlapped
-//! with backward: see [`super::overlap`]).
+//! start from rank 0's weights, and averaging gradients in buckets (overlapped with backward
+//! where it pays: see [`super::overlap`]).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use ferry_cluster::collective::background::Background;
-use ferry_cluster::collective::nccl::{Nccl, UniqueId};
+use ferry_cluster::collective::nccl::{Nccl, SideStream, UniqueId};
 use ferry_cluster::collective::ring::{self, Ring, RingConfig};
 use ferry_cluster::collective::Collective;
 use tch::{Device, Kind, Tensor};
@@ -15,15 +16,15 @@ use tch::{Device, Kind, Tensor};
 use ferry_cluster::spec::OverlapGradSync;
 
 use super::control::ControlChannel;
-use super::overlap::{self, Overlap, OverlapReport};
+use super::overlap::{self, BucketComm, Overlap, OverlapReport};
 use crate::protocol::{WorkerMessage, WorkerPlan};
 
 /// How this rank's values reach the others.
 enum Transport {
     /// CPU ranks: the TCP ring over host buffers, on its own thread.
-    Ring(Background),
-    /// CUDA ranks: NCCL over device buffers, on libtorch's (default) stream.
-    Nccl(Nccl),
+    Ring(Arc<Mutex<Background>>),
+    /// CUDA ranks: NCCL over device buffers.
+    Nccl(Arc<Mutex<Nccl>>),
 }
 
 /// This rank's place in the job, and its connection to the others.
@@ -35,15 +36,11 @@ pub struct Dist {
     device: Device,
     /// Indices into the trainable parameters, one list per bucket, in all-reduce order.
     buckets: Vec<Vec<usize>>,
-    /// Ring ranks: the buckets' buffers, and their hooks when gradients are all-reduced during
-    /// backward (`train.overlap_grad_sync`).
+    /// The buckets' buffers, and their hooks when gradients are all-reduced during backward
+    /// (`train.overlap_grad_sync`).
     overlap: Option<Overlap>,
     /// Whether every rank of the ring runs on this host.
     all_local: bool,
-    /// NCCL ranks: one flat device buffer per bucket.
-    device_buckets: Vec<Tensor>,
-    /// This step's share of the global batch (see `begin_step`).
-    weight: f64,
     /// With overlap: what the last step's overlap did.
     pub overlap_report: Option<OverlapReport>,
 }
@@ -62,9 +59,7 @@ impl Dist {
             device,
             buckets: Vec::new(),
             overlap: None,
-            device_buckets: Vec::new(),
             all_local: true,
-            weight: 1.0,
             overlap_report: None,
         }
     }
@@ -127,7 +122,12 @@ impl Dist {
         let ring = Ring::connect(listener, rank, &peers, cfg)?;
         let comm = Background::spawn(Box::new(ring))
             .with_context(|| format!("rank {rank}: cannot start the communication thread"))?;
-        let mut dist = Dist::joined(rank, world, device, Some(Transport::Ring(comm)));
+        let mut dist = Dist::joined(
+            rank,
+            world,
+            device,
+            Some(Transport::Ring(Arc::new(Mutex::new(comm)))),
+        );
         dist.all_local = all_local;
         Ok(dist)
     }
@@ -136,7 +136,12 @@ impl Dist {
     /// gradient path on a machine with one GPU.
     pub fn nccl_alone(device: Device) -> Result<Dist> {
         let nccl = Nccl::init(&UniqueId::new()?, 0, 1)?;
-        Ok(Dist::joined(0, 1, device, Some(Transport::Nccl(nccl))))
+        Ok(Dist::joined(
+            0,
+            1,
+            device,
+            Some(Transport::Nccl(Arc::new(Mutex::new(nccl)))),
+        ))
     }
 
     /// CUDA ranks: rank 0 makes the NCCL id and reports it as its rendezvous address; the
@@ -165,7 +170,7 @@ impl Dist {
             rank,
             world,
             device,
-            Some(Transport::Nccl(nccl)),
+            Some(Transport::Nccl(Arc::new(Mutex::new(nccl)))),
         ))
     }
 
@@ -178,6 +183,7 @@ impl Dist {
             Some(Transport::Nccl(n)) => {
                 let flat = flat.to_device(self.device).contiguous();
                 let count = flat.numel();
+                let mut n = overlap::lock(n);
                 #[allow(unsafe_code)]
                 // SAFETY: `flat` is a contiguous f32 device tensor of `count` values that lives
                 // until the end of this call; the operation is enqueued on the legacy default
@@ -192,6 +198,7 @@ impl Dist {
             }
         };
         let mut v = Vec::<f32>::try_from(&flat.to_device(Device::Cpu))?;
+        let mut coll = overlap::lock(coll);
         match root {
             Some(r) => coll.broadcast(&mut v, r)?,
             None => coll.all_reduce_sum(&mut v)?,
@@ -243,11 +250,10 @@ impl Dist {
     }
 
     /// Groups the trainable parameters into buckets of about `bucket_bytes`, last layer
-    /// first (the order in which backward produces gradients), the same on every rank. Ring
-    /// ranks that overlap (see [`overlaps`]) hook every parameter so that each bucket is
-    /// all-reduced as soon as backward has produced it. (NCCL ranks all-reduce after
-    /// backward: overlapping there needs a second CUDA stream, which ferry does not manage
-    /// yet.)
+    /// first (the order in which backward produces gradients), the same on every rank. With
+    /// `overlap` (see [`Dist::overlaps`]), every parameter is hooked so that each bucket is
+    /// all-reduced as soon as backward has produced it: on the ring's communication thread,
+    /// or on NCCL's side stream.
     pub fn plan_buckets(
         &mut self,
         params: &[(String, Tensor)],
@@ -269,36 +275,39 @@ impl Dist {
         if !current.is_empty() {
             self.buckets.push(current);
         }
-        match &self.transport {
-            Some(Transport::Ring(comm)) => {
-                self.overlap = Some(Overlap::new(params, self.buckets.clone(), comm, overlap)?);
-            }
-            Some(Transport::Nccl(_)) => {
-                self.device_buckets = self
-                    .buckets
-                    .iter()
-                    .map(|b| {
-                        let n = overlap::bucket_len(b.iter().map(|&i| params[i].1.numel() as i64));
-                        Tensor::f_zeros([n], (Kind::Float, self.device))
-                    })
-                    .collect::<Result<_, _>>()?;
-            }
-            None => {}
-        }
+        let comm = match &self.transport {
+            None => return Ok(()),
+            Some(Transport::Ring(comm)) => BucketComm::Ring(comm.clone()),
+            Some(Transport::Nccl(nccl)) => BucketComm::Nccl {
+                nccl: nccl.clone(),
+                device: self.device,
+                side: match (overlap, self.device) {
+                    (true, Device::Cuda(i)) => Some(SideStream::new(i, self.rank)?),
+                    _ => None,
+                },
+            },
+        };
+        self.overlap = Some(Overlap::new(params, self.buckets.clone(), comm, overlap)?);
         Ok(())
     }
 
-    /// Whether a ring rank with `threads` intra-op threads all-reduces during backward.
+    /// Whether this rank (with `threads` intra-op threads on a CPU) all-reduces during backward.
     /// (Ranks may decide differently: it changes when the ring runs, not what it runs.)
     pub fn overlaps(&self, mode: OverlapGradSync, threads: usize) -> bool {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        decide_overlap(mode, self.all_local, self.world, threads, cores)
+        decide_overlap(
+            mode,
+            self.device.is_cuda(),
+            self.all_local,
+            self.world,
+            threads,
+            cores,
+        )
     }
 
     /// Before backward: this rank's gradient will weigh `weight` (its share of the global
     /// batch) in the global mean.
     pub fn begin_step(&mut self, weight: f64) {
-        self.weight = weight;
         if let Some(o) = &self.overlap {
             o.arm(weight);
         }
@@ -310,35 +319,13 @@ impl Dist {
         if self.transport.is_none() {
             return Ok(());
         }
-        match (&self.overlap, self.transport.as_mut()) {
-            (Some(o), Some(Transport::Ring(comm))) => {
-                let report = o.finish(params, comm)?;
-                self.overlap_report = o.hooked().then_some(report);
-                Ok(())
-            }
-            (_, Some(Transport::Nccl(n))) if self.device_buckets.len() == self.buckets.len() => {
-                for (bucket, flat) in self.buckets.iter().zip(&self.device_buckets) {
-                    let grads: Vec<Tensor> = bucket.iter().map(|&i| params[i].1.grad()).collect();
-                    let items: Vec<(Option<&Tensor>, i64)> = grads
-                        .iter()
-                        .zip(bucket)
-                        .map(|(g, &i)| (Some(g), params[i].1.numel() as i64))
-                        .collect();
-                    overlap::gather(flat, &items, self.weight)?;
-                    #[allow(unsafe_code)]
-                    // SAFETY: `flat` is a contiguous f32 device buffer that lives as long as
-                    // `self`; the all-reduce is enqueued on the legacy default stream, which
-                    // libtorch's kernels before (gather) and after (scatter) it also use.
-                    unsafe {
-                        n.all_reduce_sum(flat.data_ptr(), flat.numel(), std::ptr::null_mut())?
-                    };
-                    let bucket: Vec<&Tensor> = bucket.iter().map(|&i| &params[i].1).collect();
-                    overlap::scatter(flat, &bucket)?;
-                }
-                Ok(())
-            }
-            _ => Err(anyhow!("gradient buckets were never planned")),
-        }
+        let o = self
+            .overlap
+            .as_ref()
+            .ok_or_else(|| anyhow!("gradient buckets were never planned"))?;
+        let report = o.finish(params)?;
+        self.overlap_report = o.hooked().then_some(report);
+        Ok(())
     }
 
     /// Sums `v` across ranks (in place).
@@ -353,13 +340,17 @@ impl Dist {
     }
 }
 
-/// `auto` overlaps unless all `world` ranks share this host and their compute threads plus
+/// On CUDA, `auto` does not overlap yet: NCCL on a side stream is ordered against
+/// libtorch's stream by events, which no machine here can test (one GPU, and a one-rank
+/// NCCL all-reduce does not touch its stream); `always` turns it on. On CPUs, `auto`
+/// overlaps unless all `world` ranks share this host and their compute threads plus
 /// one communication thread each would outnumber its `cores`: then the all-reduce (memory
 /// copies and sums through shared memory, all CPU work) only competes with backward for the
 /// same cores. Measured on 2 cores with 2 ranks of 1 thread: overlapping was 0.92-0.97x of not
 /// (docs/benchmarks.md).
 fn decide_overlap(
     mode: OverlapGradSync,
+    cuda: bool,
     all_local: bool,
     world: usize,
     threads: usize,
@@ -368,7 +359,10 @@ fn decide_overlap(
     match mode {
         OverlapGradSync::Always => true,
         OverlapGradSync::Never => false,
-        OverlapGradSync::Auto => !(all_local && world * (threads + 1) > cores),
+        OverlapGradSync::Auto => {
+            let crowded = all_local && world * (threads + 1) > cores;
+            !cuda && !crowded
+        }
     }
 }
 
@@ -382,7 +376,12 @@ mod tests {
         let me = l.local_addr().unwrap();
         let ring = Ring::connect(l, 0, &[me], RingConfig::default()).unwrap();
         let comm = Background::spawn(Box::new(ring)).unwrap();
-        Dist::joined(0, 1, Device::Cpu, Some(Transport::Ring(comm)))
+        Dist::joined(
+            0,
+            1,
+            Device::Cpu,
+            Some(Transport::Ring(Arc::new(Mutex::new(comm)))),
+        )
     }
 
     #[test]
@@ -398,7 +397,8 @@ mod tests {
                 std::thread::spawn(move || {
                     let ring = Ring::connect(l, rank, &peers, RingConfig::default()).unwrap();
                     let comm = Background::spawn(Box::new(ring)).unwrap();
-                    let mut dist = Dist::joined(rank, 2, Device::Cpu, Some(Transport::Ring(comm)));
+                    let comm = Transport::Ring(Arc::new(Mutex::new(comm)));
+                    let mut dist = Dist::joined(rank, 2, Device::Cpu, Some(comm));
                     let w = Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
                     let params = vec![("w".to_string(), w)];
                     dist.plan_buckets(&params, 1 << 20, rank == 0).unwrap();
@@ -462,13 +462,15 @@ mod tests {
     fn auto_overlaps_unless_local_ranks_would_crowd_the_cores() {
         use OverlapGradSync::*;
         // 2 ranks x 1 thread on 2 cores (this project's CI machine): no room for the comm threads.
-        assert!(!decide_overlap(Auto, true, 2, 1, 2));
+        assert!(!decide_overlap(Auto, false, true, 2, 1, 2));
         // Room for them.
-        assert!(decide_overlap(Auto, true, 2, 1, 4));
-        assert!(decide_overlap(Auto, true, 4, 7, 32));
+        assert!(decide_overlap(Auto, false, true, 2, 1, 4));
+        assert!(decide_overlap(Auto, false, true, 4, 7, 32));
         // A rank on another host: the ring waits on the network, not on these cores.
-        assert!(decide_overlap(Auto, false, 2, 1, 2));
-        assert!(decide_overlap(Always, true, 2, 1, 2));
-        assert!(!decide_overlap(Never, false, 8, 1, 64));
+        assert!(decide_overlap(Auto, false, false, 2, 1, 2));
+        // GPUs: not until overlap on NCCL has run on several GPUs.
+        assert!(!decide_overlap(Auto, true, false, 2, 1, 64));
+        assert!(decide_overlap(Always, false, true, 2, 1, 2));
+        assert!(!decide_overlap(Never, true, false, 8, 1, 64));
     }
 }

@@ -195,19 +195,18 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         (spec.train.bucket_mb * 1e6) as usize,
         overlap,
     )?;
-    if world > 1 && !device.is_cuda() && !overlap {
-        let mode = spec.train.overlap_grad_sync;
-        say(&WorkerMessage::Log {
-            message: if mode == ferry_cluster::spec::OverlapGradSync::Auto {
-                format!(
-                    "gradient all-reduce after backward (overlap_grad_sync: auto): {world} ranks with {} threads and a communication thread each would crowd this host's {} cores",
-                    plan.threads,
-                    std::thread::available_parallelism().map_or(1, |n| n.get())
-                )
-            } else {
-                "gradient all-reduce after backward (overlap_grad_sync: never)".into()
-            },
-        });
+    if world > 1 && !overlap {
+        use ferry_cluster::spec::OverlapGradSync;
+        let message = match (spec.train.overlap_grad_sync, device.is_cuda()) {
+            (OverlapGradSync::Auto, true) => "gradient all-reduce after backward (overlap_grad_sync: auto; on CUDA, overlap is opt-in with always until it has run on several GPUs)".to_string(),
+            (OverlapGradSync::Auto, false) => format!(
+                "gradient all-reduce after backward (overlap_grad_sync: auto): {world} ranks with {} threads and a communication thread each would crowd this host's {} cores",
+                plan.threads,
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            ),
+            _ => "gradient all-reduce after backward (overlap_grad_sync: never)".to_string(),
+        };
+        say(&WorkerMessage::Log { message });
     }
     let (trainable, frozen) = model.parameter_counts();
     let mut student = match &spec.distill {

@@ -1,18 +1,19 @@
 //! Gradient buckets: flattening a bucket's weighted gradients into one buffer and copying
-//! the sums back ([`gather`], [`scatter`], shared by the ring and NCCL), and, for CPU ranks on
-//! the ring, overlapping the all-reduce with backward ([`Overlap`]).
+//! the sums back ([`gather`], [`scatter`]), and overlapping each bucket's all-reduce with
+//! the rest of backward ([`Overlap`]), on the ring (CPU ranks) and on NCCL (CUDA ranks).
 //!
 //! A hook on every trainable parameter (PyTorch's post-accumulate-grad hook, set through the
 //! shim) reports when backward has written that parameter's gradient. Once every gradient of
 //! a bucket is in, and every earlier bucket has been handed over, the bucket's gradients are
-//! copied, weighted, into its flat buffer, and the buffer goes to the communication thread
-//! ([`Background`]), which all-reduces it while backward goes on with earlier layers.
-//! Buckets are handed over in bucket order on every rank, whatever order the hooks fire in,
-//! so every rank's ring sees the same sequence of operations. After backward, [`finish`]
-//! hands over what is left (a bucket holding a parameter that got no gradient this step goes
-//! only then, with zeros for it), waits for every bucket, and copies the sums back into the
-//! gradients. Without hooks (`train.overlap_grad_sync: false`) every bucket is handed over
-//! in `finish`, through the same buffers.
+//! copied, weighted, into its flat buffer, and the bucket's all-reduce starts while backward
+//! goes on with earlier layers: on the ring, the buffer goes to the communication thread
+//! ([`Background`]); on NCCL, the all-reduce is queued on a side stream that waits for the
+//! copy ([`SideStream`]). Buckets are handed over in bucket order on every rank, whatever
+//! order the hooks fire in, so every rank's collective sees the same sequence of operations.
+//! After backward, [`finish`] hands over what is left (a bucket holding a parameter that got
+//! no gradient this step goes only then), waits for every bucket, and copies the sums back
+//! into the gradients. Without hooks (`train.overlap_grad_sync: never`) every bucket is
+//! handed over in `finish`, through the same buffers.
 //!
 //! [`finish`]: Overlap::finish
 #![allow(unsafe_code)] // the hook's FFI, and flat buffers seen as tensors while they are filled
@@ -23,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{anyhow, bail, Result};
 use ferry_cluster::collective::background::{panic_message, Background, Submitter};
+use ferry_cluster::collective::nccl::{Nccl, SideStream};
 use tch::{Device, Kind, Tensor};
 
 type GradReadyCb = extern "C" fn(*mut c_void, i64, *mut torch_sys::C_tensor);
@@ -50,21 +52,28 @@ pub fn bucket_len(sizes: impl Iterator<Item = i64>) -> i64 {
 /// gradient. Summed across ranks, a flag counts the ranks that had one. `grads` gives each
 /// gradient with its parameter's size.
 pub fn gather(flat: &Tensor, grads: &[(Option<&Tensor>, i64)], weight: f64) -> Result<()> {
-    let mut flags = vec![0f32; grads.len()];
     let mut off = 0i64;
-    for ((g, n), flag) in grads.iter().zip(&mut flags) {
+    let mut defined = Vec::with_capacity(grads.len());
+    for (g, n) in grads {
         let mut dst = flat.f_narrow(0, off, *n)?;
         match g.filter(|g| g.defined()) {
-            Some(g) => {
-                drop(g.f_reshape([-1])?.f_mul_scalar_out(&dst, weight)?);
-                *flag = 1.0;
-            }
+            Some(g) => drop(g.f_reshape([-1])?.f_mul_scalar_out(&dst, weight)?),
             None => drop(dst.f_zero_()?),
         }
+        defined.push(g.is_some_and(|g| g.defined()));
         off += n;
     }
-    let flags = Tensor::from_slice(&flags).f_to_device(flat.device())?;
-    flat.f_narrow(0, off, grads.len() as i64)?.f_copy_(&flags)?;
+    // The flags are written in place (one fill in the usual case that every parameter has a
+    // gradient): on a GPU, a copy from host memory would wait for the device.
+    let mut flags = flat.f_narrow(0, off, grads.len() as i64)?;
+    if defined.iter().all(|&d| d) {
+        drop(flags.f_fill_(1.0)?);
+    } else {
+        drop(flags.f_zero_()?);
+        for (k, _) in defined.iter().enumerate().filter(|(_, &d)| d) {
+            drop(flags.f_narrow(0, k as i64, 1)?.f_fill_(1.0)?);
+        }
+    }
     Ok(())
 }
 
@@ -128,17 +137,14 @@ struct State {
     hooked: Vec<bool>,
     /// Per parameter: its gradient, once backward has reported it.
     grads: Vec<Option<Tensor>>,
-    /// Per bucket: its flat buffer, while not with the communication thread.
-    buffers: Vec<Option<Vec<f32>>>,
-    /// Per bucket: the ticket of its all-reduce this step.
-    tickets: Vec<Option<u64>>,
+    /// Where buckets go.
+    launcher: Box<dyn Launcher>,
     /// The first bucket not handed over yet.
     next: usize,
     /// This rank's share of the global batch, by which its gradients are weighed.
     weight: f64,
     /// Whether a step is in progress (hooks outside one are ignored).
     armed: bool,
-    submit: Submitter,
     /// The first failure inside a hook, reported by `finish`.
     error: Option<String>,
 }
@@ -153,18 +159,46 @@ impl State {
         Ok(())
     }
 
-    /// Copies bucket `b`'s gradients, times the weight, into its buffer and queues its all-reduce.
+    /// Starts bucket `b`'s all-reduce.
     fn hand_over(&mut self, b: usize) -> Result<()> {
-        let mut buf = self.buffers[b]
-            .take()
-            .ok_or_else(|| anyhow!("bucket {b} handed over twice in one step"))?;
         let grads: Vec<(Option<&Tensor>, i64)> = self.buckets[b]
             .iter()
             .map(|&i| (self.grads[i].as_ref(), self.numels[i]))
             .collect();
+        self.launcher.launch(b, &grads, self.weight)
+    }
+}
+
+/// Where a bucket goes once its gradients are in.
+trait Launcher: Send {
+    /// Gathers bucket `b`'s gradients (times `weight`) into its buffer and starts its
+    /// all-reduce. Called once per bucket and step, in bucket order.
+    fn launch(&mut self, b: usize, grads: &[(Option<&Tensor>, i64)], weight: f64) -> Result<()>;
+    /// Waits for bucket `b`'s sum and scatters it into the gradients of `params`. Called in
+    /// bucket order, after every bucket of the step was launched.
+    fn land(&mut self, b: usize, params: &[&Tensor]) -> Result<()>;
+    /// After a step, also one that failed: nothing of it may still touch the buffers when
+    /// the next step writes them.
+    fn reset(&mut self);
+}
+
+/// CPU ranks: host buffers, all-reduced on the ring's communication thread.
+struct RingLauncher {
+    /// Per bucket: its flat buffer, while not with the communication thread.
+    buffers: Vec<Option<Vec<f32>>>,
+    /// Per bucket: the ticket of its all-reduce this step.
+    tickets: Vec<Option<u64>>,
+    submit: Submitter,
+    comm: Arc<Mutex<Background>>,
+}
+
+impl Launcher for RingLauncher {
+    fn launch(&mut self, b: usize, grads: &[(Option<&Tensor>, i64)], weight: f64) -> Result<()> {
+        let mut buf = self.buffers[b]
+            .take()
+            .ok_or_else(|| anyhow!("bucket {b} handed over twice in one step"))?;
         // SAFETY: `flat` is dropped (at the end of the closure) before `buf` moves.
-        let filled = (|| gather(&unsafe { view(&mut buf) }?, &grads, self.weight))();
-        drop(grads);
+        let filled = (|| gather(&unsafe { view(&mut buf) }?, grads, weight))();
         if let Err(e) = filled {
             self.buffers[b] = Some(buf);
             return Err(e);
@@ -173,9 +207,87 @@ impl State {
         Ok(())
     }
 
-    fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-        m.lock().unwrap_or_else(|e| e.into_inner())
+    fn land(&mut self, b: usize, params: &[&Tensor]) -> Result<()> {
+        let ticket = self.tickets[b]
+            .take()
+            .ok_or_else(|| anyhow!("bucket {b} was never handed over"))?;
+        let mut buf = lock(&self.comm).wait(ticket)?;
+        // SAFETY: `flat` is dropped (at the end of the closure) before `buf` moves.
+        let copied = (|| scatter(&unsafe { view(&mut buf) }?, params))();
+        self.buffers[b] = Some(buf);
+        copied
     }
+
+    fn reset(&mut self) {
+        // A buffer still with the communication thread stays there: the next launch of its
+        // bucket fails ("handed over twice") rather than race with it.
+        self.tickets.iter_mut().for_each(|t| *t = None);
+    }
+}
+
+/// CUDA ranks: device buffers, all-reduced by NCCL on a side stream while libtorch's stream
+/// computes (or, without a side stream, on libtorch's stream after backward).
+struct NcclLauncher {
+    buffers: Vec<Tensor>,
+    nccl: Arc<Mutex<Nccl>>,
+    side: Option<SideStream>,
+    /// Whether libtorch's stream already waits for this step's all-reduces.
+    joined: bool,
+}
+
+impl Launcher for NcclLauncher {
+    fn launch(&mut self, b: usize, grads: &[(Option<&Tensor>, i64)], weight: f64) -> Result<()> {
+        let flat = &self.buffers[b];
+        // On libtorch's stream, like the kernels that computed the gradients.
+        gather(flat, grads, weight)?;
+        let stream = match &self.side {
+            Some(side) => {
+                side.side_after_main()?;
+                side.raw()
+            }
+            None => std::ptr::null_mut(),
+        };
+        // SAFETY: `flat` is a contiguous f32 device buffer that lives as long as `self`; the
+        // all-reduce runs after the gather (same stream, or the side stream waits for it) and
+        // before the scatter (`land` makes libtorch's stream wait for the side stream).
+        unsafe { lock(&self.nccl).all_reduce_sum(flat.data_ptr(), flat.numel(), stream)? };
+        self.joined = false;
+        Ok(())
+    }
+
+    fn land(&mut self, b: usize, params: &[&Tensor]) -> Result<()> {
+        self.join()?;
+        scatter(&self.buffers[b], params)
+    }
+
+    fn reset(&mut self) {
+        let _ = self.join();
+    }
+}
+
+impl NcclLauncher {
+    /// Makes libtorch's stream wait for every all-reduce launched so far.
+    fn join(&mut self) -> Result<()> {
+        if let (Some(side), false) = (&self.side, self.joined) {
+            side.main_after_side()?;
+            self.joined = true;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NcclLauncher {
+    /// The buffers go back to libtorch's allocator, which reuses them on its stream: that
+    /// stream must first wait for NCCL to be done with them.
+    fn drop(&mut self) {
+        let _ = self.join();
+    }
+}
+
+/// Locks `m`, also after a panic elsewhere while it was held (the data stays usable: every
+/// holder leaves it consistent or fails the step).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 extern "C" fn grad_ready(data: *mut c_void, index: i64, grad: *mut torch_sys::C_tensor) {
@@ -185,7 +297,7 @@ extern "C" fn grad_ready(data: *mut c_void, index: i64, grad: *mut torch_sys::C_
     let state = unsafe { &*(data as *const Mutex<State>) };
     // A panic must not unwind into C++: it becomes the step's error.
     let r = catch_unwind(AssertUnwindSafe(|| {
-        let mut s = State::lock(state);
+        let mut s = lock(state);
         let i = index as usize;
         // One report per parameter and step: ferry runs one backward per step. (Gradient
         // accumulation over several backwards would have to arm only the last one.)
@@ -201,7 +313,7 @@ extern "C" fn grad_ready(data: *mut c_void, index: i64, grad: *mut torch_sys::C_
     }));
     if let Err(panic) = r {
         let what = panic_message(panic.as_ref());
-        State::lock(state).error = Some(format!("a gradient hook panicked: {what}"));
+        lock(state).error = Some(format!("a gradient hook panicked: {what}"));
     }
 }
 
@@ -219,8 +331,20 @@ pub struct OverlapReport {
     pub silent: Vec<usize>,
 }
 
-/// Gradient averaging on the ring, overlapped with backward: arm it before backward, finish
-/// it after.
+/// The collective a rank's buckets go through.
+pub enum BucketComm {
+    /// CPU ranks: the ring, on its communication thread.
+    Ring(Arc<Mutex<Background>>),
+    /// CUDA ranks: NCCL; with a side stream when buckets go during backward.
+    Nccl {
+        nccl: Arc<Mutex<Nccl>>,
+        device: Device,
+        side: Option<SideStream>,
+    },
+}
+
+/// Gradient averaging in buckets, overlapped with backward when hooked: arm it before
+/// backward, finish it after.
 pub struct Overlap {
     state: Arc<Mutex<State>>,
     hooked: bool,
@@ -233,7 +357,7 @@ impl Overlap {
     pub fn new(
         params: &[(String, Tensor)],
         buckets: Vec<Vec<usize>>,
-        comm: &Background,
+        comm: BucketComm,
         hooks: bool,
     ) -> Result<Overlap> {
         // A parameter that does not require a gradient (exported that way) never gets one,
@@ -247,15 +371,34 @@ impl Overlap {
             })
             .collect();
         let mut bucket_of = vec![usize::MAX; params.len()];
-        let mut buffers = Vec::with_capacity(buckets.len());
         for (b, bucket) in buckets.iter().enumerate() {
             bucket.iter().for_each(|&i| bucket_of[i] = b);
-            let len = bucket_len(bucket.iter().map(|&i| params[i].1.numel() as i64));
-            buffers.push(Some(vec![0f32; len as usize]));
         }
         if let Some(i) = bucket_of.iter().position(|&b| b == usize::MAX) {
             bail!("parameter {} is in no gradient bucket", params[i].0);
         }
+        let lens = buckets
+            .iter()
+            .map(|b| bucket_len(b.iter().map(|&i| params[i].1.numel() as i64)));
+        let launcher: Box<dyn Launcher> = match comm {
+            BucketComm::Ring(comm) => {
+                let submit = lock(&comm).submitter();
+                Box::new(RingLauncher {
+                    buffers: lens.map(|n| Some(vec![0f32; n as usize])).collect(),
+                    tickets: vec![None; buckets.len()],
+                    submit,
+                    comm,
+                })
+            }
+            BucketComm::Nccl { nccl, device, side } => Box::new(NcclLauncher {
+                buffers: lens
+                    .map(|n| Tensor::f_zeros([n], (Kind::Float, device)))
+                    .collect::<Result<_, _>>()?,
+                nccl,
+                side,
+                joined: true,
+            }),
+        };
         let expected: Vec<usize> = buckets
             .iter()
             .map(|b| b.iter().filter(|&&i| hooked[i]).count())
@@ -264,16 +407,14 @@ impl Overlap {
             missing: expected.clone(),
             expected,
             hooked: hooked.clone(),
-            tickets: vec![None; buckets.len()],
+            launcher,
             grads: (0..params.len()).map(|_| None).collect(),
             numels: params.iter().map(|(_, p)| p.numel() as i64).collect(),
             buckets,
             bucket_of,
-            buffers,
             next: 0,
             weight: 1.0,
             armed: false,
-            submit: comm.submitter(),
             error: None,
         }));
         for (i, (name, p)) in params.iter().enumerate().filter(|(i, _)| hooked[*i]) {
@@ -310,7 +451,7 @@ impl Overlap {
 
     /// Starts a step: this rank's gradients will be weighed by `weight`.
     pub fn arm(&self, weight: f64) {
-        let mut s = State::lock(&self.state);
+        let mut s = lock(&self.state);
         s.weight = weight;
         s.armed = true;
     }
@@ -318,29 +459,21 @@ impl Overlap {
     /// After backward: hands over the buckets still waiting (taking the gradients the hooks
     /// did not report from `params`), waits for every all-reduce and writes the global mean
     /// gradient back into each parameter's gradient.
-    pub fn finish(
-        &self,
-        params: &[(String, Tensor)],
-        comm: &mut Background,
-    ) -> Result<OverlapReport> {
-        let mut guard = State::lock(&self.state);
+    pub fn finish(&self, params: &[(String, Tensor)]) -> Result<OverlapReport> {
+        let mut guard = lock(&self.state);
         let s = &mut *guard;
-        let result = Self::complete(s, params, comm);
+        let result = Self::complete(s, params);
         // Ready for the next step, whatever happened.
+        s.launcher.reset();
         s.armed = false;
         s.next = 0;
         s.error = None;
         s.missing.clone_from(&s.expected);
-        s.tickets.iter_mut().for_each(|t| *t = None);
         s.grads.iter_mut().for_each(|g| *g = None);
         result
     }
 
-    fn complete(
-        s: &mut State,
-        params: &[(String, Tensor)],
-        comm: &mut Background,
-    ) -> Result<OverlapReport> {
+    fn complete(s: &mut State, params: &[(String, Tensor)]) -> Result<OverlapReport> {
         if !s.armed {
             bail!("gradient synchronisation finished without being armed");
         }
@@ -360,15 +493,8 @@ impl Overlap {
         s.missing.iter_mut().for_each(|m| *m = 0);
         s.hand_over_ready()?;
         for b in 0..s.buckets.len() {
-            let ticket = s.tickets[b]
-                .take()
-                .ok_or_else(|| anyhow!("bucket {b} was never handed over"))?;
-            let mut buf = comm.wait(ticket)?;
             let bucket: Vec<&Tensor> = s.buckets[b].iter().map(|&i| &params[i].1).collect();
-            // SAFETY: `flat` is dropped (at the end of the closure) before `buf` moves.
-            let copied = (|| scatter(&unsafe { view(&mut buf) }?, &bucket))();
-            s.buffers[b] = Some(buf);
-            copied?;
+            s.launcher.land(b, &bucket)?;
         }
         Ok(OverlapReport {
             during_backward,
