@@ -69,11 +69,11 @@ impl Submitter {
     }
 }
 
-/// A collective running on its own thread. It is itself a [`Collective`] whose operations
-/// block, for the calls that need their result at once.
+/// A collective running on its own thread. Its `all_reduce_sum` and `broadcast` block, for
+/// the calls that need their result at once; they take and return owned buffers, so that
+/// nothing is copied on the way to the thread.
 pub struct Background {
     rank: usize,
-    world: usize,
     submitter: Submitter,
     replies: Receiver<Reply>,
     /// Results that arrived while waiting for a later ticket.
@@ -84,7 +84,7 @@ pub struct Background {
 impl Background {
     /// Moves `coll` to a new thread.
     pub fn spawn(mut coll: Box<dyn Collective>) -> std::io::Result<Background> {
-        let (rank, world) = (coll.rank(), coll.world_size());
+        let rank = coll.rank();
         let (tx, requests) = mpsc::channel::<Request>();
         let (reply_tx, replies) = mpsc::channel::<Reply>();
         let thread = std::thread::Builder::new()
@@ -128,7 +128,6 @@ impl Background {
             })?;
         Ok(Background {
             rank,
-            world,
             submitter: Submitter {
                 tx,
                 next: Arc::new(AtomicU64::new(0)),
@@ -163,30 +162,16 @@ impl Background {
         }
     }
 
-    fn run(&mut self, ticket: u64, data: &mut [f32]) -> Result<(), CollectiveError> {
-        let out = self.wait(ticket)?;
-        data.copy_from_slice(&out);
-        Ok(())
-    }
-}
-
-impl Collective for Background {
-    fn rank(&self) -> usize {
-        self.rank
+    /// Sums `data` across ranks now, after everything queued before it.
+    pub fn all_reduce_sum(&mut self, data: Vec<f32>) -> Result<Vec<f32>, CollectiveError> {
+        let ticket = self.submitter.all_reduce_sum(data);
+        self.wait(ticket)
     }
 
-    fn world_size(&self) -> usize {
-        self.world
-    }
-
-    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
-        let t = self.submitter.all_reduce_sum(data.to_vec());
-        self.run(t, data)
-    }
-
-    fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
-        let t = self.submitter.broadcast(data.to_vec(), root);
-        self.run(t, data)
+    /// Copies `root`'s `data` to every rank now, after everything queued before it.
+    pub fn broadcast(&mut self, data: Vec<f32>, root: usize) -> Result<Vec<f32>, CollectiveError> {
+        let ticket = self.submitter.broadcast(data, root);
+        self.wait(ticket)
     }
 }
 
@@ -232,8 +217,7 @@ mod tests {
                 .collect();
             sums.push(last[69_999]);
             // A blocking operation after the queued ones.
-            let mut v = vec![rank as f32; 5];
-            bg.broadcast(&mut v, 2).unwrap();
+            let v = bg.broadcast(vec![rank as f32; 5], 2).unwrap();
             (sums, v)
         });
         for (sums, v) in out {

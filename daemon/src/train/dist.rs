@@ -10,7 +10,6 @@ use anyhow::{anyhow, Context, Result};
 use ferry_cluster::collective::background::Background;
 use ferry_cluster::collective::nccl::{Nccl, SideStream, UniqueId};
 use ferry_cluster::collective::ring::{self, Ring, RingConfig};
-use ferry_cluster::collective::Collective;
 use tch::{Device, Kind, Tensor};
 
 use ferry_cluster::spec::OverlapGradSync;
@@ -197,13 +196,13 @@ impl Dist {
                 return Ok(flat);
             }
         };
-        let mut v = Vec::<f32>::try_from(&flat.to_device(Device::Cpu))?;
+        let v = Vec::<f32>::try_from(&flat.to_device(Device::Cpu))?;
         let mut coll = overlap::lock(coll);
-        match root {
-            Some(r) => coll.broadcast(&mut v, r)?,
-            None => coll.all_reduce_sum(&mut v)?,
-        }
-        Ok(Tensor::from_slice(&v))
+        let out = match root {
+            Some(r) => coll.broadcast(v, r)?,
+            None => coll.all_reduce_sum(v)?,
+        };
+        Ok(Tensor::from_slice(&out))
     }
 
     /// How many gradient buckets there are.
@@ -370,18 +369,19 @@ fn decide_overlap(
 mod tests {
     use super::*;
 
-    /// A one-rank ring (a rank connected to itself), on its communication thread.
+    /// Rank `rank` of a ring over `peers`, on its communication thread.
+    fn ring_rank(l: std::net::TcpListener, rank: usize, peers: &[SocketAddr]) -> Dist {
+        let ring = Ring::connect(l, rank, peers, RingConfig::default()).unwrap();
+        let comm = Background::spawn(Box::new(ring)).unwrap();
+        let comm = Transport::Ring(Arc::new(Mutex::new(comm)));
+        Dist::joined(rank, peers.len(), Device::Cpu, Some(comm))
+    }
+
+    /// A one-rank ring (a rank connected to itself).
     fn ring_alone() -> Dist {
         let l = ring::listen(IpAddr::from([127, 0, 0, 1])).unwrap();
         let me = l.local_addr().unwrap();
-        let ring = Ring::connect(l, 0, &[me], RingConfig::default()).unwrap();
-        let comm = Background::spawn(Box::new(ring)).unwrap();
-        Dist::joined(
-            0,
-            1,
-            Device::Cpu,
-            Some(Transport::Ring(Arc::new(Mutex::new(comm)))),
-        )
+        ring_rank(l, 0, &[me])
     }
 
     #[test]
@@ -395,10 +395,7 @@ mod tests {
             .map(|(rank, l)| {
                 let peers = peers.clone();
                 std::thread::spawn(move || {
-                    let ring = Ring::connect(l, rank, &peers, RingConfig::default()).unwrap();
-                    let comm = Background::spawn(Box::new(ring)).unwrap();
-                    let comm = Transport::Ring(Arc::new(Mutex::new(comm)));
-                    let mut dist = Dist::joined(rank, 2, Device::Cpu, Some(comm));
+                    let mut dist = ring_rank(l, rank, &peers);
                     let w = Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
                     let params = vec![("w".to_string(), w)];
                     dist.plan_buckets(&params, 1 << 20, rank == 0).unwrap();

@@ -56,11 +56,12 @@ pub fn gather(flat: &Tensor, grads: &[(Option<&Tensor>, i64)], weight: f64) -> R
     let mut defined = Vec::with_capacity(grads.len());
     for (g, n) in grads {
         let mut dst = flat.f_narrow(0, off, *n)?;
-        match g.filter(|g| g.defined()) {
+        let g = g.filter(|g| g.defined());
+        match g {
             Some(g) => drop(g.f_reshape([-1])?.f_mul_scalar_out(&dst, weight)?),
             None => drop(dst.f_zero_()?),
         }
-        defined.push(g.is_some_and(|g| g.defined()));
+        defined.push(g.is_some());
         off += n;
     }
     // The flags are written in place (one fill in the usual case that every parameter has a
