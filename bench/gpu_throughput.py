@@ -4,8 +4,10 @@
       writes DIR/models/MODEL.pt (TorchScript; MODEL: resnet50 from torchvision, 1000 classes,
       or benchcnn, the small CNN of the CPU benchmarks, for a dry run without torchvision) and
       DIR/data/synthetic.safetensors (N random uint8 images 3xSIZExSIZE, random labels)
-  gpu_throughput.py torch DIR MODEL DEVICE EPOCHS BATCH PRECISION THREADS
-      trains the same TorchScript model on the same data with a plain PyTorch eager loop:
+  gpu_throughput.py torch DIR MODEL DEVICE EPOCHS BATCH PRECISION THREADS [eager|script]
+      trains the same model, with the same initial weights, on the same data with a plain
+      PyTorch loop: eager (default; the model rebuilt in Python and given the TorchScript
+      file's weights) or the TorchScript file itself run by the JIT, as ferry runs it;
       data on the device once (float in [0, 1]), sequential batches (ferry's shuffle: false),
       SGD(lr 0.01, momentum 0.9), forward under torch.autocast(PRECISION) unless fp32, fp16
       with torch.amp.GradScaler, zero_grad(set_to_none=True). Prints samples/s over the
@@ -36,11 +38,23 @@ def prepare(d, model, n, size):
                "labels": torch.randint(0, classes, (n,), generator=g)}, f"{d}/data/synthetic.safetensors")
 
 
-def run(d, model, device, epochs, batch, precision, threads):
+def eager_model(model):
+    if model == "resnet50":
+        import torchvision
+        return torchvision.models.resnet50(num_classes=1000)
+    return BenchCNN()
+
+
+def run(d, model, device, epochs, batch, precision, threads, mode="eager"):
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
     dev = torch.device(device)
     m = torch.jit.load(f"{d}/models/{model}.pt", map_location=dev)
+    if mode == "eager":
+        scripted, m = m, eager_model(model).to(dev)
+        m.load_state_dict(scripted.state_dict())
+    elif mode != "script":
+        sys.exit(f"unknown mode {mode!r}: eager or script")
     m.train()
     data = load_file(f"{d}/data/synthetic.safetensors")
     x, y = (data["images"].float() / 255.0).to(dev), data["labels"].to(dev)
@@ -76,4 +90,5 @@ if __name__ == "__main__":
     if cmd == "prepare":
         prepare(d, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     else:
-        run(d, sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), sys.argv[7], int(sys.argv[8]))
+        run(d, sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), sys.argv[7], int(sys.argv[8]),
+            *sys.argv[9:10])

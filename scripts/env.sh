@@ -35,10 +35,10 @@ bench_ferryd() {
 }
 
 # job_samples_per_sec BIN_DIR SPEC NAME: submits the spec file SPEC with ferryctl, waits for
-# job NAME to end, and prints its samples/s; prints "FAILED: reason" and returns 1 unless
-# it succeeded.
+# job NAME to end (at most FERRY_JOB_LIMIT seconds, if set), and prints its samples/s; prints
+# "FAILED: reason" and returns 1 unless it succeeded.
 job_samples_per_sec() {
-  "$1/ferryctl" submit "$2" --wait >/dev/null 2>&1
+  timeout "${FERRY_JOB_LIMIT:-0}" "$1/ferryctl" submit "$2" --wait >/dev/null 2>&1
   "$1/ferryctl" get "$3" -o json | "$FERRY_PYTHON" -c '
 import json, sys
 j = json.load(sys.stdin)

@@ -4,14 +4,18 @@
 # CUDA ranks' gradient buckets after and during backward (NCCL on a side stream), bf16
 # autocast), a CUDA job through ferryd --standalone and ferryctl at each precision, and the
 # training benchmark: ferry against a plain PyTorch eager loop on ResNet-50, batch 128,
-# synthetic 224x224 images, same precision, alternating. Results go to $OUT.
+# synthetic 224x224 images, same precision, alternating (the peer eager, as the goal says, and
+# once per precision the same TorchScript file under the JIT, as ferry runs it). Results go to
+# $OUT: summary.txt as it runs, doctor.txt, ferryd.log and details.tgz (the jobs' records and
+# metrics, the peer's log) at the end; few files, since the device tool returns at most 8.
+# Every step has its own time limit (STEP_LIMIT seconds), so one hang costs one step only.
 #
 # On the device machine (binaries built here in release and carried):
 #   OUT=$OUT scripts/gpu-check.sh
 # A dry run on a machine without a GPU (CPU, the small CNN, tiny images) checks the plumbing:
 #   FERRY_GPU_DRY=1 scripts/gpu-check.sh
 # Knobs: FERRY_BIN (target/release), FERRY_GPU_PYTHON (python3 with torch and torchvision),
-#        EPOCHS (3), IMAGES (1024), ROUNDS (2).
+#        EPOCHS (3), IMAGES (1024), ROUNDS (2), STEP_LIMIT (240).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-check-out}"
@@ -26,26 +30,41 @@ else
   PRECISIONS="fp32 bf16 fp16"
 fi
 ROUNDS="${ROUNDS:-2}"
+STEP_LIMIT="${STEP_LIMIT:-240}"
 THREADS="${THREADS:-$([ -n "${FERRY_GPU_DRY:-}" ] && echo 2 || echo 4)}"
 TORCH_LIB="$("$PY" -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib"
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 summary="$OUT/summary.txt"
 : >"$summary"
 say() { echo "$*" | tee -a "$summary"; }
-
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
-say "== ferryd doctor"
-"$BIN/ferryd" doctor 2>&1 | tee "$OUT/doctor.txt" | tee -a "$summary"
-
 WORK="$(mktemp -d)"
+DET="$WORK/details"
+mkdir -p "$DET"
+FERRYD=
+finish() {
+  [ -n "$FERRYD" ] && { kill "$FERRYD" 2>/dev/null; wait "$FERRYD" 2>/dev/null; }
+  cp "$WORK/ferryd.log" "$OUT/" 2>/dev/null
+  for m in "$WORK"/runs/*/metrics.jsonl; do
+    [ -f "$m" ] && cp "$m" "$DET/$(basename "$(dirname "$m")").metrics.jsonl"
+  done
+  tar czf "$OUT/details.tgz" -C "$WORK" details
+}
+trap finish EXIT
+trap "exit 143" TERM INT
+
+{ nvidia-smi; "$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'; } \
+  >"$DET/machine.txt" 2>&1
+say "== ferryd doctor"
+timeout "$STEP_LIMIT" "$BIN/ferryd" doctor 2>&1 | tee "$OUT/doctor.txt" | tee -a "$summary"
+say "doctor exit status ${PIPESTATUS[0]}"
+
 PORT="${FERRY_GPU_PORT:-7090}"
 say "== preparing $MODEL, $IMAGES synthetic images ${SIZE}x${SIZE}"
-"$PY" bench/gpu_throughput.py prepare "$WORK" "$MODEL" "$IMAGES" "$SIZE" >>"$OUT/prepare.txt" 2>&1 \
-  || { say "prepare failed:"; cat "$OUT/prepare.txt" >>"$summary"; exit 1; }
+timeout "$STEP_LIMIT" "$PY" bench/gpu_throughput.py prepare "$WORK" "$MODEL" "$IMAGES" "$SIZE" >>"$DET/prepare.txt" 2>&1 \
+  || { say "prepare failed:"; cat "$DET/prepare.txt" >>"$summary"; exit 1; }
 # env.sh for start_ferryd and job_samples_per_sec, with this machine's python.
 . scripts/env.sh
 FERRY_PYTHON="$PY"
-trap 'kill $FERRYD 2>/dev/null; wait $FERRYD 2>/dev/null; cp "$WORK/ferryd.log" "$OUT/" 2>/dev/null' EXIT
 start_ferryd "$BIN" "$WORK" "$PORT" || { say "ferryd did not start"; exit 1; }
 "$BIN/ferryctl" nodes | tee -a "$summary"
 
@@ -59,8 +78,16 @@ train: {epochs: $EPOCHS, batch_size: $BATCH, precision: $2, optimizer: {name: sg
 resources: {device: $DEVICE, threads: $THREADS}
 output: {dir: runs/$1}
 YAML
-  job_samples_per_sec "$BIN" "$WORK/$1.yaml" "$1"
-  "$BIN/ferryctl" get "$1" -o json >"$OUT/$1.json"
+  FERRY_JOB_LIMIT="$STEP_LIMIT" job_samples_per_sec "$BIN" "$WORK/$1.yaml" "$1"
+  "$BIN/ferryctl" get "$1" -o json >"$DET/$1.json"
+  # A job still running after its limit would hold the node: cancel it.
+  "$BIN/ferryctl" cancel "$1" >/dev/null 2>&1
+}
+
+# torch_run MODE PRECISION: the peer; prints samples/s.
+torch_run() {
+  timeout "$STEP_LIMIT" "$PY" bench/gpu_throughput.py torch "$WORK" "$MODEL" "$DEVICE" "$EPOCHS" "$BATCH" "$2" "$THREADS" "$1" \
+    2>>"$DET/torch.txt" || echo FAILED
 }
 
 say "== $MODEL, batch $BATCH, $EPOCHS epochs of $IMAGES images, device $DEVICE: ferry against PyTorch eager"
@@ -68,19 +95,34 @@ for p in $PRECISIONS; do
   f=(); t=()
   for r in $(seq "$ROUNDS"); do
     f+=("$(ferry_job "bench-$p-$r" "$p")")
-    t+=("$("$PY" bench/gpu_throughput.py torch "$WORK" "$MODEL" "$DEVICE" "$EPOCHS" "$BATCH" "$p" "$THREADS" 2>>"$OUT/torch.txt" || echo FAILED)")
-    say "  $p round $r: ferry ${f[-1]} samples/s, pytorch ${t[-1]} samples/s"
+    t+=("$(torch_run eager "$p")")
+    say "  $p round $r: ferry ${f[-1]} samples/s, pytorch eager ${t[-1]} samples/s"
   done
+  say "  $p: pytorch running the TorchScript file (as ferry does) $(torch_run script "$p") samples/s"
   "$PY" - "${f[*]}" "${t[*]}" "$p" <<'PY' | tee -a "$summary"
 import statistics, sys
 try:
     f = statistics.median(map(float, sys.argv[1].split()))
     t = statistics.median(map(float, sys.argv[2].split()))
-    print(f"  {sys.argv[3]}: median ferry {f:.1f}, pytorch {t:.1f} samples/s, ratio ferry/pytorch = {f / t:.3f}")
+    print(f"  {sys.argv[3]}: median ferry {f:.1f}, pytorch eager {t:.1f} samples/s, ratio ferry/pytorch = {f / t:.3f}")
 except ValueError:
     print(f"  {sys.argv[3]}: a run failed; see the bench-*.json files, torch.txt and ferryd.log")
 PY
 done
+
+# One GPU cannot hold two NCCL ranks: a job that asks for more ranks than the node has GPUs
+# must fail at once with a reason that says so, not hang or crash.
+say "== a 2-rank $DEVICE job on this node (one GPU: expected to be refused with a clear reason)"
+cat >"$WORK/two-ranks.yaml" <<YAML
+name: two-ranks
+model: {arch: torchscript, path: models/$MODEL.pt}
+data: {train: {path: data/synthetic.safetensors}}
+train: {epochs: 1, batch_size: $BATCH}
+resources: {device: $DEVICE, ranks: 2, threads: $THREADS}
+output: {dir: runs/two-ranks}
+YAML
+say "  $(FERRY_JOB_LIMIT="$STEP_LIMIT" job_samples_per_sec "$BIN" "$WORK/two-ranks.yaml" two-ranks)"
+"$BIN/ferryctl" logs two-ranks >"$DET/two-ranks.events.txt" 2>&1
+"$BIN/ferryctl" cancel two-ranks >/dev/null 2>&1
 "$BIN/ferryctl" get >>"$summary"
-for m in "$WORK"/runs/*/metrics.jsonl; do cp "$m" "$OUT/$(basename "$(dirname "$m")").metrics.jsonl"; done 2>/dev/null
 say "== done"
