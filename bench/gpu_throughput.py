@@ -10,8 +10,10 @@
       file's weights) or the TorchScript file itself run by the JIT, as ferry runs it;
       data on the device once (float in [0, 1]), sequential batches (ferry's shuffle: false),
       SGD(lr 0.01, momentum 0.9), forward under torch.autocast(PRECISION) unless fp32, fp16
-      with torch.amp.GradScaler, zero_grad(set_to_none=True). Prints samples/s over the
-      training steps, the device synchronised at the end of each epoch (as ferry does).
+      with torch.amp.GradScaler, zero_grad(set_to_none=True). Prints two numbers: samples/s
+      over all training steps, and over the epochs after the first (steady state: the first
+      pays for warm-up, cuDNN's algorithm search and, under the JIT, profiling runs); the
+      device is synchronised at the end of each epoch (as ferry does).
 """
 import sys
 import time
@@ -61,7 +63,7 @@ def run(d, model, device, epochs, batch, precision, threads, mode="eager"):
     opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
-    n, seen, busy = len(y), 0, 0.0
+    n, seen, busy, first = len(y), 0, 0.0, None
     for _ in range(epochs):
         t0 = time.perf_counter()
         for i in range(0, n, batch):
@@ -82,7 +84,9 @@ def run(d, model, device, epochs, batch, precision, threads, mode="eager"):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         busy += time.perf_counter() - t0
-    print(f"{seen / busy:.2f}")
+        first = first or (seen, busy)
+    steady = (seen - first[0]) / (busy - first[1]) if epochs > 1 else float("nan")
+    print(f"{seen / busy:.2f} {steady:.2f}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 # autocast), a CUDA job through ferryd --standalone and ferryctl at each precision, and the
 # training benchmark: ferry against a plain PyTorch eager loop on ResNet-50, batch 128,
 # synthetic 224x224 images, same precision, alternating (the peer eager, as the goal says, and
-# once per precision the same TorchScript file under the JIT, as ferry runs it). Results go to
+# once per precision the same TorchScript file under the JIT; ferry once more with
+# model.jit_optimize: true). Results go to
 # $OUT: summary.txt as it runs, doctor.txt, ferryd.log and details.tgz (the jobs' records and
 # metrics, the peer's log) at the end; few files, since the device tool returns at most 8.
 # Every step has its own time limit (STEP_LIMIT seconds), so one hang costs one step only.
@@ -15,7 +16,9 @@
 # A dry run on a machine without a GPU (CPU, the small CNN, tiny images) checks the plumbing:
 #   FERRY_GPU_DRY=1 scripts/gpu-check.sh
 # Knobs: FERRY_BIN (target/release), FERRY_GPU_PYTHON (python3 with torch and torchvision),
-#        EPOCHS (3), IMAGES (1024), ROUNDS (2), STEP_LIMIT (240).
+#        EPOCHS (4), IMAGES (2048), ROUNDS (2), STEP_LIMIT (240).
+# Each side reports samples/s over all steps and over the epochs after the first (steady
+# state); the ratio of each is printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-check-out}"
@@ -26,7 +29,7 @@ if [ -n "${FERRY_GPU_DRY:-}" ]; then
   DEVICE=cpu; MODEL=benchcnn; SIZE=32; BATCH=32; IMAGES="${IMAGES:-256}"; EPOCHS="${EPOCHS:-2}"
   PRECISIONS="fp32 bf16"; PY="${FERRY_GPU_PYTHON:-.venv/bin/python}"
 else
-  DEVICE=cuda; MODEL=resnet50; SIZE=224; BATCH=128; IMAGES="${IMAGES:-1024}"; EPOCHS="${EPOCHS:-3}"
+  DEVICE=cuda; MODEL=resnet50; SIZE=224; BATCH=128; IMAGES="${IMAGES:-2048}"; EPOCHS="${EPOCHS:-4}"
   PRECISIONS="fp32 bf16 fp16"
 fi
 ROUNDS="${ROUNDS:-2}"
@@ -68,46 +71,72 @@ FERRY_PYTHON="$PY"
 start_ferryd "$BIN" "$WORK" "$PORT" || { say "ferryd did not start"; exit 1; }
 "$BIN/ferryctl" nodes | tee -a "$summary"
 
-# ferry_job NAME PRECISION: runs the benchmark job through ferryctl; prints samples/s.
+# ferry_job NAME PRECISION: runs the benchmark job through ferryctl; prints samples/s over
+# all steps and over the epochs after the first (from the job's metrics.jsonl).
 ferry_job() {
   cat >"$WORK/$1.yaml" <<YAML
 name: $1
-model: {arch: torchscript, path: models/$MODEL.pt}
+model: {arch: torchscript, path: models/$MODEL.pt, jit_optimize: ${JIT_OPTIMIZE:-false}}
 data: {train: {path: data/synthetic.safetensors}, shuffle: false}
 train: {epochs: $EPOCHS, batch_size: $BATCH, precision: $2, optimizer: {name: sgd, lr: 0.01, momentum: 0.9}}
 resources: {device: $DEVICE, threads: $THREADS}
 output: {dir: runs/$1}
 YAML
-  FERRY_JOB_LIMIT="$STEP_LIMIT" job_samples_per_sec "$BIN" "$WORK/$1.yaml" "$1"
+  local all
+  all="$(FERRY_JOB_LIMIT="$STEP_LIMIT" job_samples_per_sec "$BIN" "$WORK/$1.yaml" "$1")"
   "$BIN/ferryctl" get "$1" -o json >"$DET/$1.json"
   # A job still running after its limit would hold the node: cancel it.
   "$BIN/ferryctl" cancel "$1" >/dev/null 2>&1
+  case "$all" in FAILED*) echo "$all"; return ;; esac
+  "$PY" - "$WORK/runs/$1/metrics.jsonl" "$all" <<'PY'
+import json, sys
+rates = [r["epoch_samples_per_sec"] for r in map(json.loads, open(sys.argv[1])) if "epoch_samples_per_sec" in r]
+# Equal epochs: samples/s over epochs 2.. is their harmonic mean.
+steady = len(rates[1:]) / sum(1 / r for r in rates[1:]) if len(rates) > 1 else float("nan")
+print(f"{sys.argv[2]} {steady:.2f}")
+PY
 }
 
-# torch_run MODE PRECISION: the peer; prints samples/s.
+# torch_run MODE PRECISION: the peer; prints samples/s over all steps and after the first epoch.
 torch_run() {
   timeout "$STEP_LIMIT" "$PY" bench/gpu_throughput.py torch "$WORK" "$MODEL" "$DEVICE" "$EPOCHS" "$BATCH" "$2" "$THREADS" "$1" \
     2>>"$DET/torch.txt" || echo FAILED
 }
 
 say "== $MODEL, batch $BATCH, $EPOCHS epochs of $IMAGES images, device $DEVICE: ferry against PyTorch eager"
+say "   samples/s as 'all steps / epochs after the first'"
 for p in $PRECISIONS; do
   f=(); t=()
   for r in $(seq "$ROUNDS"); do
     f+=("$(ferry_job "bench-$p-$r" "$p")")
     t+=("$(torch_run eager "$p")")
-    say "  $p round $r: ferry ${f[-1]} samples/s, pytorch eager ${t[-1]} samples/s"
+    say "  $p round $r: ferry ${f[-1]/ / \/ }, pytorch eager ${t[-1]/ / \/ }"
   done
-  say "  $p: pytorch running the TorchScript file (as ferry does) $(torch_run script "$p") samples/s"
-  "$PY" - "${f[*]}" "${t[*]}" "$p" <<'PY' | tee -a "$summary"
+  s="$(torch_run script "$p")"
+  say "  $p: pytorch running the TorchScript file under the JIT (as ferry does) ${s/ / \/ }"
+  "$PY" - "$p" "${f[@]}" -- "${t[@]}" <<'PY' | tee -a "$summary"
 import statistics, sys
+p, args = sys.argv[1], sys.argv[2:]
+cut = args.index("--")
 try:
-    f = statistics.median(map(float, sys.argv[1].split()))
-    t = statistics.median(map(float, sys.argv[2].split()))
-    print(f"  {sys.argv[3]}: median ferry {f:.1f}, pytorch eager {t:.1f} samples/s, ratio ferry/pytorch = {f / t:.3f}")
-except ValueError:
-    print(f"  {sys.argv[3]}: a run failed; see the bench-*.json files, torch.txt and ferryd.log")
+    f = [list(map(float, a.split())) for a in args[:cut]]
+    t = [list(map(float, a.split())) for a in args[cut + 1:]]
+    for i, what in enumerate(("all steps", "after epoch 1")):
+        fm = statistics.median(r[i] for r in f)
+        tm = statistics.median(r[i] for r in t)
+        print(f"  {p} {what}: median ferry {fm:.1f}, pytorch eager {tm:.1f} samples/s, ratio ferry/pytorch = {fm / tm:.3f}")
+except (ValueError, IndexError):
+    print(f"  {p}: a run failed; see the bench-*.json files, torch.txt and ferryd.log")
 PY
+done
+
+# The same job with TorchScript's graph executor optimising (model.jit_optimize: true:
+# profiling runs, autodiff subgraphs, fused kernels) instead of ferry's default, op by op as
+# eager. Which is faster on the GPU decides whether the default stays.
+say "== ferry with model.jit_optimize: true"
+for p in $PRECISIONS; do
+  r="$(JIT_OPTIMIZE=true ferry_job "bench-jit-$p" "$p")"
+  say "  $p: ferry ${r/ / \/ }"
 done
 
 # One GPU cannot hold two NCCL ranks: a job that asks for more ranks than the node has GPUs
@@ -121,7 +150,7 @@ train: {epochs: 1, batch_size: $BATCH}
 resources: {device: $DEVICE, ranks: 2, threads: $THREADS}
 output: {dir: runs/two-ranks}
 YAML
-say "  $(FERRY_JOB_LIMIT="$STEP_LIMIT" job_samples_per_sec "$BIN" "$WORK/two-ranks.yaml" two-ranks)"
+timeout "$STEP_LIMIT" "$BIN/ferryctl" submit "$WORK/two-ranks.yaml" --wait 2>&1 | sed 's/^/  /' | tee -a "$summary"
 "$BIN/ferryctl" logs two-ranks >"$DET/two-ranks.events.txt" 2>&1
 "$BIN/ferryctl" cancel two-ranks >/dev/null 2>&1
 "$BIN/ferryctl" get >>"$summary"

@@ -112,6 +112,7 @@ impl TeacherSpec {
             num_classes: self.num_classes,
             init: self.init.clone(),
             freeze: Vec::new(),
+            jit_optimize: false,
         }
     }
 }
@@ -211,6 +212,11 @@ pub struct ModelSpec {
     /// Feature extraction: parameter-name prefixes that stay frozen.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub freeze: Vec<String>,
+    /// TorchScript only: let the graph executor optimise (profiling runs, then autodiff
+    /// subgraphs and fused kernels) instead of running the graph op by op, as PyTorch eager
+    /// does (the default).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub jit_optimize: bool,
 }
 
 /// The data section.
@@ -485,6 +491,12 @@ impl JobSpec {
         check_model(&mut bad, "model", m.arch, m.path.as_ref(), m.num_classes);
         if let Some(p) = &m.init {
             check_init(&mut bad, "model.init", p);
+        }
+        if m.jit_optimize && m.arch != Arch::Torchscript {
+            bad(
+                "model.jit_optimize",
+                "applies to arch: torchscript only; remove it".into(),
+            );
         }
         for (i, f) in m.freeze.iter().enumerate() {
             if f.trim().is_empty() || f.ends_with('.') {
@@ -917,6 +929,17 @@ output:
         );
         let e = errors(&GOOD.replace("  seed: 0", "  seed: 0\n  overlap_grad_sync: true"));
         assert_eq!(e[0].field, "train.overlap_grad_sync", "{e:?}");
+        assert!(!s.model.jit_optimize);
+        let jit = GOOD.replace(
+            "  freeze: [features]",
+            "  freeze: [features]\n  jit_optimize: true",
+        );
+        assert!(JobSpec::parse(&jit).unwrap().model.jit_optimize);
+        let e = errors(
+            &jit.replace("arch: torchscript", "arch: resnet18")
+                .replace("  path: models/student.pt\n", "  num_classes: 10\n"),
+        );
+        assert_eq!(e[0].field, "model.jit_optimize", "{e:?}");
     }
 
     #[test]

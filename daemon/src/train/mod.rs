@@ -120,6 +120,10 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             bail!("data.val images are {:?} but data.train images are {:?} (C,H,W); set data.image_size", v.shape(), train_set.shape());
         }
     }
+    // TorchScript graphs run op by op, as eager PyTorch runs them, unless the spec asks for
+    // the executor's optimisation (profiling runs, then fused kernels): measured on CPU, op by
+    // op warms up faster and trains no slower (docs/benchmarks.md).
+    torchscript::jit_optimize(spec.model.jit_optimize);
     tch::manual_seed(spec.train.seed as i64);
     let mut model = Model::build(
         &spec.model,
@@ -301,7 +305,9 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 }
             }
             let idx: Vec<i64> = mine.iter().map(|&i| i64::from(i)).collect();
-            let idx = Tensor::from_slice(&idx).to_device(device);
+            // Non-blocking: a blocking copy would wait for the GPU to drain every step (the
+            // source is pageable, so CUDA stages it before returning and `idx` may go).
+            let idx = Tensor::from_slice(&idx).to_device_(device, Kind::Int64, true, false);
             let x = images.index_select(0, &idx);
             let y = labels.index_select(0, &idx);
             let lr = optim::learning_rate(&spec.train, step, total_steps);
@@ -364,7 +370,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 .as_ref()
                 .is_some_and(|s| s.unscale(&trainable_params));
             if !overflow {
-                opt.step(lr);
+                opt.step(lr)?;
             }
             if let Some(s) = scaler.as_mut() {
                 s.update(overflow);

@@ -8,6 +8,8 @@ use anyhow::{Context, Result};
 use ferry_cluster::spec::{LrScheduleName, OptimizerName, OptimizerSpec, TrainSpec};
 use tch::Tensor;
 
+use super::torchscript;
+
 /// An optimizer and its per-parameter state.
 pub struct Optimizer {
     spec: OptimizerSpec,
@@ -40,69 +42,71 @@ impl Optimizer {
         }
     }
 
-    /// One update with learning rate `lr`, from the gradients in `.grad()`.
-    pub fn step(&mut self, lr: f64) {
+    /// One update with learning rate `lr`, from the gradients in `.grad()`; parameters
+    /// without a gradient are left alone (and get no state), as in PyTorch. The update runs
+    /// on PyTorch's multi-tensor kernels, a few launches for the whole model.
+    pub fn step(&mut self, lr: f64) -> Result<()> {
         self.steps += 1;
         let s = &self.spec;
-        tch::no_grad(|| match s.name {
-            OptimizerName::Sgd => {
-                let momentum = s.momentum.unwrap_or(0.0);
-                let wd = s.weight_decay.unwrap_or(0.0);
-                let device = self
-                    .params
-                    .first()
-                    .map_or(tch::Device::Cpu, |(_, p)| p.device());
-                let neg_lr = Tensor::from(-lr)
-                    .to_kind(tch::Kind::Float)
-                    .to_device(device);
-                for (i, (_, p)) in self.params.iter_mut().enumerate() {
-                    let g = p.grad();
-                    if !g.defined() {
-                        continue;
-                    }
-                    let mut d = if wd != 0.0 { &g + &*p * wd } else { g };
-                    if momentum != 0.0 {
-                        let buf = match self.state1[i].take() {
-                            None => d.detach().copy(),
-                            Some(mut b) => {
-                                let _ = b.g_mul_scalar_(momentum).g_add_(&d);
-                                b
-                            }
-                        };
-                        d = if s.nesterov == Some(true) {
-                            &d + &buf * momentum
-                        } else {
-                            buf.shallow_clone()
-                        };
-                        self.state1[i] = Some(buf);
-                    }
-                    // p += -lr * d in place (addcmul with a 0-d tensor: no temporary the size of p).
-                    let _ = p.addcmul_(&d, &neg_lr);
-                }
+        let adam = s.name == OptimizerName::Adamw;
+        let momentum = s.momentum.unwrap_or(0.0);
+        let (mut params, mut grads, mut first, mut second) = (vec![], vec![], vec![], vec![]);
+        for (i, (_, p)) in self.params.iter().enumerate() {
+            let g = p.grad();
+            if !g.defined() {
+                continue;
             }
+            // State starts at zero: SGD's first buffer is then 0 * momentum + d = d, exactly
+            // PyTorch's clone of d; Adam's moments start at zero in PyTorch too.
+            if adam || momentum != 0.0 {
+                first.push(
+                    self.state1[i]
+                        .get_or_insert_with(|| p.zeros_like())
+                        .shallow_clone(),
+                );
+            }
+            if adam {
+                second.push(
+                    self.state2[i]
+                        .get_or_insert_with(|| p.zeros_like())
+                        .shallow_clone(),
+                );
+            }
+            params.push(p.shallow_clone());
+            grads.push(g);
+        }
+        if params.is_empty() {
+            return Ok(());
+        }
+        match s.name {
+            OptimizerName::Sgd => torchscript::sgd_step(
+                &params,
+                &grads,
+                &first,
+                lr,
+                momentum,
+                s.weight_decay.unwrap_or(0.0),
+                s.nesterov == Some(true),
+            ),
             OptimizerName::Adamw => {
-                let [b1, b2] = s.betas.unwrap_or([0.9, 0.999]);
-                let eps = s.eps.unwrap_or(1e-8);
-                let wd = s.weight_decay.unwrap_or(0.01);
+                let betas = s.betas.unwrap_or([0.9, 0.999]);
                 let t = self.steps as i32;
-                let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-                for (i, (_, p)) in self.params.iter_mut().enumerate() {
-                    let g = p.grad();
-                    if !g.defined() {
-                        continue;
-                    }
-                    if wd != 0.0 {
-                        let _ = p.g_mul_scalar_(1.0 - lr * wd);
-                    }
-                    let m = self.state1[i].get_or_insert_with(|| g.zeros_like());
-                    let _ = m.lerp_(&g, 1.0 - b1);
-                    let v = self.state2[i].get_or_insert_with(|| g.zeros_like());
-                    let _ = v.g_mul_scalar_(b2).g_add_(&(&g * &g * (1.0 - b2)));
-                    let denom = v.sqrt() / bc2.sqrt() + eps;
-                    let _ = p.g_add_(&(&*m / denom * (-lr / bc1)));
-                }
+                torchscript::adamw_step(
+                    &params,
+                    &grads,
+                    &first,
+                    &second,
+                    &torchscript::AdamwStep {
+                        lr,
+                        betas,
+                        eps: s.eps.unwrap_or(1e-8),
+                        weight_decay: s.weight_decay.unwrap_or(0.01),
+                        bc1: 1.0 - betas[0].powi(t),
+                        bc2: 1.0 - betas[1].powi(t),
+                    },
+                )
             }
-        })
+        }
     }
 
     /// Suffixes of the per-parameter state tensors, as PyTorch names them ("" for none).
@@ -219,7 +223,7 @@ mod tests {
         for _ in 0..steps {
             opt.zero_grad();
             (&p - 3.0).square().sum(tch::Kind::Float).backward();
-            opt.step(spec.lr);
+            opt.step(spec.lr).unwrap();
         }
         Vec::<f64>::try_from(p.to_kind(tch::Kind::Double)).unwrap()
     }
@@ -252,6 +256,153 @@ mod tests {
         );
     }
 
+    /// The per-parameter update rules of `torch.optim.SGD` and `torch.optim.AdamW`, written
+    /// out one tensor at a time: what the multi-tensor step must equal.
+    fn reference_step(
+        spec: &OptimizerSpec,
+        params: &[Tensor],
+        state: &mut [[Option<Tensor>; 2]],
+        t: i32,
+    ) {
+        tch::no_grad(|| {
+            for (p, st) in params.iter().zip(state.iter_mut()) {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let mut p = p.shallow_clone();
+                match spec.name {
+                    OptimizerName::Sgd => {
+                        let (m, wd) = (
+                            spec.momentum.unwrap_or(0.0),
+                            spec.weight_decay.unwrap_or(0.0),
+                        );
+                        let mut d = &g + &p * wd;
+                        if m != 0.0 {
+                            let buf = match st[0].take() {
+                                None => d.copy(),
+                                Some(b) => b * m + &d,
+                            };
+                            d = if spec.nesterov == Some(true) {
+                                &d + &buf * m
+                            } else {
+                                buf.copy()
+                            };
+                            st[0] = Some(buf);
+                        }
+                        p -= d * spec.lr;
+                    }
+                    OptimizerName::Adamw => {
+                        let [b1, b2] = spec.betas.unwrap_or([0.9, 0.999]);
+                        let wd = spec.weight_decay.unwrap_or(0.01);
+                        p *= 1.0 - spec.lr * wd;
+                        let m =
+                            st[0].take().unwrap_or_else(|| g.zeros_like()) * b1 + &g * (1.0 - b1);
+                        let v = st[1].take().unwrap_or_else(|| g.zeros_like()) * b2
+                            + &g * &g * (1.0 - b2);
+                        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+                        p -= (&m / bc1) / ((&v / bc2).sqrt() + spec.eps.unwrap_or(1e-8)) * spec.lr;
+                        st[0] = Some(m);
+                        st[1] = Some(v);
+                    }
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn multi_tensor_steps_match_the_per_parameter_rules() {
+        let specs = [
+            OptimizerSpec {
+                lr: 0.05,
+                ..Default::default()
+            },
+            OptimizerSpec {
+                lr: 0.05,
+                momentum: Some(0.9),
+                weight_decay: Some(0.01),
+                ..Default::default()
+            },
+            OptimizerSpec {
+                lr: 0.05,
+                momentum: Some(0.8),
+                nesterov: Some(true),
+                ..Default::default()
+            },
+            OptimizerSpec {
+                name: OptimizerName::Adamw,
+                lr: 0.01,
+                ..Default::default()
+            },
+            OptimizerSpec {
+                name: OptimizerName::Adamw,
+                lr: 0.01,
+                weight_decay: Some(0.0),
+                ..Default::default()
+            },
+        ];
+        for spec in &specs {
+            tch::manual_seed(7);
+            let init: Vec<Tensor> = [vec![5, 3], vec![3], vec![4], vec![2, 2]]
+                .iter()
+                .map(|s| Tensor::randn(s.as_slice(), (tch::Kind::Float, tch::Device::Cpu)))
+                .collect();
+            let fresh = || -> Vec<Tensor> {
+                init.iter()
+                    .map(|t| t.copy().set_requires_grad(true))
+                    .collect()
+            };
+            let (ours, theirs) = (fresh(), fresh());
+            let named = ours
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("p{i}"), p.shallow_clone()))
+                .collect();
+            let mut opt = Optimizer::new(spec, named);
+            let mut state: Vec<[Option<Tensor>; 2]> =
+                (0..init.len()).map(|_| [None, None]).collect();
+            for step in 1..=4 {
+                let g = Tensor::randn([4], (tch::Kind::Float, tch::Device::Cpu));
+                for ps in [&ours, &theirs] {
+                    for p in ps.iter() {
+                        super::torchscript::clear_grad(&mut p.shallow_clone());
+                    }
+                    // The last parameter gets no gradient on odd steps: it must be left alone.
+                    let used = if step % 2 == 1 { &ps[..3] } else { &ps[..] };
+                    let loss = used
+                        .iter()
+                        .map(|p| {
+                            p.sum(tch::Kind::Float) * &g.get(0)
+                                + p.square().sum(tch::Kind::Float) * &g.get(1)
+                        })
+                        .fold(
+                            Tensor::zeros([], (tch::Kind::Float, tch::Device::Cpu)),
+                            |a, b| a + b,
+                        );
+                    loss.backward();
+                }
+                opt.step(spec.lr).unwrap();
+                reference_step(spec, &theirs, &mut state, step);
+                for (a, b) in ours.iter().zip(&theirs) {
+                    let diff = (a - b).abs().max().double_value(&[]);
+                    assert!(diff < 1e-6, "{spec:?} step {step}: {a} vs {b}");
+                }
+            }
+            // The parameter without a gradient at step 1 got its state at step 2, like the rest.
+            assert_eq!(
+                opt.state().len(),
+                init.len()
+                    * if spec.name == OptimizerName::Adamw {
+                        2
+                    } else if spec.momentum.is_some() {
+                        1
+                    } else {
+                        0
+                    }
+            );
+        }
+    }
+
     #[test]
     fn state_round_trips() {
         let spec = OptimizerSpec {
@@ -262,7 +413,7 @@ mod tests {
         let p = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
         let mut a = Optimizer::new(&spec, vec![("w".into(), p.shallow_clone())]);
         (&p * 2.0).sum(tch::Kind::Float).backward();
-        a.step(0.1);
+        a.step(0.1).unwrap();
         let mut b = Optimizer::new(&spec, vec![("w".into(), p.shallow_clone())]);
         b.load_state(a.state(), a.steps).unwrap();
         assert_eq!(b.state().len(), 1);

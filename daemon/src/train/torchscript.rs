@@ -37,6 +37,33 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> c_int;
     fn ferry_ts_save(m: *mut c_void, path: *const c_char, err: *mut *mut c_char) -> c_int;
+    fn ferry_sgd_step(
+        params: *const *const torch_sys::C_tensor,
+        grads: *const *const torch_sys::C_tensor,
+        bufs: *const *const torch_sys::C_tensor,
+        n: c_int,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        nesterov: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn ferry_adamw_step(
+        params: *const *const torch_sys::C_tensor,
+        grads: *const *const torch_sys::C_tensor,
+        m: *const *const torch_sys::C_tensor,
+        v: *const *const torch_sys::C_tensor,
+        n: c_int,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+        bc1: f64,
+        bc2: f64,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn ferry_jit_optimize(on: c_int);
 }
 
 /// Takes the shim's error string, if any.
@@ -77,6 +104,119 @@ pub fn set_grad(p: &Tensor, g: &Tensor) {
     let (mut p, mut g) = (p.shallow_clone(), g.shallow_clone());
     // SAFETY: both tensors are live; only `p`'s autograd metadata changes.
     unsafe { ferry_set_grad(p.as_mut_ptr(), g.as_mut_ptr()) }
+}
+
+/// Handles to pass to the shim, checked to be `n` long.
+fn handles(ts: &[Tensor], n: usize, what: &str) -> Result<Vec<*const torch_sys::C_tensor>> {
+    if ts.len() != n {
+        return Err(anyhow!("{what}: {} tensors for {n} parameters", ts.len()));
+    }
+    Ok(ts.iter().map(Tensor::as_ptr).collect())
+}
+
+/// The multi-tensor optimizer steps' common checks; returns the handles of `lists`.
+fn step_args<const K: usize>(
+    lists: [(&[Tensor], &str); K],
+) -> Result<(c_int, [Vec<*const torch_sys::C_tensor>; K])> {
+    let n = lists[0].0.len();
+    let count =
+        c_int::try_from(n).map_err(|_| anyhow!("{n} parameters are too many for one step"))?;
+    let mut out = [(); K].map(|_| Vec::new());
+    for (slot, (ts, what)) in out.iter_mut().zip(lists) {
+        *slot = handles(ts, n, what)?;
+    }
+    Ok((count, out))
+}
+
+/// One `torch.optim.SGD` step (dampening 0) over `params`, whose gradients are `grads`, with
+/// PyTorch's multi-tensor kernels. `bufs` are the momentum buffers (empty without momentum).
+pub fn sgd_step(
+    params: &[Tensor],
+    grads: &[Tensor],
+    bufs: &[Tensor],
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+    nesterov: bool,
+) -> Result<()> {
+    let (n, [p, g]) = step_args([(params, "params"), (grads, "gradients")])?;
+    let b = if momentum != 0.0 {
+        handles(bufs, params.len(), "momentum buffers")?
+    } else {
+        Vec::new()
+    };
+    let mut err = std::ptr::null_mut();
+    // SAFETY: every handle is a live tensor borrowed for the call; `b` is read only with
+    // momentum, when it holds n handles; the shim copies nothing it keeps.
+    unsafe {
+        ferry_sgd_step(
+            p.as_ptr(),
+            g.as_ptr(),
+            b.as_ptr(),
+            n,
+            lr,
+            momentum,
+            weight_decay,
+            c_int::from(nesterov),
+            &mut err,
+        )
+    };
+    take_err(err).map_or(Ok(()), |e| Err(anyhow!("SGD step failed: {e}")))
+}
+
+/// AdamW's hyperparameters for one step: `bc1`, `bc2` are the bias corrections 1 - beta^t.
+pub struct AdamwStep {
+    pub lr: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub bc1: f64,
+    pub bc2: f64,
+}
+
+/// One `torch.optim.AdamW` step over `params` with multi-tensor kernels; `m`, `v` are the
+/// first and second moments.
+pub fn adamw_step(
+    params: &[Tensor],
+    grads: &[Tensor],
+    m: &[Tensor],
+    v: &[Tensor],
+    h: &AdamwStep,
+) -> Result<()> {
+    let (n, [p, g, m, v]) = step_args([
+        (params, "params"),
+        (grads, "gradients"),
+        (m, "first moments"),
+        (v, "second moments"),
+    ])?;
+    let mut err = std::ptr::null_mut();
+    // SAFETY: every handle is a live tensor borrowed for the call, each list n long.
+    unsafe {
+        ferry_adamw_step(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            n,
+            h.lr,
+            h.betas[0],
+            h.betas[1],
+            h.eps,
+            h.weight_decay,
+            h.bc1,
+            h.bc2,
+            &mut err,
+        )
+    };
+    take_err(err).map_or(Ok(()), |e| Err(anyhow!("AdamW step failed: {e}")))
+}
+
+/// Whether TorchScript's graph executor optimises graphs (profiling runs, then autodiff
+/// subgraphs and fusion) or runs them as written, op by op, as PyTorch eager does.
+/// Process-wide; set before the first forward.
+pub fn jit_optimize(on: bool) {
+    // SAFETY: sets a process-wide flag; no pointers cross.
+    unsafe { ferry_jit_optimize(c_int::from(on)) }
 }
 
 /// A loaded TorchScript module. Not shared between threads.

@@ -8,7 +8,10 @@
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
+#include <torch/csrc/jit/python/update_graph_executor_opt.h>
 #include <torch/script.h>
+
+#include <cmath>
 
 #include <cstring>
 #include <new>
@@ -19,6 +22,13 @@ char *dup(const std::string &s) {
   char *p = static_cast<char *>(std::malloc(s.size() + 1));
   std::memcpy(p, s.c_str(), s.size() + 1);
   return p;
+}
+
+std::vector<at::Tensor> tensors(at::Tensor *const *ts, int n) {
+  std::vector<at::Tensor> v;
+  v.reserve(n);
+  for (int i = 0; i < n; i++) v.push_back(*ts[i]);
+  return v;
 }
 }  // namespace
 
@@ -91,6 +101,62 @@ void ferry_autocast(int device, int dtype) {
   at::autocast::set_autocast_dtype(dev, dtype == 1 ? at::kHalf : at::kBFloat16);
   at::autocast::set_autocast_enabled(dev, true);
 }
+
+// One torch.optim.SGD step (dampening 0) over n parameters with PyTorch's multi-tensor
+// kernels, as torch.optim.SGD runs by default on CUDA (foreach): a few launches for the
+// whole model instead of a few per parameter. `bufs` are the momentum buffers (ignored when
+// momentum is 0; zeros before the first step give PyTorch's first step exactly). Gradients
+// are left as they are.
+int ferry_sgd_step(at::Tensor *const *params, at::Tensor *const *grads, at::Tensor *const *bufs, int n, double lr,
+                   double momentum, double weight_decay, int nesterov, char **err) {
+  try {
+    at::NoGradGuard no_grad;
+    auto p = tensors(params, n);
+    auto d = tensors(grads, n);
+    if (weight_decay != 0) d = at::_foreach_add(d, p, weight_decay);
+    if (momentum != 0) {
+      auto b = tensors(bufs, n);
+      at::_foreach_mul_(b, momentum);
+      at::_foreach_add_(b, d);
+      d = nesterov ? at::_foreach_add(d, b, momentum) : b;
+    }
+    at::_foreach_add_(p, d, -lr);
+    return 0;
+  } catch (const std::exception &e) {
+    *err = dup(e.what());
+    return -1;
+  }
+}
+
+// One torch.optim.AdamW step over n parameters with multi-tensor kernels: `m`, `v` are the
+// moments, `bc1`, `bc2` the bias corrections 1 - beta^t of this step.
+int ferry_adamw_step(at::Tensor *const *params, at::Tensor *const *grads, at::Tensor *const *m,
+                     at::Tensor *const *v, int n, double lr, double beta1, double beta2, double eps,
+                     double weight_decay, double bc1, double bc2, char **err) {
+  try {
+    at::NoGradGuard no_grad;
+    auto p = tensors(params, n);
+    auto g = tensors(grads, n);
+    auto m1 = tensors(m, n);
+    auto m2 = tensors(v, n);
+    if (weight_decay != 0) at::_foreach_mul_(p, 1 - lr * weight_decay);
+    at::_foreach_lerp_(m1, g, 1 - beta1);
+    at::_foreach_mul_(m2, beta2);
+    at::_foreach_addcmul_(m2, g, g, 1 - beta2);
+    auto denom = at::_foreach_sqrt(m2);
+    at::_foreach_div_(denom, std::sqrt(bc2));
+    at::_foreach_add_(denom, eps);
+    at::_foreach_addcdiv_(p, m1, denom, -lr / bc1);
+    return 0;
+  } catch (const std::exception &e) {
+    *err = dup(e.what());
+    return -1;
+  }
+}
+
+// Whether TorchScript's graph executor optimises (profiling runs, autodiff graphs, fusion) or
+// runs the graph as written, op by op, as PyTorch eager does. Process-wide.
+void ferry_jit_optimize(int on) { torch::jit::setGraphExecutorOptimize(on != 0); }
 
 void *ferry_ts_load(const char *path, int cuda_index, char **err) {
   try {
