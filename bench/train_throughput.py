@@ -12,6 +12,9 @@
                                     the same with DistributedDataParallel over Gloo: rank r takes
                                     its contiguous part of each global batch of N*BATCH samples (as
                                     ferry does); rank 0 prints global samples/s over the steps
+Both peers run the TorchScript graph op by op, as ferry does by default (model.jit_optimize:
+false), so the comparison is of the two runtimes, not of two ways of executing the graph
+(scripts/bench-jit.sh measures that).
 """
 import os
 import sys
@@ -67,6 +70,7 @@ def prepare(d, model="cnn"):
 def run_torch(d, epochs, batch, threads):
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
+    torch._C._set_graph_executor_optimize(False)
     model = torch.jit.load(f"{d}/models/bench.pt")
     model.train()
     data = load_file(f"{d}/data/bench.safetensors")
@@ -94,6 +98,7 @@ def run_ddp(d, epochs, batch, threads):
     torch.set_num_interop_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    torch._C._set_graph_executor_optimize(False)
     model = DistributedDataParallel(torch.jit.load(f"{d}/models/bench.pt"))
     model.train()
     data = load_file(f"{d}/data/bench.safetensors")
