@@ -7,7 +7,8 @@
   gpu_throughput.py torch DIR MODEL DEVICE EPOCHS BATCH PRECISION THREADS [eager|script]
       trains the same model, with the same initial weights, on the same data with a plain
       PyTorch loop: eager (default; the model rebuilt in Python and given the TorchScript
-      file's weights) or the TorchScript file itself run by the JIT, as ferry runs it;
+      file's weights) or the TorchScript file itself under the optimising JIT (as ferry runs
+      it with model.jit_optimize: true);
       data on the device once (float in [0, 1]), sequential batches (ferry's shuffle: false),
       SGD(lr 0.01, momentum 0.9), forward under torch.autocast(PRECISION) unless fp32, fp16
       with torch.amp.GradScaler, zero_grad(set_to_none=True). Prints two numbers: samples/s

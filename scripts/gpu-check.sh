@@ -113,7 +113,7 @@ for p in $PRECISIONS; do
     say "  $p round $r: ferry ${f[-1]/ / \/ }, pytorch eager ${t[-1]/ / \/ }"
   done
   s="$(torch_run script "$p")"
-  say "  $p: pytorch running the TorchScript file under the JIT (as ferry does) ${s/ / \/ }"
+  say "  $p: pytorch running the TorchScript file under the optimising JIT ${s/ / \/ }"
   "$PY" - "$p" "${f[@]}" -- "${t[@]}" <<'PY' | tee -a "$summary"
 import statistics, sys
 p, args = sys.argv[1], sys.argv[2:]
