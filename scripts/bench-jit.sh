@@ -25,7 +25,8 @@ train: {epochs: $EPOCHS, batch_size: $BATCH, optimizer: {name: sgd, lr: 0.01, mo
 resources: {threads: $THREADS}
 output: {dir: runs/$1}
 YAML
-  job_samples_per_sec "$REL" "$WORK/$1.yaml" "$1" >/dev/null
+  # Inside $(...) set -e is off: a failed job must stop the benchmark, not count.
+  job_samples_per_sec "$REL" "$WORK/$1.yaml" "$1" >&2 || { echo "job $1 failed; see $WORK/ferryd.log" >&2; return 1; }
   "$FERRY_PYTHON" - "$WORK/runs/$1/metrics.jsonl" <<'PY'
 import json, sys
 r = [x["epoch_samples_per_sec"] for x in map(json.loads, open(sys.argv[1])) if "epoch_samples_per_sec" in x]
@@ -36,8 +37,8 @@ PY
 
 eager=(); optimised=()
 for r in $(seq "$ROUNDS"); do
-  eager+=("$(jit_round "op-by-op-$r" false)")
-  optimised+=("$(jit_round "optimised-$r" true)")
+  eager+=("$(jit_round "op-by-op-$r" false)") || exit 1
+  optimised+=("$(jit_round "optimised-$r" true)") || exit 1
   echo "round $r: op by op ${eager[-1]/ / \/ }, jit_optimize ${optimised[-1]/ / \/ } samples/s (first epoch / after it)"
 done
 "$FERRY_PYTHON" - "${eager[@]}" -- "${optimised[@]}" <<'PY'

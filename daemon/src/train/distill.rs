@@ -348,6 +348,10 @@ pub fn run_teacher(plan_path: &Path, replica: u32, emit: impl Fn(&WorkerMessage)
         .context("the job has no distill section")?;
     tch::set_num_threads(d.teacher.threads.unwrap_or(plan.threads) as i32);
     tch::set_num_interop_threads(1);
+    // A TorchScript teacher runs op by op, as students do by default: the optimising
+    // executor would re-specialise for every new batch size the server coalesces. The
+    // switch is per thread, and this thread serves every request.
+    super::torchscript::jit_optimize(false);
     let device = super::device(spec.resources.device)?;
     let data = match d.mode {
         DistillMode::Index => Some(Dataset::load_training(&spec.data)?),

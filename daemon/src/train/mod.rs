@@ -266,6 +266,10 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
 
     'epochs: while epoch < spec.train.epochs && step < total_steps {
         let order = sampler.order(epoch);
+        // The epoch's order goes to the device once: a copy per step would wait for the GPU
+        // to finish the previous step (a blocking copy synchronises the stream).
+        let order_i64: Vec<i64> = order.iter().map(|&i| i64::from(i)).collect();
+        let order_on_device = Tensor::from_slice(&order_i64).to_device(device);
         let next_order =
             (prefetch > 0 && epoch + 1 < spec.train.epochs).then(|| sampler.order(epoch + 1));
         model.set_train(true)?;
@@ -304,10 +308,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                     }
                 }
             }
-            let idx: Vec<i64> = mine.iter().map(|&i| i64::from(i)).collect();
-            // Non-blocking: a blocking copy would wait for the GPU to drain every step (the
-            // source is pageable, so CUDA stages it before returning and `idx` may go).
-            let idx = Tensor::from_slice(&idx).to_device_(device, Kind::Int64, true, false);
+            let span = sampler.range(consumed, rank);
+            let idx = order_on_device.narrow(0, span.start as i64, span.len() as i64);
             let x = images.index_select(0, &idx);
             let y = labels.index_select(0, &idx);
             let lr = optim::learning_rate(&spec.train, step, total_steps);

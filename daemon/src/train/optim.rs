@@ -2,13 +2,22 @@
 //! an explicit list of parameters: frozen parameters are never in it, so they get no
 //! update, no weight decay and no state.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::{Context, Result};
 use ferry_cluster::spec::{LrScheduleName, OptimizerName, OptimizerSpec, TrainSpec};
 use tch::Tensor;
 
 use super::torchscript;
+
+/// The parameters of one multi-tensor step, with their gradients and state.
+#[derive(Default)]
+struct Group {
+    params: Vec<Tensor>,
+    grads: Vec<Tensor>,
+    first: Vec<Tensor>,
+    second: Vec<Tensor>,
+}
 
 /// An optimizer and its per-parameter state.
 pub struct Optimizer {
@@ -18,19 +27,31 @@ pub struct Optimizer {
     state1: Vec<Option<Tensor>>,
     /// AdamW: second moment.
     state2: Vec<Option<Tensor>>,
-    /// Steps taken (AdamW's bias correction).
+    /// AdamW: the steps each parameter has taken (its bias correction), counted, as
+    /// PyTorch counts them, only when it had a gradient.
+    param_steps: Vec<u64>,
+    /// Optimizer steps taken.
     pub steps: u64,
 }
 
 impl Optimizer {
-    /// An optimizer over `params` (name, tensor).
+    /// An optimizer over `params` (name, tensor). A tensor listed twice (tied weights) is
+    /// kept once, under its first name, as `model.parameters()` gives it to torch.optim:
+    /// updating it twice would apply the step twice, and within one multi-tensor call the
+    /// two writes would race.
     pub fn new(spec: &OptimizerSpec, params: Vec<(String, Tensor)>) -> Self {
+        let mut seen = HashSet::new();
+        let params: Vec<(String, Tensor)> = params
+            .into_iter()
+            .filter(|(_, p)| p.numel() == 0 || seen.insert(p.data_ptr() as usize))
+            .collect();
         let n = params.len();
         Optimizer {
             spec: spec.clone(),
             params,
             state1: (0..n).map(|_| None).collect(),
             state2: (0..n).map(|_| None).collect(),
+            param_steps: vec![0; n],
             steps: 0,
         }
     }
@@ -44,69 +65,73 @@ impl Optimizer {
 
     /// One update with learning rate `lr`, from the gradients in `.grad()`; parameters
     /// without a gradient are left alone (and get no state), as in PyTorch. The update runs
-    /// on PyTorch's multi-tensor kernels, a few launches for the whole model.
+    /// on PyTorch's multi-tensor kernels, a few launches for the whole model (AdamW: one
+    /// such call per distinct step count, usually one).
     pub fn step(&mut self, lr: f64) -> Result<()> {
         self.steps += 1;
         let s = &self.spec;
         let adam = s.name == OptimizerName::Adamw;
         let momentum = s.momentum.unwrap_or(0.0);
-        let (mut params, mut grads, mut first, mut second) = (vec![], vec![], vec![], vec![]);
+        // The parameters that have a gradient, grouped by their step count (AdamW's bias
+        // correction depends on it; SGD's update does not, so SGD has one group).
+        let mut groups: BTreeMap<u64, Group> = BTreeMap::new();
         for (i, (_, p)) in self.params.iter().enumerate() {
             let g = p.grad();
             if !g.defined() {
                 continue;
             }
+            let t = if adam {
+                self.param_steps[i] += 1;
+                self.param_steps[i]
+            } else {
+                0
+            };
+            let group = groups.entry(t).or_default();
             // State starts at zero: SGD's first buffer is then 0 * momentum + d = d, exactly
             // PyTorch's clone of d; Adam's moments start at zero in PyTorch too.
             if adam || momentum != 0.0 {
-                first.push(
-                    self.state1[i]
-                        .get_or_insert_with(|| p.zeros_like())
-                        .shallow_clone(),
-                );
+                let b = self.state1[i].get_or_insert_with(|| p.zeros_like());
+                group.first.push(b.shallow_clone());
             }
             if adam {
-                second.push(
-                    self.state2[i]
-                        .get_or_insert_with(|| p.zeros_like())
-                        .shallow_clone(),
-                );
+                let v = self.state2[i].get_or_insert_with(|| p.zeros_like());
+                group.second.push(v.shallow_clone());
             }
-            params.push(p.shallow_clone());
-            grads.push(g);
+            group.params.push(p.shallow_clone());
+            group.grads.push(g);
         }
-        if params.is_empty() {
-            return Ok(());
-        }
-        match s.name {
-            OptimizerName::Sgd => torchscript::sgd_step(
-                &params,
-                &grads,
-                &first,
-                lr,
-                momentum,
-                s.weight_decay.unwrap_or(0.0),
-                s.nesterov == Some(true),
-            ),
-            OptimizerName::Adamw => {
-                let betas = s.betas.unwrap_or([0.9, 0.999]);
-                let t = self.steps as i32;
-                torchscript::adamw_step(
-                    &params,
-                    &grads,
-                    &first,
-                    &second,
-                    &torchscript::AdamwStep {
-                        lr,
-                        betas,
-                        eps: s.eps.unwrap_or(1e-8),
-                        weight_decay: s.weight_decay.unwrap_or(0.01),
-                        bc1: 1.0 - betas[0].powi(t),
-                        bc2: 1.0 - betas[1].powi(t),
-                    },
-                )
+        for (t, g) in groups {
+            match s.name {
+                OptimizerName::Sgd => torchscript::sgd_step(
+                    &g.params,
+                    &g.grads,
+                    &g.first,
+                    lr,
+                    momentum,
+                    s.weight_decay.unwrap_or(0.0),
+                    s.nesterov == Some(true),
+                )?,
+                OptimizerName::Adamw => {
+                    let betas = s.betas.unwrap_or([0.9, 0.999]);
+                    // powf, as Python's `**` computes beta ** step.
+                    torchscript::adamw_step(
+                        &g.params,
+                        &g.grads,
+                        &g.first,
+                        &g.second,
+                        &torchscript::AdamwStep {
+                            lr,
+                            betas,
+                            eps: s.eps.unwrap_or(1e-8),
+                            weight_decay: s.weight_decay.unwrap_or(0.01),
+                            bc1: 1.0 - betas[0].powf(t as f64),
+                            bc2: 1.0 - betas[1].powf(t as f64),
+                        },
+                    )?
+                }
             }
         }
+        Ok(())
     }
 
     /// Suffixes of the per-parameter state tensors, as PyTorch names them ("" for none).
@@ -127,6 +152,11 @@ impl Optimizer {
             }
             if let Some(t) = &self.state2[i] {
                 out.push((format!("{name}.{n2}"), t.shallow_clone()));
+                // As PyTorch's state_dict holds it: a 0-d float tensor.
+                out.push((
+                    format!("{name}.step"),
+                    Tensor::from(self.param_steps[i] as f32),
+                ));
             }
         }
         out
@@ -143,7 +173,13 @@ impl Optimizer {
             if !n2.is_empty() {
                 self.state2[i] = by_name.remove(&format!("{name}.{n2}")).map(to_dev);
             }
-            if let Some(t) = &self.state1[i] {
+            // A checkpoint written before per-parameter counts had only the global one.
+            self.param_steps[i] = match by_name.remove(&format!("{name}.step")) {
+                Some(t) => t.double_value(&[]) as u64,
+                None if self.state2[i].is_some() => steps,
+                None => 0,
+            };
+            for t in self.state1[i].iter().chain(&self.state2[i]) {
                 if t.size() != p.size() {
                     return Err(anyhow::anyhow!(
                         "optimizer state for `{name}` has shape {:?}, the parameter {:?}",
@@ -262,14 +298,17 @@ mod tests {
         spec: &OptimizerSpec,
         params: &[Tensor],
         state: &mut [[Option<Tensor>; 2]],
-        t: i32,
+        steps: &mut [i32],
     ) {
         tch::no_grad(|| {
-            for (p, st) in params.iter().zip(state.iter_mut()) {
+            for ((p, st), t) in params.iter().zip(state.iter_mut()).zip(steps.iter_mut()) {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
+                // torch.optim.AdamW's state["step"]: this parameter's own steps.
+                *t += 1;
+                let t = *t;
                 let mut p = p.shallow_clone();
                 match spec.name {
                     OptimizerName::Sgd => {
@@ -300,7 +339,7 @@ mod tests {
                             st[0].take().unwrap_or_else(|| g.zeros_like()) * b1 + &g * (1.0 - b1);
                         let v = st[1].take().unwrap_or_else(|| g.zeros_like()) * b2
                             + &g * &g * (1.0 - b2);
-                        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+                        let (bc1, bc2) = (1.0 - b1.powf(t.into()), 1.0 - b2.powf(t.into()));
                         p -= (&m / bc1) / ((&v / bc2).sqrt() + spec.eps.unwrap_or(1e-8)) * spec.lr;
                         st[0] = Some(m);
                         st[1] = Some(v);
@@ -361,6 +400,7 @@ mod tests {
             let mut opt = Optimizer::new(spec, named);
             let mut state: Vec<[Option<Tensor>; 2]> =
                 (0..init.len()).map(|_| [None, None]).collect();
+            let mut steps = vec![0; init.len()];
             for step in 1..=4 {
                 let g = Tensor::randn([4], (tch::Kind::Float, tch::Device::Cpu));
                 for ps in [&ours, &theirs] {
@@ -382,18 +422,19 @@ mod tests {
                     loss.backward();
                 }
                 opt.step(spec.lr).unwrap();
-                reference_step(spec, &theirs, &mut state, step);
+                reference_step(spec, &theirs, &mut state, &mut steps);
                 for (a, b) in ours.iter().zip(&theirs) {
                     let diff = (a - b).abs().max().double_value(&[]);
                     assert!(diff < 1e-6, "{spec:?} step {step}: {a} vs {b}");
                 }
             }
-            // The parameter without a gradient at step 1 got its state at step 2, like the rest.
+            // The parameter without a gradient at step 1 got its state at step 2, like the rest
+            // (AdamW: both moments and the step count).
             assert_eq!(
                 opt.state().len(),
                 init.len()
                     * if spec.name == OptimizerName::Adamw {
-                        2
+                        3
                     } else if spec.momentum.is_some() {
                         1
                     } else {
@@ -419,5 +460,100 @@ mod tests {
         assert_eq!(b.state().len(), 1);
         assert_eq!(b.state()[0].0, "w.momentum_buffer");
         assert!(b.state()[0].1.equal(&a.state()[0].1));
+    }
+
+    /// Steps `opt` once with gradient `scale * 2p` on every parameter in `with_grad`.
+    fn step_on(opt: &mut Optimizer, params: &[Tensor], with_grad: &[usize], scale: f64) {
+        for p in params {
+            super::torchscript::clear_grad(&mut p.shallow_clone());
+        }
+        let loss = with_grad
+            .iter()
+            .map(|&i| params[i].square().sum(tch::Kind::Float) * scale)
+            .fold(
+                Tensor::zeros([], (tch::Kind::Float, tch::Device::Cpu)),
+                |a, b| a + b,
+            );
+        loss.backward();
+        opt.step(0.01).unwrap();
+    }
+
+    #[test]
+    fn adamw_per_parameter_steps_survive_a_checkpoint_file() {
+        let spec = OptimizerSpec {
+            name: OptimizerName::Adamw,
+            lr: 0.01,
+            ..Default::default()
+        };
+        let params = || {
+            vec![
+                Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true),
+                Tensor::from_slice(&[0.5f32]).set_requires_grad(true),
+            ]
+        };
+        let named = |ps: &[Tensor]| -> Vec<(String, Tensor)> {
+            ps.iter()
+                .enumerate()
+                .map(|(i, p)| (format!("p{i}"), p.shallow_clone()))
+                .collect()
+        };
+        let ps = params();
+        let mut a = Optimizer::new(&spec, named(&ps));
+        // p0 steps three times, p1 once: their bias corrections differ from here on.
+        step_on(&mut a, &ps, &[0], 1.0);
+        step_on(&mut a, &ps, &[0], 1.0);
+        step_on(&mut a, &ps, &[0, 1], 1.0);
+        assert_eq!(a.param_steps, [3, 1]);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("optimizer.safetensors");
+        Tensor::write_safetensors(&a.state(), &file).unwrap();
+        let qs: Vec<Tensor> = ps
+            .iter()
+            .map(|p| p.detach().copy().set_requires_grad(true))
+            .collect();
+        let mut b = Optimizer::new(&spec, named(&qs));
+        b.load_state(Tensor::read_safetensors(&file).unwrap(), a.steps)
+            .unwrap();
+        assert_eq!(b.param_steps, [3, 1]);
+        step_on(&mut a, &ps, &[0, 1], 0.5);
+        step_on(&mut b, &qs, &[0, 1], 0.5);
+        for (p, q) in ps.iter().zip(&qs) {
+            assert!(p.equal(q), "{p} vs {q}");
+        }
+        // A checkpoint from before per-parameter counts falls back to the global count.
+        let old: Vec<(String, Tensor)> = a
+            .state()
+            .into_iter()
+            .filter(|(n, _)| !n.ends_with(".step"))
+            .collect();
+        let mut c = Optimizer::new(&spec, named(&qs));
+        c.load_state(old, 7).unwrap();
+        assert_eq!(c.param_steps, [7, 7]);
+    }
+
+    #[test]
+    fn a_tied_tensor_is_updated_once() {
+        let spec = OptimizerSpec {
+            lr: 0.01,
+            momentum: Some(0.9),
+            ..Default::default()
+        };
+        let tied = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        let once = tied.detach().copy().set_requires_grad(true);
+        let mut twice = Optimizer::new(
+            &spec,
+            vec![
+                ("enc.w".into(), tied.shallow_clone()),
+                ("dec.w".into(), tied.shallow_clone()),
+            ],
+        );
+        let mut single = Optimizer::new(&spec, vec![("enc.w".into(), once.shallow_clone())]);
+        for _ in 0..3 {
+            step_on(&mut twice, std::slice::from_ref(&tied), &[0], 1.0);
+            step_on(&mut single, std::slice::from_ref(&once), &[0], 1.0);
+        }
+        assert!(tied.equal(&once), "{tied} vs {once}");
+        let names: Vec<String> = twice.state().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["enc.w.momentum_buffer"]);
     }
 }

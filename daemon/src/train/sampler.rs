@@ -69,11 +69,15 @@ impl Sampler {
     /// The indices rank `rank` trains on at the step that starts at `consumed`. A short last
     /// step is split as evenly as possible, so every rank has the same number of steps.
     pub fn batch<'a>(&self, order: &'a [u32], consumed: usize, rank: usize) -> &'a [u32] {
+        &order[self.range(consumed, rank)]
+    }
+
+    /// Where [`Sampler::batch`] lies in the epoch's order.
+    pub fn range(&self, consumed: usize, rank: usize) -> std::ops::Range<usize> {
         let remaining = self.len.saturating_sub(consumed).min(self.global_batch());
         let (base, extra) = (remaining / self.world, remaining % self.world);
         let start = consumed + rank * base + rank.min(extra);
-        let n = base + usize::from(rank < extra);
-        &order[start..start + n]
+        start..start + base + usize::from(rank < extra)
     }
 
     /// How many samples a step starting at `consumed` takes in all.

@@ -128,6 +128,17 @@ fn step_args<const K: usize>(
     Ok((count, out))
 }
 
+/// An optimizer step's outcome from the shim's status and error string.
+fn step_result(rc: c_int, err: *mut c_char, what: &str) -> Result<()> {
+    match (rc, take_err(err)) {
+        (_, Some(e)) => Err(anyhow!("{what} step failed: {e}")),
+        (0, None) => Ok(()),
+        (_, None) => Err(anyhow!(
+            "{what} step failed (out of memory for its message)"
+        )),
+    }
+}
+
 /// One `torch.optim.SGD` step (dampening 0) over `params`, whose gradients are `grads`, with
 /// PyTorch's multi-tensor kernels. `bufs` are the momentum buffers (empty without momentum).
 pub fn sgd_step(
@@ -148,7 +159,7 @@ pub fn sgd_step(
     let mut err = std::ptr::null_mut();
     // SAFETY: every handle is a live tensor borrowed for the call; `b` is read only with
     // momentum, when it holds n handles; the shim copies nothing it keeps.
-    unsafe {
+    let rc = unsafe {
         ferry_sgd_step(
             p.as_ptr(),
             g.as_ptr(),
@@ -161,7 +172,7 @@ pub fn sgd_step(
             &mut err,
         )
     };
-    take_err(err).map_or(Ok(()), |e| Err(anyhow!("SGD step failed: {e}")))
+    step_result(rc, err, "SGD")
 }
 
 /// AdamW's hyperparameters for one step: `bc1`, `bc2` are the bias corrections 1 - beta^t.
@@ -191,7 +202,7 @@ pub fn adamw_step(
     ])?;
     let mut err = std::ptr::null_mut();
     // SAFETY: every handle is a live tensor borrowed for the call, each list n long.
-    unsafe {
+    let rc = unsafe {
         ferry_adamw_step(
             p.as_ptr(),
             g.as_ptr(),
@@ -208,14 +219,14 @@ pub fn adamw_step(
             &mut err,
         )
     };
-    take_err(err).map_or(Ok(()), |e| Err(anyhow!("AdamW step failed: {e}")))
+    step_result(rc, err, "AdamW")
 }
 
 /// Whether TorchScript's graph executor optimises graphs (profiling runs, then autodiff
 /// subgraphs and fusion) or runs them as written, op by op, as PyTorch eager does.
-/// Process-wide; set before the first forward.
+/// libtorch keeps this per thread: set it on the thread that runs forward, before the first.
 pub fn jit_optimize(on: bool) {
-    // SAFETY: sets a process-wide flag; no pointers cross.
+    // SAFETY: sets a thread-local flag; no pointers cross.
     unsafe { ferry_jit_optimize(c_int::from(on)) }
 }
 

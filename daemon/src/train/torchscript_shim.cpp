@@ -18,9 +18,10 @@
 #include <string>
 
 namespace {
+// A malloc'ed copy for ferry to free, or null when memory is out (callers also return -1).
 char *dup(const std::string &s) {
   char *p = static_cast<char *>(std::malloc(s.size() + 1));
-  std::memcpy(p, s.c_str(), s.size() + 1);
+  if (p) std::memcpy(p, s.c_str(), s.size() + 1);
   return p;
 }
 
@@ -155,7 +156,7 @@ int ferry_adamw_step(at::Tensor *const *params, at::Tensor *const *grads, at::Te
 }
 
 // Whether TorchScript's graph executor optimises (profiling runs, autodiff graphs, fusion) or
-// runs the graph as written, op by op, as PyTorch eager does. Process-wide.
+// runs the graph as written, op by op, as PyTorch eager does. libtorch keeps it per thread.
 void ferry_jit_optimize(int on) { torch::jit::setGraphExecutorOptimize(on != 0); }
 
 void *ferry_ts_load(const char *path, int cuda_index, char **err) {
