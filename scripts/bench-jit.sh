@@ -27,12 +27,7 @@ output: {dir: runs/$1}
 YAML
   # Inside $(...) set -e is off: a failed job must stop the benchmark, not count.
   job_samples_per_sec "$REL" "$WORK/$1.yaml" "$1" >&2 || { echo "job $1 failed; see $WORK/ferryd.log" >&2; return 1; }
-  "$FERRY_PYTHON" - "$WORK/runs/$1/metrics.jsonl" <<'PY'
-import json, sys
-r = [x["epoch_samples_per_sec"] for x in map(json.loads, open(sys.argv[1])) if "epoch_samples_per_sec" in x]
-# Equal epochs: samples/s over epochs 2.. is their harmonic mean.
-print(f"{r[0]:.2f} {len(r[1:]) / sum(1 / v for v in r[1:]):.2f}")
-PY
+  epoch_rates "$WORK/runs/$1/metrics.jsonl"
 }
 
 eager=(); optimised=()

@@ -34,6 +34,18 @@ bench_ferryd() {
   start_ferryd "$REL" "$WORK" "$1"
 }
 
+# epoch_rates METRICS_JSONL: prints a job's samples/s in its first epoch and over the epochs
+# after it ("FIRST STEADY"; STEADY is nan for a one-epoch job).
+epoch_rates() {
+  "$FERRY_PYTHON" - "$1" <<'PY'
+import json, sys
+r = [x["epoch_samples_per_sec"] for x in map(json.loads, open(sys.argv[1])) if "epoch_samples_per_sec" in x]
+# Equal epochs: samples/s over epochs 2.. is their harmonic mean.
+steady = len(r[1:]) / sum(1 / v for v in r[1:]) if len(r) > 1 else float("nan")
+print(f"{r[0]:.2f} {steady:.2f}")
+PY
+}
+
 # job_samples_per_sec BIN_DIR SPEC NAME: submits the spec file SPEC with ferryctl, waits for
 # job NAME to end (at most FERRY_JOB_LIMIT seconds, if set), and prints its samples/s; prints
 # "FAILED: reason" and returns 1 unless it succeeded.

@@ -65,7 +65,7 @@ PORT="${FERRY_GPU_PORT:-7090}"
 say "== preparing $MODEL, $IMAGES synthetic images ${SIZE}x${SIZE}"
 timeout "$STEP_LIMIT" "$PY" bench/gpu_throughput.py prepare "$WORK" "$MODEL" "$IMAGES" "$SIZE" >>"$DET/prepare.txt" 2>&1 \
   || { say "prepare failed:"; cat "$DET/prepare.txt" >>"$summary"; exit 1; }
-# env.sh for start_ferryd and job_samples_per_sec, with this machine's python.
+# env.sh for start_ferryd, job_samples_per_sec and epoch_rates, with this machine's python.
 . scripts/env.sh
 FERRY_PYTHON="$PY"
 start_ferryd "$BIN" "$WORK" "$PORT" || { say "ferryd did not start"; exit 1; }
@@ -88,13 +88,9 @@ YAML
   # A job still running after its limit would hold the node: cancel it.
   "$BIN/ferryctl" cancel "$1" >/dev/null 2>&1
   case "$all" in FAILED*) echo "$all"; return ;; esac
-  "$PY" - "$WORK/runs/$1/metrics.jsonl" "$all" <<'PY'
-import json, sys
-rates = [r["epoch_samples_per_sec"] for r in map(json.loads, open(sys.argv[1])) if "epoch_samples_per_sec" in r]
-# Equal epochs: samples/s over epochs 2.. is their harmonic mean.
-steady = len(rates[1:]) / sum(1 / r for r in rates[1:]) if len(rates) > 1 else float("nan")
-print(f"{sys.argv[2]} {steady:.2f}")
-PY
+  local rates
+  rates="$(epoch_rates "$WORK/runs/$1/metrics.jsonl")" || { echo "FAILED: no epoch rates"; return; }
+  echo "$all ${rates#* }"
 }
 
 # torch_run MODE PRECISION: the peer; prints samples/s over all steps and after the first epoch.

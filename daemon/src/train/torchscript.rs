@@ -114,18 +114,9 @@ fn handles(ts: &[Tensor], n: usize, what: &str) -> Result<Vec<*const torch_sys::
     Ok(ts.iter().map(Tensor::as_ptr).collect())
 }
 
-/// The multi-tensor optimizer steps' common checks; returns the handles of `lists`.
-fn step_args<const K: usize>(
-    lists: [(&[Tensor], &str); K],
-) -> Result<(c_int, [Vec<*const torch_sys::C_tensor>; K])> {
-    let n = lists[0].0.len();
-    let count =
-        c_int::try_from(n).map_err(|_| anyhow!("{n} parameters are too many for one step"))?;
-    let mut out = [(); K].map(|_| Vec::new());
-    for (slot, (ts, what)) in out.iter_mut().zip(lists) {
-        *slot = handles(ts, n, what)?;
-    }
-    Ok((count, out))
+/// The parameter count of one multi-tensor step, as the shim takes it.
+fn count(n: usize) -> Result<c_int> {
+    c_int::try_from(n).map_err(|_| anyhow!("{n} parameters are too many for one step"))
 }
 
 /// An optimizer step's outcome from the shim's status and error string.
@@ -150,9 +141,13 @@ pub fn sgd_step(
     weight_decay: f64,
     nesterov: bool,
 ) -> Result<()> {
-    let (n, [p, g]) = step_args([(params, "params"), (grads, "gradients")])?;
+    let n = params.len();
+    let (p, g) = (
+        handles(params, n, "params")?,
+        handles(grads, n, "gradients")?,
+    );
     let b = if momentum != 0.0 {
-        handles(bufs, params.len(), "momentum buffers")?
+        handles(bufs, n, "momentum buffers")?
     } else {
         Vec::new()
     };
@@ -164,7 +159,7 @@ pub fn sgd_step(
             p.as_ptr(),
             g.as_ptr(),
             b.as_ptr(),
-            n,
+            count(n)?,
             lr,
             momentum,
             weight_decay,
@@ -194,12 +189,15 @@ pub fn adamw_step(
     v: &[Tensor],
     h: &AdamwStep,
 ) -> Result<()> {
-    let (n, [p, g, m, v]) = step_args([
-        (params, "params"),
-        (grads, "gradients"),
-        (m, "first moments"),
-        (v, "second moments"),
-    ])?;
+    let n = params.len();
+    let (p, g) = (
+        handles(params, n, "params")?,
+        handles(grads, n, "gradients")?,
+    );
+    let (m, v) = (
+        handles(m, n, "first moments")?,
+        handles(v, n, "second moments")?,
+    );
     let mut err = std::ptr::null_mut();
     // SAFETY: every handle is a live tensor borrowed for the call, each list n long.
     let rc = unsafe {
@@ -208,7 +206,7 @@ pub fn adamw_step(
             g.as_ptr(),
             m.as_ptr(),
             v.as_ptr(),
-            n,
+            count(n)?,
             h.lr,
             h.betas[0],
             h.betas[1],
