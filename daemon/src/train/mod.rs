@@ -368,9 +368,10 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 say(&WorkerMessage::Log { message });
             }
             // fp16: a step whose (all-reduced) gradients overflowed is skipped on every rank.
-            let overflow = scaler
-                .as_ref()
-                .is_some_and(|s| s.unscale(&trainable_params));
+            let overflow = match &scaler {
+                Some(s) => s.unscale(&trainable_params)?,
+                None => false,
+            };
             if !overflow {
                 opt.step(lr)?;
             }

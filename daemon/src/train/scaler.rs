@@ -4,6 +4,8 @@
 //! scale; 2000 clean steps in a row double it. In a data-parallel job the check runs after
 //! the all-reduce, so every rank sees the same non-finite sums and skips the same steps.
 
+use super::torchscript;
+use anyhow::Result;
 use tch::{Kind, Tensor};
 
 /// PyTorch's defaults.
@@ -39,29 +41,27 @@ impl GradScaler {
     }
 
     /// Divides every gradient by the scale; true when any of them holds an inf or NaN.
-    pub fn unscale(&self, params: &[(String, Tensor)]) -> bool {
-        // fp32 reciprocal of the scale, as GradScaler computes it.
-        let inv = (1.0 / self.scale) as f32;
-        // One sum per gradient stays on the device; a single read decides: an inf or NaN
-        // anywhere makes the total non-finite.
-        let sums: Vec<Tensor> = tch::no_grad(|| {
-            params
-                .iter()
-                .filter_map(|(_, p)| {
-                    let mut g = p.grad();
-                    if !g.defined() {
-                        return None;
-                    }
-                    let _ = g.f_mul_scalar_(f64::from(inv));
-                    Some(g.sum(Kind::Double))
-                })
-                .collect()
-        });
-        !sums.is_empty()
-            && !Tensor::stack(&sums, 0)
-                .sum(Kind::Double)
-                .double_value(&[])
-                .is_finite()
+    /// As GradScaler: one multi-tensor kernel over all gradients, then one read.
+    pub fn unscale(&self, params: &[(String, Tensor)]) -> Result<bool> {
+        let grads: Vec<Tensor> = params
+            .iter()
+            .map(|(_, p)| p.grad())
+            .filter(Tensor::defined)
+            .collect();
+        let Some(first) = grads.first() else {
+            return Ok(false);
+        };
+        let device = first.device();
+        // fp32 reciprocal of the scale, as GradScaler computes it; made on the device by a
+        // fill, not copied from the host (a copy could wait for backward).
+        let inv = Tensor::full(
+            [1],
+            f64::from((1.0 / self.scale) as f32),
+            (Kind::Float, device),
+        );
+        let mut found_inf = Tensor::zeros([1], (Kind::Float, device));
+        torchscript::unscale_grads(&grads, &mut found_inf, &inv)?;
+        Ok(found_inf.double_value(&[0]) != 0.0)
     }
 
     /// Moves the scale after a step: `found_inf` halves it (and the step was skipped);
@@ -104,11 +104,25 @@ mod tests {
         let p = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
         (s.scale(&(&p * &p).sum(Kind::Float))).backward();
         let params = vec![("p".to_string(), p.shallow_clone())];
-        assert!(!s.unscale(&params));
+        assert!(!s.unscale(&params).unwrap());
         assert_eq!(Vec::<f32>::try_from(p.grad()).unwrap(), vec![2.0, 4.0]);
         let q = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
         (&q * f64::INFINITY).sum(Kind::Float).backward();
-        let params = vec![("q".to_string(), q.shallow_clone())];
-        assert!(s.unscale(&params), "an inf gradient is found");
+        // A finite gradient, a parameter without one, then the inf: all are looked at.
+        let unused = Tensor::from_slice(&[3.0f32]).set_requires_grad(true);
+        let params = vec![
+            ("p".to_string(), p.shallow_clone()),
+            ("unused".to_string(), unused),
+            ("q".to_string(), q.shallow_clone()),
+        ];
+        assert!(s.unscale(&params).unwrap(), "an inf gradient is found");
+        let n = Tensor::from_slice(&[1.0f32, 1.0]).set_requires_grad(true);
+        (&n * Tensor::from_slice(&[1.0f32, f32::NAN]))
+            .sum(Kind::Float)
+            .backward();
+        let params = vec![("n".to_string(), n.shallow_clone())];
+        assert!(s.unscale(&params).unwrap(), "a NaN gradient is found");
+        let none = vec![("unused".to_string(), Tensor::from_slice(&[1.0f32]))];
+        assert!(!s.unscale(&none).unwrap(), "no gradients, nothing to find");
     }
 }

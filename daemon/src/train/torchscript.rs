@@ -63,6 +63,13 @@ extern "C" {
         bc2: f64,
         err: *mut *mut c_char,
     ) -> c_int;
+    fn ferry_unscale_grads(
+        grads: *const *const torch_sys::C_tensor,
+        n: c_int,
+        found_inf: *mut torch_sys::C_tensor,
+        inv_scale: *const torch_sys::C_tensor,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn ferry_jit_optimize(on: c_int);
 }
 
@@ -218,6 +225,26 @@ pub fn adamw_step(
         )
     };
     step_result(rc, err, "AdamW")
+}
+
+/// `torch.amp.GradScaler`'s unscale, with its multi-tensor kernel: multiplies `grads` by
+/// `inv_scale` and sets `found_inf` to 1 when any of them holds an inf or NaN. Both are
+/// one-element fp32 tensors on the gradients' device; nothing is read back.
+pub fn unscale_grads(grads: &[Tensor], found_inf: &mut Tensor, inv_scale: &Tensor) -> Result<()> {
+    let g = handles(grads, grads.len(), "gradients")?;
+    let mut err = std::ptr::null_mut();
+    // SAFETY: every handle is a live tensor borrowed for the call; found_inf is written in
+    // place, through a handle that outlives the call.
+    let rc = unsafe {
+        ferry_unscale_grads(
+            g.as_ptr(),
+            count(grads.len())?,
+            found_inf.as_mut_ptr(),
+            inv_scale.as_ptr(),
+            &mut err,
+        )
+    };
+    step_result(rc, err, "loss-scale unscale")
 }
 
 /// Whether TorchScript's graph executor optimises graphs (profiling runs, then autodiff

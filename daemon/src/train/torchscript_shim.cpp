@@ -155,6 +155,23 @@ int ferry_adamw_step(at::Tensor *const *params, at::Tensor *const *grads, at::Te
   }
 }
 
+// torch.amp.GradScaler's unscale with its multi-tensor kernel: multiplies the n gradients by
+// `inv_scale` (a one-element fp32 tensor on their device) and sets `found_inf` (the same) to
+// 1 when any of them holds an inf or NaN. Nothing is read back here: the caller reads
+// found_inf once.
+int ferry_unscale_grads(at::Tensor *const *grads, int n, at::Tensor *found_inf, at::Tensor *inv_scale,
+                        char **err) {
+  try {
+    at::NoGradGuard no_grad;
+    auto g = tensors(grads, n);
+    at::_amp_foreach_non_finite_check_and_unscale_(g, *found_inf, *inv_scale);
+    return 0;
+  } catch (const std::exception &e) {
+    *err = dup(e.what());
+    return -1;
+  }
+}
+
 // Whether TorchScript's graph executor optimises (profiling runs, autodiff graphs, fusion) or
 // runs the graph as written, op by op, as PyTorch eager does. libtorch keeps it per thread.
 void ferry_jit_optimize(int on) { torch::jit::setGraphExecutorOptimize(on != 0); }
