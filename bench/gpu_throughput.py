@@ -87,6 +87,10 @@ def run(d, model, device, epochs, batch, precision, threads, mode="eager"):
         busy += time.perf_counter() - t0
         first = first or (seen, busy)
     steady = (seen - first[0]) / (busy - first[1]) if epochs > 1 else float("nan")
+    if scaler is not None:
+        # Each skipped step halves the scale from 65536 (no growth within 2000 steps), so the
+        # final scale tells how many steps were skipped, read once, outside the timing.
+        print(f"fp16: final loss scale {scaler.get_scale()}", file=sys.stderr)
     print(f"{seen / busy:.2f} {steady:.2f}")
 
 

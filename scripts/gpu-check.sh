@@ -85,12 +85,34 @@ YAML
   local all
   all="$(FERRY_JOB_LIMIT="$STEP_LIMIT" job_samples_per_sec "$BIN" "$WORK/$1.yaml" "$1")"
   "$BIN/ferryctl" get "$1" -o json >"$DET/$1.json"
+  # The job's events: the fp16 line says how many steps were skipped and the final scale.
+  "$BIN/ferryctl" logs "$1" >"$DET/$1.events.txt" 2>&1
   # A job still running after its limit would hold the node: cancel it.
   "$BIN/ferryctl" cancel "$1" >/dev/null 2>&1
   case "$all" in FAILED*) echo "$all"; return ;; esac
-  local rates
+  local rates windows
   rates="$(epoch_rates "$WORK/runs/$1/metrics.jsonl")" || { echo "FAILED: no epoch rates"; return; }
-  echo "$all ${rates#* }"
+  windows="$(window_rates "$WORK/runs/$1/metrics.jsonl")" || { echo "FAILED: no progress windows"; return; }
+  echo "$all ${rates#* } $windows"
+}
+
+# window_rates METRICS_JSONL: ferry's samples/s from its progress records instead of its own
+# training-time account: each record's window runs on the wall clock, from the end of the last
+# report to after this one's loss read, which waits for the device. Prints "ALL STEADY" (all
+# windows; those after epoch 1). A cross-check: if ferry's account left out device time (as it
+# did before run 3, by 6-9% on CUDA), the two disagree. Needs IMAGES divisible by BATCH.
+window_rates() {
+  "$PY" - "$1" "$BATCH" <<'PY'
+import json, sys
+batch, prev, acc = int(sys.argv[2]), 0, {"all": [0, 0.0], "steady": [0, 0.0]}
+for r in map(json.loads, open(sys.argv[1])):
+    if "samples_per_sec" in r and "step" in r:
+        n, prev = (r["step"] - prev) * batch, r["step"]
+        for k in ("all", "steady") if r["epoch"] > 1 else ("all",):
+            acc[k][0] += n
+            acc[k][1] += n / r["samples_per_sec"]
+print(" ".join(f"{n / t:.2f}" if t else "nan" for n, t in acc.values()))
+PY
 }
 
 # torch_run MODE PRECISION: the peer; prints samples/s over all steps and after the first epoch.
@@ -99,6 +121,12 @@ torch_run() {
     2>>"$DET/torch.txt" || echo FAILED
 }
 
+# pair "A B ...": prints "A / B" (or a FAILED message as it is).
+pair() { case "$1" in FAILED*) echo "$1" ;; *) set -- $1; echo "$1 / $2" ;; esac; }
+# ferry_show "ALL STEADY WALL_ALL WALL_STEADY" (ferry_job's line): prints it for the summary.
+ferry_show() { case "$1" in FAILED*) echo "$1" ;; *) set -- $1; echo "$1 / $2 (wall-clock windows $3 / $4)" ;; esac; }
+
+[ $((IMAGES % BATCH)) -eq 0 ] || { say "IMAGES ($IMAGES) must be a multiple of BATCH ($BATCH)"; exit 1; }
 say "== $MODEL, batch $BATCH, $EPOCHS epochs of $IMAGES images, device $DEVICE: ferry against PyTorch eager"
 say "   samples/s as 'all steps / epochs after the first'"
 for p in $PRECISIONS; do
@@ -106,10 +134,10 @@ for p in $PRECISIONS; do
   for r in $(seq "$ROUNDS"); do
     f+=("$(ferry_job "bench-$p-$r" "$p")")
     t+=("$(torch_run eager "$p")")
-    say "  $p round $r: ferry ${f[-1]/ / \/ }, pytorch eager ${t[-1]/ / \/ }"
+    say "  $p round $r: ferry $(ferry_show "${f[-1]}"), pytorch eager $(pair "${t[-1]}")"
   done
   s="$(torch_run script "$p")"
-  say "  $p: pytorch running the TorchScript file under the optimising JIT ${s/ / \/ }"
+  say "  $p: pytorch running the TorchScript file under the optimising JIT $(pair "$s")"
   "$PY" - "$p" "${f[@]}" -- "${t[@]}" <<'PY' | tee -a "$summary"
 import statistics, sys
 p, args = sys.argv[1], sys.argv[2:]
@@ -119,8 +147,13 @@ try:
     t = [list(map(float, a.split())) for a in args[cut + 1:]]
     for i, what in enumerate(("all steps", "after epoch 1")):
         fm = statistics.median(r[i] for r in f)
+        wm = statistics.median(r[i + 2] for r in f)
         tm = statistics.median(r[i] for r in t)
         print(f"  {p} {what}: median ferry {fm:.1f}, pytorch eager {tm:.1f} samples/s, ratio ferry/pytorch = {fm / tm:.3f}")
+        # ferry's account against its own wall-clock windows: they must agree.
+        off = fm / wm - 1
+        print(f"  {p} {what}: ferry's wall-clock windows {wm:.1f}, ratio {wm / tm:.3f};"
+              f" its account is {off * 100:+.1f}% off them" + ("  <-- CHECK: more than 2%" if abs(off) > 0.02 else ""))
 except (ValueError, IndexError):
     print(f"  {p}: a run failed; see the bench-*.json files, torch.txt and ferryd.log")
 PY
@@ -132,7 +165,7 @@ done
 say "== ferry with model.jit_optimize: true"
 for p in $PRECISIONS; do
   r="$(JIT_OPTIMIZE=true ferry_job "bench-jit-$p" "$p")"
-  say "  $p: ferry ${r/ / \/ }"
+  say "  $p: ferry $(ferry_show "$r")"
 done
 
 # One GPU cannot hold two NCCL ranks: a job that asks for more ranks than the node has GPUs
