@@ -18,7 +18,8 @@
 # Knobs: FERRY_BIN (target/release), FERRY_GPU_PYTHON (python3 with torch and torchvision),
 #        EPOCHS (4), IMAGES (2048), ROUNDS (2), STEP_LIMIT (240).
 # Each side reports samples/s over all steps and over the epochs after the first (steady
-# state); the ratio of each is printed.
+# state); the ratio of each is printed, and ferry's own account is checked against the
+# wall-clock windows of its progress records.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-check-out}"
@@ -100,7 +101,8 @@ YAML
 # training-time account: each record's window runs on the wall clock, from the end of the last
 # report to after this one's loss read, which waits for the device. Prints "ALL STEADY" (all
 # windows; those after epoch 1). A cross-check: if ferry's account left out device time (as it
-# did before run 3, by 6-9% on CUDA), the two disagree. Needs IMAGES divisible by BATCH.
+# did until c6480e6, by 7-10% at fp32 and bf16 on an H200), the two disagree. Needs IMAGES
+# divisible by BATCH.
 window_rates() {
   "$PY" - "$1" "$BATCH" <<'PY'
 import json, sys
@@ -161,7 +163,7 @@ done
 
 # The same job with TorchScript's graph executor optimising (model.jit_optimize: true:
 # profiling runs, autodiff subgraphs, fused kernels) instead of ferry's default, op by op as
-# eager. Which is faster on the GPU decides whether the default stays.
+# eager. This measurement set the default (docs/benchmarks.md); it stays to keep it true.
 say "== ferry with model.jit_optimize: true"
 for p in $PRECISIONS; do
   r="$(JIT_OPTIMIZE=true ferry_job "bench-jit-$p" "$p")"

@@ -121,8 +121,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         }
     }
     // TorchScript graphs run op by op, as eager PyTorch runs them, unless the spec asks for
-    // the executor's optimisation (profiling runs, then fused kernels): measured on CPU, op by
-    // op warms up faster and trains no slower (docs/benchmarks.md).
+    // the executor's optimisation (profiling runs, then fused kernels): measured on CPU and on
+    // an H200, op by op warms up faster and trains no slower (docs/benchmarks.md).
     torchscript::jit_optimize(spec.model.jit_optimize);
     tch::manual_seed(spec.train.seed as i64);
     let mut model = Model::build(
@@ -285,7 +285,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 break 'epochs;
             }
             let t0 = Instant::now();
-            let mine = sampler.batch(&order, consumed, rank);
+            let span = sampler.range(consumed, rank);
+            let mine = &order[span.clone()];
             if let Some(st) = student.as_mut() {
                 // Ask for this step's and the next steps' soft labels, into the next epoch:
                 // the teacher works while this rank trains.
@@ -308,7 +309,6 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                     }
                 }
             }
-            let span = sampler.range(consumed, rank);
             let idx = order_on_device.narrow(0, span.start as i64, span.len() as i64);
             let x = images.index_select(0, &idx);
             let y = labels.index_select(0, &idx);
