@@ -67,6 +67,9 @@ pub struct JobStatus {
     pub finished_at: Option<String>,
     /// How many times the job's ranks have been started (a resume after a restart counts).
     pub attempts: u32,
+    /// Restarts after a failure of its ranks (`restart.max_restarts` bounds them); a
+    /// generation that ended because a node was lost does not count.
+    pub restarts: u32,
 }
 
 /// A job: its spec as submitted, and what has become of it.
@@ -88,9 +91,30 @@ pub struct Job<S = JobSpec> {
     /// Set by a cancel request; the owner stops the ranks and marks the job Cancelled.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// How many times the job's ranks have been placed and started: each (re)start is a
+    /// new generation. Every write about a running job is guarded by it, so a node still
+    /// working on an older generation cannot overwrite anything newer.
+    #[serde(default)]
+    pub generation: u64,
+    /// Where the current generation's ranks run: rank `i` at index `i`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement: Vec<RankPlacement>,
     /// The store revision of this record (for compare-and-swap); filled in on read.
     #[serde(default)]
     pub revision: u64,
+}
+
+/// Where one rank of a job's generation runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankPlacement {
+    /// The node's name.
+    pub node: String,
+    /// The node's registration session when the rank was placed (the `create_revision`
+    /// of its registration record). A node that restarted or lost its lease registers
+    /// again under a new session, so a placement on an old one names ranks that are gone.
+    pub session: u64,
+    /// `cpu`, or `cuda:N` (the node's GPU N).
+    pub device: String,
 }
 
 /// What a job event is about.
@@ -157,6 +181,22 @@ pub struct Node {
     /// Jobs this node is running now.
     #[serde(default)]
     pub running_jobs: Vec<String>,
+    /// Jobs this node runs at once (its `max_running_jobs`).
+    #[serde(default = "one")]
+    pub max_jobs: u32,
+    /// Labels that `resources.node_selector` matches.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The address its ranks bind their data-plane listeners to.
+    #[serde(default)]
+    pub data_plane_ip: String,
+    /// Its registration session (the `create_revision` of this record); filled in on read.
+    #[serde(default)]
+    pub session: u64,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// A teacher replica serving a job's students, registered under
@@ -224,6 +264,8 @@ mod tests {
             created_at: "now".into(),
             node: None,
             cancel_requested: false,
+            generation: 0,
+            placement: vec![],
             revision: 0,
         };
         let mut doc = serde_json::to_value(&job).unwrap();

@@ -54,4 +54,56 @@ impl Keys {
     pub fn teacher(&self, id: &str, replica: u32) -> String {
         format!("{}/teachers/{id}/{replica:03}", self.prefix)
     }
+
+    /// The number of the newest event of job `id` (written with each event, in one
+    /// transaction, so that several writers never share a number).
+    pub fn event_seq(&self, id: &str) -> String {
+        format!("{}/eventseq/{id}", self.prefix)
+    }
+
+    /// The coordinator's election key (attached to the coordinator's lease).
+    pub fn coordinator(&self) -> String {
+        format!("{}/coordinator", self.prefix)
+    }
+
+    /// The prefix holding the ring addresses of generation `gen` of job `id`.
+    pub fn rendezvous(&self, id: &str, gen: u64) -> String {
+        format!("{}/rdzv/{id}/{gen:08}/", self.prefix)
+    }
+
+    /// The ring address of rank `rank` in generation `gen` of job `id`.
+    pub fn rendezvous_rank(&self, id: &str, gen: u64, rank: usize) -> String {
+        format!("{}/rdzv/{id}/{gen:08}/{rank:05}", self.prefix)
+    }
+
+    /// The prefix holding every generation's rendezvous of job `id`.
+    pub fn rendezvous_all(&self, id: &str) -> String {
+        format!("{}/rdzv/{id}/", self.prefix)
+    }
+
+    /// The prefix holding the nodes' reports on generation `gen` of job `id`.
+    pub fn reports(&self, id: &str, gen: u64) -> String {
+        format!("{}/reports/{id}/{gen:08}/", self.prefix)
+    }
+
+    /// Node `node`'s report on how its ranks of generation `gen` of job `id` ended.
+    pub fn report(&self, id: &str, gen: u64, node: &str) -> String {
+        format!("{}/reports/{id}/{gen:08}/{node}", self.prefix)
+    }
+
+    /// The prefix holding every job's reports.
+    pub fn reports_root(&self) -> String {
+        format!("{}/reports/", self.prefix)
+    }
+
+    /// The prefix holding every generation's reports of job `id`.
+    pub fn reports_all(&self, id: &str) -> String {
+        format!("{}/reports/{id}/", self.prefix)
+    }
+
+    /// The claim on output directory `dir` (an absolute path): the id of the job that
+    /// writes there, created in the same transaction as the job.
+    pub fn output_claim(&self, dir: &str) -> String {
+        format!("{}/outputs/{}", self.prefix, dir.trim_start_matches('/'))
+    }
 }

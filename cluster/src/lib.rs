@@ -19,6 +19,7 @@ pub mod collective;
 pub mod distill;
 pub mod keys;
 pub mod paths;
+pub mod place;
 pub mod spec;
 pub mod store;
 pub mod time;

@@ -425,6 +425,16 @@ pub struct Resources {
     /// Intra-op threads per rank (default: the daemon's `worker_threads`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub threads: Option<u32>,
+    /// Nodes the ranks are spread over, `ranks / nodes` on each (gang placement: all or
+    /// none). In standalone mode there is one node.
+    pub nodes: u32,
+    /// The fewest nodes the job may shrink to when a node is lost (default: `nodes`,
+    /// i.e. it does not shrink). Each node keeps `ranks / nodes` ranks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_nodes: Option<u32>,
+    /// Only nodes whose labels include all of these.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub node_selector: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Resources {
@@ -433,7 +443,24 @@ impl Default for Resources {
             ranks: 1,
             device: Device::Cpu,
             threads: None,
+            nodes: 1,
+            min_nodes: None,
+            node_selector: Default::default(),
         }
+    }
+}
+
+impl Resources {
+    /// Ranks on each placed node.
+    pub fn ranks_per_node(&self) -> u32 {
+        self.ranks / self.nodes.max(1)
+    }
+
+    /// The fewest nodes the job runs on.
+    pub fn min_nodes(&self) -> u32 {
+        self.min_nodes
+            .unwrap_or(self.nodes)
+            .clamp(1, self.nodes.max(1))
     }
 }
 
@@ -654,6 +681,26 @@ impl JobSpec {
         }
         if !(self.train.bucket_mb > 0.0 && self.train.bucket_mb <= 4096.0) {
             bad("train.bucket_mb", "must be in (0, 4096] megabytes".into());
+        }
+        let r = &self.resources;
+        if r.nodes == 0 || r.nodes > 64 {
+            bad("resources.nodes", "must be between 1 and 64".into());
+        } else if r.ranks > 0 && !r.ranks.is_multiple_of(r.nodes) {
+            bad(
+                "resources.nodes",
+                format!(
+                    "{} ranks cannot be spread evenly over {} nodes; make resources.ranks a multiple of resources.nodes",
+                    r.ranks, r.nodes
+                ),
+            );
+        }
+        if let Some(min) = r.min_nodes {
+            if min == 0 || min > r.nodes {
+                bad(
+                    "resources.min_nodes",
+                    format!("must be between 1 and resources.nodes ({})", r.nodes),
+                );
+            }
         }
         if let Some(th) = self.resources.threads {
             if th == 0 || th > 1024 {

@@ -22,6 +22,16 @@ const KEYS: &[&str] = &[
     "data_plane_ip",
     "collective_timeout_ms",
     "nccl_library",
+    "etcd",
+    "etcd_ca",
+    "etcd_cert",
+    "etcd_key",
+    "etcd_user",
+    "etcd_password",
+    "cluster",
+    "node_ttl_ms",
+    "role",
+    "labels",
 ];
 
 /// Directories that spec paths are confined to; each defaults to the daemon's working directory.
@@ -65,6 +75,27 @@ pub struct Config {
     /// `libnccl.so.2` for CUDA ranks (default: found next to the libtorch in use, in the
     /// torch wheel's `nvidia/nccl/lib`).
     pub nccl_library: Option<PathBuf>,
+    /// etcd endpoints, comma-separated (`http://host:2379,...`): cluster mode. Without it
+    /// the daemon needs `--standalone`.
+    pub etcd: Option<String>,
+    /// TLS to etcd: the CA that signed its certificate, and this node's client certificate
+    /// and key (both or neither).
+    pub etcd_ca: Option<PathBuf>,
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user and password (prefer FERRY_ETCD_PASSWORD: flags show up in `ps`).
+    pub etcd_user: Option<String>,
+    pub etcd_password: Option<String>,
+    /// The cluster's name: every key lives under `<store_prefix>/<cluster>`, so several
+    /// clusters (or tests) can share one etcd.
+    pub cluster: Option<String>,
+    /// TTL of this node's lease (milliseconds): a node that stops renewing it is declared
+    /// dead this long after its last renewal, and its jobs move on without it.
+    pub node_ttl_ms: u64,
+    /// `worker` (runs ranks) or `teacher` (runs distillation teachers only).
+    pub role: String,
+    /// Labels that jobs' `resources.node_selector` match.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Config {
@@ -84,6 +115,16 @@ impl Default for Config {
             data_plane_ip: "127.0.0.1".into(),
             collective_timeout_ms: 60_000,
             nccl_library: None,
+            etcd: None,
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
+            etcd_user: None,
+            etcd_password: None,
+            cluster: None,
+            node_ttl_ms: 5000,
+            role: "worker".into(),
+            labels: Default::default(),
         }
     }
 }
@@ -145,6 +186,24 @@ impl Config {
         if self.collective_timeout_ms < 100 {
             bail!("collective_timeout_ms must be at least 100");
         }
+        if self.node_ttl_ms < 2000 {
+            bail!("node_ttl_ms must be at least 2000 (etcd's smallest lease TTL is 2 s)");
+        }
+        if !matches!(self.role.as_str(), "worker" | "teacher") {
+            bail!("role must be `worker` or `teacher`, got `{}`", self.role);
+        }
+        if self.etcd_cert.is_some() != self.etcd_key.is_some() {
+            bail!("etcd_cert and etcd_key go together: set both or neither");
+        }
+        if let Some(c) = &self.cluster {
+            if c.is_empty()
+                || !c
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            {
+                bail!("cluster must be a name of letters, digits, `-`, `_` and `.`, got `{c}`");
+            }
+        }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             bail!("log_format must be `text` or `json`");
         }
@@ -154,6 +213,20 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// The store prefix of this node's cluster.
+    pub fn cluster_prefix(&self) -> String {
+        let base = self.store_prefix.trim_end_matches('/');
+        match &self.cluster {
+            Some(c) => format!("{base}/{c}"),
+            None => base.to_string(),
+        }
+    }
+
+    /// The lease TTL of this node's registration.
+    pub fn node_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.node_ttl_ms)
     }
 
     /// Intra-op threads for a rank.

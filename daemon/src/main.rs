@@ -1,26 +1,6 @@
-//! `ferryd`: the ferry node daemon.
-//!
-//! # Layout
-//! - [`config`]: file, `FERRY_*` variables and flags.
-//! - [`http`]: the REST API, probes, metrics and the OpenAPI document.
-//! - [`jobs`]: the job lifecycle on the store, the scheduler, and the supervisor of rank processes.
-//! - [`node`]: this node's registration (a leased record).
-//! - [`gpu`]: finding NCCL and giving each CUDA rank its GPU; [`doctor`] checks them.
-//! - [`metrics`]: Prometheus metrics.
-//! - [`protocol`]: what a rank process and the daemon say to each other.
-//! - [`train`]: the training runtime a rank process runs (the only code that touches libtorch).
-
-#![recursion_limit = "512"]
-
-mod config;
-mod doctor;
-mod gpu;
-mod http;
-mod jobs;
-mod metrics;
-mod node;
-mod protocol;
-mod train;
+//! `ferryd`: the ferry node daemon. The daemon itself is the library (`ferry_daemon::run`);
+//! this binary parses the command line, chooses the store (embedded or etcd), and is also
+//! what the daemon starts as a rank (`ferryd worker`) or a teacher (`ferryd teacher`).
 
 use std::net::{TcpListener, ToSocketAddrs};
 use std::path::PathBuf;
@@ -28,10 +8,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use ferry_cluster::api::Node;
 use ferry_cluster::paths::Roots;
 use ferry_cluster::store::embedded::EmbeddedStore;
 use ferry_cluster::store::Store;
+use ferry_daemon::{config, doctor, protocol, train};
 
 /// The ferry node daemon: runs fine-tuning jobs and serves the REST API.
 #[derive(Parser)]
@@ -55,6 +35,15 @@ struct Cli {
     /// This node's name [default: the host name].
     #[arg(long)]
     node_name: Option<String>,
+    /// Cluster mode: etcd endpoints, comma-separated (http://HOST:2379,...).
+    #[arg(long, env = "FERRY_ETCD")]
+    etcd: Option<String>,
+    /// The cluster's name in etcd: its keys live under /ferry/NAME [default: none, /ferry].
+    #[arg(long, env = "FERRY_CLUSTER")]
+    cluster: Option<String>,
+    /// The address this node's ranks bind their data-plane (ring) listeners to.
+    #[arg(long)]
+    data_plane_ip: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -97,7 +86,7 @@ fn main() {
             let msg = protocol::WorkerMessage::Failed {
                 reason: format!("{e:#}"),
             };
-            println!("{}", serde_json::to_string(&msg).unwrap_or_default());
+            train::emit(&msg);
             std::process::exit(1);
         }
         return;
@@ -107,7 +96,7 @@ fn main() {
             let msg = protocol::WorkerMessage::Failed {
                 reason: format!("{e:#}"),
             };
-            println!("{}", serde_json::to_string(&msg).unwrap_or_default());
+            train::emit(&msg);
             std::process::exit(1);
         }
         return;
@@ -150,11 +139,20 @@ fn run_daemon(cli: Cli) -> Result<()> {
         ),
         ("token", cli.token.clone()),
         ("node_name", cli.node_name.clone()),
+        ("etcd", cli.etcd.clone()),
+        ("cluster", cli.cluster.clone()),
+        ("data_plane_ip", cli.data_plane_ip.clone()),
     ];
     let config = config::Config::load(cli.config.as_deref(), &overrides)?;
     init_logging(&config.log_format);
-    if !cli.standalone {
-        bail!("cluster mode (etcd) is not available in this version of ferryd; start it with --standalone");
+    match (cli.standalone, &config.etcd) {
+        (true, Some(_)) => bail!(
+            "--standalone runs on an embedded store and cannot use etcd: drop --standalone for cluster mode, or drop --etcd (and FERRY_ETCD, `etcd:` in the config)"
+        ),
+        (false, None) => bail!(
+            "say which store to use: --standalone (one machine, embedded store), or --etcd http://HOST:2379 --cluster NAME (cluster mode)"
+        ),
+        _ => {}
     }
     let addr = config
         .listen
@@ -181,64 +179,40 @@ fn run_daemon(cli: Cli) -> Result<()> {
     config.data_dir = config.data_dir.canonicalize()?;
     let listener = TcpListener::bind(addr)
         .with_context(|| format!("cannot listen on {addr} (is another ferryd running there?)"))?;
-    let local = listener.local_addr()?;
 
     let system = actix_web::rt::System::new();
     system.block_on(async move {
-        let store: Arc<dyn Store> =
-            Arc::new(EmbeddedStore::open(&config.data_dir.join("store.redb"))?);
-        let node_name = config.node_name.clone().unwrap_or_else(|| {
-            hostname::get()
-                .map(|h| h.to_string_lossy().into_owned())
-                .unwrap_or_else(|_| "localhost".into())
-        });
-        let metrics = metrics::Metrics::new();
-        let jobs = jobs::JobManager::new(
-            store,
-            config.clone(),
-            roots.clone(),
-            node_name.clone(),
-            metrics.clone(),
-            node::cuda_devices(),
-        )?;
-        let recovered = jobs.recover().await?;
-        let node = Node {
-            name: node_name.clone(),
-            role: "worker".into(),
-            address: local.to_string(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            cpus: std::thread::available_parallelism()
-                .map(|n| n.get() as u32)
-                .unwrap_or(1),
-            cuda_devices: node::cuda_devices(),
-            started_at: ferry_cluster::time::now_rfc3339(),
-            mode: "standalone".into(),
-            running_jobs: vec![],
+        let store: Arc<dyn Store> = match &config.etcd {
+            None => Arc::new(EmbeddedStore::open(&config.data_dir.join("store.redb"))?),
+            Some(endpoints) => Arc::new(connect_etcd(&config, endpoints).await?),
         };
-        let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(node::keep_registered(jobs.clone(), node, ready_tx));
-        tokio::spawn(jobs.clone().schedule_loop());
-        tracing::info!(
-            listen = %local,
-            node = %node_name,
-            data_dir = %config.data_dir.display(),
-            roots.data = %roots.data.display(),
-            roots.models = %roots.models.display(),
-            roots.outputs = %roots.outputs.display(),
-            auth = config.token.is_some(),
-            recovered,
-            "ferryd standalone is up"
-        );
-        let state = http::AppState {
-            jobs,
-            metrics,
-            token: config.token.clone(),
-            max_body_bytes: config.max_body_bytes,
-            ready: ready_rx,
-            version: env!("CARGO_PKG_VERSION"),
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
         };
-        http::serve(listener, state)?.await?;
-        tracing::info!("ferryd stopped");
-        Ok::<_, anyhow::Error>(())
+        ferry_daemon::run(listener, store, config, roots, cli.standalone, shutdown).await
     })
+}
+
+/// Connects to etcd with the configured TLS and credentials.
+async fn connect_etcd(
+    config: &config::Config,
+    endpoints: &str,
+) -> Result<ferry_cluster::store::etcd::EtcdStore> {
+    use ferry_cluster::store::etcd::{EtcdOptions, EtcdStore};
+    let opts = EtcdOptions {
+        endpoints: endpoints
+            .split(',')
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect(),
+        ca: config.etcd_ca.clone(),
+        cert: config.etcd_cert.clone(),
+        key: config.etcd_key.clone(),
+        user: config.etcd_user.clone(),
+        password: config.etcd_password.clone(),
+        ..Default::default()
+    };
+    EtcdStore::connect(opts)
+        .await
+        .with_context(|| format!("cannot connect to etcd at {endpoints}"))
 }

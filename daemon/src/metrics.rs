@@ -27,6 +27,12 @@ pub struct Metrics {
     pub distill_teacher_wait_ratio: GaugeVec,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
 impl Metrics {
     /// Creates and registers the metrics.
     pub fn new() -> Metrics {
@@ -134,6 +140,21 @@ impl Metrics {
     }
 
     /// Drops the per-job series of a job that ended.
+    /// Sets the jobs-by-phase gauge from a listing of every job.
+    pub fn set_job_phases(&self, jobs: &[ferry_cluster::api::Job]) {
+        use ferry_cluster::api::JobPhase;
+        for phase in [
+            JobPhase::Pending,
+            JobPhase::Running,
+            JobPhase::Succeeded,
+            JobPhase::Failed,
+            JobPhase::Cancelled,
+        ] {
+            let n = jobs.iter().filter(|j| j.phase == phase).count();
+            self.jobs.with_label_values(&[phase.as_str()]).set(n as i64);
+        }
+    }
+
     pub fn forget_job(&self, id: &str, name: &str) {
         for g in [
             &self.job_step,

@@ -1,6 +1,8 @@
 //! What a rank process and its daemon say to each other: the daemon writes a
-//! [`WorkerPlan`] file; the rank prints one JSON [`WorkerMessage`] per line on stdout.
-//! (Anything else a rank prints, on stderr, is kept as log lines.)
+//! [`WorkerPlan`] file; the rank writes one JSON [`WorkerMessage`] per line on its
+//! protocol pipe (the fd named by `FERRY_PROTOCOL_FD`), and the daemon writes [`Control`]
+//! lines on its stdin. Whatever the process prints on stdout or stderr (a model's own
+//! output included) is kept as log text, never read as a message.
 
 use ferry_cluster::spec::JobSpec;
 use serde::{Deserialize, Serialize};
@@ -22,6 +24,9 @@ pub struct WorkerPlan {
     pub bind_ip: String,
     /// How long a collective may wait for a peer (milliseconds).
     pub collective_timeout_ms: u64,
+    /// The node the process runs on (names node-local files, such as the soft-label cache).
+    #[serde(default)]
+    pub node: String,
 }
 
 /// What the daemon writes on a rank's stdin once every rank has reported its address.

@@ -3,6 +3,9 @@
 //! the real `ferryctl`. Everything is cleaned up on drop.
 //!
 //! The binaries must be built first (`cargo build --workspace`; `scripts/test.sh` does it).
+//! [`etcd`] runs a real etcd for the tests of the etcd store and of cluster mode.
+
+pub mod etcd;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -96,14 +99,30 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A running `ferryd --standalone`.
+/// How a cluster-mode node joins its cluster.
+#[derive(Debug, Clone)]
+pub struct NodeOpts {
+    /// etcd's client URL.
+    pub etcd: String,
+    /// The cluster's name (its key prefix): unique per test.
+    pub cluster: String,
+    pub name: String,
+    /// The loopback address the node listens on (API and data plane): 127.0.0.11, ...
+    pub ip: String,
+    /// The outputs root every node of the cluster shares.
+    pub out: PathBuf,
+}
+
+/// A running `ferryd --standalone`, or one node of a cluster (see [`Daemon::start_node`]).
 pub struct Daemon {
     child: Option<Child>,
     pub port: u16,
     pub token: Option<String>,
-    /// Holds the data dir and the outputs root.
+    /// Holds the data dir (and, standalone, the outputs root).
     pub dir: tempfile::TempDir,
     agent: ureq::Agent,
+    /// Cluster mode: how it joins.
+    pub node: Option<NodeOpts>,
 }
 
 impl Daemon {
@@ -125,6 +144,31 @@ impl Daemon {
             token: token.map(str::to_string),
             dir,
             agent,
+            node: None,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts a cluster-mode node (`--etcd`), listening on `opts.ip`, in a process group
+    /// of its own with its ranks (so that [`Daemon::pause`] freezes the whole "host").
+    pub fn start_node(opts: NodeOpts) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(30))
+            .build();
+        let port = TcpListener::bind(format!("{}:0", opts.ip))
+            .expect("bind the node's address")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let mut d = Daemon {
+            child: None,
+            port,
+            token: None,
+            dir,
+            agent,
+            node: Some(opts),
         };
         d.spawn();
         d
@@ -132,15 +176,56 @@ impl Daemon {
 
     /// The outputs root.
     pub fn out(&self) -> PathBuf {
-        self.dir.path().join("out")
+        match &self.node {
+            Some(n) => n.out.clone(),
+            None => self.dir.path().join("out"),
+        }
+    }
+
+    /// The address the API listens on.
+    fn ip(&self) -> &str {
+        self.node.as_ref().map_or("127.0.0.1", |n| n.ip.as_str())
+    }
+
+    /// The node's process id (its process group's, too, in cluster mode).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Freezes the node and its ranks (SIGSTOP to its process group), as a hung host.
+    pub fn pause(&self) {
+        signal_group(self.pid(), "-STOP");
+    }
+
+    /// Thaws a paused node (SIGCONT).
+    pub fn resume(&self) {
+        signal_group(self.pid(), "-CONT");
     }
 
     /// The `ferryd` command line this daemon runs with (for tests that start their own).
     pub fn command(&self) -> Command {
         let mut c = Command::new(bin("ferryd"));
-        c.arg("--standalone")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+        match &self.node {
+            None => {
+                c.arg("--standalone");
+            }
+            Some(n) => {
+                use std::os::unix::process::CommandExt;
+                c.args([
+                    "--etcd",
+                    &n.etcd,
+                    "--cluster",
+                    &n.cluster,
+                    "--node-name",
+                    &n.name,
+                ])
+                .args(["--data-plane-ip", &n.ip])
+                .env("FERRY_NODE_TTL_MS", "3000")
+                .process_group(0);
+            }
+        }
+        c.arg("--listen")
+            .arg(format!("{}:{}", self.ip(), self.port))
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .env("FERRY_ROOTS__DATA", fixtures().join("data"))
@@ -150,7 +235,9 @@ impl Daemon {
             .env("FERRY_WORKER_THREADS", "1")
             .env("FERRY_MAX_RUNNING_JOBS", "2")
             .env_remove("FERRY_TOKEN")
-            .env_remove("FERRY_CONFIG");
+            .env_remove("FERRY_CONFIG")
+            .env_remove("FERRY_ETCD")
+            .env_remove("FERRY_CLUSTER");
         if let Some(t) = &self.token {
             c.env("FERRY_TOKEN", t);
         }
@@ -204,9 +291,12 @@ impl Daemon {
         self.spawn();
     }
 
-    /// Kills the daemon with SIGKILL.
+    /// Kills the daemon with SIGKILL (in cluster mode, with its ranks: the whole "host").
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if self.node.is_some() {
+                signal_group(c.id(), "-KILL");
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -221,7 +311,7 @@ impl Daemon {
 
     /// `http://127.0.0.1:PORT{path}`.
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("http://{}:{}{path}", self.ip(), self.port)
     }
 
     fn req(&self, method: &str, path: &str) -> ureq::Request {
@@ -326,6 +416,16 @@ fn respond(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`, `-KILL`) to the process group `pgid`.
+fn signal_group(pgid: u32, signal: &str) {
+    if pgid == 0 {
+        return;
+    }
+    let _ = Command::new("kill")
+        .args([signal, "--", &format!("-{pgid}")])
+        .status();
 }
 
 /// Whether process `pid` exists.

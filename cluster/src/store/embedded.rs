@@ -333,7 +333,8 @@ fn compare(c: &Compare, cur: Option<&KeyValue>) -> bool {
         CompareTarget::Version(v) => cur.map_or(0, |kv| kv.version).cmp(v),
         CompareTarget::Value(v) => match cur {
             Some(kv) => kv.value.as_slice().cmp(v.as_slice()),
-            None => return c.op == CompareOp::NotEqual,
+            // etcd fails every value comparison on a missing key, NotEqual included.
+            None => return false,
         },
     };
     match c.op {
@@ -437,6 +438,8 @@ impl Store for EmbeddedStore {
         start_revision: Option<u64>,
     ) -> Result<Watcher, StoreError> {
         let (tx, rx) = mpsc::channel(256);
+        // As in etcd, a start revision that is no longer in the history is the stream's
+        // first (and last) item, not an error of the call.
         let (backlog, mut live) = {
             let st = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
             let mut backlog = Vec::new();
@@ -446,26 +449,36 @@ impl Store for EmbeddedStore {
                     .front()
                     .map_or(st.revision + 1, |e| e.kv().mod_revision);
                 if start < oldest && start <= st.revision {
-                    return Err(StoreError::Compacted {
+                    backlog.push(Err(StoreError::Compacted {
                         requested: start,
                         oldest,
-                    });
+                    }));
+                } else {
+                    backlog.extend(
+                        st.history
+                            .iter()
+                            .filter(|e| {
+                                e.kv().mod_revision >= start && e.kv().key.starts_with(prefix)
+                            })
+                            .cloned()
+                            .map(Ok),
+                    );
                 }
-                backlog.extend(
-                    st.history
-                        .iter()
-                        .filter(|e| e.kv().mod_revision >= start && e.kv().key.starts_with(prefix))
-                        .cloned(),
-                );
             }
             (backlog, self.inner.events.subscribe())
         };
+        let compacted = backlog.iter().any(|e| e.is_err());
+        // Live events before a start revision in the future are not wanted.
+        let start = start_revision.unwrap_or(0);
         let prefix = prefix.to_string();
         tokio::spawn(async move {
             for ev in backlog {
-                if tx.send(Ok(ev)).await.is_err() {
+                if tx.send(ev).await.is_err() {
                     return;
                 }
+            }
+            if compacted {
+                return;
             }
             loop {
                 let msg = tokio::select! {
@@ -473,7 +486,7 @@ impl Store for EmbeddedStore {
                     _ = tx.closed() => return,
                 };
                 match msg {
-                    Ok(ev) if ev.kv().key.starts_with(&prefix) => {
+                    Ok(ev) if ev.kv().key.starts_with(&prefix) && ev.kv().mod_revision >= start => {
                         if tx.send(Ok(ev)).await.is_err() {
                             return;
                         }
@@ -493,12 +506,49 @@ impl Store for EmbeddedStore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::conformance::run_all;
     use super::*;
 
     fn open() -> (tempfile::TempDir, EmbeddedStore) {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
         (dir, s)
+    }
+
+    #[tokio::test]
+    async fn conformance() {
+        let (_d, s) = open();
+        run_all(&s, "/conf").await;
+    }
+
+    #[tokio::test]
+    async fn a_watch_from_before_the_history_is_compacted() {
+        let (_d, s) = open();
+        let first = s.put("/c", b"0".to_vec(), 0).await.unwrap();
+        // One transaction of many puts: one revision, many history entries.
+        let txn = Txn {
+            success: (0..HISTORY + 1)
+                .map(|i| TxnOp::Put {
+                    key: format!("/c/{i}"),
+                    value: vec![],
+                    lease: 0,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let last = s.txn(txn).await.unwrap().revision;
+        let mut w = s.watch("/c", Some(first)).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), w.recv())
+            .await
+            .unwrap();
+        match got {
+            Some(Err(StoreError::Compacted { requested, oldest })) => {
+                assert_eq!(requested, first);
+                assert!(oldest > first && oldest <= last, "oldest {oldest}");
+            }
+            other => panic!("expected Compacted, got {other:?}"),
+        }
+        assert!(w.recv().await.is_none(), "the error ends the watch");
     }
 
     #[tokio::test]

@@ -4,9 +4,13 @@
 //! that every write increments, and per key its create and modification revisions and a
 //! version), leases that delete their keys when they expire, prefix watches, and
 //! compare-and-swap transactions. [`embedded::EmbeddedStore`] implements it on one machine
-//! (standalone mode); cluster mode implements the same trait on etcd.
+//! (standalone mode); `etcd::EtcdStore` (feature `etcd`) on etcd, for cluster mode.
+//! [`conformance`] holds the checks both pass, etcd being the reference.
 
+pub mod conformance;
 pub mod embedded;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 
 use std::time::Duration;
 
@@ -39,7 +43,8 @@ pub enum CompareTarget {
     ModRevision(u64),
     /// 0 when the key does not exist.
     Version(u64),
-    /// A missing key compares as an empty value that is never equal.
+    /// Compared as bytes. Every comparison with a missing key fails, `NotEqual` included
+    /// (etcd's rule).
     Value(Vec<u8>),
 }
 
@@ -96,7 +101,12 @@ pub enum TxnOp {
     },
 }
 
-/// If every compare holds, apply `success`, else `failure`; atomically, as one revision.
+/// If every compare holds, apply `success`, else `failure`; atomically, as one revision
+/// (none when the branch changes nothing).
+///
+/// etcd also refuses a branch that writes one key twice (a put and a delete, or a prefix
+/// delete covering a put, included) and, by default, more than 128 ops; the embedded store
+/// accepts both, so stay within them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Txn {
     pub compares: Vec<Compare>,
@@ -145,8 +155,9 @@ impl WatchEvent {
     }
 }
 
-/// A stream of changes under a prefix. An `Err` ends it (the watcher fell behind or the
-/// store closed); the caller lists again and starts a new watch.
+/// A stream of changes under a prefix. An `Err` ends it (the watcher fell behind, its start
+/// revision was compacted, or the store's connection broke); the caller lists again and
+/// starts a new watch.
 pub type Watcher = tokio::sync::mpsc::Receiver<Result<WatchEvent, StoreError>>;
 
 /// Store failures.
@@ -191,13 +202,15 @@ pub trait Store: Send + Sync {
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError>;
     /// The current revision.
     async fn revision(&self) -> Result<u64, StoreError>;
-    /// A lease that expires `ttl` after its last keep-alive.
+    /// A lease that expires `ttl` after its last keep-alive (etcd: whole seconds, at least 2).
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError>;
-    /// Renews a lease; fails if it has already expired.
+    /// Renews a lease; fails with [`StoreError::LeaseNotFound`] if it has expired.
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError>;
-    /// Ends a lease now, deleting its keys.
+    /// Ends a lease now, deleting its keys; a lease already gone is not an error.
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError>;
-    /// Changes under `prefix` after `start_revision` (or from now when `None`).
+    /// Changes under `prefix` from `start_revision` on (inclusive; it may be in the future),
+    /// or from now when `None`: every write after the call returns is seen. A compacted
+    /// start revision is the stream's first item ([`StoreError::Compacted`]).
     async fn watch(&self, prefix: &str, start_revision: Option<u64>)
         -> Result<Watcher, StoreError>;
 }

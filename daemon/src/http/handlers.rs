@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use ferry_cluster::api::{JobList, Node, NodeList};
+use ferry_cluster::api::{JobList, NodeList};
 use ferry_cluster::spec::JobSpec;
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -149,15 +149,6 @@ pub async fn job_events(
 }
 
 pub async fn list_nodes(state: web::Data<AppState>) -> Result<HttpResponse> {
-    let jobs = &state.jobs;
-    let kvs = jobs
-        .store
-        .range(&jobs.keys.nodes())
-        .await
-        .map_err(crate::jobs::JobError::from)?;
-    let nodes = kvs
-        .iter()
-        .filter_map(|kv| serde_json::from_slice::<Node>(&kv.value).ok())
-        .collect();
+    let nodes = state.jobs.nodes().await?;
     Ok(HttpResponse::Ok().json(NodeList { nodes }))
 }

@@ -85,6 +85,11 @@ impl From<JobError> for ApiError {
                 format!("no job has the id or name `{what}`"),
             ),
             JobError::Conflict(msg) => ApiError::new(StatusCode::CONFLICT, "Conflict", msg),
+            JobError::Stale => ApiError::new(
+                StatusCode::CONFLICT,
+                "Conflict",
+                "the job changed while the request ran; try again",
+            ),
             JobError::Store(e) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Store unavailable",

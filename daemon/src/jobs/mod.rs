@@ -1,25 +1,35 @@
-//! The job lifecycle, written against the [`Store`] interface only: submission, the
-//! scheduler that starts Pending jobs, cancellation, events, and recovery after a restart.
+//! The job lifecycle, written against the [`Store`] interface only, the same on one node
+//! (the embedded store) and on many (etcd): submission, cancellation and events here; the
+//! [`coordinator`] (one node at a time) places jobs and decides what follows each
+//! generation; every node's [`agent`] runs the ranks placed on it ([`supervisor`]).
 //!
 //! A job record lives at `keys.job(id)`; every change to it is a compare-and-swap on its
-//! revision, so concurrent writers (the API, the supervisor) never lose each other's updates.
+//! revision, so concurrent writers (the API, the coordinator, the nodes running its ranks)
+//! never lose each other's updates. Writes on behalf of ranks are fenced by the job's
+//! generation and the writer's session.
 
+pub mod agent;
+pub mod coordinator;
 mod supervisor;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_cluster::api::{EventKind, EventPage, FieldError, Job, JobEvent, JobPhase, JobStatus};
+use ferry_cluster::api::{
+    EventKind, EventPage, FieldError, Job, JobEvent, JobPhase, JobStatus, Node,
+};
 use ferry_cluster::keys::Keys;
 use ferry_cluster::paths::{RootKind, Roots};
-use ferry_cluster::spec::{Arch, JobSpec};
-use ferry_cluster::store::{Compare, Store, StoreError, Txn};
+use ferry_cluster::place;
+use ferry_cluster::spec::{Arch, Device, JobSpec};
+use ferry_cluster::store::{Compare, Store, StoreError, Txn, TxnOp};
 use ferry_cluster::time::now_rfc3339;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::session::Membership;
 
 /// Events kept per job (the newest), besides the first [`KEEP_FIRST_EVENTS`].
 const MAX_EVENTS: u64 = 10_000;
@@ -34,11 +44,13 @@ pub enum JobError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("the job has moved on (a newer generation, or this node's session ended); nothing was written")]
+    Stale,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-/// Owns the jobs of this node.
+/// The job lifecycle of this node, on the store shared by every node of the cluster.
 pub struct JobManager {
     pub store: Arc<dyn Store>,
     pub keys: Keys,
@@ -50,19 +62,27 @@ pub struct JobManager {
     pub exe: PathBuf,
     /// Where worker plans are written.
     pub plans_dir: PathBuf,
-    /// GPUs on this node (a CUDA job on a node without one is refused at submission).
-    cuda_devices: u32,
-    wake: tokio::sync::Notify,
-    /// Next event number per job (this node is the only writer of its jobs' events).
-    event_seq: Mutex<HashMap<String, u64>>,
-    /// Jobs whose supervisor runs in this process.
-    running: Mutex<HashSet<String>>,
+    /// This node's registration; every write about a job is fenced by its session.
+    pub membership: Arc<Membership>,
+    /// Whether this daemon runs with an embedded store (`--standalone`).
+    pub standalone: bool,
+    /// Local attempts running in this process: job id to generation.
+    local: Mutex<HashMap<String, u64>>,
+    /// Woken when local attempts end.
+    pub(crate) local_done: tokio::sync::Notify,
 }
 
 fn decode_job(kv: &ferry_cluster::store::KeyValue) -> Option<Job> {
     let mut job: Job = serde_json::from_slice(&kv.value).ok()?;
     job.revision = kv.mod_revision;
     Some(job)
+}
+
+/// A node record as read from the store, with its session filled in.
+pub fn decode_node(kv: &ferry_cluster::store::KeyValue) -> Option<Node> {
+    let mut node: Node = serde_json::from_slice(&kv.value).ok()?;
+    node.session = kv.create_revision;
+    Some(node)
 }
 
 fn new_job_id() -> String {
@@ -74,22 +94,56 @@ fn new_job_id() -> String {
     )
 }
 
+/// Resolves once `notify` fires or `timeout` passes.
+pub(crate) async fn nap(notify: &tokio::sync::Notify, timeout: Duration) {
+    let _ = tokio::time::timeout(timeout, notify.notified()).await;
+}
+
+/// Keeps a watch on `prefix` and fires `notify` on every change, and again after the watch
+/// had to be re-created (the store restarted, the watcher fell behind): whoever waits
+/// lists again, so no change is missed.
+pub(crate) fn wake_on_changes(
+    store: Arc<dyn Store>,
+    prefix: String,
+    notify: Arc<tokio::sync::Notify>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match store.watch(&prefix, None).await {
+                Ok(mut w) => {
+                    notify.notify_waiters();
+                    notify.notify_one();
+                    while let Some(Ok(_)) = w.recv().await {
+                        backoff = Duration::from_millis(100);
+                        notify.notify_waiters();
+                        notify.notify_one();
+                    }
+                }
+                Err(e) => tracing::debug!(%prefix, error = %e, "cannot watch; retrying"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    })
+}
+
 impl JobManager {
-    /// A manager for `node`; call [`JobManager::recover`] then run [`JobManager::schedule_loop`].
+    /// A manager for `node`; start [`coordinator::run`] and [`agent::run`] beside it.
     pub fn new(
         store: Arc<dyn Store>,
         config: Config,
         roots: Roots,
         node: String,
         metrics: Metrics,
-        cuda_devices: u32,
+        membership: Arc<Membership>,
+        standalone: bool,
     ) -> std::io::Result<Arc<Self>> {
         let exe = std::env::current_exe()?;
         let plans_dir = config.data_dir.join("plans");
         std::fs::create_dir_all(&plans_dir)?;
         Ok(Arc::new(JobManager {
-            cuda_devices,
-            keys: Keys::new(&config.store_prefix),
+            keys: Keys::new(&config.cluster_prefix()),
             store,
             node,
             roots,
@@ -97,9 +151,10 @@ impl JobManager {
             metrics,
             exe,
             plans_dir,
-            wake: tokio::sync::Notify::new(),
-            event_seq: Mutex::new(HashMap::new()),
-            running: Mutex::new(HashSet::new()),
+            membership,
+            standalone,
+            local: Mutex::new(HashMap::new()),
+            local_done: tokio::sync::Notify::new(),
         }))
     }
 
@@ -169,42 +224,81 @@ impl JobManager {
         }
     }
 
-    /// Validates, resolves and records a new job as Pending.
+    /// The registered nodes, by name.
+    pub async fn nodes(&self) -> Result<Vec<Node>, JobError> {
+        Ok(self
+            .store
+            .range(&self.keys.nodes())
+            .await?
+            .iter()
+            .filter_map(decode_node)
+            .collect())
+    }
+
+    /// Refuses a job that no registered node could ever run (too few GPUs, no node
+    /// matching its selector), with the reason. Without any node registered yet it passes:
+    /// the job waits for nodes, and its events say so.
+    async fn check_fits(&self, spec: &JobSpec) -> Result<(), JobError> {
+        let nodes = self.nodes().await?;
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        let views: Vec<_> = nodes.iter().map(coordinator::view).collect();
+        let demand = coordinator::demand("new", spec, Default::default());
+        let decision = place::place_one(&demand, &views, &place::Load::default());
+        let place::Decision::Unfit(reason) = decision else {
+            return Ok(());
+        };
+        let r = &spec.resources;
+        let (field, message) = if r.device == Device::Cuda {
+            let best = nodes
+                .iter()
+                .max_by_key(|n| n.cuda_devices)
+                .expect("non-empty");
+            if best.cuda_devices == 0 {
+                (
+                    "resources.device",
+                    format!(
+                        "node {} has no CUDA device (see `ferryctl nodes`); use device: cpu",
+                        best.name
+                    ),
+                )
+            } else if best.cuda_devices < r.ranks_per_node() {
+                (
+                    "resources.ranks",
+                    format!(
+                        "{} CUDA ranks need a GPU each, and node {} has {}; NCCL cannot run two ranks on one GPU",
+                        r.ranks_per_node(),
+                        best.name,
+                        best.cuda_devices
+                    ),
+                )
+            } else {
+                ("resources.nodes", reason)
+            }
+        } else if !r.node_selector.is_empty() {
+            ("resources.node_selector", reason)
+        } else {
+            ("resources.nodes", reason)
+        };
+        // In a cluster more nodes may join: only a standalone node refuses for good.
+        if self.standalone || r.device == Device::Cuda {
+            return Err(JobError::Invalid(vec![FieldError {
+                field: field.into(),
+                message,
+            }]));
+        }
+        Ok(())
+    }
+
+    /// Validates, resolves and records a new job as Pending. The job record and the claim
+    /// on its output directory are created in one transaction, so two submissions (on one
+    /// node or two) can never share a directory.
     pub async fn submit(&self, spec: JobSpec) -> Result<Job, JobError> {
         spec.validate().map_err(|e| JobError::Invalid(e.0))?;
-        if spec.resources.device == ferry_cluster::spec::Device::Cuda {
-            if self.cuda_devices == 0 {
-                return Err(JobError::Invalid(vec![FieldError {
-                    field: "resources.device".into(),
-                    message: format!(
-                        "node {} has no CUDA device (see `ferryctl nodes`); use device: cpu",
-                        self.node
-                    ),
-                }]));
-            }
-            if spec.resources.ranks > self.cuda_devices {
-                return Err(JobError::Invalid(vec![FieldError {
-                    field: "resources.ranks".into(),
-                    message: format!(
-                        "{} CUDA ranks need a GPU each, and node {} has {}; NCCL cannot run two ranks on one GPU",
-                        spec.resources.ranks, self.node, self.cuda_devices
-                    ),
-                }]));
-            }
-        }
+        self.check_fits(&spec).await?;
         let resolved = self.resolve(&spec).map_err(JobError::Invalid)?;
         let out_dir = PathBuf::from(&resolved.output.dir);
-        // One job per output directory: results of two runs never mix.
-        for other in self.list().await? {
-            if other.status.output_dir.as_deref() == Some(resolved.output.dir.as_str())
-                && !other.phase.is_terminal()
-            {
-                return Err(JobError::Conflict(format!(
-                    "output.dir {} is in use by job {} ({}); choose another directory",
-                    resolved.output.dir, other.id, other.name
-                )));
-            }
-        }
         let owner = out_dir.join(".ferry-job");
         if let Ok(previous) = std::fs::read_to_string(&owner) {
             return Err(JobError::Invalid(vec![FieldError {
@@ -217,14 +311,6 @@ impl JobManager {
             }]));
         }
         let id = new_job_id();
-        std::fs::create_dir_all(&out_dir)
-            .and_then(|_| std::fs::write(&owner, format!("{id}\n")))
-            .map_err(|e| {
-                JobError::Invalid(vec![FieldError {
-                    field: "output.dir".into(),
-                    message: format!("cannot create {}: {e}", out_dir.display()),
-                }])
-            })?;
         let job = Job {
             id: id.clone(),
             name: spec.name.clone(),
@@ -238,28 +324,73 @@ impl JobManager {
             created_at: now_rfc3339(),
             node: Some(self.node.clone()),
             cancel_requested: false,
+            generation: 0,
+            placement: vec![],
             revision: 0,
         };
         let key = self.keys.job(&id);
-        let txn = Txn::put_if(
-            Compare::absent(&key),
-            &key,
-            serde_json::to_vec(&job).expect("job serialises"),
-        );
-        let r = self.store.txn(txn).await?;
-        if !r.succeeded {
+        let claim = self.keys.output_claim(&job.spec.output.dir);
+        // The claim: absent, or left by a job that has ended and whose directory was
+        // emptied of its marker since (the user removed its results).
+        let claim_compare = match self.store.get(&claim).await? {
+            None => Compare::absent(&claim),
+            Some(kv) => {
+                let holder = String::from_utf8_lossy(&kv.value).to_string();
+                match self.get(&holder).await {
+                    Ok(other) if !other.phase.is_terminal() => {
+                        return Err(JobError::Conflict(format!(
+                            "output.dir {} is in use by job {} ({}); choose another directory",
+                            job.spec.output.dir, other.id, other.name
+                        )))
+                    }
+                    _ => Compare::mod_revision(&claim, kv.mod_revision),
+                }
+            }
+        };
+        let txn = Txn {
+            compares: vec![Compare::absent(&key), claim_compare],
+            success: vec![
+                TxnOp::Put {
+                    key: key.clone(),
+                    value: serde_json::to_vec(&job).expect("job serialises"),
+                    lease: 0,
+                },
+                TxnOp::Put {
+                    key: claim.clone(),
+                    value: id.clone().into_bytes(),
+                    lease: 0,
+                },
+            ],
+            failure: vec![],
+        };
+        if !self.store.txn(txn).await?.succeeded {
             return Err(JobError::Conflict(format!(
-                "job id {id} already exists; submit again"
+                "output.dir {} was claimed by another submission at the same moment; choose another directory",
+                job.spec.output.dir
             )));
+        }
+        if let Err(e) = std::fs::create_dir_all(&out_dir)
+            .and_then(|_| std::fs::write(&owner, format!("{id}\n")))
+        {
+            // Undo: the job never existed.
+            let undo = Txn {
+                compares: vec![],
+                success: vec![TxnOp::Delete { key }, TxnOp::Delete { key: claim }],
+                failure: vec![],
+            };
+            let _ = self.store.txn(undo).await;
+            return Err(JobError::Invalid(vec![FieldError {
+                field: "output.dir".into(),
+                message: format!("cannot create {}: {e}", out_dir.display()),
+            }]));
         }
         self.event(
             &id,
             EventKind::Phase,
-            format!("accepted; Pending on node {}", self.node),
+            format!("accepted by node {}; Pending", self.node),
             serde_json::Value::Null,
         )
         .await;
-        self.wake.notify_one();
         self.get(&id).await
     }
 
@@ -291,6 +422,21 @@ impl JobManager {
 
     /// Applies `f` to job `id` with compare-and-swap, retrying on concurrent changes.
     pub async fn update(&self, id: &str, mut f: impl FnMut(&mut Job)) -> Result<Job, JobError> {
+        self.update_if(id, vec![], |j| {
+            f(j);
+            true
+        })
+        .await
+    }
+
+    /// Applies `f` to job `id` with compare-and-swap while every compare of `fence` holds
+    /// too; `f` returning false leaves the record as it is ([`JobError::Stale`]).
+    pub async fn update_if(
+        &self,
+        id: &str,
+        fence: Vec<Compare>,
+        mut f: impl FnMut(&mut Job) -> bool,
+    ) -> Result<Job, JobError> {
         let key = self.keys.job(id);
         for _ in 0..100 {
             let kv = self
@@ -299,13 +445,20 @@ impl JobManager {
                 .await?
                 .ok_or_else(|| JobError::NotFound(id.into()))?;
             let mut job = decode_job(&kv).ok_or_else(|| JobError::NotFound(id.into()))?;
-            f(&mut job);
+            if !f(&mut job) {
+                return Err(JobError::Stale);
+            }
             let value = serde_json::to_vec(&job).expect("job serialises");
-            let txn = Txn::put_if(Compare::mod_revision(&key, kv.mod_revision), &key, value);
+            let mut txn = Txn::put_if(Compare::mod_revision(&key, kv.mod_revision), &key, value);
+            txn.compares.extend(fence.iter().cloned());
             let r = self.store.txn(txn).await?;
             if r.succeeded {
                 job.revision = r.revision;
                 return Ok(job);
+            }
+            // Lost to a concurrent write, or fenced: which one?
+            if !fence.is_empty() && !self.fence_holds(&fence).await? {
+                return Err(JobError::Stale);
             }
         }
         Err(JobError::Conflict(format!(
@@ -313,7 +466,38 @@ impl JobManager {
         )))
     }
 
-    /// Asks for a job to stop. A Pending job is Cancelled at once; a Running one once its ranks stop.
+    async fn fence_holds(&self, fence: &[Compare]) -> Result<bool, JobError> {
+        let probe = Txn {
+            compares: fence.to_vec(),
+            success: vec![],
+            failure: vec![],
+        };
+        Ok(self.store.txn(probe).await?.succeeded)
+    }
+
+    /// Updates job `id` on behalf of this node's ranks of generation `gen`: refused
+    /// ([`JobError::Stale`]) once the job has moved to another generation, or this node's
+    /// session has ended.
+    pub async fn update_gen(
+        &self,
+        id: &str,
+        gen: u64,
+        mut f: impl FnMut(&mut Job),
+    ) -> Result<Job, JobError> {
+        let fence = self.membership.fence().ok_or(JobError::Stale)?;
+        self.update_if(id, vec![fence], |j| {
+            if j.generation != gen || j.phase.is_terminal() {
+                return false;
+            }
+            f(j);
+            true
+        })
+        .await
+    }
+
+    /// Asks for a job to stop. A Pending job is Cancelled at once; a Running one once its
+    /// ranks have stopped (the nodes running them watch the record). Any node can cancel
+    /// any job: the decision is the record's, never a node's memory.
     pub async fn cancel(&self, id_or_name: &str) -> Result<Job, JobError> {
         let job = self.get(id_or_name).await?;
         if job.phase.is_terminal() {
@@ -323,93 +507,103 @@ impl JobManager {
                 job.phase.as_str()
             )));
         }
-        let was_pending =
-            job.phase == JobPhase::Pending && !self.running.lock().expect("lock").contains(&job.id);
         let job = self
             .update(&job.id, |j| {
+                if j.phase.is_terminal() {
+                    return;
+                }
                 j.cancel_requested = true;
-                if was_pending && j.phase == JobPhase::Pending {
+                if j.phase == JobPhase::Pending {
                     j.phase = JobPhase::Cancelled;
+                    j.placement.clear();
                     j.status.finished_at = Some(now_rfc3339());
                 }
             })
             .await?;
-        let msg = if job.phase == JobPhase::Cancelled {
-            "cancelled before it started"
-        } else {
-            "cancel requested; stopping its ranks"
+        let (kind, msg) = match job.phase {
+            JobPhase::Cancelled => (EventKind::Phase, "cancelled before it started"),
+            _ => (EventKind::Log, "cancel requested; stopping its ranks"),
         };
-        self.event(
-            &job.id,
-            if job.phase == JobPhase::Cancelled {
-                EventKind::Phase
-            } else {
-                EventKind::Log
-            },
-            msg.into(),
-            serde_json::Value::Null,
-        )
-        .await;
+        self.event(&job.id, kind, msg.into(), serde_json::Value::Null)
+            .await;
         Ok(job)
     }
 
     /// Appends an event to a job's log. Failures are logged, not returned: an event that
     /// cannot be written must not fail the job.
+    ///
+    /// The number comes from the store: the event and the job's counter are written in one
+    /// transaction that compares the counter, so writers on any node never share a
+    /// number. A node whose session has ended writes nothing.
     pub async fn event(&self, id: &str, kind: EventKind, message: String, data: serde_json::Value) {
-        // Take the next number under one lock, so concurrent writers never share one.
-        let take = |map: &mut HashMap<String, u64>, first: Option<u64>| -> Option<u64> {
-            let next = match first {
-                Some(f) => map.entry(id.to_string()).or_insert(f),
-                None => map.get_mut(id)?,
-            };
-            *next += 1;
-            Some(*next - 1)
-        };
-        let cached = take(&mut self.event_seq.lock().expect("lock"), None);
-        let seq = match cached {
-            Some(s) => s,
-            None => {
-                let first = match self.store.range(&self.keys.events(id)).await {
-                    Ok(kvs) => {
-                        kvs.last()
-                            .and_then(|kv| kv.key.rsplit('/').next()?.parse::<u64>().ok())
-                            .unwrap_or(0)
-                            + 1
-                    }
-                    Err(e) => {
-                        tracing::warn!(job = id, error = %e, "cannot read events");
-                        return;
-                    }
-                };
-                take(&mut self.event_seq.lock().expect("lock"), Some(first)).expect("inserted")
-            }
-        };
-        let ev = JobEvent {
-            seq,
+        if let Err(e) = self.try_event(id, kind, message, data).await {
+            tracing::warn!(job = id, error = %e, "cannot write event");
+        }
+    }
+
+    async fn try_event(
+        &self,
+        id: &str,
+        kind: EventKind,
+        message: String,
+        data: serde_json::Value,
+    ) -> Result<(), JobError> {
+        let counter = self.keys.event_seq(id);
+        let fence = self.membership.fence();
+        let mut ev = JobEvent {
+            seq: 0,
             time: now_rfc3339(),
             kind,
             message,
             data,
         };
-        if let Err(e) = self
-            .store
-            .put(
-                &self.keys.event(id, seq),
-                serde_json::to_vec(&ev).expect("event serialises"),
-                0,
-            )
-            .await
-        {
-            tracing::warn!(job = id, error = %e, "cannot write event");
+        for _ in 0..100 {
+            let (last, compare) = match self.store.get(&counter).await? {
+                Some(kv) => (
+                    String::from_utf8_lossy(&kv.value)
+                        .parse::<u64>()
+                        .unwrap_or(0),
+                    Compare::mod_revision(&counter, kv.mod_revision),
+                ),
+                None => (0, Compare::absent(&counter)),
+            };
+            ev.seq = last + 1;
+            let mut success = vec![
+                TxnOp::Put {
+                    key: self.keys.event(id, ev.seq),
+                    value: serde_json::to_vec(&ev).expect("event serialises"),
+                    lease: 0,
+                },
+                TxnOp::Put {
+                    key: counter.clone(),
+                    value: ev.seq.to_string().into_bytes(),
+                    lease: 0,
+                },
+            ];
+            // Retention: a job keeps its newest MAX_EVENTS events (its first ones stay
+            // too: they hold the init report and the start).
+            if ev.seq > MAX_EVENTS + KEEP_FIRST_EVENTS {
+                success.push(TxnOp::Delete {
+                    key: self.keys.event(id, ev.seq - MAX_EVENTS),
+                });
+            }
+            let mut compares = vec![compare];
+            compares.extend(fence.clone());
+            let txn = Txn {
+                compares,
+                success,
+                failure: vec![],
+            };
+            if self.store.txn(txn).await?.succeeded {
+                return Ok(());
+            }
+            if let Some(f) = &fence {
+                if !self.fence_holds(std::slice::from_ref(f)).await? {
+                    return Err(JobError::Stale);
+                }
+            }
         }
-        // Retention: a job keeps its newest MAX_EVENTS events (its first ones stay too:
-        // they hold the init report and the start).
-        if seq > MAX_EVENTS + KEEP_FIRST_EVENTS {
-            let _ = self
-                .store
-                .delete(&self.keys.event(id, seq - MAX_EVENTS))
-                .await;
-        }
+        Err(JobError::Conflict("event counter contended".into()))
     }
 
     /// Events after `after`; with `wait`, blocks up to that long for the first new one.
@@ -448,80 +642,26 @@ impl JobManager {
         })
     }
 
-    /// After a restart: this node's jobs that were Running go back to Pending and resume
-    /// from their newest checkpoint when the scheduler starts them again.
-    pub async fn recover(&self) -> Result<usize, JobError> {
-        let mut n = 0;
-        for job in self.list().await? {
-            if job.phase == JobPhase::Running && job.node.as_deref() == Some(&self.node) {
-                self.update(&job.id, |j| j.phase = JobPhase::Pending)
-                    .await?;
-                self.event(
-                    &job.id,
-                    EventKind::Phase,
-                    "the daemon restarted; Pending until it resumes from its newest checkpoint"
-                        .into(),
-                    serde_json::Value::Null,
-                )
-                .await;
-                n += 1;
-            }
-        }
-        Ok(n)
-    }
-
-    /// Starts Pending jobs while there is room; runs until the process exits.
-    pub async fn schedule_loop(self: Arc<Self>) {
-        loop {
-            if let Err(e) = self.schedule_once().await {
-                tracing::warn!(error = %e, "scheduling failed; retrying");
-            }
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
-        }
-    }
-
-    async fn schedule_once(self: &Arc<Self>) -> Result<(), JobError> {
-        let jobs = self.list().await?;
-        let mut counts: HashMap<JobPhase, i64> = HashMap::new();
-        for j in &jobs {
-            *counts.entry(j.phase).or_default() += 1;
-        }
-        for phase in [
-            JobPhase::Pending,
-            JobPhase::Running,
-            JobPhase::Succeeded,
-            JobPhase::Failed,
-            JobPhase::Cancelled,
-        ] {
-            self.metrics
-                .jobs
-                .with_label_values(&[phase.as_str()])
-                .set(counts.get(&phase).copied().unwrap_or(0));
-        }
-        for job in jobs {
-            if job.phase != JobPhase::Pending || job.node.as_deref() != Some(&self.node) {
-                continue;
-            }
-            {
-                let mut running = self.running.lock().expect("lock");
-                if running.len() >= self.config.max_running_jobs || running.contains(&job.id) {
-                    continue;
-                }
-                running.insert(job.id.clone());
-            }
-            let me = self.clone();
-            tokio::spawn(async move {
-                let id = job.id.clone();
-                supervisor::run(&me, job).await;
-                me.running.lock().expect("lock").remove(&id);
-                me.wake.notify_one();
-            });
-        }
-        Ok(())
-    }
-
-    /// Ids of the jobs running in this process.
+    /// Ids of the jobs whose ranks run in this process.
     pub fn running_jobs(&self) -> Vec<String> {
-        self.running.lock().expect("lock").iter().cloned().collect()
+        self.local.lock().expect("lock").keys().cloned().collect()
+    }
+
+    /// Claims a local attempt of (`id`, `gen`); false if one of that job already runs here.
+    pub(crate) fn claim_local(&self, id: &str, gen: u64) -> bool {
+        let mut local = self.local.lock().expect("lock");
+        if local.contains_key(id) {
+            return false;
+        }
+        local.insert(id.to_string(), gen);
+        drop(local);
+        self.membership.set_running_jobs(self.running_jobs());
+        true
+    }
+
+    pub(crate) fn release_local(&self, id: &str) {
+        self.local.lock().expect("lock").remove(id);
+        self.membership.set_running_jobs(self.running_jobs());
+        self.local_done.notify_waiters();
     }
 }

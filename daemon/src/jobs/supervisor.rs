@@ -1,118 +1,542 @@
-//! Runs one attempt of a job: starts its rank process (`ferryd worker`), turns the rank's
-//! messages into status updates and events, stops it on cancel, and records the outcome.
+//! Runs this node's share of one generation of a job: starts its rank processes
+//! (`ferryd worker`) and, on the node of rank 0, the job's teacher replicas
+//! (`ferryd teacher`); meets the other nodes' ranks through the store (each rank's ring
+//! address under the generation's rendezvous prefix); turns rank 0's messages into status
+//! updates and events; stops its processes on a cancel, a newer generation, or the end of
+//! this node's session; and reports how its ranks ended for the coordinator to decide.
 //! A rank that crashes, runs out of memory or aborts inside libtorch fails its job only.
+//!
+//! A process speaks the protocol (JSON lines) on a pipe of its own (fd 3); its stdout and
+//! stderr are log text only, so nothing a model prints can pass for a protocol message.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::process::Stdio;
 
-use ferry_cluster::api::{EventKind, Job, JobPhase, TeacherRecord};
-use ferry_cluster::store::LeaseId;
+use ferry_cluster::api::{EventKind, Job, TeacherRecord};
+use ferry_cluster::store::{Txn, TxnOp};
 use ferry_cluster::time::now_rfc3339;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
-use super::JobManager;
+use super::coordinator::Report;
+use super::{JobError, JobManager};
 use crate::protocol::{Control, Peers, Teachers, WorkerMessage, WorkerPlan};
+use crate::session::SessionInfo;
 
 /// stderr lines kept to explain a failure.
 const STDERR_TAIL: usize = 20;
-/// stderr lines forwarded as events per attempt (the rest only count).
+/// Log lines (stdout and stderr) forwarded as events per attempt (the rest only count).
 const STDERR_EVENTS: usize = 200;
+/// The longest log line kept (the rest of a longer line is dropped, and says so).
+const MAX_LOG_LINE: usize = 4096;
+/// The longest protocol line read.
+const MAX_PROTOCOL_LINE: usize = 1 << 20;
+/// The fd a process writes its protocol lines to.
+pub const PROTOCOL_FD: i32 = 3;
 
-enum Outcome {
-    Succeeded,
-    Failed(String),
-    Cancelled,
+/// How this node's ranks of a generation ended.
+#[derive(Default)]
+struct Local {
+    done: bool,
+    cancelled: bool,
+    /// The job moved to another generation, or this node's session ended: nothing to report.
+    superseded: bool,
+    failures: Vec<(u8, String)>,
+    step: Option<u64>,
 }
 
-/// Runs `job` until it ends or is cancelled; never panics, never returns an error: every
-/// failure ends up in the job's status.
-pub async fn run(m: &JobManager, job: Job) {
+/// Runs this node's ranks of `job`'s current generation, then reports how they ended.
+/// Never panics, never returns an error: every failure ends up in the report.
+pub async fn run(m: &JobManager, job: Job, session: SessionInfo) {
     let id = job.id.clone();
-    let resume = job.status.attempts > 0;
-    let job = match m
-        .update(&id, |j| {
-            j.phase = JobPhase::Running;
-            j.status.attempts += 1;
-            j.status.failure = None;
-            j.status.started_at.get_or_insert_with(now_rfc3339);
-        })
-        .await
-    {
-        Ok(j) => j,
-        Err(e) => {
-            tracing::error!(job = %id, error = %e, "cannot mark job Running");
-            return;
-        }
+    let gen = job.generation;
+    let hosts_rank0 = job.placement.first().is_some_and(|p| p.node == m.node);
+    let local = match attempt(m, &job, session).await {
+        Ok(l) => l,
+        Err(e) => Local {
+            failures: vec![(0, format!("node {}: {e:#}", m.node))],
+            ..Default::default()
+        },
     };
-    let attempt = job.status.attempts;
-    m.event(
-        &id,
-        EventKind::Phase,
-        format!(
-            "Running (attempt {attempt}{})",
-            if resume { ", resuming" } else { "" }
-        ),
-        json!(null),
-    )
-    .await;
-    let outcome = match attempt_once(m, &job, resume).await {
-        Ok(o) => o,
-        Err(e) => Outcome::Failed(format!("{e:#}")),
-    };
-    let (phase, failure, label) = match outcome {
-        Outcome::Succeeded => (JobPhase::Succeeded, None, "succeeded"),
-        Outcome::Cancelled => (JobPhase::Cancelled, None, "cancelled"),
-        Outcome::Failed(reason) => (JobPhase::Failed, Some(reason), "failed"),
+    let label = if local.superseded || local.cancelled {
+        "cancelled"
+    } else if local.failures.is_empty() {
+        "succeeded"
+    } else {
+        "failed"
     };
     m.metrics.rank_exits.with_label_values(&[label]).inc();
-    // The restart policy: back to Pending, to resume from the newest checkpoint.
-    let restarts_used = attempt.saturating_sub(1);
-    if let (JobPhase::Failed, Some(reason)) = (phase, &failure) {
-        let max = job.spec.restart.max_restarts;
-        if restarts_used < max {
-            m.event(
-                &id,
-                EventKind::Phase,
-                format!(
-                    "restarting ({} of {max} restarts) after: {reason}",
-                    restarts_used + 1
-                ),
-                json!({"reason": reason}),
-            )
-            .await;
-            let r = m
-                .update(&id, |j| {
-                    if !j.cancel_requested {
-                        j.phase = JobPhase::Pending;
-                        j.status.failure = Some(reason.clone());
-                    }
-                })
-                .await;
-            if r.is_ok_and(|j| j.phase == JobPhase::Pending) {
-                return;
+    if hosts_rank0 {
+        m.metrics.forget_job(&id, &job.name);
+    }
+    if local.superseded {
+        tracing::info!(job = %id, generation = gen, "ranks stopped: the job moved on");
+        return;
+    }
+    let mut failures = local.failures;
+    failures.sort_by_key(|(p, _)| *p);
+    let report = Report {
+        node: m.node.clone(),
+        done: local.done,
+        cancelled: local.cancelled,
+        failure: failures.into_iter().next(),
+        step: local.step,
+    };
+    let Some(fence) = m.membership.fence() else {
+        return;
+    };
+    let txn = Txn {
+        compares: vec![fence],
+        success: vec![TxnOp::Put {
+            key: m.keys.report(&id, gen, &m.node),
+            value: serde_json::to_vec(&report).expect("report serialises"),
+            lease: 0,
+        }],
+        failure: vec![],
+    };
+    // The coordinator acts on the report; retry while the store is away.
+    for i in 0..30u32 {
+        match m.store.txn(txn.clone()).await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(job = %id, error = %e, "cannot write this node's report; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(i + 1))).await;
             }
         }
     }
-    m.metrics.forget_job(&id, &job.name);
-    let msg = match &failure {
-        Some(r) => format!("Failed: {r}"),
-        None => phase.as_str().to_string(),
+}
+
+/// A teacher replica of the running attempt.
+#[derive(Default)]
+struct TeacherState {
+    pid: u32,
+    /// It has reported its address at least once (since its last start).
+    ready: bool,
+    restarts: u32,
+    reported: Option<String>,
+    tail: VecDeque<String>,
+}
+
+/// Registers a ready teacher in the store under this node's lease: it goes when the
+/// replica exits or the node does.
+async fn register_teacher(
+    m: &JobManager,
+    job: &Job,
+    replica: u32,
+    addr: &str,
+    t: &TeacherState,
+    session: SessionInfo,
+) -> anyhow::Result<()> {
+    let record = TeacherRecord {
+        job: job.id.clone(),
+        replica,
+        addr: addr.to_string(),
+        node: m.node.clone(),
+        pid: t.pid,
+        registered_at: now_rfc3339(),
     };
-    // The event first: whoever sees the terminal phase also finds its event.
-    m.event(&id, EventKind::Phase, msg, json!(null)).await;
-    if let Err(e) = m
-        .update(&id, |j| {
-            j.phase = phase;
-            j.status.failure = failure.clone();
-            j.status.finished_at = Some(now_rfc3339());
-        })
-        .await
-    {
-        tracing::error!(job = %id, error = %e, "cannot record the job's outcome");
+    m.store
+        .put(
+            &m.keys.teacher(&job.id, replica),
+            serde_json::to_vec(&record)?,
+            session.lease,
+        )
+        .await?;
+    Ok(())
+}
+
+/// Writes one line to every rank still listening on stdin.
+async fn tell_ranks(stdins: &mut BTreeMap<usize, Option<tokio::process::ChildStdin>>, line: &str) {
+    for slot in stdins.values_mut() {
+        if let Some(stdin) = slot {
+            if stdin.write_all(line.as_bytes()).await.is_err() {
+                *slot = None;
+            }
+        }
     }
-    tracing::info!(job = %id, phase = phase.as_str(), "job ended");
+}
+
+/// The teacher addresses registered for `job`, in replica order.
+async fn teacher_addrs(m: &JobManager, job: &Job) -> anyhow::Result<Vec<String>> {
+    Ok(m.store
+        .range(&m.keys.teachers(&job.id))
+        .await?
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<TeacherRecord>(&kv.value).ok())
+        .map(|t| t.addr)
+        .collect())
+}
+
+/// The ring addresses published for `job`'s generation, when every rank has published.
+async fn peers_if_complete(
+    m: &JobManager,
+    job: &Job,
+    world: usize,
+) -> anyhow::Result<Option<Vec<String>>> {
+    let kvs = m
+        .store
+        .range(&m.keys.rendezvous(&job.id, job.generation))
+        .await?;
+    if kvs.len() < world {
+        return Ok(None);
+    }
+    let mut by_rank = vec![None; world];
+    for kv in kvs {
+        let rank = kv
+            .key
+            .rsplit('/')
+            .next()
+            .and_then(|r| r.parse::<usize>().ok());
+        if let Some(r) = rank.filter(|r| *r < world) {
+            by_rank[r] = Some(String::from_utf8_lossy(&kv.value).to_string());
+        }
+    }
+    Ok(by_rank.into_iter().collect())
+}
+
+/// Why the local attempt should stop, from a new version of the job record.
+fn supersedes(job: &Job, gen: u64) -> Option<bool> {
+    if job.cancel_requested {
+        Some(true)
+    } else if job.generation != gen || job.phase != ferry_cluster::api::JobPhase::Running {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Result<Local> {
+    let gen = job.generation;
+    let world = job.placement.len().max(1);
+    let mine: Vec<usize> = (0..world)
+        .filter(|&r| job.placement.get(r).is_some_and(|p| p.node == m.node))
+        .collect();
+    let hosts_rank0 = mine.first() == Some(&0);
+    let plan = WorkerPlan {
+        job_id: job.id.clone(),
+        spec: job.spec.clone(),
+        output_dir: job.spec.output.dir.clone(),
+        threads: job
+            .spec
+            .resources
+            .threads
+            .unwrap_or_else(|| m.config.threads()),
+        resume: gen > 1,
+        progress_interval_ms: m.config.progress_interval_ms,
+        bind_ip: m.config.data_plane_ip.clone(),
+        collective_timeout_ms: m.config.collective_timeout_ms,
+        node: m.node.clone(),
+    };
+    let plan_path = m.plans_dir.join(format!("{}-g{gen}.json", job.id));
+    std::fs::write(&plan_path, serde_json::to_vec_pretty(&plan)?)?;
+    let _plan_file = RemoveOnDrop(plan_path.clone());
+
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let (kill_tx, kill_rx) = tokio::sync::watch::channel(false);
+    // However this attempt ends (an error included), its processes are killed.
+    let kill_tx = KillOnDrop(kill_tx);
+
+    // CUDA processes find NCCL through a `libnccl.so` link on their library path.
+    let cuda = job.spec.resources.device == ferry_cluster::spec::Device::Cuda;
+    let mut gpu_env: Vec<(&str, std::ffi::OsString)> = Vec::new();
+    if cuda {
+        let linked = crate::gpu::find_nccl(m.config.nccl_library.as_deref()).and_then(|lib| {
+            crate::gpu::nccl_link_dir(&m.config.data_dir, &lib)
+                .map_err(|e| format!("cannot link {}: {e}", lib.display()))
+        });
+        match linked {
+            Ok(dir) => gpu_env.push(("LD_LIBRARY_PATH", crate::gpu::library_path_with(&dir))),
+            // One rank needs no collective; several cannot do without NCCL.
+            Err(e) if world > 1 => anyhow::bail!("{world} CUDA ranks need NCCL: {e}"),
+            Err(_) => {}
+        }
+    }
+
+    // Watch first, so that no change after the placement is missed.
+    let mut watch = m
+        .store
+        .watch(&m.keys.job(&job.id), Some(job.revision + 1))
+        .await?;
+    let mut rdzv_watch = m
+        .store
+        .watch(&m.keys.rendezvous(&job.id, gen), None)
+        .await?;
+    let mut session_changes = m.membership.subscribe();
+
+    // Teachers first (on rank 0's node): they load their model while the ranks load theirs.
+    let distill = job.spec.distill.is_some();
+    let replicas = if hosts_rank0 {
+        job.spec.distill.as_ref().map_or(0, |d| d.teacher.replicas)
+    } else {
+        0
+    };
+    let max_teacher_restarts = job
+        .spec
+        .distill
+        .as_ref()
+        .map_or(0, |d| d.teacher.max_restarts);
+    let mut teachers: Vec<TeacherState> = Vec::new();
+    let mut teacher_watch = None;
+    if distill {
+        if replicas > 0 {
+            // Registrations left by an earlier generation name dead processes.
+            for kv in m.store.range(&m.keys.teachers(&job.id)).await? {
+                let _ = m.store.delete(&kv.key).await;
+            }
+        }
+        teacher_watch = Some(m.store.watch(&m.keys.teachers(&job.id), None).await?);
+    }
+    for r in 0..replicas {
+        let (pid, _stdin) = spawn_proc(
+            m,
+            &plan_path,
+            Proc::Teacher(r),
+            world,
+            tx.clone(),
+            kill_rx.clone(),
+            &gpu_env,
+        )?;
+        m.event(
+            &job.id,
+            EventKind::Log,
+            format!("teacher replica {r} started on node {} (pid {pid})", m.node),
+            json!({"teacher": r, "pid": pid, "node": m.node}),
+        )
+        .await;
+        teachers.push(TeacherState {
+            pid,
+            ..Default::default()
+        });
+    }
+    let mut stdins = BTreeMap::new();
+    for &rank in &mine {
+        let mut env = gpu_env.clone();
+        if let Some(gpu) = job.placement[rank]
+            .device
+            .strip_prefix("cuda:")
+            .and_then(|g| g.parse::<usize>().ok())
+        {
+            if let Some(dev) = crate::gpu::visible_device(gpu, usize::MAX) {
+                env.push(("CUDA_VISIBLE_DEVICES", dev.into()));
+            }
+        }
+        let (pid, stdin) = spawn_proc(
+            m,
+            &plan_path,
+            Proc::Rank(rank),
+            world,
+            tx.clone(),
+            kill_rx.clone(),
+            &env,
+        )?;
+        stdins.insert(rank, Some(stdin));
+        m.event(
+            &job.id,
+            EventKind::Log,
+            format!("rank {rank} started on node {} (pid {pid})", m.node),
+            json!({"rank": rank, "pid": pid, "node": m.node, "generation": gen}),
+        )
+        .await;
+    }
+
+    let mut local = Local::default();
+    let mut tails: BTreeMap<usize, VecDeque<String>> =
+        mine.iter().map(|&r| (r, VecDeque::new())).collect();
+    let mut reported: BTreeMap<usize, String> = BTreeMap::new();
+    let (mut log_lines, mut exited, mut peers_sent) = (0usize, 0usize, false);
+    // After the first failure, the others get a moment to report why they stopped.
+    let mut grace: Option<tokio::time::Instant> = None;
+
+    while exited < mine.len() {
+        let grace_at = grace
+            .unwrap_or_else(|| tokio::time::Instant::now() + std::time::Duration::from_secs(3600));
+        tokio::select! {
+            ev = rx.recv() => {
+                let Some((proc, ev)) = ev else { break };
+                let rank = match proc {
+                    Proc::Rank(rank) => rank,
+                    Proc::Teacher(r) => {
+                        let t = &mut teachers[r as usize];
+                        match ev {
+                            RankEvent::Protocol(l) => match serde_json::from_str::<WorkerMessage>(&l) {
+                                Ok(WorkerMessage::TeacherReady { addr, .. }) => {
+                                    t.ready = true;
+                                    register_teacher(m, job, r, &addr, t, session).await?;
+                                    m.event(&job.id, EventKind::Log, format!("teacher replica {r} serves soft labels at {addr}"), json!({"teacher": r, "addr": addr, "pid": t.pid})).await;
+                                }
+                                Ok(WorkerMessage::Failed { reason }) => t.reported = Some(reason),
+                                Ok(WorkerMessage::Log { message }) => m.event(&job.id, EventKind::Log, message, json!({"teacher": r})).await,
+                                _ => m.event(&job.id, EventKind::Log, format!("unexpected protocol line: {l}"), json!({"teacher": r})).await,
+                            },
+                            RankEvent::Stdout(l) | RankEvent::Stderr(l) => {
+                                if t.tail.len() == STDERR_TAIL {
+                                    t.tail.pop_front();
+                                }
+                                t.tail.push_back(l.clone());
+                                log_lines += 1;
+                                if log_lines <= STDERR_EVENTS {
+                                    m.event(&job.id, EventKind::Log, l, json!({"teacher": r, "stream": "output"})).await;
+                                }
+                            }
+                            RankEvent::Exited(status) => {
+                                let _ = m.store.delete(&m.keys.teacher(&job.id, r)).await;
+                                if local.cancelled || local.superseded || local.done || grace.is_some() {
+                                    continue;
+                                }
+                                let status = status?;
+                                let (_, why) = explain_exit(proc, &status, t.reported.take().as_ref(), &t.tail);
+                                if !t.ready {
+                                    // It never served: a bad teacher spec, not an outage.
+                                    local.failures.push((0, format!("{why} before serving (check distill.teacher)")));
+                                    let _ = kill_tx.send(true);
+                                } else if t.restarts < max_teacher_restarts {
+                                    t.restarts += 1;
+                                    t.ready = false;
+                                    t.tail.clear();
+                                    m.event(&job.id, EventKind::Log, format!("{why}; restarting it ({} of {max_teacher_restarts} restarts)", t.restarts), json!({"teacher": r})).await;
+                                    let (pid, _stdin) = spawn_proc(m, &plan_path, proc, world, tx.clone(), kill_rx.clone(), &gpu_env)?;
+                                    t.pid = pid;
+                                } else {
+                                    m.event(&job.id, EventKind::Log, format!("{why}; not restarted (distill.teacher.max_restarts = {max_teacher_restarts} used up)"), json!({"teacher": r})).await;
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                };
+                match ev {
+                    RankEvent::Protocol(l) => match serde_json::from_str::<WorkerMessage>(&l) {
+                        Ok(WorkerMessage::Rendezvous { addr, .. }) => {
+                            let key = m.keys.rendezvous_rank(&job.id, gen, rank);
+                            let fence = m.membership.fence().ok_or(JobError::Stale)?;
+                            let txn = Txn {
+                                compares: vec![fence],
+                                success: vec![TxnOp::Put { key, value: addr.into_bytes(), lease: session.lease }],
+                                failure: vec![],
+                            };
+                            if !m.store.txn(txn).await?.succeeded {
+                                return Err(JobError::Stale.into());
+                            }
+                        }
+                        Ok(WorkerMessage::Done { files, samples_per_sec }) => {
+                            local.done = true;
+                            let _ = m.update_gen(&job.id, gen, |j| j.status.samples_per_sec = Some(samples_per_sec)).await;
+                            m.event(&job.id, EventKind::Log, format!("wrote {}", files.join(", ")), json!({"files": files})).await;
+                        }
+                        Ok(WorkerMessage::Failed { reason }) => {
+                            reported.insert(rank, reason);
+                        }
+                        Ok(msg) if rank == 0 => {
+                            if let WorkerMessage::Progress { step, .. } = &msg {
+                                local.step = Some(*step);
+                            }
+                            handle(m, job, msg).await;
+                        }
+                        Ok(_) => {}
+                        Err(_) => m.event(&job.id, EventKind::Log, format!("unreadable protocol line: {l}"), json!({"rank": rank})).await,
+                    },
+                    RankEvent::Stdout(l) | RankEvent::Stderr(l) => {
+                        let tail = tails.entry(rank).or_default();
+                        if tail.len() == STDERR_TAIL {
+                            tail.pop_front();
+                        }
+                        tail.push_back(l.clone());
+                        log_lines += 1;
+                        if log_lines <= STDERR_EVENTS {
+                            m.event(&job.id, EventKind::Log, l, json!({"rank": rank, "stream": "output"})).await;
+                        }
+                    }
+                    RankEvent::Exited(status) => {
+                        exited += 1;
+                        stdins.insert(rank, None);
+                        let status = status?;
+                        if !status.success() && !local.cancelled && !local.superseded {
+                            let tail = tails.get(&rank).cloned().unwrap_or_default();
+                            local.failures.push(explain_exit(proc, &status, reported.get(&rank), &tail));
+                            if mine.len() == 1 {
+                                continue;
+                            }
+                            grace.get_or_insert_with(|| tokio::time::Instant::now() + std::time::Duration::from_secs(2));
+                        }
+                    }
+                }
+            }
+            ev = rdzv_watch.recv(), if !peers_sent => {
+                if !matches!(ev, Some(Ok(_))) {
+                    // The watch ended (the store restarted, or it fell behind): watch again, then list.
+                    rdzv_watch = m.store.watch(&m.keys.rendezvous(&job.id, gen), None).await?;
+                }
+                if let Some(peers) = peers_if_complete(m, job, world).await? {
+                    peers_sent = true;
+                    let line = format!("{}\n", serde_json::to_string(&Control::Peers(Peers { peers: peers.clone() }))?);
+                    tell_ranks(&mut stdins, &line).await;
+                    if hosts_rank0 {
+                        m.event(&job.id, EventKind::Log, format!("{world} ranks joined the ring"), json!({"peers": peers, "generation": gen})).await;
+                    }
+                }
+            }
+            ev = async { teacher_watch.as_mut().expect("guarded").recv().await }, if teacher_watch.is_some() => {
+                if !matches!(ev, Some(Ok(_))) {
+                    teacher_watch = Some(m.store.watch(&m.keys.teachers(&job.id), None).await?);
+                }
+                // Students learn the replicas from the store's registrations, never from the
+                // processes directly, on whichever node they run.
+                let line = format!("{}\n", serde_json::to_string(&Control::Teachers(Teachers { teachers: teacher_addrs(m, job).await? }))?);
+                tell_ranks(&mut stdins, &line).await;
+            }
+            _ = tokio::time::sleep_until(grace_at), if grace.is_some() => {
+                let _ = kill_tx.send(true);
+                grace = None;
+            }
+            _ = session_changes.changed() => {
+                if m.membership.current() != Some(session) && !local.superseded {
+                    tracing::warn!(job = %job.id, generation = gen, "this node's session ended: stopping its ranks");
+                    local.superseded = true;
+                    let _ = kill_tx.send(true);
+                }
+            }
+            ev = watch.recv(), if !local.cancelled && !local.superseded => {
+                let stop = match ev {
+                    Some(Ok(ev)) => serde_json::from_slice::<Job>(&ev.kv().value).ok().and_then(|j| supersedes(&j, gen)),
+                    // The watch ended (lagged, closed, the store restarted): read the record, watch again.
+                    _ => {
+                        if let Ok(w) = m.store.watch(&m.keys.job(&job.id), None).await {
+                            watch = w;
+                        } else {
+                            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        }
+                        m.get(&job.id).await.ok().and_then(|j| supersedes(&j, gen))
+                    }
+                };
+                match stop {
+                    Some(true) => { local.cancelled = true; let _ = kill_tx.send(true); }
+                    Some(false) => { local.superseded = true; let _ = kill_tx.send(true); }
+                    None => {}
+                }
+            }
+        }
+    }
+    let _ = kill_tx.send(true);
+    for r in 0..teachers.len() {
+        let _ = m.store.delete(&m.keys.teacher(&job.id, r as u32)).await;
+    }
+    if !mine.contains(&0) {
+        local.done = false;
+    }
+    if local.cancelled || local.superseded {
+        local.failures.clear();
+    }
+    Ok(local)
+}
+
+/// Removes the plan file when the attempt ends.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// A process of a job: a training rank, or a replica of its distillation teacher.
@@ -133,9 +557,79 @@ impl std::fmt::Display for Proc {
 
 /// What a process's task reports to the supervisor, in the order the process produced it.
 enum RankEvent {
+    /// A line on its protocol pipe.
+    Protocol(String),
     Stdout(String),
     Stderr(String),
     Exited(std::io::Result<std::process::ExitStatus>),
+}
+
+/// Reads one line of at most `max` bytes (the rest of a longer line is dropped, and the
+/// line says how much); `None` at the end of the stream.
+async fn next_line<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::new();
+    let mut dropped = 0usize;
+    loop {
+        let avail = r.fill_buf().await?;
+        if avail.is_empty() {
+            if buf.is_empty() && dropped == 0 {
+                return Ok(None);
+            }
+            break;
+        }
+        let newline = avail.iter().position(|&b| b == b'\n');
+        let chunk = &avail[..newline.unwrap_or(avail.len())];
+        let take = chunk.len().min(max.saturating_sub(buf.len()));
+        buf.extend_from_slice(&chunk[..take]);
+        dropped += chunk.len() - take;
+        let used = newline.map_or(avail.len(), |i| i + 1);
+        r.consume(used);
+        if newline.is_some() {
+            break;
+        }
+    }
+    let mut line = String::from_utf8_lossy(&buf).into_owned();
+    if dropped > 0 {
+        line.push_str(&format!(" [... {dropped} more bytes dropped]"));
+    }
+    Ok(Some(line))
+}
+
+/// Forwards every line of `r` as `wrap(line)` to `tx`.
+fn forward<R: AsyncBufRead + Unpin + Send + 'static>(
+    mut r: R,
+    max: usize,
+    proc: Proc,
+    wrap: fn(String) -> RankEvent,
+    tx: tokio::sync::mpsc::Sender<(Proc, RankEvent)>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = next_line(&mut r, max).await {
+            if tx.send((proc, wrap(l))).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// A pipe for a child's protocol lines: (read end, write end), both close-on-exec.
+fn protocol_pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    #[allow(unsafe_code)]
+    // SAFETY: pipe2 writes two new descriptors into `fds`, which we then own.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        ))
+    }
 }
 
 /// Starts `proc` (of a job of `world` ranks); its task forwards its output, then its exit,
@@ -149,6 +643,7 @@ fn spawn_proc(
     mut kill: tokio::sync::watch::Receiver<bool>,
     env: &[(&str, std::ffi::OsString)],
 ) -> anyhow::Result<(u32, tokio::process::ChildStdin)> {
+    use std::os::fd::AsRawFd;
     let mut cmd = Command::new(&m.exe);
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
     match proc {
@@ -167,51 +662,80 @@ fn spawn_proc(
             .arg("--replica")
             .arg(replica.to_string()),
     };
-    cmd.stdin(Stdio::piped())
+    let (proto_read, proto_write) = protocol_pipe()?;
+    let write_fd = proto_write.as_raw_fd();
+    cmd.env("FERRY_PROTOCOL_FD", PROTOCOL_FD.to_string())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     #[allow(unsafe_code)]
-    // SAFETY: prctl is async-signal-safe; it makes the rank die with the daemon, so a
-    // restarted daemon never finds an orphan still writing the job's output.
+    // SAFETY: prctl, dup2 and fcntl are async-signal-safe. PDEATHSIG makes the rank die
+    // with the daemon, so a restarted daemon never finds an orphan still writing the job's
+    // output; the protocol pipe's write end becomes the child's fd 3 (without close-on-exec).
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if write_fd == PROTOCOL_FD {
+                if libc::fcntl(PROTOCOL_FD, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(write_fd, PROTOCOL_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
     let mut child = cmd
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start {proc} ({}): {e}", m.exe.display()))?;
+    // Only the child writes: its exit closes the pipe.
+    drop(proto_write);
     let pid = child.id().unwrap_or(0);
     let stdin = child.stdin.take().expect("piped");
-    let mut out = BufReader::new(child.stdout.take().expect("piped")).lines();
-    let mut err = BufReader::new(child.stderr.take().expect("piped")).lines();
+    let proto = tokio::net::unix::pipe::Receiver::from_owned_fd(proto_read)?;
+    let readers = [
+        forward(
+            BufReader::new(proto),
+            MAX_PROTOCOL_LINE,
+            proc,
+            RankEvent::Protocol,
+            tx.clone(),
+        ),
+        forward(
+            BufReader::new(child.stdout.take().expect("piped")),
+            MAX_LOG_LINE,
+            proc,
+            RankEvent::Stdout,
+            tx.clone(),
+        ),
+        forward(
+            BufReader::new(child.stderr.take().expect("piped")),
+            MAX_LOG_LINE,
+            proc,
+            RankEvent::Stderr,
+            tx.clone(),
+        ),
+    ];
     tokio::spawn(async move {
-        let (mut out_open, mut err_open, mut killed) = (true, true, false);
-        while out_open || err_open {
-            tokio::select! {
-                l = out.next_line(), if out_open => match l {
-                    Ok(Some(l)) => { let _ = tx.send((proc, RankEvent::Stdout(l))).await; }
-                    _ => out_open = false,
-                },
-                l = err.next_line(), if err_open => match l {
-                    Ok(Some(l)) => { let _ = tx.send((proc, RankEvent::Stderr(l))).await; }
-                    _ => err_open = false,
-                },
-                _ = kill_requested(&mut kill), if !killed => {
-                    killed = true;
-                    let _ = child.start_kill();
-                }
-            }
-        }
         let status = tokio::select! {
             st = child.wait() => st,
-            _ = kill_requested(&mut kill), if !killed => {
+            _ = kill_requested(&mut kill) => {
                 let _ = child.start_kill();
                 child.wait().await
             }
         };
+        // Its output first, then its exit (a process it left behind holding the pipes
+        // open gets a moment, not forever).
+        for r in readers {
+            let abort = r.abort_handle();
+            if tokio::time::timeout(std::time::Duration::from_secs(5), r)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
         let _ = tx.send((proc, RankEvent::Exited(status))).await;
     });
     Ok((pid, stdin))
@@ -271,364 +795,10 @@ fn explain_exit(
     }
 }
 
-/// Lease TTL of a teacher registration: a teacher whose supervisor is gone expires.
-const TEACHER_TTL: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// A teacher replica of the running attempt.
-#[derive(Default)]
-struct TeacherState {
-    pid: u32,
-    /// It has reported its address at least once (since its last start).
-    ready: bool,
-    lease: Option<LeaseId>,
-    keepalive: Option<tokio::task::JoinHandle<()>>,
-    restarts: u32,
-    reported: Option<String>,
-    tail: VecDeque<String>,
-}
-
-impl TeacherState {
-    /// Ends its registration (students are told it is gone).
-    async fn deregister(&mut self, m: &JobManager) {
-        if let Some(k) = self.keepalive.take() {
-            k.abort();
-        }
-        if let Some(l) = self.lease.take() {
-            let _ = m.store.revoke_lease(l).await;
-        }
-    }
-}
-
-/// Registers a ready teacher in the store under a lease, kept alive while it runs.
-async fn register_teacher(
-    m: &JobManager,
-    job: &Job,
-    replica: u32,
-    addr: &str,
-    t: &mut TeacherState,
-) -> anyhow::Result<()> {
-    t.deregister(m).await;
-    let lease = m.store.grant_lease(TEACHER_TTL).await?;
-    let record = TeacherRecord {
-        job: job.id.clone(),
-        replica,
-        addr: addr.to_string(),
-        node: m.node.clone(),
-        pid: t.pid,
-        registered_at: now_rfc3339(),
-    };
-    m.store
-        .put(
-            &m.keys.teacher(&job.id, replica),
-            serde_json::to_vec(&record)?,
-            lease,
-        )
-        .await?;
-    let store = m.store.clone();
-    t.lease = Some(lease);
-    t.keepalive = Some(tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(TEACHER_TTL / 4).await;
-            if store.keep_alive(lease).await.is_err() {
-                return;
-            }
-        }
-    }));
-    Ok(())
-}
-
-/// Writes one line to every rank still listening on stdin.
-async fn tell_ranks(stdins: &mut [Option<tokio::process::ChildStdin>], line: &str) {
-    for slot in stdins.iter_mut() {
-        if let Some(stdin) = slot {
-            if stdin.write_all(line.as_bytes()).await.is_err() {
-                *slot = None;
-            }
-        }
-    }
-}
-
-/// The teacher addresses registered for `job`, in replica order.
-async fn teacher_addrs(m: &JobManager, job: &Job) -> anyhow::Result<Vec<String>> {
-    Ok(m.store
-        .range(&m.keys.teachers(&job.id))
-        .await?
-        .iter()
-        .filter_map(|kv| serde_json::from_slice::<TeacherRecord>(&kv.value).ok())
-        .map(|t| t.addr)
-        .collect())
-}
-
-async fn attempt_once(m: &JobManager, job: &Job, resume: bool) -> anyhow::Result<Outcome> {
-    let world = job.spec.resources.ranks.max(1) as usize;
-    let plan = WorkerPlan {
-        job_id: job.id.clone(),
-        spec: job.spec.clone(),
-        output_dir: job.spec.output.dir.clone(),
-        threads: job
-            .spec
-            .resources
-            .threads
-            .unwrap_or_else(|| m.config.threads()),
-        resume,
-        progress_interval_ms: m.config.progress_interval_ms,
-        bind_ip: m.config.data_plane_ip.clone(),
-        collective_timeout_ms: m.config.collective_timeout_ms,
-    };
-    let plan_path = m.plans_dir.join(format!("{}.json", job.id));
-    std::fs::write(&plan_path, serde_json::to_vec_pretty(&plan)?)?;
-
-    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
-    let (kill_tx, kill_rx) = tokio::sync::watch::channel(false);
-    // However this attempt ends (an error included), its processes are killed.
-    let kill_tx = KillOnDrop(kill_tx);
-
-    // CUDA processes find NCCL through a `libnccl.so` link on their library path.
-    let cuda = job.spec.resources.device == ferry_cluster::spec::Device::Cuda;
-    let mut gpu_env: Vec<(&str, std::ffi::OsString)> = Vec::new();
-    if cuda {
-        let linked = crate::gpu::find_nccl(m.config.nccl_library.as_deref()).and_then(|lib| {
-            crate::gpu::nccl_link_dir(&m.config.data_dir, &lib)
-                .map_err(|e| format!("cannot link {}: {e}", lib.display()))
-        });
-        match linked {
-            Ok(dir) => gpu_env.push(("LD_LIBRARY_PATH", crate::gpu::library_path_with(&dir))),
-            // One rank needs no collective; several cannot do without NCCL.
-            Err(e) if world > 1 => anyhow::bail!("{world} CUDA ranks need NCCL: {e}"),
-            Err(_) => {}
-        }
-    }
-
-    // Teachers first: they load their model while the ranks load theirs.
-    let replicas = job.spec.distill.as_ref().map_or(0, |d| d.teacher.replicas);
-    let max_teacher_restarts = job
-        .spec
-        .distill
-        .as_ref()
-        .map_or(0, |d| d.teacher.max_restarts);
-    let mut teachers: Vec<TeacherState> = Vec::new();
-    let mut teacher_watch = None;
-    if replicas > 0 {
-        // Registrations left by an earlier attempt name dead processes.
-        for kv in m.store.range(&m.keys.teachers(&job.id)).await? {
-            let _ = m.store.delete(&kv.key).await;
-        }
-        teacher_watch = Some(m.store.watch(&m.keys.teachers(&job.id), None).await?);
-        for r in 0..replicas {
-            let (pid, _stdin) = spawn_proc(
-                m,
-                &plan_path,
-                Proc::Teacher(r),
-                world,
-                tx.clone(),
-                kill_rx.clone(),
-                &gpu_env,
-            )?;
-            m.event(
-                &job.id,
-                EventKind::Log,
-                format!("teacher replica {r} started (pid {pid})"),
-                json!({"teacher": r, "pid": pid}),
-            )
-            .await;
-            teachers.push(TeacherState {
-                pid,
-                ..Default::default()
-            });
-        }
-    }
-    let mut stdins = Vec::with_capacity(world);
-    for rank in 0..world {
-        let mut env = gpu_env.clone();
-        if cuda {
-            if let Some(dev) = crate::gpu::visible_device(rank, world) {
-                env.push(("CUDA_VISIBLE_DEVICES", dev.into()));
-            }
-        }
-        let (pid, stdin) = spawn_proc(
-            m,
-            &plan_path,
-            Proc::Rank(rank),
-            world,
-            tx.clone(),
-            kill_rx.clone(),
-            &env,
-        )?;
-        stdins.push(Some(stdin));
-        m.event(
-            &job.id,
-            EventKind::Log,
-            format!("rank {rank} started (pid {pid})"),
-            json!({"rank": rank, "pid": pid}),
-        )
-        .await;
-    }
-
-    let mut watch = m
-        .store
-        .watch(&m.keys.job(&job.id), Some(job.revision + 1))
-        .await?;
-    let mut tails: Vec<VecDeque<String>> = vec![VecDeque::new(); world];
-    let mut reported: Vec<Option<String>> = vec![None; world];
-    let mut addrs: Vec<Option<String>> = vec![None; world];
-    let mut failures: Vec<(u8, String)> = Vec::new();
-    let (mut stderr_lines, mut exited, mut done, mut cancelled) = (0usize, 0usize, false, false);
-    // After the first failure, the others get a moment to report why they stopped.
-    let mut grace: Option<tokio::time::Instant> = None;
-
-    while exited < world {
-        let grace_at = grace
-            .unwrap_or_else(|| tokio::time::Instant::now() + std::time::Duration::from_secs(3600));
-        tokio::select! {
-            ev = rx.recv() => {
-                let Some((proc, ev)) = ev else { break };
-                let rank = match proc {
-                    Proc::Rank(rank) => rank,
-                    Proc::Teacher(r) => {
-                        let t = &mut teachers[r as usize];
-                        match ev {
-                            RankEvent::Stdout(l) => match serde_json::from_str::<WorkerMessage>(&l) {
-                                Ok(WorkerMessage::TeacherReady { addr, .. }) => {
-                                    t.ready = true;
-                                    register_teacher(m, job, r, &addr, t).await?;
-                                    m.event(&job.id, EventKind::Log, format!("teacher replica {r} serves soft labels at {addr}"), json!({"teacher": r, "addr": addr, "pid": t.pid})).await;
-                                }
-                                Ok(WorkerMessage::Failed { reason }) => t.reported = Some(reason),
-                                Ok(WorkerMessage::Log { message }) => m.event(&job.id, EventKind::Log, message, json!({"teacher": r})).await,
-                                _ => m.event(&job.id, EventKind::Log, l, json!({"teacher": r})).await,
-                            },
-                            RankEvent::Stderr(l) => {
-                                if t.tail.len() == STDERR_TAIL {
-                                    t.tail.pop_front();
-                                }
-                                t.tail.push_back(l.clone());
-                                stderr_lines += 1;
-                                if stderr_lines <= STDERR_EVENTS {
-                                    m.event(&job.id, EventKind::Log, l, json!({"teacher": r, "stream": "stderr"})).await;
-                                }
-                            }
-                            RankEvent::Exited(status) => {
-                                t.deregister(m).await;
-                                if cancelled || done || grace.is_some() {
-                                    continue;
-                                }
-                                let status = status?;
-                                let (_, why) = explain_exit(proc, &status, t.reported.take().as_ref(), &t.tail);
-                                if !t.ready {
-                                    // It never served: a bad teacher spec, not an outage.
-                                    failures.push((0, format!("{why} before serving (check distill.teacher)")));
-                                    let _ = kill_tx.send(true);
-                                } else if t.restarts < max_teacher_restarts {
-                                    t.restarts += 1;
-                                    t.ready = false;
-                                    t.tail.clear();
-                                    m.event(&job.id, EventKind::Log, format!("{why}; restarting it ({} of {max_teacher_restarts} restarts)", t.restarts), json!({"teacher": r})).await;
-                                    let (pid, _stdin) = spawn_proc(m, &plan_path, proc, world, tx.clone(), kill_rx.clone(), &gpu_env)?;
-                                    t.pid = pid;
-                                } else {
-                                    m.event(&job.id, EventKind::Log, format!("{why}; not restarted (distill.teacher.max_restarts = {max_teacher_restarts} used up)"), json!({"teacher": r})).await;
-                                }
-                            }
-                        }
-                        continue;
-                    }
-                };
-                match ev {
-                    RankEvent::Stdout(l) => match serde_json::from_str::<WorkerMessage>(&l) {
-                        Ok(WorkerMessage::Rendezvous { addr, .. }) => {
-                            addrs[rank] = Some(addr);
-                            if addrs.iter().all(Option::is_some) {
-                                let peers = Peers { peers: addrs.iter().flatten().cloned().collect() };
-                                let line = format!("{}\n", serde_json::to_string(&Control::Peers(peers.clone()))?);
-                                tell_ranks(&mut stdins, &line).await;
-                                m.event(&job.id, EventKind::Log, format!("{world} ranks joined the ring"), json!({"peers": peers.peers})).await;
-                            }
-                        }
-                        Ok(WorkerMessage::Done { files, samples_per_sec }) => {
-                            done = true;
-                            let _ = m.update(&job.id, |j| j.status.samples_per_sec = Some(samples_per_sec)).await;
-                            m.event(&job.id, EventKind::Log, format!("wrote {}", files.join(", ")), json!({"files": files})).await;
-                        }
-                        Ok(WorkerMessage::Failed { reason }) => reported[rank] = Some(reason),
-                        Ok(msg) => handle(m, job, msg).await,
-                        Err(_) => m.event(&job.id, EventKind::Log, l, json!({"rank": rank})).await,
-                    },
-                    RankEvent::Stderr(l) => {
-                        let tail = &mut tails[rank];
-                        if tail.len() == STDERR_TAIL {
-                            tail.pop_front();
-                        }
-                        tail.push_back(l.clone());
-                        stderr_lines += 1;
-                        if stderr_lines <= STDERR_EVENTS {
-                            m.event(&job.id, EventKind::Log, l, json!({"rank": rank, "stream": "stderr"})).await;
-                        }
-                    }
-                    RankEvent::Exited(status) => {
-                        exited += 1;
-                        stdins[rank] = None;
-                        let status = status?;
-                        if !status.success() && !cancelled {
-                            failures.push(explain_exit(proc, &status, reported[rank].as_ref(), &tails[rank]));
-                            if world == 1 {
-                                continue;
-                            }
-                            grace.get_or_insert_with(|| tokio::time::Instant::now() + std::time::Duration::from_secs(2));
-                        }
-                    }
-                }
-            }
-            ev = async { teacher_watch.as_mut().expect("guarded").recv().await }, if teacher_watch.is_some() => {
-                if !matches!(ev, Some(Ok(_))) {
-                    // The watch ended (lagged or closed): watch again, then list.
-                    teacher_watch = Some(m.store.watch(&m.keys.teachers(&job.id), None).await?);
-                }
-                // Students learn the replicas from the store's registrations, never from the
-                // processes directly: the same path cluster mode takes.
-                let line = format!("{}\n", serde_json::to_string(&Control::Teachers(Teachers { teachers: teacher_addrs(m, job).await? }))?);
-                tell_ranks(&mut stdins, &line).await;
-            }
-            _ = tokio::time::sleep_until(grace_at), if grace.is_some() => {
-                let _ = kill_tx.send(true);
-                grace = None;
-            }
-            ev = watch.recv(), if !cancelled => {
-                let wants_cancel = match ev {
-                    Some(Ok(ev)) => serde_json::from_slice::<Job>(&ev.kv().value).map(|j| j.cancel_requested).unwrap_or(false),
-                    // The watch ended (lagged or closed): read the record instead, and watch again.
-                    _ => {
-                        watch = m.store.watch(&m.keys.job(&job.id), None).await?;
-                        m.get(&job.id).await.map(|j| j.cancel_requested).unwrap_or(false)
-                    }
-                };
-                if wants_cancel {
-                    cancelled = true;
-                    let _ = kill_tx.send(true);
-                }
-            }
-        }
-    }
-    let _ = kill_tx.send(true);
-    for t in &mut teachers {
-        t.deregister(m).await;
-    }
-    let _ = std::fs::remove_file(&plan_path);
-    if cancelled {
-        return Ok(Outcome::Cancelled);
-    }
-    if failures.is_empty() && done {
-        return Ok(Outcome::Succeeded);
-    }
-    failures.sort_by_key(|(priority, _)| *priority);
-    Ok(Outcome::Failed(match failures.into_iter().next() {
-        Some((_, reason)) => reason,
-        None => "rank 0 exited without finishing its training (no `done` report)".into(),
-    }))
-}
-
 /// Turns one rank message into a status update and an event.
 async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
     let id = &job.id;
+    let gen = job.generation;
     let labels = [id.as_str(), job.name.as_str()];
     match msg {
         WorkerMessage::Started {
@@ -639,7 +809,7 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
             ..
         } => {
             let _ = m
-                .update(id, |j| {
+                .update_gen(id, gen, |j| {
                     j.status.total_steps = total_steps;
                     j.status.total_epochs = epochs;
                     j.status.step = start_step;
@@ -693,7 +863,7 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
                 m.metrics.record_distill(&labels, d);
             }
             let _ = m
-                .update(id, |j| {
+                .update_gen(id, gen, |j| {
                     j.status.epoch = epoch;
                     j.status.step = step;
                     j.status.train_loss = Some(loss);
@@ -724,7 +894,7 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
             val_accuracy,
         } => {
             let _ = m
-                .update(id, |j| j.status.val_accuracy = Some(val_accuracy))
+                .update_gen(id, gen, |j| j.status.val_accuracy = Some(val_accuracy))
                 .await;
             m.metrics
                 .job_val_accuracy
@@ -740,7 +910,7 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
         }
         WorkerMessage::Checkpoint { step, path } => {
             let _ = m
-                .update(id, |j| j.status.checkpoint = Some(path.clone()))
+                .update_gen(id, gen, |j| j.status.checkpoint = Some(path.clone()))
                 .await;
             m.event(
                 id,

@@ -19,6 +19,11 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// Whether it holds no sample.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Number of samples.
     pub fn len(&self) -> usize {
         self.labels.size()[0] as usize
@@ -32,7 +37,7 @@ impl Dataset {
 
     /// The largest label plus one.
     pub fn label_count(&self) -> i64 {
-        if self.len() == 0 {
+        if self.is_empty() {
             0
         } else {
             self.labels.max().int64_value(&[]) + 1
@@ -89,7 +94,7 @@ impl Dataset {
         } else {
             load_safetensors(path, field, labelled)?
         };
-        if ds.len() == 0 {
+        if ds.is_empty() {
             bail!("{field}: {} holds no samples", path.display());
         }
         if labelled && ds.labels.min().int64_value(&[]) < 0 {

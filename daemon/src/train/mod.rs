@@ -29,11 +29,36 @@ use model::Model;
 use optim::Optimizer;
 use sampler::Sampler;
 
-/// Prints one protocol message on stdout (the daemon reads it line by line).
-pub(crate) fn emit(msg: &WorkerMessage) {
-    let mut out = std::io::stdout().lock();
-    let _ = serde_json::to_writer(&mut out, msg);
-    let _ = out.write_all(b"\n");
+/// Where protocol lines go: the pipe the daemon gave this process (`FERRY_PROTOCOL_FD`),
+/// or stdout when started by hand.
+fn protocol_out() -> &'static std::sync::Mutex<Box<dyn Write + Send>> {
+    static OUT: std::sync::OnceLock<std::sync::Mutex<Box<dyn Write + Send>>> =
+        std::sync::OnceLock::new();
+    OUT.get_or_init(|| {
+        let fd = std::env::var("FERRY_PROTOCOL_FD")
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            .filter(|fd| *fd > 2);
+        let out: Box<dyn Write + Send> = match fd {
+            Some(fd) => {
+                use std::os::fd::FromRawFd;
+                #[allow(unsafe_code)]
+                // SAFETY: the daemon opened this fd for us (its write end of the protocol
+                // pipe); nothing else in the process uses it, and it is wrapped once.
+                Box::new(unsafe { std::fs::File::from_raw_fd(fd) })
+            }
+            None => Box::new(std::io::stdout()),
+        };
+        std::sync::Mutex::new(out)
+    })
+}
+
+/// Writes one protocol message (the daemon reads it line by line).
+pub fn emit(msg: &WorkerMessage) {
+    let mut line = serde_json::to_vec(msg).unwrap_or_default();
+    line.push(b'\n');
+    let mut out = protocol_out().lock().unwrap_or_else(|p| p.into_inner());
+    let _ = out.write_all(&line);
     let _ = out.flush();
 }
 
@@ -71,7 +96,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let spec = &plan.spec;
     tch::set_num_threads(plan.threads as i32);
     tch::set_num_interop_threads(1);
-    if world == 0 || rank >= world || world != spec.resources.ranks as usize {
+    // A generation may run on fewer nodes than asked for (down to resources.min_nodes).
+    if world == 0 || rank >= world || world > spec.resources.ranks as usize {
         bail!(
             "rank {rank} of {world} does not fit the job's resources.ranks = {}",
             spec.resources.ranks

@@ -1,0 +1,506 @@
+//! The coordinator: one node at a time, elected on its lease, places Pending jobs and
+//! decides what follows each generation of a Running one (success, a new generation on
+//! the nodes that remain, a restart, a failure, a cancel). Any node's API accepts and
+//! answers every request; only the coordinator moves jobs between generations.
+//!
+//! The election is a key created absent under the node's lease: when the coordinator
+//! dies, its lease expires and the key with it, and the next node to try takes over. Every
+//! write the coordinator makes compares that key's `create_revision` (its term) and its
+//! own session, so a deposed coordinator writes nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_cluster::api::{EventKind, Job, JobPhase, Node, RankPlacement};
+use ferry_cluster::place::{self, Decision, Demand, Load, NodeView};
+use ferry_cluster::spec::JobSpec;
+use ferry_cluster::store::{Compare, CompareOp, CompareTarget, Txn, TxnOp};
+use ferry_cluster::time::now_rfc3339;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{nap, wake_on_changes, JobError, JobManager};
+
+/// How long the coordinator waits for the other nodes' reports after the first failure
+/// of a generation, so that the cause is named, not its echo.
+const FAILURE_GRACE: Duration = Duration::from_secs(3);
+/// How long a node that failed a job is avoided for it.
+const COOL_DOWN: Duration = Duration::from_secs(60);
+
+/// How one node's ranks of one generation ended, written by that node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub node: String,
+    /// Rank 0 ran here and finished its training (final files written).
+    pub done: bool,
+    /// The ranks were stopped for a cancel.
+    pub cancelled: bool,
+    /// Why they failed: (priority, reason); lower priorities explain higher ones.
+    pub failure: Option<(u8, String)>,
+    /// The last step rank 0 reported, if it ran here.
+    pub step: Option<u64>,
+}
+
+/// A node as placement sees it.
+pub fn view(n: &Node) -> NodeView {
+    NodeView {
+        name: n.name.clone(),
+        session: n.session,
+        role: n.role.clone(),
+        cuda_devices: n.cuda_devices,
+        max_jobs: n.max_jobs,
+        labels: n.labels.clone(),
+    }
+}
+
+/// What a job asks placement for.
+pub fn demand(id: &str, spec: &JobSpec, cooling: BTreeSet<String>) -> Demand {
+    let r = &spec.resources;
+    Demand {
+        job: id.to_string(),
+        nodes: r.nodes.max(1),
+        min_nodes: r.min_nodes(),
+        ranks_per_node: r.ranks_per_node().max(1),
+        device: r.device,
+        node_selector: r.node_selector.clone(),
+        cooling,
+    }
+}
+
+/// Why a generation ended badly.
+enum Cause {
+    /// A rank (or a teacher) failed: the restart policy decides.
+    Rank(String),
+    /// A node is gone: the job moves on without it, whatever the restart policy.
+    NodeLost(String),
+}
+
+#[derive(Default)]
+struct State {
+    /// The term this node coordinates in (the election key's create_revision).
+    term: Option<u64>,
+    first_failure: HashMap<(String, u64), Instant>,
+    cooling: HashMap<String, HashMap<String, Instant>>,
+    /// The last waiting reason logged per job (logged again only when it changes).
+    waiting: HashMap<String, String>,
+}
+
+/// Coordinates whenever this node holds the election; runs until the process exits.
+pub async fn run(m: Arc<JobManager>) {
+    let notify = Arc::new(tokio::sync::Notify::new());
+    let p = m.keys.clone();
+    let _watches = [
+        wake_on_changes(m.store.clone(), p.jobs(), notify.clone()),
+        wake_on_changes(m.store.clone(), p.nodes(), notify.clone()),
+        wake_on_changes(m.store.clone(), p.reports_root(), notify.clone()),
+        wake_on_changes(m.store.clone(), p.coordinator(), notify.clone()),
+    ];
+    let mut st = State::default();
+    loop {
+        match elect(&m, &mut st).await {
+            Ok(true) => {
+                if let Err(e) = coordinate(&m, &mut st).await {
+                    tracing::warn!(error = %e, "coordinating failed; retrying");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot reach the store for the election"),
+        }
+        // Changes wake it at once; the timer serves the failure grace and cool-downs.
+        nap(&notify, Duration::from_secs(1)).await;
+    }
+}
+
+/// Takes or keeps the election; true while this node coordinates.
+async fn elect(m: &JobManager, st: &mut State) -> Result<bool, JobError> {
+    let Some(session) = m.membership.current() else {
+        st.term = None;
+        return Ok(false);
+    };
+    let key = m.keys.coordinator();
+    let kv = match m.store.get(&key).await? {
+        Some(kv) => kv,
+        None => {
+            let txn = Txn {
+                compares: vec![Compare::absent(&key)],
+                success: vec![TxnOp::Put {
+                    key: key.clone(),
+                    value: m.node.clone().into_bytes(),
+                    lease: session.lease,
+                }],
+                failure: vec![],
+            };
+            match m.store.txn(txn).await {
+                Ok(r) if r.succeeded => {}
+                Ok(_) => return Ok(false),
+                // The lease just ended: the session will be renewed.
+                Err(ferry_cluster::store::StoreError::LeaseNotFound(_)) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+            match m.store.get(&key).await? {
+                Some(kv) => kv,
+                None => return Ok(false),
+            }
+        }
+    };
+    let mine = kv.lease == session.lease;
+    if mine && st.term != Some(kv.create_revision) {
+        tracing::info!(
+            term = kv.create_revision,
+            "this node coordinates the cluster"
+        );
+        st.first_failure.clear();
+    }
+    st.term = mine.then_some(kv.create_revision);
+    Ok(mine)
+}
+
+/// The compares that fence the coordinator's writes to its term and session.
+fn fence(m: &JobManager, st: &State) -> Vec<Compare> {
+    let mut f = vec![Compare {
+        key: m.keys.coordinator(),
+        op: CompareOp::Equal,
+        target: CompareTarget::CreateRevision(st.term.unwrap_or(u64::MAX)),
+    }];
+    f.extend(m.membership.fence());
+    f
+}
+
+async fn coordinate(m: &JobManager, st: &mut State) -> Result<(), JobError> {
+    let nodes: BTreeMap<String, Node> = m
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|n| (n.name.clone(), n))
+        .collect();
+    for job in m.list().await? {
+        if job.phase == JobPhase::Running {
+            evaluate(m, st, &job, &nodes).await?;
+        }
+    }
+    schedule(m, st, &nodes).await
+}
+
+/// Looks at a Running job's generation and acts once its outcome is known.
+async fn evaluate(
+    m: &JobManager,
+    st: &mut State,
+    job: &Job,
+    nodes: &BTreeMap<String, Node>,
+) -> Result<(), JobError> {
+    let gen = job.generation;
+    let reports: BTreeMap<String, Report> = m
+        .store
+        .range(&m.keys.reports(&job.id, gen))
+        .await?
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<Report>(&kv.value).ok())
+        .map(|r| (r.node.clone(), r))
+        .collect();
+    let placed: BTreeMap<&str, u64> = job
+        .placement
+        .iter()
+        .map(|p| (p.node.as_str(), p.session))
+        .collect();
+    let mut lost = Vec::new();
+    let mut pending = Vec::new();
+    for (&node, &session) in &placed {
+        if reports.contains_key(node) {
+            continue;
+        }
+        match nodes.get(node) {
+            Some(n) if n.session == session => pending.push(node),
+            Some(_) => lost.push(format!(
+                "node {node} left and registered again (it restarted, or its lease expired) while running generation {gen}"
+            )),
+            None => lost.push(format!(
+                "node {node} is gone: its lease expired (no keep-alive for {} s)",
+                m.config.node_ttl().as_secs_f64()
+            )),
+        }
+    }
+    if job.cancel_requested {
+        if pending.is_empty() {
+            finish(m, st, job, JobPhase::Cancelled, None).await?;
+        }
+        return Ok(());
+    }
+    let mut failures: Vec<(u8, u8, String)> = reports
+        .values()
+        .filter_map(|r| r.failure.clone())
+        .map(|(p, why)| (p, 0, why))
+        .collect();
+    failures.extend(lost.iter().map(|why| (1, 1, why.clone())));
+    if failures.is_empty() {
+        if pending.is_empty() {
+            if reports.values().any(|r| r.done) {
+                finish(m, st, job, JobPhase::Succeeded, None).await?;
+            } else {
+                let why = "rank 0 exited without finishing its training (no `done` report)";
+                finish(m, st, job, JobPhase::Failed, Some(why.into())).await?;
+            }
+        }
+        return Ok(());
+    }
+    let first = *st
+        .first_failure
+        .entry((job.id.clone(), gen))
+        .or_insert_with(Instant::now);
+    if !pending.is_empty() && first.elapsed() < FAILURE_GRACE {
+        return Ok(());
+    }
+    failures.sort();
+    let (_, kind, why) = failures.swap_remove(0);
+    let cause = if kind == 1 {
+        Cause::NodeLost(why)
+    } else {
+        Cause::Rank(why)
+    };
+    let failed_nodes: Vec<String> = reports
+        .values()
+        .filter(|r| r.failure.as_ref().is_some_and(|(p, _)| *p < 2))
+        .map(|r| r.node.clone())
+        .chain(
+            placed
+                .keys()
+                .filter(|n| !reports.contains_key(**n) && !pending.contains(n))
+                .map(|n| n.to_string()),
+        )
+        .collect();
+    let cooling = st.cooling.entry(job.id.clone()).or_default();
+    for n in failed_nodes {
+        cooling.insert(n, Instant::now());
+    }
+    next_generation(m, st, job, cause, &reports).await
+}
+
+/// Ends generation `job.generation` badly: back to Pending for the next one (placed by
+/// [`schedule`] at once if there is room), or Failed when the restart policy is used up.
+async fn next_generation(
+    m: &JobManager,
+    st: &mut State,
+    job: &Job,
+    cause: Cause,
+    reports: &BTreeMap<String, Report>,
+) -> Result<(), JobError> {
+    let gen = job.generation;
+    let max = job.spec.restart.max_restarts;
+    let steps_done = reports.values().filter_map(|r| r.step).max();
+    let (reason, counted) = match &cause {
+        Cause::Rank(r) => (r.clone(), true),
+        Cause::NodeLost(r) => (r.clone(), false),
+    };
+    if counted && job.status.restarts >= max {
+        return finish(m, st, job, JobPhase::Failed, Some(reason)).await;
+    }
+    let text = if counted {
+        format!(
+            "restarting ({} of {max} restarts) after: {reason}",
+            job.status.restarts + 1
+        )
+    } else {
+        format!("generation {gen} ended: {reason}; the job moves to the nodes that remain")
+    };
+    m.event(
+        &job.id,
+        EventKind::Phase,
+        text,
+        json!({"reason": reason, "generation": gen, "node_lost": !counted, "step": steps_done,
+               "checkpoint": job.status.checkpoint}),
+    )
+    .await;
+    let r = m
+        .update_if(&job.id, fence(m, st), |j| {
+            if j.generation != gen || j.phase != JobPhase::Running {
+                return false;
+            }
+            if j.cancel_requested {
+                j.phase = JobPhase::Cancelled;
+                j.status.finished_at = Some(now_rfc3339());
+            } else {
+                j.phase = JobPhase::Pending;
+            }
+            j.placement.clear();
+            j.status.failure = Some(reason.clone());
+            if counted {
+                j.status.restarts += 1;
+            }
+            true
+        })
+        .await;
+    forget_generation(m, job, gen).await;
+    match r {
+        Ok(_) | Err(JobError::Stale) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Records a job's end: the event first, so whoever sees the terminal phase finds it.
+async fn finish(
+    m: &JobManager,
+    st: &mut State,
+    job: &Job,
+    phase: JobPhase,
+    failure: Option<String>,
+) -> Result<(), JobError> {
+    let gen = job.generation;
+    let msg = match &failure {
+        Some(r) => format!("Failed: {r}"),
+        None => phase.as_str().to_string(),
+    };
+    m.event(&job.id, EventKind::Phase, msg, json!(null)).await;
+    let r = m
+        .update_if(&job.id, fence(m, st), |j| {
+            if j.generation != gen || j.phase.is_terminal() {
+                return false;
+            }
+            j.phase = phase;
+            j.status.failure = failure.clone();
+            j.status.finished_at = Some(now_rfc3339());
+            true
+        })
+        .await;
+    forget_generation(m, job, gen).await;
+    st.cooling.remove(&job.id);
+    st.first_failure.retain(|(id, _), _| id != &job.id);
+    tracing::info!(job = %job.id, phase = phase.as_str(), "job ended");
+    match r {
+        Ok(_) | Err(JobError::Stale) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes a finished generation's rendezvous and reports.
+async fn forget_generation(m: &JobManager, job: &Job, gen: u64) {
+    let txn = Txn {
+        compares: vec![],
+        success: vec![
+            TxnOp::DeletePrefix {
+                prefix: m.keys.rendezvous(&job.id, gen),
+            },
+            TxnOp::DeletePrefix {
+                prefix: m.keys.reports(&job.id, gen),
+            },
+        ],
+        failure: vec![],
+    };
+    if let Err(e) = m.store.txn(txn).await {
+        tracing::warn!(job = %job.id, error = %e, "cannot remove an old generation's keys");
+    }
+}
+
+/// Places Pending jobs, in queue order, on the nodes with room.
+async fn schedule(
+    m: &JobManager,
+    st: &mut State,
+    nodes: &BTreeMap<String, Node>,
+) -> Result<(), JobError> {
+    let jobs = m.list().await?;
+    let mut running = Load::default();
+    for j in jobs.iter().filter(|j| j.phase == JobPhase::Running) {
+        running.add(&j.placement);
+    }
+    let now = Instant::now();
+    let queue: Vec<&Job> = jobs
+        .iter()
+        .filter(|j| j.phase == JobPhase::Pending && !j.cancel_requested)
+        .collect();
+    let demands: Vec<Demand> = queue
+        .iter()
+        .map(|j| {
+            let cooling = st
+                .cooling
+                .get_mut(&j.id)
+                .map(|c| {
+                    c.retain(|_, t| now.duration_since(*t) < COOL_DOWN);
+                    c.keys().cloned().collect()
+                })
+                .unwrap_or_default();
+            demand(&j.id, &j.spec, cooling)
+        })
+        .collect();
+    let views: Vec<NodeView> = nodes.values().map(view).collect();
+    for (job, (_, decision)) in queue
+        .into_iter()
+        .zip(place::place(&demands, &views, &running))
+    {
+        match decision {
+            Decision::Place(p) => {
+                st.waiting.remove(&job.id);
+                start(m, st, job, p).await?;
+            }
+            Decision::Wait(why) | Decision::Unfit(why) => {
+                if st.waiting.get(&job.id) != Some(&why) {
+                    m.event(
+                        &job.id,
+                        EventKind::Log,
+                        format!("waiting for nodes: {why}"),
+                        json!(null),
+                    )
+                    .await;
+                    st.waiting.insert(job.id.clone(), why);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts the next generation of `job` on `placement`.
+async fn start(
+    m: &JobManager,
+    st: &State,
+    job: &Job,
+    placement: Vec<RankPlacement>,
+) -> Result<(), JobError> {
+    let gen = job.generation + 1;
+    let r = m
+        .update_if(&job.id, fence(m, st), |j| {
+            if j.phase != JobPhase::Pending || j.cancel_requested || j.generation + 1 != gen {
+                return false;
+            }
+            j.phase = JobPhase::Running;
+            j.generation = gen;
+            j.placement = placement.clone();
+            j.status.attempts += 1;
+            j.status.started_at.get_or_insert_with(now_rfc3339);
+            true
+        })
+        .await;
+    let job = match r {
+        Ok(j) => j,
+        Err(JobError::Stale) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut spans: Vec<(String, usize, usize)> = Vec::new();
+    for (rank, p) in placement.iter().enumerate() {
+        match spans.last_mut() {
+            Some((n, _, last)) if *n == p.node => *last = rank,
+            _ => spans.push((p.node.clone(), rank, rank)),
+        }
+    }
+    let on: Vec<String> = spans
+        .iter()
+        .map(|(n, a, b)| {
+            if a == b {
+                format!("{n} (rank {a})")
+            } else {
+                format!("{n} (ranks {a}-{b})")
+            }
+        })
+        .collect();
+    m.event(
+        &job.id,
+        EventKind::Phase,
+        format!(
+            "Running (attempt {}{}): generation {gen} on {}",
+            job.status.attempts,
+            if gen > 1 { ", resuming" } else { "" },
+            on.join(", ")
+        ),
+        json!({"generation": gen, "placement": placement}),
+    )
+    .await;
+    Ok(())
+}

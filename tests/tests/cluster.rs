@@ -1,0 +1,253 @@
+//! Cluster mode: several `ferryd` nodes on one real etcd, each on its own loopback address
+//! (127.0.0.1x) as if on its own host, sharing one outputs root.
+
+use std::time::{Duration, Instant};
+
+use ferry_cluster::api::{Job, JobPhase, NodeList};
+use ferry_tests::etcd::{unique_prefix, Etcd};
+use ferry_tests::{pid_alive, rank_pid, run_python, Daemon, NodeOpts};
+
+/// `n` nodes of a fresh cluster on `etcd`, named a, b, c, ... on 127.0.0.(base + i).
+fn cluster(etcd: &Etcd, n: usize, base: u8, out: &std::path::Path) -> Vec<Daemon> {
+    let name = unique_prefix("c").trim_start_matches('/').replace('/', "-");
+    let nodes: Vec<Daemon> = (0..n)
+        .map(|i| {
+            Daemon::start_node(NodeOpts {
+                etcd: etcd.endpoint(),
+                cluster: name.clone(),
+                name: ((b'a' + i as u8) as char).to_string(),
+                ip: format!("127.0.0.{}", base + i as u8),
+                out: out.to_path_buf(),
+            })
+        })
+        .collect();
+    // Every node sees every other before the test goes on.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while nodes_of(&nodes[0]).len() < n {
+        assert!(Instant::now() < deadline, "the nodes did not all register");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nodes
+}
+
+fn nodes_of(d: &Daemon) -> Vec<String> {
+    let (status, body) = d.get("/v1/nodes");
+    assert_eq!(status, 200, "{body}");
+    let list: NodeList = serde_json::from_value(body).unwrap();
+    list.nodes.into_iter().map(|n| n.name).collect()
+}
+
+/// Unary requests etcd has served (every get, put, txn, lease grant, ...), from its metrics.
+fn etcd_requests(etcd: &Etcd) -> f64 {
+    etcd.metrics()
+        .lines()
+        .filter(|l| {
+            l.starts_with("grpc_server_handled_total{") && l.contains("grpc_type=\"unary\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn mlp_job(name: &str, ranks: u32, nodes: u32, epochs: u32) -> String {
+    format!(
+        "name: {name}\nmodel: {{arch: torchscript, path: mlp.pt}}\n\
+         data: {{train: {{path: train.safetensors}}, val: {{path: val}}, channels: 1}}\n\
+         train: {{epochs: {epochs}, batch_size: 8, seed: 3, checkpoint_every_steps: 20, optimizer: {{name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}}}}\n\
+         resources: {{ranks: {ranks}, nodes: {nodes}, threads: 1}}\noutput: {{dir: {name}}}\n"
+    )
+}
+
+fn placed_nodes(job: &Job) -> Vec<String> {
+    let mut n: Vec<String> = job.placement.iter().map(|p| p.node.clone()).collect();
+    n.dedup();
+    n
+}
+
+fn messages(d: &Daemon, id: &str) -> Vec<String> {
+    d.events(id).events.into_iter().map(|e| e.message).collect()
+}
+
+#[test]
+fn three_nodes_train_a_three_rank_job_as_one_node_does() {
+    let etcd = Etcd::new();
+    let out = tempfile::tempdir().unwrap();
+    let nodes = cluster(&etcd, 3, 11, out.path());
+    let (requests, started) = (etcd_requests(&etcd), Instant::now());
+    let job = nodes[0].submit(&mlp_job("spread", 3, 3, 2));
+    // Any node answers for any job.
+    let end = nodes[2].wait_terminal(&job.id, Duration::from_secs(180));
+    let (requests, secs) = (
+        etcd_requests(&etcd) - requests,
+        started.elapsed().as_secs_f64(),
+    );
+    // Progress goes to the store at the rank's report rate (100 ms in these tests), never
+    // per step: the count per step falls as steps get faster.
+    eprintln!(
+        "etcd requests during the job (3 nodes, polling included): {requests} in {secs:.1} s, {:.2} per step over {} steps",
+        requests / end.status.step as f64,
+        end.status.step
+    );
+    assert_eq!(
+        end.phase,
+        JobPhase::Succeeded,
+        "{:?}\n{}",
+        end.status,
+        messages(&nodes[1], &job.id).join("\n")
+    );
+    assert_eq!(placed_nodes(&end), ["a", "b", "c"]);
+    assert_eq!(end.generation, 1);
+    for d in &nodes {
+        assert_eq!(nodes_of(d), ["a", "b", "c"]);
+        let ctl = d.ctl(&["get", "spread"]);
+        assert!(String::from_utf8_lossy(&ctl.stdout).contains("Succeeded"));
+    }
+    // The same job on one standalone node, three ranks there.
+    let alone = Daemon::start();
+    let one = alone.submit(&mlp_job("alone", 3, 1, 2));
+    let one = alone.wait_terminal(&one.id, Duration::from_secs(180));
+    assert_eq!(one.phase, JobPhase::Succeeded, "{:?}", one.status);
+    let diff = run_python(
+        "close_tensors.py",
+        &[
+            alone
+                .out()
+                .join("alone/model.safetensors")
+                .to_str()
+                .unwrap(),
+            out.path()
+                .join("spread/model.safetensors")
+                .to_str()
+                .unwrap(),
+            "0",
+        ],
+    );
+    eprintln!("3 nodes against 1 node, 3 ranks each: {}", diff.trim());
+    assert_eq!(end.status.val_accuracy, one.status.val_accuracy);
+}
+
+#[test]
+fn a_job_submitted_to_one_node_is_cancelled_from_another() {
+    let etcd = Etcd::new();
+    let out = tempfile::tempdir().unwrap();
+    let nodes = cluster(&etcd, 3, 21, out.path());
+    let job = nodes[0].submit(&mlp_job("stop-me", 2, 2, 1000));
+    let running = nodes[1].wait_for(&job.id, Duration::from_secs(60), "steps", |j| {
+        j.status.step > 0
+    });
+    let pid = rank_pid(&nodes[0], &job.id, 0);
+    let ctl = nodes[2].ctl(&["cancel", "stop-me"]);
+    assert!(
+        ctl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ctl.stderr)
+    );
+    let end = nodes[0].wait_terminal(&job.id, Duration::from_secs(30));
+    assert_eq!(end.phase, JobPhase::Cancelled);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!pid_alive(pid), "rank 0 ({pid}) still runs");
+    assert_eq!(placed_nodes(&running).len(), 2);
+    // A second job with the same output dir is refused on any node while it is claimed.
+    let (status, _) = nodes[1].post("/v1/jobs", &mlp_job("stop-me", 2, 2, 1));
+    assert_eq!(status, 422);
+}
+
+#[test]
+fn a_killed_node_costs_a_generation_not_the_job() {
+    let etcd = Etcd::new();
+    let out = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(&etcd, 3, 31, out.path());
+    let job = nodes[0].submit(&mlp_job("survive", 2, 2, 12));
+    let before = nodes[0].wait_for(&job.id, Duration::from_secs(90), "a checkpoint", |j| {
+        j.status.checkpoint.is_some() && j.status.step >= 40
+    });
+    // Kill a placed node that is not rank 0's: the job's status is written from rank 0's.
+    let victim = placed_nodes(&before)[1].clone();
+    let idx = (victim.as_bytes()[0] - b'a') as usize;
+    let killed_at = Instant::now();
+    nodes[idx].kill();
+    let witness = if idx == 0 { 1 } else { 0 };
+    let moved = nodes[witness].wait_for(&job.id, Duration::from_secs(60), "generation 2", |j| {
+        j.generation >= 2 && j.phase == JobPhase::Running && j.status.step > before.status.step
+    });
+    eprintln!(
+        "training again on {:?} {:.1} s after the kill",
+        placed_nodes(&moved),
+        killed_at.elapsed().as_secs_f64()
+    );
+    assert!(!placed_nodes(&moved).contains(&victim));
+    let end = nodes[witness].wait_terminal(&job.id, Duration::from_secs(240));
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    assert_eq!(end.status.restarts, 0, "a lost node is not a restart");
+    // 400 samples in global batches of 16, 12 epochs; not a step skipped or repeated.
+    assert_eq!((end.status.step, end.status.total_steps), (300, 300));
+    let msgs = messages(&nodes[witness], &job.id);
+    let change = msgs
+        .iter()
+        .find(|m| m.starts_with("generation 1 ended"))
+        .unwrap_or_else(|| panic!("no generation change in:\n{}", msgs.join("\n")));
+    assert!(
+        change.contains(&format!("node {victim}")) && change.contains("lease expired"),
+        "{change}"
+    );
+    assert!(msgs
+        .iter()
+        .any(|m| m.starts_with("training resumed at step")));
+}
+
+#[test]
+fn a_paused_node_fences_itself_and_the_coordinator_can_die() {
+    let etcd = Etcd::new();
+    let out = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(&etcd, 3, 41, out.path());
+    let coordinator = nodes
+        .iter()
+        .position(|d| d.log().contains("this node coordinates the cluster"))
+        .expect("a coordinator");
+    let job = nodes[0].submit(&mlp_job("frozen", 2, 2, 12));
+    let before = nodes[0].wait_for(&job.id, Duration::from_secs(90), "a checkpoint", |j| {
+        j.status.checkpoint.is_some() && j.status.step >= 40
+    });
+    let placed = placed_nodes(&before);
+    // Pause a placed node past its lease (3 s), and keep it paused until the job moved on.
+    let frozen = placed
+        .iter()
+        .map(|n| (n.as_bytes()[0] - b'a') as usize)
+        .find(|&i| i != coordinator)
+        .expect("a placed node that does not coordinate");
+    let witness = (0..3).find(|&i| i != frozen).unwrap();
+    nodes[frozen].pause();
+    let moved = nodes[witness].wait_for(&job.id, Duration::from_secs(60), "generation 2", |j| {
+        j.generation >= 2 && j.phase == JobPhase::Running
+    });
+    let gen2 = moved.generation;
+    nodes[frozen].resume();
+    // It fences itself and comes back as a new member.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !nodes[frozen].log().contains("lease expired: fencing") {
+        assert!(Instant::now() < deadline, "{}", nodes[frozen].log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Now the coordinator dies: another node takes over, the job completes.
+    let survivor = (0..3).find(|&i| i != coordinator).unwrap();
+    nodes[coordinator].kill();
+    let end = nodes[survivor].wait_terminal(&job.id, Duration::from_secs(240));
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    assert!(nodes
+        .iter()
+        .enumerate()
+        .any(|(i, d)| i != coordinator && d.log().contains("this node coordinates the cluster")));
+    // Nothing of generation 1 was written after generation 2 started.
+    let events = nodes[survivor].events(&job.id).events;
+    let start2 = events
+        .iter()
+        .position(|e| {
+            e.data["generation"].as_u64() == Some(gen2) && e.message.starts_with("Running")
+        })
+        .expect("generation 2 started");
+    let stale: Vec<_> = events[start2..]
+        .iter()
+        .filter(|e| e.data["generation"].as_u64().is_some_and(|g| g < gen2))
+        .map(|e| e.message.clone())
+        .collect();
+    assert!(stale.is_empty(), "stale writes accepted: {stale:?}");
+}
