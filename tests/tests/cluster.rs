@@ -251,3 +251,33 @@ fn a_paused_node_fences_itself_and_the_coordinator_can_die() {
         .collect();
     assert!(stale.is_empty(), "stale writes accepted: {stale:?}");
 }
+
+#[test]
+fn training_goes_on_while_etcd_is_down_and_nothing_is_lost() {
+    let mut etcd = Etcd::new();
+    let out = tempfile::tempdir().unwrap();
+    let nodes = cluster(&etcd, 2, 51, out.path());
+    let job = nodes[0].submit(&mlp_job("outage", 2, 2, 12));
+    let before = nodes[1].wait_for(&job.id, Duration::from_secs(90), "steps", |j| {
+        j.status.step >= 20
+    });
+    let events_before = nodes[1].events(&job.id).events.len();
+    etcd.stop();
+    // The API says the store is away, clearly; the ranks train on.
+    let (status, body) = nodes[0].get(&format!("/v1/jobs/{}", job.id));
+    assert_eq!(status, 503, "{body}");
+    std::thread::sleep(Duration::from_secs(10));
+    etcd.start();
+    let end = nodes[0].wait_terminal(&job.id, Duration::from_secs(240));
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    assert_eq!(
+        end.generation, before.generation,
+        "the outage cost a generation"
+    );
+    assert_eq!((end.status.step, end.status.total_steps), (300, 300));
+    let events = nodes[1].events(&job.id).events;
+    assert!(events.len() > events_before);
+    // Event numbers stay dense and unique across the outage.
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+}

@@ -40,6 +40,13 @@ pub struct Report {
     pub failure: Option<(u8, String)>,
     /// The last step rank 0 reported, if it ran here.
     pub step: Option<u64>,
+    /// Rank 0's last numbers (so that what the store missed during an outage is not lost).
+    #[serde(default)]
+    pub samples_per_sec: Option<f64>,
+    #[serde(default)]
+    pub train_loss: Option<f64>,
+    #[serde(default)]
+    pub val_accuracy: Option<f64>,
 }
 
 /// A node as placement sees it.
@@ -234,8 +241,25 @@ async fn evaluate(
     failures.extend(lost.iter().map(|why| (1, 1, why.clone())));
     if failures.is_empty() {
         if pending.is_empty() {
-            if reports.values().any(|r| r.done) {
-                finish(m, st, job, JobPhase::Succeeded, None).await?;
+            if let Some(r) = reports.values().find(|r| r.done) {
+                // Rank 0's last numbers, in case the store missed them (an outage).
+                let last = r.clone();
+                let _ = m
+                    .update_if(&job.id, fence(m, st), |j| {
+                        if j.generation != gen || j.phase != JobPhase::Running {
+                            return false;
+                        }
+                        j.status.step = j.status.step.max(last.step.unwrap_or(0));
+                        j.status.epoch = j.status.total_epochs;
+                        j.status.samples_per_sec =
+                            last.samples_per_sec.or(j.status.samples_per_sec);
+                        j.status.train_loss = last.train_loss.or(j.status.train_loss);
+                        j.status.val_accuracy = last.val_accuracy.or(j.status.val_accuracy);
+                        true
+                    })
+                    .await;
+                let job = m.get(&job.id).await?;
+                finish(m, st, &job, JobPhase::Succeeded, None).await?;
             } else {
                 let why = "rank 0 exited without finishing its training (no `done` report)";
                 finish(m, st, job, JobPhase::Failed, Some(why.into())).await?;

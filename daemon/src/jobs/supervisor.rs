@@ -44,6 +44,9 @@ struct Local {
     superseded: bool,
     failures: Vec<(u8, String)>,
     step: Option<u64>,
+    samples_per_sec: Option<f64>,
+    train_loss: Option<f64>,
+    val_accuracy: Option<f64>,
 }
 
 /// Runs this node's ranks of `job`'s current generation, then reports how they ended.
@@ -82,6 +85,9 @@ pub async fn run(m: &JobManager, job: Job, session: SessionInfo) {
         cancelled: local.cancelled,
         failure: failures.into_iter().next(),
         step: local.step,
+        samples_per_sec: local.samples_per_sec,
+        train_loss: local.train_loss,
+        val_accuracy: local.val_accuracy,
     };
     let Some(fence) = m.membership.fence() else {
         return;
@@ -195,6 +201,32 @@ async fn peers_if_complete(
     Ok(by_rank.into_iter().collect())
 }
 
+/// A watch on `prefix` from now; `None` (after a pause) while the store is unreachable,
+/// so that an outage of the store never stops the ranks: the caller tries again later.
+async fn rewatch(m: &JobManager, prefix: &str) -> Option<ferry_cluster::store::Watcher> {
+    match m.store.watch(prefix, None).await {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::debug!(%prefix, error = %e, "cannot watch; retrying");
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            None
+        }
+    }
+}
+
+/// Waits for the next change of an optional watch; without one, for a retry interval.
+async fn next_change(
+    w: &mut Option<ferry_cluster::store::Watcher>,
+) -> Option<Result<ferry_cluster::store::WatchEvent, ferry_cluster::store::StoreError>> {
+    match w {
+        Some(w) => w.recv().await,
+        None => {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            None
+        }
+    }
+}
+
 /// Why the local attempt should stop, from a new version of the job record.
 fn supersedes(job: &Job, gen: u64) -> Option<bool> {
     if job.cancel_requested {
@@ -254,14 +286,16 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
     }
 
     // Watch first, so that no change after the placement is missed.
-    let mut watch = m
-        .store
-        .watch(&m.keys.job(&job.id), Some(job.revision + 1))
-        .await?;
-    let mut rdzv_watch = m
-        .store
-        .watch(&m.keys.rendezvous(&job.id, gen), None)
-        .await?;
+    let mut watch = Some(
+        m.store
+            .watch(&m.keys.job(&job.id), Some(job.revision + 1))
+            .await?,
+    );
+    let mut rdzv_watch = Some(
+        m.store
+            .watch(&m.keys.rendezvous(&job.id, gen), None)
+            .await?,
+    );
     let mut session_changes = m.membership.subscribe();
 
     // Teachers first (on rank 0's node): they load their model while the ranks load theirs.
@@ -421,6 +455,7 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                         }
                         Ok(WorkerMessage::Done { files, samples_per_sec }) => {
                             local.done = true;
+                            local.samples_per_sec = Some(samples_per_sec);
                             let _ = m.update_gen(&job.id, gen, |j| j.status.samples_per_sec = Some(samples_per_sec)).await;
                             m.event(&job.id, EventKind::Log, format!("wrote {}", files.join(", ")), json!({"files": files})).await;
                         }
@@ -428,8 +463,16 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                             reported.insert(rank, reason);
                         }
                         Ok(msg) if rank == 0 => {
-                            if let WorkerMessage::Progress { step, .. } = &msg {
-                                local.step = Some(*step);
+                            match &msg {
+                                WorkerMessage::Progress { step, loss, .. } => {
+                                    local.step = Some(*step);
+                                    local.train_loss = Some(*loss);
+                                }
+                                WorkerMessage::Eval { step, val_accuracy, .. } => {
+                                    local.step = Some(local.step.unwrap_or(0).max(*step));
+                                    local.val_accuracy = Some(*val_accuracy);
+                                }
+                                _ => {}
                             }
                             handle(m, job, msg).await;
                         }
@@ -462,12 +505,12 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                     }
                 }
             }
-            ev = rdzv_watch.recv(), if !peers_sent => {
+            ev = next_change(&mut rdzv_watch), if !peers_sent => {
                 if !matches!(ev, Some(Ok(_))) {
                     // The watch ended (the store restarted, or it fell behind): watch again, then list.
-                    rdzv_watch = m.store.watch(&m.keys.rendezvous(&job.id, gen), None).await?;
+                    rdzv_watch = rewatch(m, &m.keys.rendezvous(&job.id, gen)).await;
                 }
-                if let Some(peers) = peers_if_complete(m, job, world).await? {
+                if let Ok(Some(peers)) = peers_if_complete(m, job, world).await {
                     peers_sent = true;
                     let line = format!("{}\n", serde_json::to_string(&Control::Peers(Peers { peers: peers.clone() }))?);
                     tell_ranks(&mut stdins, &line).await;
@@ -476,14 +519,16 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                     }
                 }
             }
-            ev = async { teacher_watch.as_mut().expect("guarded").recv().await }, if teacher_watch.is_some() => {
+            ev = next_change(&mut teacher_watch), if distill => {
                 if !matches!(ev, Some(Ok(_))) {
-                    teacher_watch = Some(m.store.watch(&m.keys.teachers(&job.id), None).await?);
+                    teacher_watch = rewatch(m, &m.keys.teachers(&job.id)).await;
                 }
                 // Students learn the replicas from the store's registrations, never from the
                 // processes directly, on whichever node they run.
-                let line = format!("{}\n", serde_json::to_string(&Control::Teachers(Teachers { teachers: teacher_addrs(m, job).await? }))?);
-                tell_ranks(&mut stdins, &line).await;
+                if let Ok(teachers) = teacher_addrs(m, job).await {
+                    let line = format!("{}\n", serde_json::to_string(&Control::Teachers(Teachers { teachers }))?);
+                    tell_ranks(&mut stdins, &line).await;
+                }
             }
             _ = tokio::time::sleep_until(grace_at), if grace.is_some() => {
                 let _ = kill_tx.send(true);
@@ -496,16 +541,12 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                     let _ = kill_tx.send(true);
                 }
             }
-            ev = watch.recv(), if !local.cancelled && !local.superseded => {
+            ev = next_change(&mut watch), if !local.cancelled && !local.superseded => {
                 let stop = match ev {
                     Some(Ok(ev)) => serde_json::from_slice::<Job>(&ev.kv().value).ok().and_then(|j| supersedes(&j, gen)),
                     // The watch ended (lagged, closed, the store restarted): read the record, watch again.
                     _ => {
-                        if let Ok(w) = m.store.watch(&m.keys.job(&job.id), None).await {
-                            watch = w;
-                        } else {
-                            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                        }
+                        watch = rewatch(m, &m.keys.job(&job.id)).await;
                         m.get(&job.id).await.ok().and_then(|j| supersedes(&j, gen))
                     }
                 };
