@@ -8,12 +8,17 @@ use std::time::Duration;
 
 use ferry_cluster::api::JobPhase;
 
-use super::{nap, supervisor, wake_on_changes, JobManager};
+use super::{lifecycle_changes, nap, supervisor, wake_on_changes, JobManager};
 
 /// Runs the ranks placed on this node; runs until the process exits.
 pub async fn run(m: Arc<JobManager>) {
     let notify = Arc::new(tokio::sync::Notify::new());
-    let _watch = wake_on_changes(m.store.clone(), m.keys.jobs(), notify.clone());
+    let _watch = wake_on_changes(
+        m.store.clone(),
+        m.keys.jobs(),
+        notify.clone(),
+        lifecycle_changes(),
+    );
     let mut session_changes = m.membership.subscribe();
     loop {
         if let Some(session) = m.membership.current() {

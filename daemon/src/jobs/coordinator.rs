@@ -20,7 +20,7 @@ use ferry_cluster::time::now_rfc3339;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{nap, wake_on_changes, JobError, JobManager};
+use super::{any_change, lifecycle_changes, nap, wake_on_changes, JobError, JobManager};
 
 /// How long the coordinator waits for the other nodes' reports after the first failure
 /// of a generation, so that the cause is named, not its echo.
@@ -91,6 +91,10 @@ struct State {
     cooling: HashMap<String, HashMap<String, Instant>>,
     /// The last waiting reason logged per job (logged again only when it changes).
     waiting: HashMap<String, String>,
+    /// A job record changed in this round: list again before placing.
+    changed: bool,
+    /// A generation waits out its failure grace: look again soon, even without a change.
+    grace_pending: bool,
 }
 
 /// Coordinates whenever this node holds the election; runs until the process exits.
@@ -98,10 +102,20 @@ pub async fn run(m: Arc<JobManager>) {
     let notify = Arc::new(tokio::sync::Notify::new());
     let p = m.keys.clone();
     let _watches = [
-        wake_on_changes(m.store.clone(), p.jobs(), notify.clone()),
-        wake_on_changes(m.store.clone(), p.nodes(), notify.clone()),
-        wake_on_changes(m.store.clone(), p.reports_root(), notify.clone()),
-        wake_on_changes(m.store.clone(), p.coordinator(), notify.clone()),
+        wake_on_changes(
+            m.store.clone(),
+            p.jobs(),
+            notify.clone(),
+            lifecycle_changes(),
+        ),
+        wake_on_changes(m.store.clone(), p.nodes(), notify.clone(), any_change),
+        wake_on_changes(
+            m.store.clone(),
+            p.reports_root(),
+            notify.clone(),
+            any_change,
+        ),
+        wake_on_changes(m.store.clone(), p.coordinator(), notify.clone(), any_change),
     ];
     let mut st = State::default();
     loop {
@@ -114,8 +128,10 @@ pub async fn run(m: Arc<JobManager>) {
             Ok(false) => {}
             Err(e) => tracing::debug!(error = %e, "cannot reach the store for the election"),
         }
-        // Changes wake it at once; the timer serves the failure grace and cool-downs.
-        nap(&notify, Duration::from_secs(1)).await;
+        // Changes wake it at once; the timer serves the failure grace (and, seldom, a
+        // look at a quiet cluster).
+        let timer = if st.grace_pending { 1 } else { 10 };
+        nap(&notify, Duration::from_secs(timer)).await;
     }
 }
 
@@ -181,12 +197,14 @@ async fn coordinate(m: &JobManager, st: &mut State) -> Result<(), JobError> {
         .into_iter()
         .map(|n| (n.name.clone(), n))
         .collect();
-    for job in m.list().await? {
-        if job.phase == JobPhase::Running {
-            evaluate(m, st, &job, &nodes).await?;
-        }
+    st.changed = false;
+    st.grace_pending = false;
+    let jobs = m.list().await?;
+    for job in jobs.iter().filter(|j| j.phase == JobPhase::Running) {
+        evaluate(m, st, job, &nodes).await?;
     }
-    schedule(m, st, &nodes).await
+    let jobs = if st.changed { m.list().await? } else { jobs };
+    schedule(m, st, &nodes, jobs).await
 }
 
 /// Looks at a Running job's generation and acts once its outcome is known.
@@ -242,24 +260,8 @@ async fn evaluate(
     if failures.is_empty() {
         if pending.is_empty() {
             if let Some(r) = reports.values().find(|r| r.done) {
-                // Rank 0's last numbers, in case the store missed them (an outage).
                 let last = r.clone();
-                let _ = m
-                    .update_if(&job.id, fence(m, st), |j| {
-                        if j.generation != gen || j.phase != JobPhase::Running {
-                            return false;
-                        }
-                        j.status.step = j.status.step.max(last.step.unwrap_or(0));
-                        j.status.epoch = j.status.total_epochs;
-                        j.status.samples_per_sec =
-                            last.samples_per_sec.or(j.status.samples_per_sec);
-                        j.status.train_loss = last.train_loss.or(j.status.train_loss);
-                        j.status.val_accuracy = last.val_accuracy.or(j.status.val_accuracy);
-                        true
-                    })
-                    .await;
-                let job = m.get(&job.id).await?;
-                finish(m, st, &job, JobPhase::Succeeded, None).await?;
+                finish_with(m, st, job, JobPhase::Succeeded, None, Some(&last)).await?;
             } else {
                 let why = "rank 0 exited without finishing its training (no `done` report)";
                 finish(m, st, job, JobPhase::Failed, Some(why.into())).await?;
@@ -272,6 +274,7 @@ async fn evaluate(
         .entry((job.id.clone(), gen))
         .or_insert_with(Instant::now);
     if !pending.is_empty() && first.elapsed() < FAILURE_GRACE {
+        st.grace_pending = true;
         return Ok(());
     }
     failures.sort();
@@ -308,6 +311,7 @@ async fn next_generation(
     cause: Cause,
     reports: &BTreeMap<String, Report>,
 ) -> Result<(), JobError> {
+    st.changed = true;
     let gen = job.generation;
     let max = job.spec.restart.max_restarts;
     let steps_done = reports.values().filter_map(|r| r.step).max();
@@ -368,6 +372,20 @@ async fn finish(
     phase: JobPhase,
     failure: Option<String>,
 ) -> Result<(), JobError> {
+    finish_with(m, st, job, phase, failure, None).await
+}
+
+/// [`finish`], also taking rank 0's last numbers from its node's report (the store may
+/// have missed its last progress writes, during an outage).
+async fn finish_with(
+    m: &JobManager,
+    st: &mut State,
+    job: &Job,
+    phase: JobPhase,
+    failure: Option<String>,
+    last: Option<&Report>,
+) -> Result<(), JobError> {
+    st.changed = true;
     let gen = job.generation;
     let msg = match &failure {
         Some(r) => format!("Failed: {r}"),
@@ -382,6 +400,13 @@ async fn finish(
             j.phase = phase;
             j.status.failure = failure.clone();
             j.status.finished_at = Some(now_rfc3339());
+            if let Some(last) = last {
+                j.status.step = j.status.step.max(last.step.unwrap_or(0));
+                j.status.epoch = j.status.total_epochs;
+                j.status.samples_per_sec = last.samples_per_sec.or(j.status.samples_per_sec);
+                j.status.train_loss = last.train_loss.or(j.status.train_loss);
+                j.status.val_accuracy = last.val_accuracy.or(j.status.val_accuracy);
+            }
             true
         })
         .await;
@@ -419,8 +444,8 @@ async fn schedule(
     m: &JobManager,
     st: &mut State,
     nodes: &BTreeMap<String, Node>,
+    jobs: Vec<Job>,
 ) -> Result<(), JobError> {
-    let jobs = m.list().await?;
     let mut running = Load::default();
     for j in jobs.iter().filter(|j| j.phase == JobPhase::Running) {
         running.add(&j.placement);

@@ -24,7 +24,7 @@ use ferry_cluster::keys::Keys;
 use ferry_cluster::paths::{RootKind, Roots};
 use ferry_cluster::place;
 use ferry_cluster::spec::{Arch, Device, JobSpec};
-use ferry_cluster::store::{Compare, Store, StoreError, Txn, TxnOp};
+use ferry_cluster::store::{Compare, Store, StoreError, Txn, TxnOp, WatchEvent};
 use ferry_cluster::time::now_rfc3339;
 
 use crate::config::Config;
@@ -68,6 +68,9 @@ pub struct JobManager {
     pub standalone: bool,
     /// Local attempts running in this process: job id to generation.
     local: Mutex<HashMap<String, u64>>,
+    /// Per job, the event counter as this node last wrote it (number, mod_revision): a
+    /// hint that saves reading it back; a stale hint only costs one failed compare.
+    event_hints: Mutex<HashMap<String, (u64, u64)>>,
     /// Woken when local attempts end.
     pub(crate) local_done: tokio::sync::Notify,
 }
@@ -99,25 +102,26 @@ pub(crate) async fn nap(notify: &tokio::sync::Notify, timeout: Duration) {
     let _ = tokio::time::timeout(timeout, notify.notified()).await;
 }
 
-/// Keeps a watch on `prefix` and fires `notify` on every change, and again after the watch
-/// had to be re-created (the store restarted, the watcher fell behind): whoever waits
-/// lists again, so no change is missed.
+/// Keeps a watch on `prefix` and fires `notify` on every change that `relevant` keeps, and
+/// always after the watch had to be re-created (the store restarted, the watcher fell
+/// behind): whoever waits lists again, so no change is missed.
 pub(crate) fn wake_on_changes(
     store: Arc<dyn Store>,
     prefix: String,
     notify: Arc<tokio::sync::Notify>,
+    mut relevant: impl FnMut(&WatchEvent) -> bool + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
             match store.watch(&prefix, None).await {
                 Ok(mut w) => {
-                    notify.notify_waiters();
                     notify.notify_one();
-                    while let Some(Ok(_)) = w.recv().await {
+                    while let Some(Ok(ev)) = w.recv().await {
                         backoff = Duration::from_millis(100);
-                        notify.notify_waiters();
-                        notify.notify_one();
+                        if relevant(&ev) {
+                            notify.notify_one();
+                        }
                     }
                 }
                 Err(e) => tracing::debug!(%prefix, error = %e, "cannot watch; retrying"),
@@ -126,6 +130,31 @@ pub(crate) fn wake_on_changes(
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     })
+}
+
+/// Every change is relevant.
+pub(crate) fn any_change(_: &WatchEvent) -> bool {
+    true
+}
+
+/// A filter for watches on the job records that keeps only lifecycle changes (a new or
+/// removed job, its phase, generation or cancel request), not the progress that rank 0's
+/// node writes every report: those wake no coordinator and no agent.
+pub(crate) fn lifecycle_changes() -> impl FnMut(&WatchEvent) -> bool + Send + 'static {
+    let mut seen: HashMap<String, (JobPhase, u64, bool)> = HashMap::new();
+    move |ev| match ev {
+        WatchEvent::Delete(kv) => {
+            seen.remove(&kv.key);
+            true
+        }
+        WatchEvent::Put(kv) => match serde_json::from_slice::<Job>(&kv.value) {
+            Ok(j) => {
+                let now = (j.phase, j.generation, j.cancel_requested);
+                seen.insert(kv.key.clone(), now) != Some(now)
+            }
+            Err(_) => true,
+        },
+    }
 }
 
 impl JobManager {
@@ -154,6 +183,7 @@ impl JobManager {
             membership,
             standalone,
             local: Mutex::new(HashMap::new()),
+            event_hints: Mutex::new(HashMap::new()),
             local_done: tokio::sync::Notify::new(),
         }))
     }
@@ -235,10 +265,13 @@ impl JobManager {
             .collect())
     }
 
-    /// Refuses a job that no registered node could ever run (too few GPUs, no node
-    /// matching its selector), with the reason. Without any node registered yet it passes:
-    /// the job waits for nodes, and its events say so.
+    /// Standalone: refuses a job that this node can never run (too few GPUs, a selector
+    /// its labels do not match), with the reason. In a cluster such a job is accepted and
+    /// waits for nodes that fit (its events say so).
     async fn check_fits(&self, spec: &JobSpec) -> Result<(), JobError> {
+        if !self.standalone {
+            return Ok(());
+        }
         let nodes = self.nodes().await?;
         if nodes.is_empty() {
             return Ok(());
@@ -281,14 +314,10 @@ impl JobManager {
         } else {
             ("resources.nodes", reason)
         };
-        // In a cluster more nodes may join: only a standalone node refuses for good.
-        if self.standalone || r.device == Device::Cuda {
-            return Err(JobError::Invalid(vec![FieldError {
-                field: field.into(),
-                message,
-            }]));
-        }
-        Ok(())
+        Err(JobError::Invalid(vec![FieldError {
+            field: field.into(),
+            message,
+        }]))
     }
 
     /// Validates, resolves and records a new job as Pending. The job record and the claim
@@ -594,7 +623,19 @@ impl JobManager {
                 success,
                 failure: vec![],
             };
-            if self.store.txn(txn).await?.succeeded {
+            let r = self.store.txn(txn).await?;
+            {
+                let mut hints = self.event_hints.lock().expect("lock");
+                if r.succeeded {
+                    if hints.len() >= 10_000 {
+                        hints.clear();
+                    }
+                    hints.insert(id.to_string(), (ev.seq, r.revision));
+                } else {
+                    hints.remove(id);
+                }
+            }
+            if r.succeeded {
                 return Ok(());
             }
             if let Some(f) = &fence {

@@ -24,10 +24,10 @@ use super::{JobError, JobManager};
 use crate::protocol::{Control, Peers, Teachers, WorkerMessage, WorkerPlan};
 use crate::session::SessionInfo;
 
-/// stderr lines kept to explain a failure.
-const STDERR_TAIL: usize = 20;
-/// Log lines (stdout and stderr) forwarded as events per attempt (the rest only count).
-const STDERR_EVENTS: usize = 200;
+/// Log lines (stdout and stderr) kept per process to explain a failure.
+const LOG_TAIL: usize = 20;
+/// Log lines forwarded as events per attempt (the rest only count).
+const LOG_EVENTS: usize = 200;
 /// The longest log line kept (the rest of a longer line is dropped, and says so).
 const MAX_LOG_LINE: usize = 4096;
 /// The longest protocol line read.
@@ -403,16 +403,7 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                                 Ok(WorkerMessage::Log { message }) => m.event(&job.id, EventKind::Log, message, json!({"teacher": r})).await,
                                 _ => m.event(&job.id, EventKind::Log, format!("unexpected protocol line: {l}"), json!({"teacher": r})).await,
                             },
-                            RankEvent::Stdout(l) | RankEvent::Stderr(l) => {
-                                if t.tail.len() == STDERR_TAIL {
-                                    t.tail.pop_front();
-                                }
-                                t.tail.push_back(l.clone());
-                                log_lines += 1;
-                                if log_lines <= STDERR_EVENTS {
-                                    m.event(&job.id, EventKind::Log, l, json!({"teacher": r, "stream": "output"})).await;
-                                }
-                            }
+                            RankEvent::Log(l) => log_line(m, job, &mut t.tail, &mut log_lines, l, json!({"teacher": r, "stream": "output"})).await,
                             RankEvent::Exited(status) => {
                                 let _ = m.store.delete(&m.keys.teacher(&job.id, r)).await;
                                 if local.cancelled || local.superseded || local.done || grace.is_some() {
@@ -479,17 +470,7 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                         Ok(_) => {}
                         Err(_) => m.event(&job.id, EventKind::Log, format!("unreadable protocol line: {l}"), json!({"rank": rank})).await,
                     },
-                    RankEvent::Stdout(l) | RankEvent::Stderr(l) => {
-                        let tail = tails.entry(rank).or_default();
-                        if tail.len() == STDERR_TAIL {
-                            tail.pop_front();
-                        }
-                        tail.push_back(l.clone());
-                        log_lines += 1;
-                        if log_lines <= STDERR_EVENTS {
-                            m.event(&job.id, EventKind::Log, l, json!({"rank": rank, "stream": "output"})).await;
-                        }
-                    }
+                    RankEvent::Log(l) => log_line(m, job, tails.entry(rank).or_default(), &mut log_lines, l, json!({"rank": rank, "stream": "output"})).await,
                     RankEvent::Exited(status) => {
                         exited += 1;
                         stdins.insert(rank, None);
@@ -562,13 +543,30 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
     for r in 0..teachers.len() {
         let _ = m.store.delete(&m.keys.teacher(&job.id, r as u32)).await;
     }
-    if !mine.contains(&0) {
-        local.done = false;
-    }
     if local.cancelled || local.superseded {
         local.failures.clear();
     }
     Ok(local)
+}
+
+/// Keeps a process's log line in its tail, and forwards it as an event while the
+/// attempt's budget of log events lasts.
+async fn log_line(
+    m: &JobManager,
+    job: &Job,
+    tail: &mut VecDeque<String>,
+    count: &mut usize,
+    line: String,
+    data: serde_json::Value,
+) {
+    if tail.len() == LOG_TAIL {
+        tail.pop_front();
+    }
+    tail.push_back(line.clone());
+    *count += 1;
+    if *count <= LOG_EVENTS {
+        m.event(&job.id, EventKind::Log, line, data).await;
+    }
 }
 
 /// Removes the plan file when the attempt ends.
@@ -600,8 +598,8 @@ impl std::fmt::Display for Proc {
 enum RankEvent {
     /// A line on its protocol pipe.
     Protocol(String),
-    Stdout(String),
-    Stderr(String),
+    /// A line of its stdout or stderr.
+    Log(String),
     Exited(std::io::Result<std::process::ExitStatus>),
 }
 
@@ -747,14 +745,14 @@ fn spawn_proc(
             BufReader::new(child.stdout.take().expect("piped")),
             MAX_LOG_LINE,
             proc,
-            RankEvent::Stdout,
+            RankEvent::Log,
             tx.clone(),
         ),
         forward(
             BufReader::new(child.stderr.take().expect("piped")),
             MAX_LOG_LINE,
             proc,
-            RankEvent::Stderr,
+            RankEvent::Log,
             tx.clone(),
         ),
     ];
