@@ -9,14 +9,17 @@ cd "$(dirname "$0")/.."
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 # System packages: a C++ compiler for the TorchScript shim, Python's venv, promtool for
-# checking the metrics exposition in tests, etcd for the etcd store's tests, and protoc for
-# etcd-client's build script.
+# checking the metrics exposition in tests, etcd for the etcd store's tests, and protoc (with
+# its well-known types) for etcd-client's build script.
 need=()
 command -v g++ >/dev/null || need+=(g++)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/*.proto) come with libprotobuf-dev, which
+# --no-install-recommends leaves out; etcd-client's protos import them.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing system packages: ${need[*]}"

@@ -27,6 +27,26 @@ pub struct WorkerPlan {
     /// The node the process runs on (names node-local files, such as the soft-label cache).
     #[serde(default)]
     pub node: String,
+    /// The job's generation this process belongs to (tags its ring, and its metrics lines).
+    #[serde(default)]
+    pub generation: u64,
+}
+
+impl WorkerPlan {
+    /// The ring tag of this plan's job and generation (FNV-1a), the same on every node.
+    pub fn ring_tag(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self
+            .job_id
+            .bytes()
+            .chain(*b"/")
+            .chain(self.generation.to_le_bytes())
+        {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h
+    }
 }
 
 /// What the daemon writes on a rank's stdin once every rank has reported its address.
@@ -44,12 +64,31 @@ pub struct Teachers {
     pub teachers: Vec<String>,
 }
 
+/// What the daemon writes on a rank's stdin when its generation ends while it runs (a newer
+/// generation replaces it on this node): the rank breaks its ring, saves its state if it is
+/// its node's saver and has trained since its start, and exits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stop {
+    /// Why, for the rank's last words.
+    pub stop: String,
+}
+
+/// The daemon's answer to a rank's [`WorkerMessage::MaySave`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaveAnswer {
+    /// Save: the node still holds the session the rank was started in, and the job was
+    /// not cancelled.
+    pub save: bool,
+}
+
 /// Any line the daemon writes on a rank's stdin.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Control {
     Peers(Peers),
     Teachers(Teachers),
+    Stop(Stop),
+    Save(SaveAnswer),
 }
 
 /// A student's distillation counters, sent with its progress.
@@ -127,6 +166,21 @@ pub enum WorkerMessage {
     Checkpoint {
         step: u64,
         path: String,
+    },
+    /// A rank whose ring broke asks before it saves its state into the shared outputs: a
+    /// node that was cut off (paused, partitioned) past its lease must write nothing.
+    MaySave {
+        step: u64,
+    },
+    /// A rank whose ring broke (a peer died, or the daemon stopped the generation) holds
+    /// the state of the last step every rank completed, and saved it for the next
+    /// generation at `path` (`written`), or found it there already (a checkpoint of that
+    /// step, or another node's save).
+    Rescued {
+        step: u64,
+        path: String,
+        written: bool,
+        reason: String,
     },
     /// Training finished; final files written.
     Done {

@@ -65,11 +65,18 @@ impl Membership {
     /// The compare that fences a write to this session: it fails once the node's record
     /// is gone or belongs to a later session. `None` while unregistered.
     pub fn fence(&self) -> Option<Compare> {
-        self.current().map(|s| Compare {
+        self.current().map(|s| self.fence_for(s))
+    }
+
+    /// The compare that holds only while `session` is this node's registration: what a
+    /// task started in that session (a local attempt) carries, so that nothing it writes
+    /// lands after the node has registered again under a new one.
+    pub fn fence_for(&self, session: SessionInfo) -> Compare {
+        Compare {
             key: self.key.clone(),
             op: ferry_cluster::store::CompareOp::Equal,
-            target: ferry_cluster::store::CompareTarget::CreateRevision(s.session),
-        })
+            target: ferry_cluster::store::CompareTarget::CreateRevision(session.session),
+        }
     }
 
     /// Updates the published record (written at the next keep-alive if it changed).

@@ -67,6 +67,42 @@ fn messages(d: &Daemon, id: &str) -> Vec<String> {
     d.events(id).events.into_iter().map(|e| e.message).collect()
 }
 
+/// The step a surviving rank held when generation `gen - 1`'s ring broke (and what it said:
+/// it saved that state, or a checkpoint of that step had it already), and the start step
+/// and steps lost of generation `gen`.
+fn rescued_then_resumed(d: &Daemon, id: &str, gen: u64) -> (u64, String, u64, u64) {
+    let resumed = |e: &ferry_cluster::api::JobEvent| {
+        e.message.starts_with("training resumed") && e.data["generation"].as_u64() == Some(gen)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut events = d.events(id).events;
+    while !events.iter().any(resumed) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        events = d.events(id).events;
+    }
+    let all = || {
+        events
+            .iter()
+            .map(|e| e.message.clone())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let rescue = events
+        .iter()
+        .find(|e| e.data["rescue"] == true && e.data["generation"].as_u64() == Some(gen - 1))
+        .unwrap_or_else(|| panic!("no survivor saved generation {}:\n{}", gen - 1, all()));
+    let resumed = events
+        .iter()
+        .find(|e| resumed(e))
+        .unwrap_or_else(|| panic!("generation {gen} did not resume:\n{}", all()));
+    (
+        rescue.data["step"].as_u64().unwrap(),
+        rescue.message.clone(),
+        resumed.data["start_step"].as_u64().unwrap(),
+        resumed.data["steps_lost"].as_u64().unwrap(),
+    )
+}
+
 #[test]
 fn three_nodes_train_a_three_rank_job_as_one_node_does() {
     let etcd = Etcd::new();
@@ -189,9 +225,16 @@ fn a_killed_node_costs_a_generation_not_the_job() {
         change.contains(&format!("node {victim}")) && change.contains("lease expired"),
         "{change}"
     );
-    assert!(msgs
-        .iter()
-        .any(|m| m.starts_with("training resumed at step")));
+    // The survivor saved what it held when the ring broke; generation 2 resumed from it.
+    let (saved, why, start, lost) =
+        rescued_then_resumed(&nodes[witness], &job.id, moved.generation);
+    eprintln!(
+        "{why}; generation {} resumed at step {start}, {lost} steps lost",
+        moved.generation
+    );
+    assert_eq!(start, saved);
+    assert_eq!(lost, 0);
+    assert!(saved >= before.status.step);
 }
 
 #[test]
@@ -220,6 +263,12 @@ fn a_paused_node_fences_itself_and_the_coordinator_can_die() {
         j.generation >= 2 && j.phase == JobPhase::Running
     });
     let gen2 = moved.generation;
+    // The other placed node's ranks were stopped for generation 2 (their ring blocked on the
+    // paused peer): they saved their state, and generation 2 resumed from it.
+    let (saved, why, start, lost) = rescued_then_resumed(&nodes[witness], &job.id, gen2);
+    assert!(why.contains("the daemon stopped it"), "{why}");
+    assert_eq!((start, lost), (saved, 0));
+    assert!(saved >= before.status.step);
     nodes[frozen].resume();
     // It fences itself and comes back as a new member.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -244,9 +293,13 @@ fn a_paused_node_fences_itself_and_the_coordinator_can_die() {
             e.data["generation"].as_u64() == Some(gen2) && e.message.starts_with("Running")
         })
         .expect("generation 2 started");
+    // (What generation 1's survivor reported of the state it saved is not stale: its node
+    // kept its session.)
+    let frozen_name = ((b'a' + frozen as u8) as char).to_string();
     let stale: Vec<_> = events[start2..]
         .iter()
         .filter(|e| e.data["generation"].as_u64().is_some_and(|g| g < gen2))
+        .filter(|e| !(e.data["rescue"] == true && e.data["node"] != frozen_name.as_str()))
         .map(|e| e.message.clone())
         .collect();
     assert!(stale.is_empty(), "stale writes accepted: {stale:?}");

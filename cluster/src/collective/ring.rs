@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 use super::shm::{ShmIn, ShmOut, SLOTS};
 use super::{Collective, CollectiveError};
 
-const MAGIC: &[u8; 4] = b"FRY1";
+const MAGIC: &[u8; 4] = b"FRY2";
+/// The handshake: magic, rank, world, tag (8 bytes), slot bytes, offer length.
+const HELLO: usize = 28;
 const OP_ALL_REDUCE: u32 = 1;
 const OP_BROADCAST: u32 = 2;
 
@@ -37,6 +39,9 @@ pub struct RingConfig {
     pub chunk_bytes: usize,
     /// Use shared memory with a neighbour on the same host.
     pub shared_memory: bool,
+    /// What ring this is (the daemon's hash of job and generation): a peer with another tag
+    /// is refused in the handshake, so a rank of an old generation never joins a new one.
+    pub tag: u64,
 }
 
 impl Default for RingConfig {
@@ -45,6 +50,7 @@ impl Default for RingConfig {
             timeout: Duration::from_secs(60),
             chunk_bytes: 1 << 20,
             shared_memory: true,
+            tag: 0,
         }
     }
 }
@@ -74,6 +80,18 @@ pub struct Ring {
     /// Shared memory towards the next rank (we write) and from the previous one (we read).
     shm_out: Option<ShmOut>,
     shm_in: Option<ShmIn>,
+}
+
+/// Breaks a ring's connections (see [`Ring::abort_handle`]).
+pub struct RingAbort(Vec<TcpStream>);
+
+impl RingAbort {
+    /// Shuts both connections down; the ring's blocked and later operations fail.
+    pub fn abort(&self) {
+        for s in &self.0 {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 /// Segments up to this size are written and then read on the calling thread.
@@ -145,10 +163,11 @@ impl Ring {
             .as_ref()
             .map(|s| s.path().to_string_lossy().into_owned())
             .unwrap_or_default();
-        let mut hello = Vec::with_capacity(20 + offer.len());
+        let mut hello = Vec::with_capacity(HELLO + offer.len());
         hello.extend_from_slice(MAGIC);
         hello.extend_from_slice(&(rank as u32).to_le_bytes());
         hello.extend_from_slice(&(world as u32).to_le_bytes());
+        hello.extend_from_slice(&ring.cfg.tag.to_le_bytes());
         hello.extend_from_slice(&(slot_bytes as u32).to_le_bytes());
         hello.extend_from_slice(&(offer.len() as u32).to_le_bytes());
         hello.extend_from_slice(offer.as_bytes());
@@ -180,20 +199,26 @@ impl Ring {
             .map_err(|e| setup(e.to_string()))?;
         prev.set_read_timeout(Some(ring.cfg.timeout))
             .map_err(|e| setup(e.to_string()))?;
-        let mut hello = [0u8; 20];
+        let mut hello = [0u8; HELLO];
         prev.read_exact(&mut hello)
             .map_err(|e| setup(format!("handshake from {prev_addr}: {e}")))?;
-        let (from, their_world) = (
-            u32::from_le_bytes([hello[4], hello[5], hello[6], hello[7]]),
-            u32::from_le_bytes([hello[8], hello[9], hello[10], hello[11]]),
-        );
+        let word =
+            |i: usize| u32::from_le_bytes([hello[i], hello[i + 1], hello[i + 2], hello[i + 3]]);
+        let (from, their_world) = (word(4), word(8));
+        let their_tag = u64::from_le_bytes(hello[12..20].try_into().expect("8 bytes"));
         if &hello[..4] != MAGIC || from as usize != prev_rank || their_world as usize != world {
             return Err(setup(format!(
                 "{prev_addr} is not rank {prev_rank} of this job (it says rank {from} of {their_world})"
             )));
         }
-        let their_slot = u32::from_le_bytes([hello[12], hello[13], hello[14], hello[15]]) as usize;
-        let offer_len = u32::from_le_bytes([hello[16], hello[17], hello[18], hello[19]]) as usize;
+        if their_tag != ring.cfg.tag {
+            return Err(setup(format!(
+                "{prev_addr} (rank {from}) belongs to another job or generation (ring tag {their_tag:#x}, this ring's is {:#x})",
+                ring.cfg.tag
+            )));
+        }
+        let their_slot = word(20) as usize;
+        let offer_len = word(24) as usize;
         if offer_len > 4096 {
             return Err(setup(format!("{prev_addr} sent a malformed handshake")));
         }
@@ -241,6 +266,17 @@ impl Ring {
             },
         ));
         Ok(ring)
+    }
+
+    /// A handle that breaks this ring's connections from another thread: every operation
+    /// blocked on a peer, and every later one, fails at once. The daemon uses it to stop a
+    /// generation whose peer is gone without waiting for the collective timeout.
+    pub fn abort_handle(&self) -> std::io::Result<RingAbort> {
+        let mut streams = Vec::new();
+        for (s, _) in [&self.prev, &self.next].into_iter().flatten() {
+            streams.push(s.try_clone()?);
+        }
+        Ok(RingAbort(streams))
     }
 
     /// Whether bulk data to the next rank and from the previous one goes through shared
@@ -667,6 +703,68 @@ pub(crate) mod tests {
             let e = r.as_ref().expect_err("the others fail");
             assert!(e.contains(&format!("rank {rank}")), "{e}");
         }
+    }
+
+    #[test]
+    fn a_peer_with_another_tag_is_refused() {
+        let listeners: Vec<TcpListener> = (0..2)
+            .map(|_| listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap())
+            .collect();
+        let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let peers = peers.clone();
+                std::thread::spawn(move || {
+                    let cfg = RingConfig {
+                        timeout: Duration::from_secs(5),
+                        tag: 7 + rank as u64, // two generations
+                        ..Default::default()
+                    };
+                    Ring::connect(l, rank, &peers, cfg)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        for h in handles {
+            let e = h.join().unwrap().expect_err("refused");
+            assert!(e.contains("another job or generation"), "{e}");
+        }
+    }
+
+    #[test]
+    fn abort_fails_a_blocked_operation_and_every_later_one() {
+        let results = on_ring(
+            2,
+            RingConfig {
+                timeout: Duration::from_secs(30),
+                ..Default::default()
+            },
+            |mut ring| {
+                if ring.rank() == 1 {
+                    // Alive but silent (a stopped peer) for longer than the test waits.
+                    std::thread::sleep(Duration::from_secs(6));
+                    return None;
+                }
+                let abort = ring.abort_handle().unwrap();
+                let t = std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(200));
+                    abort.abort();
+                });
+                let start = Instant::now();
+                let first = ring.all_reduce_sum(&mut [1.0; 1000]).is_err();
+                let waited = start.elapsed();
+                let later = ring.all_reduce_sum(&mut [1.0]).is_err();
+                t.join().unwrap();
+                Some((first, later, waited))
+            },
+        );
+        let (first, later, waited) = results[0].unwrap();
+        assert!(first && later);
+        // Ended by the abort, not by the peer's exit (6 s) or the timeout (30 s).
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
     }
 
     #[test]

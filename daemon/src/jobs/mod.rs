@@ -495,7 +495,7 @@ impl JobManager {
         )))
     }
 
-    async fn fence_holds(&self, fence: &[Compare]) -> Result<bool, JobError> {
+    pub(crate) async fn fence_holds(&self, fence: &[Compare]) -> Result<bool, JobError> {
         let probe = Txn {
             compares: fence.to_vec(),
             success: vec![],
@@ -510,10 +510,10 @@ impl JobManager {
     pub async fn update_gen(
         &self,
         id: &str,
-        gen: u64,
+        (gen, session): (u64, crate::session::SessionInfo),
         mut f: impl FnMut(&mut Job),
     ) -> Result<Job, JobError> {
-        let fence = self.membership.fence().ok_or(JobError::Stale)?;
+        let fence = self.membership.fence_for(session);
         self.update_if(id, vec![fence], |j| {
             if j.generation != gen || j.phase.is_terminal() {
                 return false;
@@ -565,7 +565,23 @@ impl JobManager {
     /// transaction that compares the counter, so writers on any node never share a
     /// number. A node whose session has ended writes nothing.
     pub async fn event(&self, id: &str, kind: EventKind, message: String, data: serde_json::Value) {
-        if let Err(e) = self.try_event(id, kind, message, data).await {
+        let fence = self.membership.fence();
+        if let Err(e) = self.try_event(id, kind, message, data, fence).await {
+            tracing::warn!(job = id, error = %e, "cannot write event");
+        }
+    }
+
+    /// An event on behalf of a task of this node's `session` (refused once it has ended).
+    pub async fn event_for(
+        &self,
+        session: crate::session::SessionInfo,
+        id: &str,
+        kind: EventKind,
+        message: String,
+        data: serde_json::Value,
+    ) {
+        let fence = Some(self.membership.fence_for(session));
+        if let Err(e) = self.try_event(id, kind, message, data, fence).await {
             tracing::warn!(job = id, error = %e, "cannot write event");
         }
     }
@@ -576,9 +592,9 @@ impl JobManager {
         kind: EventKind,
         message: String,
         data: serde_json::Value,
+        fence: Option<Compare>,
     ) -> Result<(), JobError> {
         let counter = self.keys.event_seq(id);
-        let fence = self.membership.fence();
         let mut ev = JobEvent {
             seq: 0,
             time: now_rfc3339(),

@@ -21,7 +21,7 @@ use tokio::process::Command;
 
 use super::coordinator::Report;
 use super::{JobError, JobManager};
-use crate::protocol::{Control, Peers, Teachers, WorkerMessage, WorkerPlan};
+use crate::protocol::{Control, Peers, SaveAnswer, Stop, Teachers, WorkerMessage, WorkerPlan};
 use crate::session::SessionInfo;
 
 /// Log lines (stdout and stderr) kept per process to explain a failure.
@@ -34,6 +34,9 @@ const MAX_LOG_LINE: usize = 4096;
 const MAX_PROTOCOL_LINE: usize = 1 << 20;
 /// The fd a process writes its protocol lines to.
 pub const PROTOCOL_FD: i32 = 3;
+/// How long ranks stopped for a newer generation get to save their state and exit before
+/// they are killed.
+const SAVE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How this node's ranks of a generation ended.
 #[derive(Default)]
@@ -228,11 +231,26 @@ async fn next_change(
 }
 
 /// Why the local attempt should stop, from a new version of the job record.
-fn supersedes(job: &Job, gen: u64) -> Option<bool> {
+#[derive(Debug, PartialEq)]
+enum Superseded {
+    Cancelled,
+    /// The job moved on: a newer generation, or back to the queue for one, or it ended.
+    Moved {
+        /// It goes on (not ended): the ranks save the state they hold for the next
+        /// generation. A save never replaces a checkpoint (`checkpoint::write_new`), so
+        /// one that lands after the next generation has loaded an older checkpoint only
+        /// leaves a valid state of this job, newer than that one.
+        save: bool,
+    },
+}
+
+fn supersedes(job: &Job, gen: u64) -> Option<Superseded> {
+    use ferry_cluster::api::JobPhase;
     if job.cancel_requested {
-        Some(true)
-    } else if job.generation != gen || job.phase != ferry_cluster::api::JobPhase::Running {
-        Some(false)
+        Some(Superseded::Cancelled)
+    } else if job.generation != gen || job.phase != JobPhase::Running {
+        let save = matches!(job.phase, JobPhase::Running | JobPhase::Pending);
+        Some(Superseded::Moved { save })
     } else {
         None
     }
@@ -259,6 +277,7 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
         bind_ip: m.config.data_plane_ip.clone(),
         collective_timeout_ms: m.config.collective_timeout_ms,
         node: m.node.clone(),
+        generation: gen,
     };
     let plan_path = m.plans_dir.join(format!("{}-g{gen}.json", job.id));
     std::fs::write(&plan_path, serde_json::to_vec_pretty(&plan)?)?;
@@ -331,7 +350,8 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
             kill_rx.clone(),
             &gpu_env,
         )?;
-        m.event(
+        m.event_for(
+            session,
             &job.id,
             EventKind::Log,
             format!("teacher replica {r} started on node {} (pid {pid})", m.node),
@@ -346,6 +366,10 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
     let mut stdins = BTreeMap::new();
     for &rank in &mine {
         let mut env = gpu_env.clone();
+        // The node's first rank saves the state its ranks hold if their ring breaks.
+        if mine.first() == Some(&rank) {
+            env.push(("FERRY_SAVER", "1".into()));
+        }
         if let Some(gpu) = job.placement[rank]
             .device
             .strip_prefix("cuda:")
@@ -365,7 +389,8 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
             &env,
         )?;
         stdins.insert(rank, Some(stdin));
-        m.event(
+        m.event_for(
+            session,
             &job.id,
             EventKind::Log,
             format!("rank {rank} started on node {} (pid {pid})", m.node),
@@ -397,13 +422,13 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                                 Ok(WorkerMessage::TeacherReady { addr, .. }) => {
                                     t.ready = true;
                                     register_teacher(m, job, r, &addr, t, session).await?;
-                                    m.event(&job.id, EventKind::Log, format!("teacher replica {r} serves soft labels at {addr}"), json!({"teacher": r, "addr": addr, "pid": t.pid})).await;
+                                    m.event_for(session, &job.id, EventKind::Log, format!("teacher replica {r} serves soft labels at {addr}"), json!({"teacher": r, "addr": addr, "pid": t.pid})).await;
                                 }
                                 Ok(WorkerMessage::Failed { reason }) => t.reported = Some(reason),
-                                Ok(WorkerMessage::Log { message }) => m.event(&job.id, EventKind::Log, message, json!({"teacher": r})).await,
-                                _ => m.event(&job.id, EventKind::Log, format!("unexpected protocol line: {l}"), json!({"teacher": r})).await,
+                                Ok(WorkerMessage::Log { message }) => m.event_for(session, &job.id, EventKind::Log, message, json!({"teacher": r})).await,
+                                _ => m.event_for(session, &job.id, EventKind::Log, format!("unexpected protocol line: {l}"), json!({"teacher": r})).await,
                             },
-                            RankEvent::Log(l) => log_line(m, job, &mut t.tail, &mut log_lines, l, json!({"teacher": r, "stream": "output"})).await,
+                            RankEvent::Log(l) => log_line(m, job, session, &mut t.tail, &mut log_lines, l, json!({"teacher": r, "stream": "output"})).await,
                             RankEvent::Exited(status) => {
                                 let _ = m.store.delete(&m.keys.teacher(&job.id, r)).await;
                                 if local.cancelled || local.superseded || local.done || grace.is_some() {
@@ -419,11 +444,11 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                                     t.restarts += 1;
                                     t.ready = false;
                                     t.tail.clear();
-                                    m.event(&job.id, EventKind::Log, format!("{why}; restarting it ({} of {max_teacher_restarts} restarts)", t.restarts), json!({"teacher": r})).await;
+                                    m.event_for(session, &job.id, EventKind::Log, format!("{why}; restarting it ({} of {max_teacher_restarts} restarts)", t.restarts), json!({"teacher": r})).await;
                                     let (pid, _stdin) = spawn_proc(m, &plan_path, proc, world, tx.clone(), kill_rx.clone(), &gpu_env)?;
                                     t.pid = pid;
                                 } else {
-                                    m.event(&job.id, EventKind::Log, format!("{why}; not restarted (distill.teacher.max_restarts = {max_teacher_restarts} used up)"), json!({"teacher": r})).await;
+                                    m.event_for(session, &job.id, EventKind::Log, format!("{why}; not restarted (distill.teacher.max_restarts = {max_teacher_restarts} used up)"), json!({"teacher": r})).await;
                                 }
                             }
                         }
@@ -447,11 +472,38 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                         Ok(WorkerMessage::Done { files, samples_per_sec }) => {
                             local.done = true;
                             local.samples_per_sec = Some(samples_per_sec);
-                            let _ = m.update_gen(&job.id, gen, |j| j.status.samples_per_sec = Some(samples_per_sec)).await;
-                            m.event(&job.id, EventKind::Log, format!("wrote {}", files.join(", ")), json!({"files": files})).await;
+                            let _ = m.update_gen(&job.id, (gen, session), |j| j.status.samples_per_sec = Some(samples_per_sec)).await;
+                            m.event_for(session, &job.id, EventKind::Log, format!("wrote {}", files.join(", ")), json!({"files": files})).await;
                         }
                         Ok(WorkerMessage::Failed { reason }) => {
                             reported.insert(rank, reason);
+                        }
+                        Ok(WorkerMessage::MaySave { step }) => {
+                            // Checked against the store, not this node's view: after a pause
+                            // the node may not know yet that its lease is gone.
+                            let fence = m.membership.fence_for(session);
+                            let save = !local.cancelled && m.fence_holds(&[fence]).await.unwrap_or(false);
+                            if !save {
+                                tracing::warn!(job = %job.id, generation = gen, rank, step, "rank {rank} may not save its state: this node's session {} has ended", session.session);
+                            }
+                            let line = format!("{}\n", serde_json::to_string(&Control::Save(SaveAnswer { save }))?);
+                            if let Some(slot) = stdins.get_mut(&rank) {
+                                if let Some(stdin) = slot {
+                                    if stdin.write_all(line.as_bytes()).await.is_err() {
+                                        *slot = None;
+                                    }
+                                }
+                            }
+                        }
+                        Ok(WorkerMessage::Rescued { step, path, written, reason }) => {
+                            let what = if written { "saved" } else { "holds, already checkpointed," };
+                            m.event_for(session,
+                                &job.id,
+                                EventKind::Checkpoint,
+                                format!("rank {rank} on node {} {what} the state of step {step} when its ring broke ({reason}): {path}", m.node),
+                                json!({"rank": rank, "node": m.node, "step": step, "path": path, "written": written, "generation": gen, "rescue": true}),
+                            )
+                            .await;
                         }
                         Ok(msg) if rank == 0 => {
                             match &msg {
@@ -465,12 +517,12 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                                 }
                                 _ => {}
                             }
-                            handle(m, job, msg).await;
+                            handle(m, job, session, msg).await;
                         }
                         Ok(_) => {}
-                        Err(_) => m.event(&job.id, EventKind::Log, format!("unreadable protocol line: {l}"), json!({"rank": rank})).await,
+                        Err(_) => m.event_for(session, &job.id, EventKind::Log, format!("unreadable protocol line: {l}"), json!({"rank": rank})).await,
                     },
-                    RankEvent::Log(l) => log_line(m, job, tails.entry(rank).or_default(), &mut log_lines, l, json!({"rank": rank, "stream": "output"})).await,
+                    RankEvent::Log(l) => log_line(m, job, session, tails.entry(rank).or_default(), &mut log_lines, l, json!({"rank": rank, "stream": "output"})).await,
                     RankEvent::Exited(status) => {
                         exited += 1;
                         stdins.insert(rank, None);
@@ -496,7 +548,7 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                     let line = format!("{}\n", serde_json::to_string(&Control::Peers(Peers { peers: peers.clone() }))?);
                     tell_ranks(&mut stdins, &line).await;
                     if hosts_rank0 {
-                        m.event(&job.id, EventKind::Log, format!("{world} ranks joined the ring"), json!({"peers": peers, "generation": gen})).await;
+                        m.event_for(session, &job.id, EventKind::Log, format!("{world} ranks joined the ring"), json!({"peers": peers, "generation": gen})).await;
                     }
                 }
             }
@@ -523,17 +575,27 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                 }
             }
             ev = next_change(&mut watch), if !local.cancelled && !local.superseded => {
+                let check = |j: &Job| supersedes(j, gen);
                 let stop = match ev {
-                    Some(Ok(ev)) => serde_json::from_slice::<Job>(&ev.kv().value).ok().and_then(|j| supersedes(&j, gen)),
+                    Some(Ok(ev)) => serde_json::from_slice::<Job>(&ev.kv().value).ok().and_then(|j| check(&j)),
                     // The watch ended (lagged, closed, the store restarted): read the record, watch again.
                     _ => {
                         watch = rewatch(m, &m.keys.job(&job.id)).await;
-                        m.get(&job.id).await.ok().and_then(|j| supersedes(&j, gen))
+                        m.get(&job.id).await.ok().and_then(|j| check(&j))
                     }
                 };
                 match stop {
-                    Some(true) => { local.cancelled = true; let _ = kill_tx.send(true); }
-                    Some(false) => { local.superseded = true; let _ = kill_tx.send(true); }
+                    Some(Superseded::Cancelled) => { local.cancelled = true; let _ = kill_tx.send(true); }
+                    Some(Superseded::Moved { save: false }) => { local.superseded = true; let _ = kill_tx.send(true); }
+                    Some(Superseded::Moved { save: true }) => {
+                        // The ranks break their ring, save what they hold and exit; the next
+                        // generation starts here once they have (one local attempt at a time).
+                        local.superseded = true;
+                        let why = format!("generation {gen} is over; a newer one starts");
+                        let line = format!("{}\n", serde_json::to_string(&Control::Stop(Stop { stop: why }))?);
+                        tell_ranks(&mut stdins, &line).await;
+                        grace = Some(tokio::time::Instant::now() + SAVE_GRACE);
+                    }
                     None => {}
                 }
             }
@@ -554,6 +616,7 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
 async fn log_line(
     m: &JobManager,
     job: &Job,
+    session: SessionInfo,
     tail: &mut VecDeque<String>,
     count: &mut usize,
     line: String,
@@ -565,7 +628,8 @@ async fn log_line(
     tail.push_back(line.clone());
     *count += 1;
     if *count <= LOG_EVENTS {
-        m.event(&job.id, EventKind::Log, line, data).await;
+        m.event_for(session, &job.id, EventKind::Log, line, data)
+            .await;
     }
 }
 
@@ -835,7 +899,7 @@ fn explain_exit(
 }
 
 /// Turns one rank message into a status update and an event.
-async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
+async fn handle(m: &JobManager, job: &Job, session: SessionInfo, msg: WorkerMessage) {
     let id = &job.id;
     let gen = job.generation;
     let labels = [id.as_str(), job.name.as_str()];
@@ -848,25 +912,32 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
             ..
         } => {
             let _ = m
-                .update_gen(id, gen, |j| {
+                .update_gen(id, (gen, session), |j| {
                     j.status.total_steps = total_steps;
                     j.status.total_epochs = epochs;
                     j.status.step = start_step;
                 })
                 .await;
+            // The last step the job's record holds from earlier generations (a lower bound of
+            // how far they got: progress is recorded at a bounded rate).
+            let recorded = job.status.step;
+            let lost = recorded.saturating_sub(start_step);
             let text = match resumed_from {
-                Some(dir) => {
-                    format!("training resumed at step {start_step} of {total_steps} from {dir}")
-                }
+                Some(dir) => format!(
+                    "training resumed at step {start_step} of {total_steps} from {dir} (generation {gen}; {lost} steps lost since the last recorded step {recorded})"
+                ),
+                None if recorded > 0 => format!(
+                    "training started over: {total_steps} steps (no checkpoint; {recorded} steps lost)"
+                ),
                 None => format!("training started: {total_steps} steps"),
             };
-            m.event(
-                id,
-                EventKind::Progress,
-                text,
-                serde_json::to_value(&msg).unwrap_or_default(),
-            )
-            .await;
+            let mut data = serde_json::to_value(&msg).unwrap_or_default();
+            if let Some(o) = data.as_object_mut() {
+                o.insert("generation".into(), json!(gen));
+                o.insert("steps_lost".into(), json!(lost));
+            }
+            m.event_for(session, id, EventKind::Progress, text, data)
+                .await;
         }
         WorkerMessage::Init {
             loaded,
@@ -882,7 +953,8 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
                 skipped_shape.len(),
                 skipped_shape.join(", ")
             );
-            m.event(
+            m.event_for(
+                session,
                 id,
                 EventKind::Init,
                 text,
@@ -902,7 +974,7 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
                 m.metrics.record_distill(&labels, d);
             }
             let _ = m
-                .update_gen(id, gen, |j| {
+                .update_gen(id, (gen, session), |j| {
                     j.status.epoch = epoch;
                     j.status.step = step;
                     j.status.train_loss = Some(loss);
@@ -918,7 +990,7 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
                 .job_samples_per_second
                 .with_label_values(&labels)
                 .set(samples_per_sec);
-            m.event(
+            m.event_for(session,
                 id,
                 EventKind::Progress,
                 format!("epoch {epoch} step {step}: loss {loss:.4}, lr {lr:.3e}, {samples_per_sec:.0} samples/s"),
@@ -933,13 +1005,15 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
             val_accuracy,
         } => {
             let _ = m
-                .update_gen(id, gen, |j| j.status.val_accuracy = Some(val_accuracy))
+                .update_gen(id, (gen, session), |j| {
+                    j.status.val_accuracy = Some(val_accuracy)
+                })
                 .await;
             m.metrics
                 .job_val_accuracy
                 .with_label_values(&labels)
                 .set(val_accuracy);
-            m.event(
+            m.event_for(session,
                 id,
                 EventKind::Eval,
                 format!("epoch {epoch}: val accuracy {:.2}%, val loss {val_loss:.4}", val_accuracy * 100.0),
@@ -949,9 +1023,12 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
         }
         WorkerMessage::Checkpoint { step, path } => {
             let _ = m
-                .update_gen(id, gen, |j| j.status.checkpoint = Some(path.clone()))
+                .update_gen(id, (gen, session), |j| {
+                    j.status.checkpoint = Some(path.clone())
+                })
                 .await;
-            m.event(
+            m.event_for(
+                session,
                 id,
                 EventKind::Checkpoint,
                 format!("checkpoint at step {step}: {path}"),
@@ -960,10 +1037,12 @@ async fn handle(m: &JobManager, job: &Job, msg: WorkerMessage) {
             .await;
         }
         WorkerMessage::Log { message } => {
-            m.event(id, EventKind::Log, message, json!({"rank": 0}))
+            m.event_for(session, id, EventKind::Log, message, json!({"rank": 0}))
                 .await
         }
         WorkerMessage::Done { .. }
+        | WorkerMessage::Rescued { .. }
+        | WorkerMessage::MaySave { .. }
         | WorkerMessage::Failed { .. }
         | WorkerMessage::Rendezvous { .. }
         | WorkerMessage::TeacherReady { .. } => {}

@@ -38,6 +38,11 @@ fn dir_name(step: u64) -> String {
     format!("step-{step:09}")
 }
 
+/// The directory of the checkpoint of `step` under `root`.
+pub fn dir_of(root: &Path, step: u64) -> PathBuf {
+    root.join(dir_name(step))
+}
+
 fn save(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
     let cpu: Vec<(&str, Tensor)> = tensors
         .iter()
@@ -55,9 +60,42 @@ pub fn write(
     optimizer: &[(String, Tensor)],
     keep: usize,
 ) -> Result<PathBuf> {
+    write_dir(root, manifest, model, optimizer, keep, true)?
+        .ok_or_else(|| anyhow::anyhow!("checkpoint of step {} not written", manifest.step))
+}
+
+/// Writes a checkpoint unless one of its step is there already (several ranks may save the
+/// same state at once, on several hosts over a shared root: the first to land wins);
+/// returns its directory if this call wrote it.
+pub fn write_new(
+    root: &Path,
+    manifest: &Manifest,
+    model: &[(String, Tensor)],
+    optimizer: &[(String, Tensor)],
+    keep: usize,
+) -> Result<Option<PathBuf>> {
+    write_dir(root, manifest, model, optimizer, keep, false)
+}
+
+fn write_dir(
+    root: &Path,
+    manifest: &Manifest,
+    model: &[(String, Tensor)],
+    optimizer: &[(String, Tensor)],
+    keep: usize,
+    replace: bool,
+) -> Result<Option<PathBuf>> {
     std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
     let final_dir = root.join(dir_name(manifest.step));
-    let tmp = root.join(format!(".tmp-{}", dir_name(manifest.step)));
+    if !replace && final_dir.join("manifest.json").is_file() {
+        return Ok(None);
+    }
+    // A name of this process's own: concurrent writers never share a temporary directory.
+    let tmp = root.join(format!(
+        ".tmp-{}-{}",
+        dir_name(manifest.step),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
     save(model, &tmp.join("model.safetensors"))?;
@@ -71,9 +109,18 @@ pub fn write(
     ] {
         std::fs::File::open(tmp.join(f))?.sync_all()?;
     }
-    let _ = std::fs::remove_dir_all(&final_dir);
-    std::fs::rename(&tmp, &final_dir)
-        .with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
+    if replace {
+        let _ = std::fs::remove_dir_all(&final_dir);
+    }
+    if let Err(e) = std::fs::rename(&tmp, &final_dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        // Not replacing: another writer's directory of the same step landed first.
+        if !replace && final_dir.join("manifest.json").is_file() {
+            return Ok(None);
+        }
+        return Err(e)
+            .with_context(|| format!("cannot move checkpoint into {}", final_dir.display()));
+    }
     if let Ok(d) = std::fs::File::open(root) {
         let _ = d.sync_all();
     }
@@ -82,7 +129,7 @@ pub fn write(
         let (_, old) = all.remove(0);
         let _ = std::fs::remove_dir_all(old);
     }
-    Ok(final_dir)
+    Ok(Some(final_dir))
 }
 
 /// Complete checkpoints under `root`, oldest first.
@@ -197,5 +244,20 @@ mod tests {
         // A half-written checkpoint (no manifest) is ignored.
         std::fs::create_dir_all(dir.path().join("step-000000040")).unwrap();
         assert_eq!(latest(dir.path()).unwrap().unwrap().manifest.step, 30);
+        // A rescue writes a step only if no one has: over the half-written one, then not again.
+        let m40 = Manifest {
+            step: 40,
+            ..l.manifest.clone()
+        };
+        let first = write_new(dir.path(), &m40, &model, &opt, 3).unwrap();
+        assert_eq!(first, Some(dir.path().join("step-000000040")));
+        assert_eq!(write_new(dir.path(), &m40, &model, &opt, 3).unwrap(), None);
+        assert_eq!(latest(dir.path()).unwrap().unwrap().manifest.step, 40);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
     }
 }

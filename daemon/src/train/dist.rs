@@ -115,10 +115,17 @@ impl Dist {
             .context("corrupt peer address")?;
         let cfg = RingConfig {
             timeout: Duration::from_millis(plan.collective_timeout_ms),
+            tag: plan.ring_tag(),
             ..Default::default()
         };
         let all_local = peers.iter().all(|p| p.ip() == ip);
         let ring = Ring::connect(listener, rank, &peers, cfg)?;
+        // The daemon's stop breaks the ring: a collective blocked on a stopped or
+        // partitioned peer fails at once instead of at the timeout.
+        let abort = ring
+            .abort_handle()
+            .with_context(|| format!("rank {rank}: cannot keep a handle on the ring"))?;
+        control.stop.on_stop(Box::new(move || abort.abort()));
         let comm = Background::spawn(Box::new(ring))
             .with_context(|| format!("rank {rank}: cannot start the communication thread"))?;
         let mut dist = Dist::joined(

@@ -104,6 +104,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         );
     }
     let control = control::ControlChannel::start();
+    // One rank per node saves what it holds when the ring breaks (the daemon says which).
+    let saver = std::env::var("FERRY_SAVER").is_ok_and(|v| v == "1");
     let device = device(spec.resources.device)?;
     let mut dist = Dist::form(&plan, rank, world, device, &control, emit)?;
     let leader = dist.is_leader();
@@ -216,6 +218,14 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             tch::manual_seed(spec.train.seed.wrapping_add(step) as i64);
         }
     }
+    let start_step = step;
+    let rescue_at = Rescue {
+        saver,
+        start_step,
+        root: &ckpt_root,
+        keep: spec.train.keep_checkpoints,
+        control: &control,
+    };
     // Every rank starts from rank 0's weights (initialisation, init file or checkpoint).
     dist.broadcast_state(model.state())?;
     let trainable_params = model.trainable();
@@ -369,7 +379,17 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 Some(s) => s.scale(&loss).backward(),
                 None => loss.backward(),
             }
-            dist.sync_grads(&trainable_params)?;
+            if let Err(e) = dist.sync_grads(&trainable_params) {
+                // No update of this step has touched the weights: they hold `step` steps.
+                return Err(rescue_at.save(
+                    e,
+                    &model,
+                    &opt,
+                    (step, epoch, consumed, world),
+                    (last_loss, val_accuracy),
+                    scaler.as_ref(),
+                ));
+            }
             if let (Some(r), false) = (&dist.overlap_report, reported_overlap) {
                 reported_overlap = true;
                 let mut message = format!(
@@ -436,7 +456,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 writeln!(
                     metrics,
                     "{}",
-                    serde_json::json!({"step": step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr, "samples_per_sec": sps, "distill": distill})
+                    serde_json::json!({"step": step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr, "samples_per_sec": sps, "distill": distill, "generation": plan.generation, "time": unix_time()})
                 )?;
                 last_loss = Some(mean_loss);
                 window = (
@@ -479,13 +499,27 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         )?;
         if let Some(v) = &val_set {
             model.set_train(false)?;
-            let (vloss, acc) = evaluate(
+            let evaluated = evaluate(
                 &model,
                 v,
                 spec.train.batch_size as i64 * 2,
                 device,
                 &mut dist,
-            )?;
+            );
+            let (vloss, acc) = match evaluated {
+                Ok(r) => r,
+                // The epoch's steps are done; a resume from here evaluates and goes on.
+                Err(e) => {
+                    return Err(rescue_at.save(
+                        e,
+                        &model,
+                        &opt,
+                        (step, epoch, consumed, world),
+                        (last_loss, val_accuracy),
+                        scaler.as_ref(),
+                    ))
+                }
+            };
             say(&WorkerMessage::Eval {
                 epoch: epoch + 1,
                 step,
@@ -576,9 +610,103 @@ fn check_logits(logits: &Tensor, classes_needed: i64) -> Result<()> {
     Ok(())
 }
 
+/// Seconds since the Unix epoch, for the metrics lines.
+fn unix_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| (d.as_secs_f64() * 1000.0).round() / 1000.0)
+}
+
+/// What a rank does with the state it holds when its ring breaks: a peer died, stalled past
+/// the timeout, or the daemon stopped the generation (which breaks the ring on purpose).
+/// Every rank holds the same weights and optimizer state after the same completed steps, so
+/// one per node (its saver) writes them as the checkpoint of that step, unless a rank of
+/// another node was first; the next generation resumes from it, and loses at most the step
+/// that was in flight.
+struct Rescue<'a> {
+    saver: bool,
+    /// The step this generation started from (nothing newer to save before it moves on).
+    start_step: u64,
+    root: &'a Path,
+    keep: u32,
+    control: &'a control::ControlChannel,
+}
+
+impl Rescue<'_> {
+    /// Saves (if this rank is its node's saver and has trained since its start) and returns
+    /// the error to exit with: the daemon's stop if it asked, else what broke.
+    fn save(
+        &self,
+        e: anyhow::Error,
+        model: &Model,
+        opt: &Optimizer,
+        cursor: (u64, u32, usize, usize),
+        last: (Option<f64>, Option<f64>),
+        scaler: Option<&scaler::GradScaler>,
+    ) -> anyhow::Error {
+        let step = cursor.0;
+        let stop = &self.control.stop;
+        let why = match stop.reason() {
+            Some(s) => format!("the daemon stopped it: {s}"),
+            None => format!("{e:#}"),
+        };
+        // Right after its start, the checkpoint it resumed from holds the same state. The
+        // daemon allows the save only while its node holds the session this rank began in.
+        let allowed = self.saver && step > self.start_step && {
+            emit(&WorkerMessage::MaySave { step });
+            self.control.may_save(Duration::from_secs(10))
+        };
+        if allowed {
+            match write_state(
+                self.root, model, opt, cursor, last, scaler, self.keep, false,
+            ) {
+                Ok(dir) => emit(&WorkerMessage::Rescued {
+                    step,
+                    written: dir.is_some(),
+                    path: dir
+                        .unwrap_or_else(|| checkpoint::dir_of(self.root, step))
+                        .display()
+                        .to_string(),
+                    reason: why.clone(),
+                }),
+                Err(se) => {
+                    return e.context(format!(
+                        "the state at step {step} could not be saved either: {se:#}"
+                    ))
+                }
+            }
+        }
+        match stop.reason() {
+            Some(s) => anyhow::anyhow!("stopped at step {step}: {s}"),
+            None => e,
+        }
+    }
+}
+
 /// Writes a checkpoint at the cursor (step, epoch, samples consumed in the epoch, world size),
 /// with the last (loss, accuracy) for the status of a resumed job, and reports it.
 fn save_checkpoint(
+    root: &Path,
+    model: &Model,
+    opt: &Optimizer,
+    cursor: (u64, u32, usize, usize),
+    last: (Option<f64>, Option<f64>),
+    scaler: Option<&scaler::GradScaler>,
+    keep: u32,
+) -> Result<()> {
+    let dir = write_state(root, model, opt, cursor, last, scaler, keep, true)?
+        .ok_or_else(|| anyhow::anyhow!("checkpoint of step {} not written", cursor.0))?;
+    emit(&WorkerMessage::Checkpoint {
+        step: cursor.0,
+        path: dir.display().to_string(),
+    });
+    Ok(())
+}
+
+/// The checkpoint of this rank's state at the cursor; with `replace` false, only if no
+/// checkpoint of that step exists (returns `None` then).
+#[allow(clippy::too_many_arguments)]
+fn write_state(
     root: &Path,
     model: &Model,
     opt: &Optimizer,
@@ -586,7 +714,8 @@ fn save_checkpoint(
     (train_loss, val_accuracy): (Option<f64>, Option<f64>),
     scaler: Option<&scaler::GradScaler>,
     keep: u32,
-) -> Result<()> {
+    replace: bool,
+) -> Result<Option<PathBuf>> {
     let manifest = checkpoint::Manifest {
         format: checkpoint::FORMAT,
         step,
@@ -604,12 +733,11 @@ fn save_checkpoint(
         .state()
         .map(|(n, t)| (n.clone(), t.shallow_clone()))
         .collect();
-    let dir = checkpoint::write(root, &manifest, &state, &opt.state(), keep as usize)?;
-    emit(&WorkerMessage::Checkpoint {
-        step,
-        path: dir.display().to_string(),
-    });
-    Ok(())
+    if replace {
+        checkpoint::write(root, &manifest, &state, &opt.state(), keep as usize).map(Some)
+    } else {
+        checkpoint::write_new(root, &manifest, &state, &opt.state(), keep as usize)
+    }
 }
 
 /// Mean loss and accuracy over a data set, in evaluation mode. Each rank evaluates every
