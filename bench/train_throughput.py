@@ -67,14 +67,24 @@ def prepare(d, model="cnn"):
                "labels": torch.randint(0, 10, (4096,), generator=g)}, f"{d}/data/bench.safetensors")
 
 
-def run_torch(d, epochs, batch, threads):
+def set_threads(threads):
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
+
+
+def load(d):
+    """The TorchScript model in d (training mode, run op by op) and the data: images as floats in
+    [0, 1], labels."""
     torch._C._set_graph_executor_optimize(False)
     model = torch.jit.load(f"{d}/models/bench.pt")
     model.train()
     data = load_file(f"{d}/data/bench.safetensors")
-    x, y = data["images"].float() / 255.0, data["labels"]
+    return model, data["images"].float() / 255.0, data["labels"]
+
+
+def run_torch(d, epochs, batch, threads):
+    set_threads(threads)
+    model, x, y = load(d)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     n, seen, busy = len(y), 0, 0.0
     for _ in range(epochs):
@@ -94,15 +104,11 @@ def run_torch(d, epochs, batch, threads):
 def run_ddp(d, epochs, batch, threads):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
-    torch.set_num_threads(threads)
-    torch.set_num_interop_threads(1)
+    set_threads(threads)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch._C._set_graph_executor_optimize(False)
-    model = DistributedDataParallel(torch.jit.load(f"{d}/models/bench.pt"))
-    model.train()
-    data = load_file(f"{d}/data/bench.safetensors")
-    x, y = data["images"].float() / 255.0, data["labels"]
+    model, x, y = load(d)
+    model = DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     n, seen, busy = len(y), 0, 0.0
     dist.barrier()

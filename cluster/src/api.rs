@@ -193,6 +193,11 @@ pub struct Node {
     /// Its registration session (the `create_revision` of this record); filled in on read.
     #[serde(default)]
     pub session: u64,
+    /// The nonce of its marker in the outputs root it mounts (cluster mode; empty if it
+    /// could not write one): the coordinator places ranks only on nodes whose marker it
+    /// finds in its own outputs root.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub outputs_marker: String,
 }
 
 fn one() -> u32 {
@@ -217,6 +222,9 @@ pub struct TeacherRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeList {
     pub nodes: Vec<Node>,
+    /// The node that coordinates the cluster now (none while an election is open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
 }
 
 /// One field that is wrong, and why.

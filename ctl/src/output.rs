@@ -153,8 +153,13 @@ pub fn nodes(list: &NodeList, fmt: Format) -> Result<()> {
         .nodes
         .iter()
         .map(|n| {
+            let coordinates = list.coordinator.as_deref() == Some(n.name.as_str());
             vec![
-                n.name.clone(),
+                if coordinates {
+                    format!("{} *", n.name)
+                } else {
+                    n.name.clone()
+                },
                 n.role.clone(),
                 n.mode.clone(),
                 n.address.clone(),
@@ -171,5 +176,8 @@ pub fn nodes(list: &NodeList, fmt: Format) -> Result<()> {
         ],
         rows,
     );
+    if list.coordinator.is_some() {
+        println!("* coordinates the cluster");
+    }
     Ok(())
 }

@@ -23,6 +23,7 @@ pub mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod node;
+pub mod outputs;
 pub mod protocol;
 pub mod session;
 pub mod train;
@@ -53,6 +54,15 @@ pub async fn run(
             .unwrap_or_else(|_| "localhost".into())
     });
     let keys = ferry_cluster::keys::Keys::new(&config.cluster_prefix());
+    // A cluster's nodes must share the outputs root: each leaves a marker there.
+    let outputs_marker = if standalone {
+        String::new()
+    } else {
+        outputs::write_marker(&roots.outputs, &node_name).unwrap_or_else(|e| {
+            tracing::error!(root = %roots.outputs.display(), error = %e, "cannot write this node's marker in the outputs root: no job will be placed here until the root is writable");
+            String::new()
+        })
+    };
     let record = Node {
         name: node_name.clone(),
         role: config.role.clone(),
@@ -69,6 +79,7 @@ pub async fn run(
         labels: config.labels.clone(),
         data_plane_ip: config.data_plane_ip.clone(),
         session: 0,
+        outputs_marker,
     };
     let membership = session::Membership::new(keys.node(&node_name), record);
     let metrics = metrics::Metrics::new();

@@ -9,9 +9,17 @@ use ferry_tests::{pid_alive, rank_pid, run_python, Daemon, NodeOpts};
 
 /// `n` nodes of a fresh cluster on `etcd`, named a, b, c, ... on 127.0.0.(base + i).
 fn cluster(etcd: &Etcd, n: usize, base: u8, out: &std::path::Path) -> Vec<Daemon> {
+    cluster_on(etcd, &vec![out; n], base)
+}
+
+/// A fresh cluster of one node per outputs root in `outs`.
+fn cluster_on(etcd: &Etcd, outs: &[&std::path::Path], base: u8) -> Vec<Daemon> {
     let name = unique_prefix("c").trim_start_matches('/').replace('/', "-");
-    let nodes: Vec<Daemon> = (0..n)
-        .map(|i| {
+    let n = outs.len();
+    let nodes: Vec<Daemon> = outs
+        .iter()
+        .enumerate()
+        .map(|(i, out)| {
             Daemon::start_node(NodeOpts {
                 etcd: etcd.endpoint(),
                 cluster: name.clone(),
@@ -333,4 +341,46 @@ fn training_goes_on_while_etcd_is_down_and_nothing_is_lost() {
     // Event numbers stay dense and unique across the outage.
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_node_that_mounts_another_outputs_root_takes_no_ranks() {
+    let etcd = Etcd::new();
+    let (out, elsewhere) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let nodes = cluster_on(&etcd, &[out.path(), out.path(), elsewhere.path()], 61);
+    // Three nodes asked for: c's root is not the others', so the job waits, and says why.
+    let wide = nodes[0].submit(&mlp_job("wide", 3, 3, 1));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let waiting = loop {
+        let msgs = messages(&nodes[1], &wide.id);
+        if let Some(m) = msgs.iter().find(|m| m.starts_with("waiting for nodes")) {
+            break m.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no waiting event:\n{}",
+            msgs.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        waiting.contains("node c does not share the coordinator's outputs root"),
+        "{waiting}"
+    );
+    assert_eq!(nodes[2].job(&wide.id).phase, JobPhase::Pending);
+    nodes[2].ctl(&["cancel", "wide"]);
+    // Two nodes fit: a and b.
+    let narrow = nodes[0].submit(&mlp_job("narrow", 2, 2, 1));
+    let end = nodes[2].wait_terminal(&narrow.id, Duration::from_secs(120));
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    assert_eq!(placed_nodes(&end), ["a", "b"]);
+    assert!(
+        out.path().join("narrow/model.safetensors").is_file(),
+        "{:?}\n{}",
+        std::fs::read_dir(out.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect::<Vec<_>>(),
+        messages(&nodes[0], &narrow.id).join("\n")
+    );
 }

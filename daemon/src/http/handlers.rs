@@ -150,5 +150,6 @@ pub async fn job_events(
 
 pub async fn list_nodes(state: web::Data<AppState>) -> Result<HttpResponse> {
     let nodes = state.jobs.nodes().await?;
-    Ok(HttpResponse::Ok().json(NodeList { nodes }))
+    let coordinator = state.jobs.coordinator().await?;
+    Ok(HttpResponse::Ok().json(NodeList { nodes, coordinator }))
 }

@@ -96,7 +96,7 @@ pub fn document(version: &str) -> Value {
                     "version": {"type": "string"}, "cpus": {"type": "integer"}, "cuda_devices": {"type": "integer"},
                     "started_at": {"type": "string", "format": "date-time"}, "mode": {"type": "string", "enum": ["standalone", "cluster"]},
                     "running_jobs": {"type": "array", "items": {"type": "string"}}}},
-                "NodeList": {"type": "object", "required": ["nodes"], "properties": {"nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}}},
+                "NodeList": {"type": "object", "required": ["nodes"], "properties": {"nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}, "coordinator": {"type": "string", "description": "The node that coordinates the cluster now; absent while an election is open"}}},
                 "JobSpec": {"type": "object", "additionalProperties": false, "required": ["name", "model", "data", "output"],
                     "description": "See docs/job-spec.md",
                     "properties": {

@@ -469,17 +469,54 @@ async fn schedule(
             demand(&j.id, &j.spec, cooling)
         })
         .collect();
-    let views: Vec<NodeView> = nodes.values().map(view).collect();
+    // In a cluster, only nodes that share this coordinator's outputs root take ranks.
+    let (mut views, mut unshared) = (Vec::new(), Vec::new());
+    for n in nodes.values() {
+        match m.standalone {
+            true => views.push(view(n)),
+            false => match crate::outputs::check(&m.roots.outputs, &n.name, &n.outputs_marker) {
+                Ok(()) => views.push(view(n)),
+                Err(why) => unshared.push(why),
+            },
+        }
+    }
     for (job, (_, decision)) in queue
         .into_iter()
         .zip(place::place(&demands, &views, &running))
     {
         match decision {
+            // Paths are resolved by the node that accepted the job: in a cluster every
+            // node must mount the shared outputs root at the same path.
+            Decision::Place(_)
+                if !m.standalone
+                    && !std::path::Path::new(&job.spec.output.dir)
+                        .starts_with(&m.roots.outputs) =>
+            {
+                let why = format!(
+                    "the job's output dir {} is not under this coordinator's outputs root {}: mount the shared outputs root at the same path on every node",
+                    job.spec.output.dir,
+                    m.roots.outputs.display()
+                );
+                if st.waiting.get(&job.id) != Some(&why) {
+                    m.event(
+                        &job.id,
+                        EventKind::Log,
+                        format!("waiting: {why}"),
+                        json!(null),
+                    )
+                    .await;
+                    st.waiting.insert(job.id.clone(), why);
+                }
+            }
             Decision::Place(p) => {
                 st.waiting.remove(&job.id);
                 start(m, st, job, p).await?;
             }
             Decision::Wait(why) | Decision::Unfit(why) => {
+                let why = match unshared.is_empty() {
+                    true => why,
+                    false => format!("{why}; not used: {}", unshared.join("; ")),
+                };
                 if st.waiting.get(&job.id) != Some(&why) {
                     m.event(
                         &job.id,

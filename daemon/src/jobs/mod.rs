@@ -265,6 +265,15 @@ impl JobManager {
             .collect())
     }
 
+    /// The node that holds the coordinator's election key, if any.
+    pub async fn coordinator(&self) -> Result<Option<String>, JobError> {
+        Ok(self
+            .store
+            .get(&self.keys.coordinator())
+            .await?
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+    }
+
     /// Standalone: refuses a job that this node can never run (too few GPUs, a selector
     /// its labels do not match), with the reason. In a cluster such a job is accepted and
     /// waits for nodes that fit (its events say so).

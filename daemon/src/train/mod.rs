@@ -434,7 +434,10 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
 
             let every = spec.train.checkpoint_every_steps;
             let ckpt_due = every > 0 && step % every == 0;
+            // The first step of a start is reported at once: it says when training runs
+            // again after a restart or a new generation.
             if window.0.elapsed() >= interval
+                || step == start_step + 1
                 || ckpt_due
                 || consumed >= sampler.len
                 || step >= total_steps
