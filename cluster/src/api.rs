@@ -99,6 +99,10 @@ pub struct Job<S = JobSpec> {
     /// Where the current generation's ranks run: rank `i` at index `i`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placement: Vec<RankPlacement>,
+    /// Where the current generation's distillation teachers run (replica `i` at index
+    /// `i`) when the cluster has `teacher` nodes; empty: beside rank 0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub teacher_placement: Vec<RankPlacement>,
     /// The store revision of this record (for compare-and-swap); filled in on read.
     #[serde(default)]
     pub revision: u64,
@@ -274,6 +278,7 @@ mod tests {
             cancel_requested: false,
             generation: 0,
             placement: vec![],
+            teacher_placement: vec![],
             revision: 0,
         };
         let mut doc = serde_json::to_value(&job).unwrap();

@@ -204,9 +204,75 @@ pub fn place(queue: &[Demand], nodes: &[NodeView], running: &Load) -> Vec<(Strin
     out
 }
 
+/// Where a distillation job's `replicas` teacher processes run: spread over the
+/// `teacher`-role nodes, each replica on the node with the fewest replicas so far (those of
+/// running jobs in `hosted` included), then by name. On a CUDA node a replica gets one GPU,
+/// in turn. Empty when the cluster has no teacher node: the replicas then run beside rank 0.
+pub fn place_teachers(
+    replicas: u32,
+    device: Device,
+    nodes: &[NodeView],
+    hosted: &HashMap<String, u32>,
+) -> Vec<RankPlacement> {
+    let teachers: Vec<&NodeView> = nodes.iter().filter(|n| n.role == "teacher").collect();
+    if teachers.is_empty() {
+        return Vec::new();
+    }
+    let mut count: HashMap<&str, u32> = teachers
+        .iter()
+        .map(|n| (n.name.as_str(), hosted.get(&n.name).copied().unwrap_or(0)))
+        .collect();
+    let mut mine: HashMap<&str, u32> = HashMap::new();
+    (0..replicas)
+        .map(|_| {
+            let n = teachers
+                .iter()
+                .min_by_key(|n| (count[n.name.as_str()], n.name.as_str()))
+                .expect("at least one teacher node");
+            *count.get_mut(n.name.as_str()).expect("counted") += 1;
+            let k = mine.entry(n.name.as_str()).or_default();
+            let dev = match device {
+                Device::Cuda if n.cuda_devices > 0 => format!("cuda:{}", *k % n.cuda_devices),
+                _ => "cpu".to_string(),
+            };
+            *k += 1;
+            RankPlacement {
+                node: n.name.clone(),
+                session: n.session,
+                device: dev,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn teachers_spread_over_teacher_nodes_fewest_first() {
+        let mut t1 = node("t1", 2, 4);
+        t1.role = "teacher".into();
+        let mut t2 = node("t2", 0, 4);
+        t2.role = "teacher".into();
+        let nodes = [node("w", 8, 4), t1, t2];
+        let none = HashMap::new();
+        let p = place_teachers(3, Device::Cuda, &nodes, &none);
+        let got: Vec<String> = p
+            .iter()
+            .map(|r| format!("{}/{}", r.node, r.device))
+            .collect();
+        assert_eq!(got, ["t1/cuda:0", "t2/cpu", "t1/cuda:1"]);
+        // t1 already hosts two replicas of another job: t2 first.
+        let busy = HashMap::from([("t1".to_string(), 2)]);
+        let got: Vec<String> = place_teachers(2, Device::Cpu, &nodes, &busy)
+            .iter()
+            .map(|r| r.node.clone())
+            .collect();
+        assert_eq!(got, ["t2", "t2"]);
+        // No teacher node: none (they run beside rank 0).
+        assert!(place_teachers(2, Device::Cpu, &nodes[..1], &none).is_empty());
+    }
 
     fn node(name: &str, gpus: u32, max_jobs: u32) -> NodeView {
         NodeView {

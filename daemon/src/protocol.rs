@@ -30,6 +30,11 @@ pub struct WorkerPlan {
     /// The job's generation this process belongs to (tags its ring, and its metrics lines).
     #[serde(default)]
     pub generation: u64,
+    /// A directory of this node's own for the job (not shared with other nodes: a file
+    /// that several ranks map, such as the soft-label cache, lives here, never on the
+    /// shared outputs root). Empty: the output dir.
+    #[serde(default)]
+    pub scratch_dir: String,
 }
 
 impl WorkerPlan {

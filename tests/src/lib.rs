@@ -111,6 +111,8 @@ pub struct NodeOpts {
     pub ip: String,
     /// The outputs root every node of the cluster shares.
     pub out: PathBuf,
+    /// `worker`, or `teacher` (serves distillation teachers only).
+    pub role: String,
 }
 
 /// A running `ferryd --standalone`, or one node of a cluster (see [`Daemon::start_node`]).
@@ -174,6 +176,11 @@ impl Daemon {
         d
     }
 
+    /// The node's data dir (its store, plans, and node-local scratch).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     /// The outputs root.
     pub fn out(&self) -> PathBuf {
         match &self.node {
@@ -220,6 +227,7 @@ impl Daemon {
                     &n.name,
                 ])
                 .args(["--data-plane-ip", &n.ip])
+                .env("FERRY_ROLE", &n.role)
                 .env("FERRY_NODE_TTL_MS", "3000")
                 .process_group(0);
             }

@@ -9,23 +9,24 @@ use ferry_tests::{pid_alive, rank_pid, run_python, Daemon, NodeOpts};
 
 /// `n` nodes of a fresh cluster on `etcd`, named a, b, c, ... on 127.0.0.(base + i).
 fn cluster(etcd: &Etcd, n: usize, base: u8, out: &std::path::Path) -> Vec<Daemon> {
-    cluster_on(etcd, &vec![out; n], base)
+    cluster_on(etcd, &vec![(out, "worker"); n], base)
 }
 
-/// A fresh cluster of one node per outputs root in `outs`.
-fn cluster_on(etcd: &Etcd, outs: &[&std::path::Path], base: u8) -> Vec<Daemon> {
+/// A fresh cluster of one node per (outputs root, role) in `nodes`.
+fn cluster_on(etcd: &Etcd, nodes: &[(&std::path::Path, &str)], base: u8) -> Vec<Daemon> {
     let name = unique_prefix("c").trim_start_matches('/').replace('/', "-");
-    let n = outs.len();
-    let nodes: Vec<Daemon> = outs
+    let n = nodes.len();
+    let nodes: Vec<Daemon> = nodes
         .iter()
         .enumerate()
-        .map(|(i, out)| {
+        .map(|(i, (out, role))| {
             Daemon::start_node(NodeOpts {
                 etcd: etcd.endpoint(),
                 cluster: name.clone(),
                 name: ((b'a' + i as u8) as char).to_string(),
                 ip: format!("127.0.0.{}", base + i as u8),
                 out: out.to_path_buf(),
+                role: role.to_string(),
             })
         })
         .collect();
@@ -347,7 +348,12 @@ fn training_goes_on_while_etcd_is_down_and_nothing_is_lost() {
 fn a_node_that_mounts_another_outputs_root_takes_no_ranks() {
     let etcd = Etcd::new();
     let (out, elsewhere) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let nodes = cluster_on(&etcd, &[out.path(), out.path(), elsewhere.path()], 61);
+    let w = "worker";
+    let nodes = cluster_on(
+        &etcd,
+        &[(out.path(), w), (out.path(), w), (elsewhere.path(), w)],
+        61,
+    );
     // Three nodes asked for: c's root is not the others', so the job waits, and says why.
     let wide = nodes[0].submit(&mlp_job("wide", 3, 3, 1));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -383,4 +389,67 @@ fn a_node_that_mounts_another_outputs_root_takes_no_ranks() {
             .collect::<Vec<_>>(),
         messages(&nodes[0], &narrow.id).join("\n")
     );
+}
+
+#[test]
+fn students_on_two_nodes_learn_from_a_teacher_on_a_third() {
+    let etcd = Etcd::new();
+    let out = tempfile::tempdir().unwrap();
+    let roles = [
+        (out.path(), "worker"),
+        (out.path(), "worker"),
+        (out.path(), "teacher"),
+    ];
+    let nodes = cluster_on(&etcd, &roles, 71);
+    let spec = "name: kd\nmodel: {arch: torchscript, path: mlp.pt}\n\
+         data: {train: {path: few.safetensors}, unlabelled: {path: pool.safetensors}, val: {path: val}, channels: 1}\n\
+         train: {epochs: 4, batch_size: 8, seed: 5, optimizer: {name: sgd, lr: 0.05, momentum: 0.9}}\n\
+         resources: {ranks: 2, nodes: 2, threads: 1}\n\
+         distill:\n  teacher: {arch: torchscript, path: teacher4.pt, replicas: 1, threads: 1}\n  temperature: 2.0\n  alpha: 0.5\n  top_k: 2\n\
+         output: {dir: kd}\n";
+    let job = nodes[2].submit(spec);
+    let end = nodes[1].wait_terminal(&job.id, Duration::from_secs(240));
+    let msgs = messages(&nodes[0], &job.id);
+    assert_eq!(
+        end.phase,
+        JobPhase::Succeeded,
+        "{:?}\n{}",
+        end.status,
+        msgs.join("\n")
+    );
+    // The students on the workers, the teacher on the teacher node.
+    assert_eq!(placed_nodes(&end), ["a", "b"]);
+    let teachers: Vec<&str> = end
+        .teacher_placement
+        .iter()
+        .map(|p| p.node.as_str())
+        .collect();
+    assert_eq!(teachers, ["c"]);
+    assert!(
+        msgs.iter()
+            .any(|m| m.starts_with("teacher replica 0 serves soft labels at 127.0.0.73:")),
+        "{}",
+        msgs.join("\n")
+    );
+    // Every step had soft labels (the students never fell back to hard labels).
+    let metrics = std::fs::read_to_string(out.path().join("kd/metrics.jsonl")).unwrap();
+    let last = metrics
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("distill").is_some_and(|d| !d.is_null()) && v.get("step").is_none())
+        .expect("a final distill record");
+    assert_eq!(last["distill"]["fallback_steps"], 0, "{last}");
+    assert!(
+        last["distill"]["samples_fetched"].as_u64().unwrap() > 0,
+        "{last}"
+    );
+    // Each node's students shared a cache of their own, never one on the shared root.
+    let shared: Vec<_> = std::fs::read_dir(out.path().join("kd"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".softlabels"))
+        .collect();
+    assert!(shared.is_empty(), "{shared:?}");
 }

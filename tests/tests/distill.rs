@@ -100,9 +100,12 @@ fn two_students_learn_from_two_teacher_replicas() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with(".softlabels"))
         .collect();
+    assert!(left.is_empty(), "the cache is node-local: {left:?}");
+    let scratch_dir = d.data_dir().join("scratch").join(&end.id);
     assert!(
-        left.is_empty(),
-        "the cache goes with a job that succeeded: {left:?}"
+        !scratch_dir.exists(),
+        "the cache goes with a job that succeeded: {}",
+        scratch_dir.display()
     );
     let (distilled, plain) = (
         end.status.val_accuracy.unwrap(),

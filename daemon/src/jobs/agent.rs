@@ -1,6 +1,6 @@
-//! Every node's agent: it watches the job records and runs the ranks that the current
-//! generation of a Running job places on this node's current session, one local attempt
-//! per job ([`super::supervisor`]). When the session ends (the lease expired), every local
+//! Every node's agent: it watches the job records and runs the ranks (and teacher
+//! replicas) that the current generation of a Running job places on this node's current
+//! session, one local attempt per job ([`super::supervisor`]). When the session ends (the lease expired), every local
 //! attempt stops its processes: a node never trains on a membership it has lost.
 
 use std::sync::Arc;
@@ -25,12 +25,14 @@ pub async fn run(m: Arc<JobManager>) {
             match m.list().await {
                 Ok(jobs) => {
                     m.metrics.set_job_phases(&jobs);
+                    remove_stale_scratch(&m, &jobs);
                     for job in jobs {
                         let mine = job.phase == JobPhase::Running
                             && !job.cancel_requested
                             && job
                                 .placement
                                 .iter()
+                                .chain(&job.teacher_placement)
                                 .any(|p| p.node == m.node && p.session == session.session);
                         if mine && m.claim_local(&job.id, job.generation) {
                             let m = m.clone();
@@ -49,6 +51,21 @@ pub async fn run(m: Arc<JobManager>) {
             _ = nap(&notify, Duration::from_secs(5)) => {}
             _ = session_changes.changed() => {}
             _ = m.local_done.notified() => {}
+        }
+    }
+}
+
+/// Removes the node-local scratch of jobs that have ended (or are gone), unless an attempt
+/// of theirs still runs here.
+fn remove_stale_scratch(m: &JobManager, jobs: &[ferry_cluster::api::Job]) {
+    let Ok(dirs) = std::fs::read_dir(&m.scratch_dir) else {
+        return;
+    };
+    for d in dirs.flatten() {
+        let id = d.file_name().to_string_lossy().into_owned();
+        let live = jobs.iter().any(|j| j.id == id && !j.phase.is_terminal());
+        if !live && !m.runs_locally(&id) {
+            let _ = std::fs::remove_dir_all(d.path());
         }
     }
 }

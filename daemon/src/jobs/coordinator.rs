@@ -447,8 +447,13 @@ async fn schedule(
     jobs: Vec<Job>,
 ) -> Result<(), JobError> {
     let mut running = Load::default();
+    // Teacher replicas per node, of the jobs that run.
+    let mut hosted: HashMap<String, u32> = HashMap::new();
     for j in jobs.iter().filter(|j| j.phase == JobPhase::Running) {
         running.add(&j.placement);
+        for t in &j.teacher_placement {
+            *hosted.entry(t.node.clone()).or_default() += 1;
+        }
     }
     let now = Instant::now();
     let queue: Vec<&Job> = jobs
@@ -510,7 +515,22 @@ async fn schedule(
             }
             Decision::Place(p) => {
                 st.waiting.remove(&job.id);
-                start(m, st, job, p).await?;
+                let teachers = match &job.spec.distill {
+                    Some(d) => {
+                        let t = place::place_teachers(
+                            d.teacher.replicas,
+                            job.spec.resources.device,
+                            &views,
+                            &hosted,
+                        );
+                        for r in &t {
+                            *hosted.entry(r.node.clone()).or_default() += 1;
+                        }
+                        t
+                    }
+                    None => Vec::new(),
+                };
+                start(m, st, job, p, teachers).await?;
             }
             Decision::Wait(why) | Decision::Unfit(why) => {
                 let why = match unshared.is_empty() {
@@ -539,6 +559,7 @@ async fn start(
     st: &State,
     job: &Job,
     placement: Vec<RankPlacement>,
+    teachers: Vec<RankPlacement>,
 ) -> Result<(), JobError> {
     let gen = job.generation + 1;
     let r = m
@@ -549,6 +570,7 @@ async fn start(
             j.phase = JobPhase::Running;
             j.generation = gen;
             j.placement = placement.clone();
+            j.teacher_placement = teachers.clone();
             j.status.attempts += 1;
             j.status.started_at.get_or_insert_with(now_rfc3339);
             true
@@ -566,7 +588,7 @@ async fn start(
             _ => spans.push((p.node.clone(), rank, rank)),
         }
     }
-    let on: Vec<String> = spans
+    let mut on: Vec<String> = spans
         .iter()
         .map(|(n, a, b)| {
             if a == b {
@@ -576,6 +598,9 @@ async fn start(
             }
         })
         .collect();
+    for (r, t) in teachers.iter().enumerate() {
+        on.push(format!("{} (teacher replica {r})", t.node));
+    }
     m.event(
         &job.id,
         EventKind::Phase,
@@ -585,7 +610,7 @@ async fn start(
             if gen > 1 { ", resuming" } else { "" },
             on.join(", ")
         ),
-        json!({"generation": gen, "placement": placement}),
+        json!({"generation": gen, "placement": placement, "teacher_placement": teachers}),
     )
     .await;
     Ok(())

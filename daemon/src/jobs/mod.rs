@@ -62,6 +62,8 @@ pub struct JobManager {
     pub exe: PathBuf,
     /// Where worker plans are written.
     pub plans_dir: PathBuf,
+    /// Node-local scratch, a directory per job (see `WorkerPlan::scratch_dir`).
+    pub scratch_dir: PathBuf,
     /// This node's registration; every write about a job is fenced by its session.
     pub membership: Arc<Membership>,
     /// Whether this daemon runs with an embedded store (`--standalone`).
@@ -171,6 +173,7 @@ impl JobManager {
         let exe = std::env::current_exe()?;
         let plans_dir = config.data_dir.join("plans");
         std::fs::create_dir_all(&plans_dir)?;
+        let scratch_dir = config.data_dir.join("scratch");
         Ok(Arc::new(JobManager {
             keys: Keys::new(&config.cluster_prefix()),
             store,
@@ -180,6 +183,7 @@ impl JobManager {
             metrics,
             exe,
             plans_dir,
+            scratch_dir,
             membership,
             standalone,
             local: Mutex::new(HashMap::new()),
@@ -364,6 +368,7 @@ impl JobManager {
             cancel_requested: false,
             generation: 0,
             placement: vec![],
+            teacher_placement: vec![],
             revision: 0,
         };
         let key = self.keys.job(&id);
@@ -723,6 +728,11 @@ impl JobManager {
         drop(local);
         self.membership.set_running_jobs(self.running_jobs());
         true
+    }
+
+    /// Whether an attempt of job `id` runs on this node now.
+    pub(crate) fn runs_locally(&self, id: &str) -> bool {
+        self.local.lock().expect("lock").contains_key(id)
     }
 
     pub(crate) fn release_local(&self, id: &str) {

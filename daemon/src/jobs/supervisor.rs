@@ -1,6 +1,6 @@
 //! Runs this node's share of one generation of a job: starts its rank processes
-//! (`ferryd worker`) and, on the node of rank 0, the job's teacher replicas
-//! (`ferryd teacher`); meets the other nodes' ranks through the store (each rank's ring
+//! (`ferryd worker`) and the job's teacher replicas placed here (`ferryd teacher`: on
+//! teacher nodes, or beside rank 0 when the cluster has none); meets the other nodes' ranks through the store (each rank's ring
 //! address under the generation's rendezvous prefix); turns rank 0's messages into status
 //! updates and events; stops its processes on a cancel, a newer generation, or the end of
 //! this node's session; and reports how its ranks ended for the coordinator to decide.
@@ -125,6 +125,25 @@ struct TeacherState {
     restarts: u32,
     reported: Option<String>,
     tail: VecDeque<String>,
+    /// Its environment (its GPU, on a CUDA node), kept for restarts.
+    env: Vec<(&'static str, std::ffi::OsString)>,
+    /// It exited and is not restarted.
+    gone: bool,
+}
+
+/// `env` with the one GPU of a placement's `device` (`cuda:N`) visible, if it names one.
+fn with_device(
+    env: &[(&'static str, std::ffi::OsString)],
+    device: &str,
+) -> Vec<(&'static str, std::ffi::OsString)> {
+    let mut env = env.to_vec();
+    let gpu = device
+        .strip_prefix("cuda:")
+        .and_then(|g| g.parse::<usize>().ok());
+    if let Some(dev) = gpu.and_then(|g| crate::gpu::visible_device(g, usize::MAX)) {
+        env.push(("CUDA_VISIBLE_DEVICES", dev.into()));
+    }
+    env
 }
 
 /// Registers a ready teacher in the store under this node's lease: it goes when the
@@ -263,6 +282,8 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
         .filter(|&r| job.placement.get(r).is_some_and(|p| p.node == m.node))
         .collect();
     let hosts_rank0 = mine.first() == Some(&0);
+    let scratch = m.scratch_dir.join(&job.id);
+    std::fs::create_dir_all(&scratch)?;
     let plan = WorkerPlan {
         job_id: job.id.clone(),
         spec: job.spec.clone(),
@@ -278,6 +299,7 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
         collective_timeout_ms: m.config.collective_timeout_ms,
         node: m.node.clone(),
         generation: gen,
+        scratch_dir: scratch.display().to_string(),
     };
     let plan_path = m.plans_dir.join(format!("{}-g{gen}.json", job.id));
     std::fs::write(&plan_path, serde_json::to_vec_pretty(&plan)?)?;
@@ -317,30 +339,37 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
     );
     let mut session_changes = m.membership.subscribe();
 
-    // Teachers first (on rank 0's node): they load their model while the ranks load theirs.
+    // Teachers first: they load their model while the ranks load theirs. They run where
+    // the generation placed them (teacher nodes), or else beside rank 0.
     let distill = job.spec.distill.is_some();
-    let replicas = if hosts_rank0 {
-        job.spec.distill.as_ref().map_or(0, |d| d.teacher.replicas)
+    let replicas = job.spec.distill.as_ref().map_or(0, |d| d.teacher.replicas);
+    let my_replicas: Vec<(u32, String)> = if job.teacher_placement.is_empty() {
+        match hosts_rank0 {
+            true => (0..replicas).map(|r| (r, String::new())).collect(),
+            false => Vec::new(),
+        }
     } else {
-        0
+        job.teacher_placement
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.node == m.node && p.session == session.session)
+            .map(|(r, p)| (r as u32, p.device.clone()))
+            .collect()
     };
     let max_teacher_restarts = job
         .spec
         .distill
         .as_ref()
         .map_or(0, |d| d.teacher.max_restarts);
-    let mut teachers: Vec<TeacherState> = Vec::new();
+    let mut teachers: BTreeMap<u32, TeacherState> = BTreeMap::new();
     let mut teacher_watch = None;
     if distill {
-        if replicas > 0 {
-            // Registrations left by an earlier generation name dead processes.
-            for kv in m.store.range(&m.keys.teachers(&job.id)).await? {
-                let _ = m.store.delete(&kv.key).await;
-            }
-        }
         teacher_watch = Some(m.store.watch(&m.keys.teachers(&job.id), None).await?);
     }
-    for r in 0..replicas {
+    for (r, device) in my_replicas {
+        // A registration left by an earlier generation names a dead process.
+        let _ = m.store.delete(&m.keys.teacher(&job.id, r)).await;
+        let env = with_device(&gpu_env, &device);
         let (pid, _stdin) = spawn_proc(
             m,
             &plan_path,
@@ -348,7 +377,7 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
             world,
             tx.clone(),
             kill_rx.clone(),
-            &gpu_env,
+            &env,
         )?;
         m.event_for(
             session,
@@ -358,26 +387,21 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
             json!({"teacher": r, "pid": pid, "node": m.node}),
         )
         .await;
-        teachers.push(TeacherState {
-            pid,
-            ..Default::default()
-        });
+        teachers.insert(
+            r,
+            TeacherState {
+                pid,
+                env,
+                ..Default::default()
+            },
+        );
     }
     let mut stdins = BTreeMap::new();
     for &rank in &mine {
-        let mut env = gpu_env.clone();
+        let mut env = with_device(&gpu_env, &job.placement[rank].device);
         // The node's first rank saves the state its ranks hold if their ring breaks.
         if mine.first() == Some(&rank) {
             env.push(("FERRY_SAVER", "1".into()));
-        }
-        if let Some(gpu) = job.placement[rank]
-            .device
-            .strip_prefix("cuda:")
-            .and_then(|g| g.parse::<usize>().ok())
-        {
-            if let Some(dev) = crate::gpu::visible_device(gpu, usize::MAX) {
-                env.push(("CUDA_VISIBLE_DEVICES", dev.into()));
-            }
         }
         let (pid, stdin) = spawn_proc(
             m,
@@ -407,7 +431,16 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
     // After the first failure, the others get a moment to report why they stopped.
     let mut grace: Option<tokio::time::Instant> = None;
 
-    while exited < mine.len() {
+    // A node that only serves teachers keeps them until the job moves on.
+    let teacher_only = mine.is_empty();
+    loop {
+        if !teacher_only && exited >= mine.len() {
+            break;
+        }
+        let over = local.cancelled || local.superseded || !local.failures.is_empty();
+        if teacher_only && (over || teachers.values().all(|t| t.gone)) {
+            break;
+        }
         let grace_at = grace
             .unwrap_or_else(|| tokio::time::Instant::now() + std::time::Duration::from_secs(3600));
         tokio::select! {
@@ -416,7 +449,7 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                 let rank = match proc {
                     Proc::Rank(rank) => rank,
                     Proc::Teacher(r) => {
-                        let t = &mut teachers[r as usize];
+                        let Some(t) = teachers.get_mut(&r) else { continue };
                         match ev {
                             RankEvent::Protocol(l) => match serde_json::from_str::<WorkerMessage>(&l) {
                                 Ok(WorkerMessage::TeacherReady { addr, .. }) => {
@@ -445,9 +478,10 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                                     t.ready = false;
                                     t.tail.clear();
                                     m.event_for(session, &job.id, EventKind::Log, format!("{why}; restarting it ({} of {max_teacher_restarts} restarts)", t.restarts), json!({"teacher": r})).await;
-                                    let (pid, _stdin) = spawn_proc(m, &plan_path, proc, world, tx.clone(), kill_rx.clone(), &gpu_env)?;
+                                    let (pid, _stdin) = spawn_proc(m, &plan_path, proc, world, tx.clone(), kill_rx.clone(), &t.env)?;
                                     t.pid = pid;
                                 } else {
+                                    t.gone = true;
                                     m.event_for(session, &job.id, EventKind::Log, format!("{why}; not restarted (distill.teacher.max_restarts = {max_teacher_restarts} used up)"), json!({"teacher": r})).await;
                                 }
                             }
@@ -602,11 +636,16 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
         }
     }
     let _ = kill_tx.send(true);
-    for r in 0..teachers.len() {
-        let _ = m.store.delete(&m.keys.teacher(&job.id, r as u32)).await;
+    for r in teachers.keys() {
+        let _ = m.store.delete(&m.keys.teacher(&job.id, *r)).await;
     }
     if local.cancelled || local.superseded {
         local.failures.clear();
+    }
+    // The job is over for good: its node-local files go (a generation that failed keeps
+    // them for the next one, which may run here; the agent removes what a failed job left).
+    if local.done || local.cancelled {
+        let _ = std::fs::remove_dir_all(&scratch);
     }
     Ok(local)
 }

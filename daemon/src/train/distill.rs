@@ -31,7 +31,8 @@ use super::data::Dataset;
 use super::model::Model;
 use crate::protocol::{DistillProgress, WorkerMessage, WorkerPlan};
 
-/// The soft-label cache the ranks of a job share, in its output dir.
+/// The soft-label cache the ranks of a job on one node share, in the node's scratch dir
+/// for the job.
 pub const CACHE_FILE: &str = ".softlabels.cache";
 
 /// The distillation loss (see the module docs). `labels` holds -1 for unlabelled samples;
@@ -80,10 +81,10 @@ impl Student {
         spec: &DistillSpec,
         teachers: Directory,
         train: &Dataset,
-        out_dir: &Path,
+        scratch: &Path,
     ) -> Result<Student> {
         // One cache file for the job's ranks on this node.
-        let cache = spec.cache.then(|| (train.len(), out_dir.join(CACHE_FILE)));
+        let cache = spec.cache.then(|| (train.len(), scratch.join(CACHE_FILE)));
         let client = Client::new(
             ClientConfig {
                 deadline: Duration::from_millis(spec.deadline_ms),
@@ -120,10 +121,10 @@ impl Student {
 
     /// Removes the shared cache files (rank 0, when the job has succeeded), including any
     /// that only the other ranks opened.
-    pub fn remove_cache(&self, out_dir: &Path) {
+    pub fn remove_cache(&self, scratch: &Path) {
         self.client.remove_cache();
         let prefix = format!("{CACHE_FILE}.");
-        for e in std::fs::read_dir(out_dir).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(scratch).into_iter().flatten().flatten() {
             if e.file_name().to_string_lossy().starts_with(&prefix) {
                 let _ = std::fs::remove_file(e.path());
             }

@@ -119,6 +119,15 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create output dir {}", out_dir.display()))?;
 
+    // Files this node's ranks share (the soft-label cache): node-local, never on the
+    // shared outputs root, where a mapped file is not coherent across hosts.
+    let scratch = match plan.scratch_dir.is_empty() {
+        true => out_dir.clone(),
+        false => PathBuf::from(&plan.scratch_dir),
+    };
+    std::fs::create_dir_all(&scratch)
+        .with_context(|| format!("cannot create {}", scratch.display()))?;
+
     let train_set = Dataset::load_training(&spec.data)?;
     if spec.data.unlabelled.is_some() {
         let labelled = train_set.labelled();
@@ -261,7 +270,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 d,
                 control.teachers.clone(),
                 &train_set,
-                &out_dir,
+                &scratch,
             )?)
         }
         None => None,
@@ -558,7 +567,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         return Ok(());
     }
     if let Some(st) = &student {
-        st.remove_cache(&out_dir);
+        st.remove_cache(&scratch);
     }
     if let Some(p) = student.as_ref().map(|s| s.progress()) {
         writeln!(metrics, "{}", serde_json::json!({ "distill": p }))?;
