@@ -217,6 +217,16 @@ def measure(a, nodes, steps):
 
     notes = [f"{sig.name} to node {victim.i} ({victim.addr}); torchrun {torch.__version__} defaults "
              f"except --max-restarts 3; Gloo process-group timeout {GLOO_TIMEOUT_S} s"]
+    if first is not None:
+        # Each agent counts its own restarts: more than one on a node means that attempts failed
+        # before training again, each spending one of --max-restarts.
+        restarts, wait_until = {}, time.time() + 5
+        while len(restarts) < first["world"] and time.time() < wait_until:
+            steps.poll()
+            restarts = {r["rank"]: r["restart"] for r in steps.lines if r["restart"] > restart_0}
+            time.sleep(0.05)
+        notes.append("restart counts of the new workers, by rank: " + ", ".join(
+            f"{rank}: {n}" for rank, n in sorted(restarts.items())) + f" (at T0: {restart_0})")
     survived = last is not None and (a.fault != "store" or last["t"] >= t0 + SURVIVAL_S)
     exits = [n for n in survivors if n.exit_t is not None]
     if exits:

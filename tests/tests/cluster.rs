@@ -453,3 +453,47 @@ fn students_on_two_nodes_learn_from_a_teacher_on_a_third() {
         .collect();
     assert!(shared.is_empty(), "{shared:?}");
 }
+
+#[test]
+fn a_job_grows_back_onto_a_node_that_returns() {
+    let etcd = Etcd::new();
+    let out = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(&etcd, 3, 81, out.path());
+    // Long enough (about 20 s) to shrink and to grow back.
+    let spec = mlp_job("regrow", 3, 3, 300).replace("nodes: 3,", "nodes: 3, min_nodes: 2,");
+    let job = nodes[0].submit(&spec);
+    let before = nodes[0].wait_for(&job.id, Duration::from_secs(90), "steps", |j| {
+        j.phase == JobPhase::Running && j.status.step >= 20
+    });
+    assert_eq!(placed_nodes(&before), ["a", "b", "c"]);
+    nodes[2].kill();
+    let shrunk = nodes[0].wait_for(&job.id, Duration::from_secs(60), "generation 2", |j| {
+        j.generation == 2 && j.phase == JobPhase::Running
+    });
+    assert_eq!(placed_nodes(&shrunk), ["a", "b"]);
+    // c comes back: once it has been up two lease TTLs, the job moves onto it.
+    nodes[2].crash_and_restart();
+    let grown = nodes[1].wait_for(&job.id, Duration::from_secs(120), "generation 3", |j| {
+        j.generation >= 3 || j.phase.is_terminal()
+    });
+    assert_eq!(grown.generation, 3, "{:?}", grown.status);
+    let (saved, why, start, lost) = rescued_then_resumed(&nodes[1], &job.id, 3);
+    eprintln!("{why}; generation 3 resumed at step {start}, {lost} steps lost");
+    assert_eq!((start, lost), (saved, 0));
+    let end = nodes[1].wait_terminal(&job.id, Duration::from_secs(240));
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    assert_eq!(placed_nodes(&end), ["a", "b", "c"]);
+    assert_eq!(end.status.restarts, 0);
+    assert_eq!(end.status.failure, None, "growing is not a failure");
+    // 400 samples in global batches of 24, then 16, then 24 again: the count of steps
+    // follows the world size, and every step of the plan was taken.
+    assert_eq!(end.status.step, end.status.total_steps);
+    assert!(end.status.step > 300 * 17 && end.status.step < 300 * 25);
+    let msgs = messages(&nodes[0], &job.id);
+    assert!(
+        msgs.iter().any(|m| m
+            == "generation 2 ends: node(s) c can take ranks: growing from 2 to 3 nodes; its ranks save their state for the next"),
+        "{}",
+        msgs.join("\n")
+    );
+}

@@ -27,6 +27,10 @@ use super::{any_change, lifecycle_changes, nap, wake_on_changes, JobError, JobMa
 const FAILURE_GRACE: Duration = Duration::from_secs(3);
 /// How long a node that failed a job is avoided for it.
 const COOL_DOWN: Duration = Duration::from_secs(60);
+/// A job that runs on fewer nodes than it asked for grows back onto nodes that have been
+/// up this many lease TTLs, once its generation has run as long (no flapping node makes
+/// it restart over and over).
+const GROW_AFTER_TTLS: u32 = 2;
 
 /// How one node's ranks of one generation ended, written by that node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +85,8 @@ enum Cause {
     Rank(String),
     /// A node is gone: the job moves on without it, whatever the restart policy.
     NodeLost(String),
+    /// Nodes joined that the job can use: it moves onto more of them (not a failure).
+    Grow(String),
 }
 
 #[derive(Default)]
@@ -93,8 +99,12 @@ struct State {
     waiting: HashMap<String, String>,
     /// A job record changed in this round: list again before placing.
     changed: bool,
-    /// A generation waits out its failure grace: look again soon, even without a change.
+    /// A generation waits out its failure grace (or a grow its delay): look again soon,
+    /// even without a change.
     grace_pending: bool,
+    /// When this coordinator first saw each node session, and each job generation.
+    seen_nodes: HashMap<(String, u64), Instant>,
+    seen_generations: HashMap<(String, u64), Instant>,
 }
 
 /// Coordinates whenever this node holds the election; runs until the process exits.
@@ -200,11 +210,103 @@ async fn coordinate(m: &JobManager, st: &mut State) -> Result<(), JobError> {
     st.changed = false;
     st.grace_pending = false;
     let jobs = m.list().await?;
+    let now = Instant::now();
+    for n in nodes.values() {
+        st.seen_nodes
+            .entry((n.name.clone(), n.session))
+            .or_insert(now);
+    }
+    st.seen_nodes
+        .retain(|(name, session), _| nodes.get(name).is_some_and(|n| n.session == *session));
     for job in jobs.iter().filter(|j| j.phase == JobPhase::Running) {
         evaluate(m, st, job, &nodes).await?;
     }
+    if !st.changed {
+        grow(m, st, &nodes, &jobs).await?;
+    }
     let jobs = if st.changed { m.list().await? } else { jobs };
     schedule(m, st, &nodes, jobs).await
+}
+
+/// The nodes that may take ranks, as placement sees them, and why the others may not: in
+/// a cluster, only nodes that share this coordinator's outputs root.
+fn usable(m: &JobManager, nodes: &BTreeMap<String, Node>) -> (Vec<NodeView>, Vec<String>) {
+    let (mut views, mut unshared) = (Vec::new(), Vec::new());
+    for n in nodes.values() {
+        match m.standalone {
+            true => views.push(view(n)),
+            false => match crate::outputs::check(&m.roots.outputs, &n.name, &n.outputs_marker) {
+                Ok(()) => views.push(view(n)),
+                Err(why) => unshared.push(why),
+            },
+        }
+    }
+    (views, unshared)
+}
+
+/// Grows back a Running job that runs on fewer nodes than `resources.nodes` once more
+/// nodes fit it (they joined, or returned, and have been up a while): its generation ends
+/// (its ranks save their state, see the supervisor) and the next one is placed on more
+/// nodes, in the same round.
+async fn grow(
+    m: &JobManager,
+    st: &mut State,
+    nodes: &BTreeMap<String, Node>,
+    jobs: &[Job],
+) -> Result<(), JobError> {
+    let settle = m.config.node_ttl() * GROW_AFTER_TTLS;
+    let now = Instant::now();
+    let running: Vec<&Job> = jobs
+        .iter()
+        .filter(|j| j.phase == JobPhase::Running)
+        .collect();
+    st.seen_generations
+        .retain(|(id, gen), _| running.iter().any(|j| j.id == *id && j.generation == *gen));
+    let (views, _) = usable(m, nodes);
+    // Only nodes up long enough count.
+    let settled: Vec<NodeView> = views
+        .into_iter()
+        .filter(|v| {
+            st.seen_nodes
+                .get(&(v.name.clone(), v.session))
+                .is_some_and(|t| now.duration_since(*t) >= settle)
+        })
+        .collect();
+    for job in &running {
+        let have: BTreeSet<&str> = job.placement.iter().map(|p| p.node.as_str()).collect();
+        if job.cancel_requested || have.len() as u32 >= job.spec.resources.nodes.max(1) {
+            continue;
+        }
+        let since = *st
+            .seen_generations
+            .entry((job.id.clone(), job.generation))
+            .or_insert(now);
+        if now.duration_since(since) < settle {
+            st.grace_pending = true;
+            continue;
+        }
+        let mut load = Load::default();
+        for other in running.iter().filter(|o| o.id != job.id) {
+            load.add(&other.placement);
+        }
+        let d = demand(&job.id, &job.spec, BTreeSet::new());
+        let Decision::Place(p) = place::place_one(&d, &settled, &load) else {
+            continue;
+        };
+        let more: BTreeSet<&str> = p.iter().map(|r| r.node.as_str()).collect();
+        if more.len() <= have.len() {
+            continue;
+        }
+        let joined: Vec<&str> = more.difference(&have).copied().collect();
+        let why = format!(
+            "node(s) {} can take ranks: growing from {} to {} nodes",
+            joined.join(", "),
+            have.len(),
+            more.len()
+        );
+        next_generation(m, st, job, Cause::Grow(why), &BTreeMap::new()).await?;
+    }
+    Ok(())
 }
 
 /// Looks at a Running job's generation and acts once its outcome is known.
@@ -317,24 +419,29 @@ async fn next_generation(
     let steps_done = reports.values().filter_map(|r| r.step).max();
     let (reason, counted) = match &cause {
         Cause::Rank(r) => (r.clone(), true),
-        Cause::NodeLost(r) => (r.clone(), false),
+        Cause::NodeLost(r) | Cause::Grow(r) => (r.clone(), false),
     };
     if counted && job.status.restarts >= max {
         return finish(m, st, job, JobPhase::Failed, Some(reason)).await;
     }
-    let text = if counted {
-        format!(
+    let text = match &cause {
+        Cause::Rank(_) => format!(
             "restarting ({} of {max} restarts) after: {reason}",
             job.status.restarts + 1
-        )
-    } else {
-        format!("generation {gen} ended: {reason}; the job moves to the nodes that remain")
+        ),
+        Cause::NodeLost(_) => {
+            format!("generation {gen} ended: {reason}; the job moves to the nodes that remain")
+        }
+        Cause::Grow(_) => {
+            format!("generation {gen} ends: {reason}; its ranks save their state for the next")
+        }
     };
+    let grow = matches!(cause, Cause::Grow(_));
     m.event(
         &job.id,
         EventKind::Phase,
         text,
-        json!({"reason": reason, "generation": gen, "node_lost": !counted, "step": steps_done,
+        json!({"reason": reason, "generation": gen, "node_lost": matches!(cause, Cause::NodeLost(_)), "grow": grow, "step": steps_done,
                "checkpoint": job.status.checkpoint}),
     )
     .await;
@@ -350,7 +457,10 @@ async fn next_generation(
                 j.phase = JobPhase::Pending;
             }
             j.placement.clear();
-            j.status.failure = Some(reason.clone());
+            j.teacher_placement.clear();
+            if !grow {
+                j.status.failure = Some(reason.clone());
+            }
             if counted {
                 j.status.restarts += 1;
             }
@@ -474,17 +584,7 @@ async fn schedule(
             demand(&j.id, &j.spec, cooling)
         })
         .collect();
-    // In a cluster, only nodes that share this coordinator's outputs root take ranks.
-    let (mut views, mut unshared) = (Vec::new(), Vec::new());
-    for n in nodes.values() {
-        match m.standalone {
-            true => views.push(view(n)),
-            false => match crate::outputs::check(&m.roots.outputs, &n.name, &n.outputs_marker) {
-                Ok(()) => views.push(view(n)),
-                Err(why) => unshared.push(why),
-            },
-        }
-    }
+    let (views, unshared) = usable(m, nodes);
     for (job, (_, decision)) in queue
         .into_iter()
         .zip(place::place(&demands, &views, &running))

@@ -70,6 +70,8 @@ pub struct JobManager {
     pub standalone: bool,
     /// Local attempts running in this process: job id to generation.
     local: Mutex<HashMap<String, u64>>,
+    /// The newest generation of each job that this node has run (or runs).
+    attempted: Mutex<HashMap<String, u64>>,
     /// Per job, the event counter as this node last wrote it (number, mod_revision): a
     /// hint that saves reading it back; a stale hint only costs one failed compare.
     event_hints: Mutex<HashMap<String, (u64, u64)>>,
@@ -187,6 +189,7 @@ impl JobManager {
             membership,
             standalone,
             local: Mutex::new(HashMap::new()),
+            attempted: Mutex::new(HashMap::new()),
             event_hints: Mutex::new(HashMap::new()),
             local_done: tokio::sync::Notify::new(),
         }))
@@ -724,6 +727,17 @@ impl JobManager {
         if local.contains_key(id) {
             return false;
         }
+        // A generation runs here once: after its ranks ended (and this node reported), the
+        // record still says Running until the coordinator decides; that is no new attempt.
+        let mut attempted = self.attempted.lock().expect("lock");
+        if attempted.get(id).is_some_and(|g| *g >= gen) {
+            return false;
+        }
+        if attempted.len() >= 10_000 {
+            attempted.clear();
+        }
+        attempted.insert(id.to_string(), gen);
+        drop(attempted);
         local.insert(id.to_string(), gen);
         drop(local);
         self.membership.set_running_jobs(self.running_jobs());

@@ -18,6 +18,10 @@ type Hook = Box<dyn Fn() + Send>;
 #[derive(Default)]
 pub struct StopSignal {
     inner: Mutex<(Option<String>, Vec<Hook>)>,
+    /// The training loop runs and looks at the signal at every step. Before that (set-up:
+    /// loading, the rendezvous, forming the ring), there is no state to save, and a stop
+    /// ends the process at once.
+    polled: std::sync::atomic::AtomicBool,
 }
 
 impl StopSignal {
@@ -37,14 +41,23 @@ impl StopSignal {
         }
     }
 
+    /// From now on the training loop answers a stop at its next step.
+    pub fn set_polled(&self) {
+        self.polled.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn trigger(&self, reason: String) {
         let hooks = {
             let mut g = self.lock();
-            g.0.get_or_insert(reason);
+            g.0.get_or_insert(reason.clone());
             std::mem::take(&mut g.1)
         };
         for h in hooks {
             h();
+        }
+        if !self.polled.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("stopped by the daemon during set-up: {reason}");
+            std::process::exit(3);
         }
     }
 

@@ -199,10 +199,6 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         shuffle: spec.data.shuffle,
     };
     let steps_per_epoch = sampler.steps_per_epoch() as u64;
-    let mut total_steps = steps_per_epoch * u64::from(spec.train.epochs);
-    if let Some(max) = spec.train.max_steps {
-        total_steps = total_steps.min(max);
-    }
 
     // Resume.
     let ckpt_root = out_dir.join("checkpoints");
@@ -228,6 +224,18 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         }
     }
     let start_step = step;
+    // Steps already done, then what is left at this world size: the rest of the epoch it
+    // stopped in (an earlier generation may have had another world size) and the others.
+    let mut total_steps = step
+        + if epoch < spec.train.epochs {
+            ((sampler.len - consumed.min(sampler.len)).div_ceil(sampler.global_batch()) as u64)
+                + steps_per_epoch * u64::from(spec.train.epochs - epoch - 1)
+        } else {
+            0
+        };
+    if let Some(max) = spec.train.max_steps {
+        total_steps = total_steps.min(max);
+    }
     let rescue_at = Rescue {
         saver,
         start_step,
@@ -309,6 +317,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let mut val_accuracy = None;
     let prefetch = spec.distill.as_ref().map_or(0, |d| d.prefetch as usize);
 
+    control.stop.set_polled();
     'epochs: while epoch < spec.train.epochs && step < total_steps {
         let order = sampler.order(epoch);
         // The epoch's order goes to the device once: a copy per step would wait for the GPU
@@ -328,6 +337,17 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         while consumed < sampler.len {
             if step >= total_steps {
                 break 'epochs;
+            }
+            // Stopped by the daemon (a one-rank job has no ring to break): save and go.
+            if control.stop.reason().is_some() {
+                return Err(rescue_at.save(
+                    anyhow::anyhow!("stopped"),
+                    &model,
+                    &opt,
+                    (step, epoch, consumed, world),
+                    (last_loss, val_accuracy),
+                    scaler.as_ref(),
+                ));
             }
             let t0 = Instant::now();
             let span = sampler.range(consumed, rank);
