@@ -157,6 +157,10 @@ fn run(cli: Cli) -> Result<i32> {
                 }
                 after = page.next;
                 let done = page.phase.is_terminal() && page.events.is_empty();
+                // Without -f: every page there is, then stop.
+                if !f && !page.events.is_empty() {
+                    continue;
+                }
                 if !f || done {
                     if f {
                         let j: Job = c.get(&format!("/v1/jobs/{}", segment(&job)))?;

@@ -355,10 +355,26 @@ impl Daemon {
     }
 
     /// Every event of a job.
+    /// Every event of job `id`, page by page.
     pub fn events(&self, id: &str) -> EventPage {
-        let (status, body) = self.get(&format!("/v1/jobs/{id}/events"));
-        assert_eq!(status, 200, "events {id}: {body}");
-        serde_json::from_value(body).expect("events")
+        let mut all: Option<EventPage> = None;
+        loop {
+            let after = all.as_ref().map_or(0, |p| p.next);
+            let (status, body) = self.get(&format!("/v1/jobs/{id}/events?after={after}"));
+            assert_eq!(status, 200, "events {id}: {body}");
+            let page: EventPage = serde_json::from_value(body).expect("events");
+            let last = page.events.is_empty();
+            match all.as_mut() {
+                None => all = Some(page),
+                Some(a) => {
+                    a.events.extend(page.events);
+                    (a.next, a.phase) = (page.next, page.phase);
+                }
+            }
+            if last {
+                return all.expect("a page");
+            }
+        }
     }
 
     /// Polls job `id` until `done` holds for it; panics with its events after `timeout`.

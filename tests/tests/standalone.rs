@@ -123,6 +123,15 @@ fn a_job_submitted_with_ferryctl_succeeds_with_a_sane_accuracy() {
     assert_eq!(v["phase"], "Succeeded");
     let logs = d.ctl(&["logs", "fe"]);
     assert!(String::from_utf8_lossy(&logs.stdout).contains("val accuracy"));
+    // Events come in pages read from `after` on; `ferryctl logs` reads them all.
+    let all = d.events(&job.id).events;
+    let (status, body) = d.get(&format!("/v1/jobs/{}/events?after=2&limit=3", job.id));
+    assert_eq!(status, 200, "{body}");
+    let page: ferry_cluster::api::EventPage = serde_json::from_value(body).unwrap();
+    let seqs: Vec<u64> = page.events.iter().map(|e| e.seq).collect();
+    assert_eq!((seqs, page.next), (vec![3, 4, 5], 5));
+    let lines = String::from_utf8_lossy(&logs.stdout).lines().count();
+    assert_eq!(lines, all.len(), "ferryctl logs prints every event once");
     let nodes = d.ctl(&["nodes", "-o", "yaml"]);
     assert!(String::from_utf8_lossy(&nodes.stdout).contains("mode: standalone"));
 }

@@ -33,6 +33,7 @@ macro_rules! checks {
 const CHECKS: &[(&str, Check)] = checks![
     revisions_and_versions,
     range_is_by_prefix_in_key_order,
+    range_after_pages_a_prefix,
     delete_says_whether_the_key_existed,
     compare_and_swap,
     every_compare_target_and_op,
@@ -220,6 +221,47 @@ async fn range_is_by_prefix_in_key_order(s: &dyn Store, p: &str) -> Result<(), S
         keys.len(),
         "range of the check's prefix"
     );
+    Ok(())
+}
+
+async fn range_after_pages_a_prefix(s: &dyn Store, p: &str) -> Result<(), String> {
+    for k in ["e/003", "e/001", "e/002", "e/010", "e0", "f/001"] {
+        s.put(&format!("{p}{k}"), b"v".to_vec(), 0)
+            .await
+            .must("put")?;
+    }
+    let keys = |kvs: Vec<super::KeyValue>| -> Vec<String> {
+        kvs.into_iter()
+            .map(|kv| kv.key.strip_prefix(p).unwrap_or(&kv.key).to_string())
+            .collect()
+    };
+    let e = format!("{p}e/");
+    let page = |after: String, limit| {
+        let e = e.clone();
+        async move { s.range_after(&e, &after, limit).await.must("range_after") }
+    };
+    // From before the prefix: its first keys.
+    ensure_eq!(
+        keys(page(p.to_string(), 2).await?),
+        vec!["e/001", "e/002"],
+        "first page"
+    );
+    // Strictly after a key, whether it exists or not; never past the prefix.
+    ensure_eq!(
+        keys(page(format!("{p}e/002"), 2).await?),
+        vec!["e/003", "e/010"],
+        "after e/002"
+    );
+    ensure_eq!(
+        keys(page(format!("{p}e/004"), 10).await?),
+        vec!["e/010"],
+        "after a missing key"
+    );
+    ensure!(
+        page(format!("{p}e/010"), 10).await?.is_empty(),
+        "after the last key"
+    );
+    ensure!(page(format!("{p}e/"), 0).await?.is_empty(), "limit 0");
     Ok(())
 }
 

@@ -187,6 +187,32 @@ impl Inner {
         Ok(out)
     }
 
+    fn range_after(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let r = self.db.begin_read().map_err(io)?;
+        let t = r.open_table(KV).map_err(io)?;
+        let start = if after < prefix { prefix } else { after };
+        let mut out = Vec::new();
+        for entry in t.range(start..).map_err(io)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = entry.map_err(io)?;
+            let k = k.value();
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if k > after {
+                out.push(decode(k, v.value())?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Applies a transaction under the state lock: one durable commit, one revision.
     fn apply(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -355,6 +381,17 @@ impl Store for EmbeddedStore {
     async fn range(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
         let prefix = prefix.to_string();
         self.blocking(move |i| i.range(&prefix)).await
+    }
+
+    async fn range_after(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let (prefix, after) = (prefix.to_string(), after.to_string());
+        self.blocking(move |i| i.range_after(&prefix, &after, limit))
+            .await
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<u64, StoreError> {

@@ -295,6 +295,18 @@ fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// The first key after every key that starts with `prefix` (etcd's range end for it).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key: the prefix was empty or all 0xff
+}
+
 fn key_value(kv: &etcd::KeyValue) -> KeyValue {
     KeyValue {
         key: String::from_utf8_lossy(kv.key()).into_owned(),
@@ -546,6 +558,38 @@ impl Store for EtcdStore {
             .await
             .map_err(|e| i.unavailable(e))?;
         // etcd returns a range in key order unless asked to sort otherwise.
+        Ok(resp.kvs().iter().map(key_value).collect())
+    }
+
+    async fn range_after(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let i = &self.inner;
+        let mut kv = i.kv.clone();
+        // The smallest key after `after` (or the prefix itself) up to the prefix's end.
+        let start = if after < prefix {
+            prefix.as_bytes().to_vec()
+        } else {
+            let mut k = after.as_bytes().to_vec();
+            k.push(0);
+            k
+        };
+        let opts = etcd::GetOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_limit(limit as i64);
+        let resp = i
+            .call(
+                || format!("range {prefix} after {after}"),
+                kv.get(start, Some(opts)),
+            )
+            .await
+            .map_err(|e| i.unavailable(e))?;
         Ok(resp.kvs().iter().map(key_value).collect())
     }
 

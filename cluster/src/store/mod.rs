@@ -194,6 +194,14 @@ pub trait Store: Send + Sync {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
     /// Every key starting with `prefix`, in key order.
     async fn range(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError>;
+    /// The first `limit` keys starting with `prefix` that sort after `after`, in key order:
+    /// a page of a long prefix (a job's events), read without the keys before it.
+    async fn range_after(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError>;
     /// Writes `key`; returns the new revision.
     async fn put(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<u64, StoreError>;
     /// Deletes `key`; returns whether it existed.

@@ -137,6 +137,13 @@ pub struct EventsQuery {
     /// Long-poll: seconds to wait for a new event (at most 60).
     #[serde(default)]
     wait: u64,
+    /// Events per page (at most 10,000).
+    #[serde(default = "default_event_limit")]
+    limit: usize,
+}
+
+fn default_event_limit() -> usize {
+    1000
 }
 
 pub async fn job_events(
@@ -145,7 +152,8 @@ pub async fn job_events(
     q: web::Query<EventsQuery>,
 ) -> Result<HttpResponse> {
     let wait = Duration::from_secs(q.wait.min(60));
-    Ok(HttpResponse::Ok().json(state.jobs.events(&id, q.after, wait).await?))
+    let limit = q.limit.clamp(1, 10_000);
+    Ok(HttpResponse::Ok().json(state.jobs.events(&id, q.after, limit, wait).await?))
 }
 
 pub async fn list_nodes(state: web::Data<AppState>) -> Result<HttpResponse> {

@@ -60,7 +60,8 @@ pub fn document(version: &str) -> Value {
             "/v1/jobs/{id}/events": {"get": {"operationId": "jobEvents", "summary": "A job's progress and log lines",
                 "parameters": [id_param(),
                     {"name": "after", "in": "query", "description": "Return events with seq greater than this", "schema": {"type": "integer", "minimum": 0}},
-                    {"name": "wait", "in": "query", "description": "Long-poll: seconds (<= 60) to wait for a new event", "schema": {"type": "integer", "minimum": 0, "maximum": 60}}],
+                    {"name": "wait", "in": "query", "description": "Long-poll: seconds (<= 60) to wait for a new event", "schema": {"type": "integer", "minimum": 0, "maximum": 60}},
+                    {"name": "limit", "in": "query", "description": "Events per page (default 1000, at most 10000); pass `next` as `after` for the rest", "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}],
                 "responses": merge(ok_json("200", "Events", "EventPage"), problem_responses(&["400", "401", "404", "503"]))}},
             "/v1/nodes": {"get": {"operationId": "listNodes", "summary": "Registered nodes", "responses": merge(ok_json("200", "Nodes", "NodeList"), problem_responses(&["401", "503"]))}}
         },

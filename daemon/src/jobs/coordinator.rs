@@ -23,7 +23,9 @@ use serde_json::json;
 use super::{any_change, lifecycle_changes, nap, wake_on_changes, JobError, JobManager};
 
 /// How long the coordinator waits for the other nodes' reports after the first failure
-/// of a generation, so that the cause is named, not its echo.
+/// of a generation, so that the cause is named, not its echo; at least a lease TTL and a
+/// second, so that a node that died (and so never reports) is seen to be gone first: its
+/// survivors' "lost the connection" is then a node loss, not a rank failure.
 const FAILURE_GRACE: Duration = Duration::from_secs(3);
 /// How long a node that failed a job is avoided for it.
 const COOL_DOWN: Duration = Duration::from_secs(60);
@@ -375,7 +377,10 @@ async fn evaluate(
         .first_failure
         .entry((job.id.clone(), gen))
         .or_insert_with(Instant::now);
-    if !pending.is_empty() && first.elapsed() < FAILURE_GRACE {
+    // A lost node ends the generation at once: whatever else failed, the job moves on
+    // without it. Otherwise the others get the grace to report, or to be seen gone.
+    let grace = FAILURE_GRACE.max(m.config.node_ttl() + Duration::from_secs(1));
+    if lost.is_empty() && !pending.is_empty() && first.elapsed() < grace {
         st.grace_pending = true;
         return Ok(());
     }

@@ -680,15 +680,18 @@ impl JobManager {
         Err(JobError::Conflict("event counter contended".into()))
     }
 
-    /// Events after `after`; with `wait`, blocks up to that long for the first new one.
+    /// Up to `limit` events after `after` (a ranged read from there: a follower never
+    /// reads the events it has); with `wait`, blocks up to that long for the first new one.
     pub async fn events(
         &self,
         id_or_name: &str,
         after: u64,
+        limit: usize,
         wait: Duration,
     ) -> Result<EventPage, JobError> {
         let job = self.get(id_or_name).await?;
         let prefix = self.keys.events(&job.id);
+        let from = self.keys.event(&job.id, after);
         let read = |kvs: Vec<ferry_cluster::store::KeyValue>| -> Vec<JobEvent> {
             kvs.iter()
                 .filter_map(|kv| serde_json::from_slice::<JobEvent>(&kv.value).ok())
@@ -696,11 +699,11 @@ impl JobManager {
                 .collect()
         };
         let rev = self.store.revision().await?;
-        let mut events = read(self.store.range(&prefix).await?);
+        let mut events = read(self.store.range_after(&prefix, &from, limit).await?);
         if events.is_empty() && !wait.is_zero() && !job.phase.is_terminal() {
             let mut w = self.store.watch(&prefix, Some(rev + 1)).await?;
             if let Ok(Some(Ok(_))) = tokio::time::timeout(wait, w.recv()).await {
-                events = read(self.store.range(&prefix).await?);
+                events = read(self.store.range_after(&prefix, &from, limit).await?);
             }
         }
         let phase = if events.is_empty() {
