@@ -12,7 +12,9 @@ steps on 3 nodes injects FAULT at T0:
   kill         kill -9 a node that neither coordinates nor hosts rank 0: ferryd and its ranks
   stop         SIGSTOP such a node (SIGCONT after the measurement)
   coordinator  kill -9 the node that coordinates the cluster (it hosts a rank too)
-It measures the seconds from T0 until the survivors complete a training step again (the first
+Before the fault it counts etcd's requests over 10 s of training (its own metrics: the
+store traffic per training step, with progress written at ferryd's default rate). It
+measures the seconds from T0 until the survivors complete a training step again (the first
 step of the next generation, from metrics.jsonl), until the coordinator ended the generation (it
 noticed), until another node coordinates (coordinator), the world size after, and the steps
 lost (the step the next generation resumed from against the last step the survivors held, from
@@ -35,6 +37,7 @@ from datetime import datetime
 ADDRS = ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
 WARMUP_STEPS = 30
 CHECKPOINT_EVERY = 20
+TRAFFIC_WINDOW_S = 10
 
 
 def log(msg):
@@ -57,6 +60,14 @@ def post_job(url, spec, timeout=10):
                                  headers={"Content-Type": "application/yaml"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.load(r)
+
+
+def etcd_requests(etcd_url):
+    """Unary requests etcd has served (every get, put, txn, lease grant...), from its metrics."""
+    with urllib.request.urlopen(f"{etcd_url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+               if l.startswith("grpc_server_handled_total{") and 'grpc_type="unary"' in l)
 
 
 def event_time(e):
@@ -88,7 +99,7 @@ class Cluster:
             data = os.path.join(work, f"ferry-node{i}")
             shutil.rmtree(data, ignore_errors=True)
             env = dict(os.environ, FERRY_ROOTS__DATA=work, FERRY_ROOTS__MODELS=work, FERRY_ROOTS__OUTPUTS=self.out,
-                       FERRY_NODE_TTL_MS=str(ttl_ms), FERRY_PROGRESS_INTERVAL_MS="100")
+                       FERRY_NODE_TTL_MS=str(ttl_ms))
             for k in ("FERRY_TOKEN", "FERRY_CONFIG", "FERRY_ETCD", "FERRY_CLUSTER"):
                 env.pop(k, None)
             self.nodes.append(self.spawn(
@@ -152,6 +163,12 @@ def measure(a, c):
     jid = job["id"]
     api = lambda i, path: get(f"{c.urls[i]}{path}")
     c.wait(lambda: api(0, f"/v1/jobs/{jid}")["status"]["step"] >= WARMUP_STEPS, f"{WARMUP_STEPS} steps", 300)
+    # Store traffic while it trains: etcd's own count of requests over a window of steps.
+    r0, s0, t = etcd_requests(c.etcd_url), api(0, f"/v1/jobs/{jid}")["status"]["step"], time.time()
+    time.sleep(TRAFFIC_WINDOW_S)
+    r1, s1, t = etcd_requests(c.etcd_url), api(0, f"/v1/jobs/{jid}")["status"]["step"], time.time() - t
+    traffic = {"etcd_requests_per_s": round((r1 - r0) / t, 2),
+               "etcd_requests_per_step": round((r1 - r0) / max(1, s1 - s0), 3), "steps_per_s": round((s1 - s0) / t, 2)}
     before = api(0, f"/v1/jobs/{jid}")
     gen0, placed = before["generation"], [p["node"] for p in before["placement"]]
     coord = api(0, "/v1/nodes").get("coordinator")
@@ -167,7 +184,7 @@ def measure(a, c):
     metrics = os.path.join(c.out, name, "metrics.jsonl")
     res = {"system": "ferry", "fault": a.fault, "ttl_s": a.ttl_ms / 1000, "recovered": False,
            "seconds_to_next_step": None, "seconds_to_notice": None, "seconds_to_coordinator": None,
-           "steps_lost": None, "world_after": None, "job_survived": False}
+           "steps_lost": None, "world_after": None, "job_survived": False, **traffic}
     deadline = t0 + a.timeout_s
     while time.time() < deadline:
         if a.fault == "coordinator" and res["seconds_to_coordinator"] is None:

@@ -375,9 +375,13 @@ async fn authentication_with_a_user_and_password() {
             ..options(&etcd)
         })
         .await;
+        // etcd answered: not an outage to wait out, but credentials to fix.
         match result {
-            Err(StoreError::Unavailable(msg)) => eprintln!("{what}: {msg}"),
-            Err(e) => panic!("{what}: expected Unavailable, got {e:?}"),
+            Err(e @ StoreError::Refused(_)) => {
+                assert!(!e.is_retryable());
+                eprintln!("{what}: {e}");
+            }
+            Err(e) => panic!("{what}: expected Refused, got {e:?}"),
             Ok(_) => panic!("{what}: connected"),
         }
     }

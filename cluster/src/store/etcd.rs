@@ -122,7 +122,8 @@ struct Keeper {
 
 impl EtcdStore {
     /// Connects to etcd and checks that it answers a first read; fails with
-    /// [`StoreError::Unavailable`] (naming the endpoints) when it does not within
+    /// [`StoreError::Refused`] when etcd turns the credentials down, and
+    /// [`StoreError::Unavailable`] (naming the endpoints) when it does not answer within
     /// `connect_timeout` + `request_timeout` (connection and authentication), then
     /// `request_timeout` (the read).
     pub async fn connect(opts: EtcdOptions) -> Result<EtcdStore, StoreError> {
@@ -142,6 +143,15 @@ impl EtcdStore {
         .await
         {
             Ok(Ok(client)) => client,
+            Ok(Err(e)) if is_permanent(&e) => {
+                return Err(StoreError::Refused(with_hint(
+                    &endpoints,
+                    format!(
+                        "etcd at {endpoints} refused the connection: {}",
+                        describe(&e)
+                    ),
+                )))
+            }
             Ok(Err(e)) => {
                 return Err(failed(format!(
                     "cannot connect to etcd at {endpoints}: {}",
@@ -278,6 +288,18 @@ fn describe(e: &etcd::Error) -> String {
     text
 }
 
+/// Whether etcd refused the request for good (credentials, permissions, a malformed or
+/// oversized request), as opposed to being away or without a leader.
+fn is_permanent(e: &etcd::Error) -> bool {
+    // gRPC's codes: INVALID_ARGUMENT 3, PERMISSION_DENIED 7, OUT_OF_RANGE 11,
+    // UNIMPLEMENTED 12, UNAUTHENTICATED 16.
+    match e {
+        etcd::Error::GRpcStatus(s) => matches!(s.code() as i32, 3 | 7 | 11 | 12 | 16),
+        etcd::Error::InvalidArgs(_) | etcd::Error::InvalidUri(_) => true,
+        _ => false,
+    }
+}
+
 /// Whether etcd answered that a lease does not exist.
 fn is_lease_not_found(e: &etcd::Error) -> bool {
     match e {
@@ -397,6 +419,11 @@ impl Inner {
     /// endpoints.
     fn unavailable(&self, e: CallError) -> StoreError {
         match e {
+            CallError::Etcd(e, what) if is_permanent(&e) => StoreError::Refused(format!(
+                "etcd at {}: {what}: {} (check the cluster's etcd user, password, certificates and permissions)",
+                self.endpoints,
+                describe(&e)
+            )),
             CallError::Etcd(e, what) => StoreError::Unavailable(format!(
                 "etcd at {}: {what} failed: {}",
                 self.endpoints,

@@ -175,6 +175,10 @@ pub enum StoreError {
     Locked { path: String },
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store answered, and refused: wrong credentials, no permission, a request it
+    /// will never take. Retrying does not help; the message says what to fix.
+    #[error("the store refused the request: {0}")]
+    Refused(String),
 }
 
 impl StoreError {

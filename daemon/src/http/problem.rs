@@ -5,6 +5,7 @@ use actix_web::{HttpResponse, ResponseError};
 use ferry_cluster::api::{FieldError, Problem, PROBLEM_JSON};
 
 use crate::jobs::JobError;
+use ferry_cluster::store::StoreError;
 
 /// An error on its way to the client as `application/problem+json`.
 #[derive(Debug)]
@@ -89,6 +90,11 @@ impl From<JobError> for ApiError {
                 StatusCode::CONFLICT,
                 "Conflict",
                 "the job changed while the request ran; try again",
+            ),
+            JobError::Store(e @ StoreError::Refused(_)) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "Store refused the request",
+                e.to_string(),
             ),
             JobError::Store(e) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
