@@ -4,8 +4,8 @@
 
 WORK is a directory made by `train_throughput.py prepare WORK`. The driver starts 3 "nodes" on
 loopback, 127.0.0.11-13, each a torchrun agent in its own process group running one worker:
-`--nnodes 1:3 --nproc-per-node 1 --max-restarts 3`, c10d rendezvous whose store node 0's agent
-hosts, torchrun's defaults otherwise. The workers (this script's `worker` role) train
+`--nnodes 1:3 --nproc-per-node 1 --max-restarts 3`, c10d rendezvous with its store in node 0's
+agent, torchrun's defaults otherwise. The workers (this script's `worker` role) train
 train_throughput.py's model on its data with DDP over Gloo (process-group timeout 60 s; Gloo's
 default is 30 min), SGD lr 0.01 momentum 0.9, B samples per rank, DistributedSampler, until N
 steps. Rank 0 checkpoints every 20 steps to WORK/torchrun-ckpt.pt and a new worker resumes from
@@ -120,7 +120,7 @@ class Node:
             self.agent = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True)
 
-    def signal(self, sig):
+    def send(self, sig):
         """Sends sig to the agent's process group and its workers'. The agent is stopped first, so
         that it cannot start a worker between the listing and the signal."""
         if self.agent.poll() is not None:
@@ -167,13 +167,14 @@ def free_port(host):
         return s.getsockname()[1]
 
 
-def start_nodes(a, work):
+def start_nodes(a, work, nodes):
+    """Starts the 3 agents, appending each to nodes at once so that the clean-up sees it."""
     port, run_id = free_port(ADDRS[0]), f"torchrun-faults-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    # LOGLEVEL=INFO: the agents' logs then show when each noticed the fault and each rendezvous.
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "LOGLEVEL": "INFO"}
     say(f"torch {torch.__version__}; 3 agents, rendezvous {run_id} on {ADDRS[0]}:{port} (c10d, "
         f"hosted by node 0); Gloo process-group timeout {GLOO_TIMEOUT_S} s, torchrun defaults "
         f"otherwise; batch {a.batch} per rank, {a.threads} thread(s) per worker")
-    nodes = []
     for i, addr in enumerate(ADDRS):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:3", "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{ADDRS[0]}:{port}", "--rdzv-id", run_id,
@@ -183,7 +184,6 @@ def start_nodes(a, work):
                os.path.abspath(__file__), "worker", work, "--steps", str(a.steps),
                "--batch", str(a.batch), "--threads", str(a.threads)]
         nodes.append(Node(i, cmd, env, f"{work}/torchrun-node{i}.log"))
-    return nodes
 
 
 def measure(a, nodes, steps):
@@ -201,7 +201,7 @@ def measure(a, nodes, steps):
     say(f"step {steps.lines[-1]['step']} on 3 nodes; {sig.name} to node {victim.i} ({victim.addr})"
         + (", which hosts the store" if a.fault == "store" else ""))
     t0 = time.time()
-    victim.signal(sig)
+    victim.send(sig)
 
     # The new generation: workers that the survivors' agents restarted after T0.
     first = last = None
@@ -213,7 +213,7 @@ def measure(a, nodes, steps):
             break
         time.sleep(0.05)
     if a.fault == "stop":
-        victim.signal(signal.SIGCONT)
+        victim.send(signal.SIGCONT)
 
     notes = [f"{sig.name} to node {victim.i} ({victim.addr}); torchrun {torch.__version__} defaults "
              f"except --max-restarts 3; Gloo process-group timeout {GLOO_TIMEOUT_S} s"]
@@ -266,11 +266,11 @@ def run(a):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     nodes = []
     try:
-        nodes = start_nodes(a, work)
+        start_nodes(a, work, nodes)
         result = measure(a, nodes, steps)
     finally:
         for n in nodes:
-            n.signal(signal.SIGKILL)
+            n.send(signal.SIGKILL)
         for n in nodes:
             n.agent.wait()
     print(json.dumps(result), flush=True)

@@ -132,6 +132,15 @@ impl Default for Config {
 impl Config {
     /// Layers the file, the environment and `overrides` (flag values, by key).
     pub fn load(file: Option<&Path>, overrides: &[(&str, Option<String>)]) -> Result<Config> {
+        Self::load_with(file, std::env::vars(), overrides)
+    }
+
+    /// [`Config::load`] with the environment given.
+    fn load_with(
+        file: Option<&Path>,
+        vars: impl Iterator<Item = (String, String)>,
+        overrides: &[(&str, Option<String>)],
+    ) -> Result<Config> {
         let mut b = config::Config::builder();
         if let Some(f) = file {
             if !f.is_file() {
@@ -139,7 +148,7 @@ impl Config {
             }
             b = b.add_source(config::File::from(f));
         }
-        let env: std::collections::HashMap<String, String> = std::env::vars()
+        let env: std::collections::HashMap<String, String> = vars
             .filter(|(k, _)| {
                 k.strip_prefix("FERRY_")
                     .map(|rest| rest.to_ascii_lowercase())
@@ -153,8 +162,9 @@ impl Config {
             config::Environment::with_prefix("FERRY")
                 .prefix_separator("_")
                 .separator("__")
-                .source(Some(env))
-                .try_parsing(true),
+                .source(Some(env)),
+            // Values stay strings (a numeric token is a token, not a number); numeric
+            // settings are parsed when they are read into their fields.
         );
         for (key, value) in overrides {
             if let Some(v) = value {
@@ -264,6 +274,24 @@ mod tests {
         assert_eq!(c.max_running_jobs, 3);
         assert_eq!(c.roots.data.as_deref(), Some(Path::new("/srv/data")));
         assert_eq!(c.data_dir, PathBuf::from(".ferry"));
+    }
+
+    #[test]
+    fn variables_stay_strings_unless_the_setting_is_a_number() {
+        let token = "12345678901234567890123";
+        let vars = [
+            ("FERRY_TOKEN", token),
+            ("FERRY_MAX_RUNNING_JOBS", "4"),
+            ("FERRY_NODE_TTL_MS", "3000"),
+            ("FERRY_ROOTS__DATA", "/srv/data"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = Config::load_with(None, vars.into_iter(), &[]).unwrap();
+        assert_eq!(c.token.as_deref(), Some(token));
+        assert_eq!((c.max_running_jobs, c.node_ttl_ms), (4, 3000));
+        assert_eq!(c.roots.data.as_deref(), Some(Path::new("/srv/data")));
+        let bad = [("FERRY_MAX_RUNNING_JOBS".to_string(), "four".to_string())];
+        assert!(Config::load_with(None, bad.into_iter(), &[]).is_err());
     }
 
     #[test]
