@@ -481,9 +481,48 @@ fn yes() -> bool {
 #[error("invalid job spec: {}", .0.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; "))]
 pub struct SpecError(pub Vec<FieldError>);
 
+/// The deepest a spec's flow collections (`[`, `{`) may nest.
+const MAX_DEPTH: usize = 32;
+
+/// The bracket depth of `text` (outside quoted strings and comments), if it passes `max`.
+fn flow_depth_over(text: &str, max: usize) -> Option<usize> {
+    let (mut depth, mut quote, mut comment, mut prev) = (0usize, None::<char>, false, ' ');
+    for c in text.chars() {
+        match (quote, c) {
+            _ if comment => comment = c != '\n',
+            (Some('"'), '"') if prev != '\\' => quote = None,
+            (Some('\''), '\'') => quote = None,
+            (Some(_), _) => {}
+            // A quote opens a scalar only where one starts (`don't` is plain text).
+            (None, '"' | '\'') if matches!(prev, ' ' | '\t' | '\n' | ':' | '[' | '{' | ',') => {
+                quote = Some(c)
+            }
+            (None, '#') if prev.is_whitespace() => comment = true,
+            (None, '[' | '{') => {
+                depth += 1;
+                if depth > max {
+                    return Some(depth);
+                }
+            }
+            (None, ']' | '}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        prev = c;
+    }
+    None
+}
+
 impl JobSpec {
     /// Parses a spec from YAML or JSON (JSON when the text starts with `{`), then validates it.
     pub fn parse(text: &str) -> Result<JobSpec, SpecError> {
+        // A spec is a few levels deep; a body of nested brackets would keep the parser busy
+        // for minutes (200 KB of `[` took 211 s), so depth is checked first, in one pass.
+        if let Some(depth) = flow_depth_over(text, MAX_DEPTH) {
+            return Err(SpecError(vec![field_error(
+                "",
+                &format!("the spec nests brackets {depth} deep or more; a job spec needs at most {MAX_DEPTH}"),
+            )]));
+        }
         let spec: JobSpec = if text.trim_start().starts_with('{') {
             let mut de = serde_json::Deserializer::from_str(text);
             serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -924,6 +963,41 @@ fn field_error(path: &str, message: &str) -> FieldError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        let deep = format!("model: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let started = std::time::Instant::now();
+        let e = JobSpec::parse(&deep).unwrap_err();
+        assert!(
+            e.0[0].message.contains("nests brackets 33 deep"),
+            "{:?}",
+            e.0
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let json = format!("{}{}", "{\"a\":".repeat(40), "}".repeat(40));
+        assert!(JobSpec::parse(&json).unwrap_err().0[0]
+            .message
+            .contains("nests"));
+        // Brackets in strings and comments, and apostrophes in plain text, do not count.
+        assert_eq!(
+            flow_depth_over(
+                &format!(
+                    "a: '{}'\nb: \"{}\"\n# {}\n",
+                    "[".repeat(50),
+                    "{".repeat(50),
+                    "[".repeat(50)
+                ),
+                32
+            ),
+            None
+        );
+        assert_eq!(flow_depth_over("name: don't\nx: [[1]]\n", 32), None);
+        assert_eq!(
+            flow_depth_over(&format!("name: don't\nx: {}\n", "[".repeat(40)), 32),
+            Some(33)
+        );
+    }
 
     const GOOD: &str = r#"
 name: digits-target
