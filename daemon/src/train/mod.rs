@@ -317,6 +317,19 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let mut val_accuracy = None;
     let prefetch = spec.distill.as_ref().map_or(0, |d| d.prefetch as usize);
 
+    // Ends the rank with error `$e`, saving the state it holds at the cursor (see `Rescue`).
+    macro_rules! rescue {
+        ($e:expr) => {
+            return Err(rescue_at.save(
+                $e,
+                &model,
+                &opt,
+                (step, epoch, consumed, world),
+                (last_loss, val_accuracy),
+                scaler.as_ref(),
+            ))
+        };
+    }
     control.stop.set_polled();
     'epochs: while epoch < spec.train.epochs && step < total_steps {
         let order = sampler.order(epoch);
@@ -340,14 +353,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             }
             // Stopped by the daemon (a one-rank job has no ring to break): save and go.
             if control.stop.reason().is_some() {
-                return Err(rescue_at.save(
-                    anyhow::anyhow!("stopped"),
-                    &model,
-                    &opt,
-                    (step, epoch, consumed, world),
-                    (last_loss, val_accuracy),
-                    scaler.as_ref(),
-                ));
+                rescue!(anyhow::anyhow!("stopped"));
             }
             let t0 = Instant::now();
             let span = sampler.range(consumed, rank);
@@ -410,14 +416,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             }
             if let Err(e) = dist.sync_grads(&trainable_params) {
                 // No update of this step has touched the weights: they hold `step` steps.
-                return Err(rescue_at.save(
-                    e,
-                    &model,
-                    &opt,
-                    (step, epoch, consumed, world),
-                    (last_loss, val_accuracy),
-                    scaler.as_ref(),
-                ));
+                rescue!(e);
             }
             if let (Some(r), false) = (&dist.overlap_report, reported_overlap) {
                 reported_overlap = true;
@@ -541,16 +540,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             let (vloss, acc) = match evaluated {
                 Ok(r) => r,
                 // The epoch's steps are done; a resume from here evaluates and goes on.
-                Err(e) => {
-                    return Err(rescue_at.save(
-                        e,
-                        &model,
-                        &opt,
-                        (step, epoch, consumed, world),
-                        (last_loss, val_accuracy),
-                        scaler.as_ref(),
-                    ))
-                }
+                Err(e) => rescue!(e),
             };
             say(&WorkerMessage::Eval {
                 epoch: epoch + 1,
