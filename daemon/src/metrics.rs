@@ -37,7 +37,8 @@ impl Metrics {
     /// Creates and registers the metrics.
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let job = &["job", "name"];
+        // Not `job`: Prometheus keeps that label for the scrape job (and renames ours).
+        let job = &["job_id", "name"];
         let m = Metrics {
             http_requests: IntCounterVec::new(
                 Opts::new(
@@ -121,6 +122,12 @@ impl Metrics {
             .expect("valid metric"),
             registry,
         };
+        let build = IntGaugeVec::new(
+            Opts::new("ferry_build_info", "Always 1: this ferryd's version"),
+            &["version"],
+        )
+        .expect("valid metric");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for c in [
             Box::new(m.http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.http_duration.clone()),
@@ -133,13 +140,13 @@ impl Metrics {
             Box::new(m.distill_cache_hit_ratio.clone()),
             Box::new(m.distill_fallback_steps.clone()),
             Box::new(m.distill_teacher_wait_ratio.clone()),
+            Box::new(build),
         ] {
             m.registry.register(c).expect("metric registered once");
         }
         m
     }
 
-    /// Drops the per-job series of a job that ended.
     /// Sets the jobs-by-phase gauge from a listing of every job.
     pub fn set_job_phases(&self, jobs: &[ferry_cluster::api::Job]) {
         use ferry_cluster::api::JobPhase;
@@ -155,6 +162,7 @@ impl Metrics {
         }
     }
 
+    /// Drops the per-job series of a job that ended.
     pub fn forget_job(&self, id: &str, name: &str) {
         for g in [
             &self.job_step,
@@ -187,5 +195,27 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_job_series_are_labelled_job_id_and_go_with_the_job() {
+        let m = Metrics::new();
+        m.job_step.with_label_values(&["j1", "digits"]).set(7.0);
+        let text = m.render();
+        assert!(
+            text.contains(r#"ferry_job_step{job_id="j1",name="digits"} 7"#),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            r#"ferry_build_info{{version="{}"}} 1"#,
+            env!("CARGO_PKG_VERSION")
+        )));
+        m.forget_job("j1", "digits");
+        assert!(!m.render().contains("ferry_job_step{"));
     }
 }
