@@ -19,6 +19,12 @@ pub struct Metrics {
     pub job_samples_per_second: GaugeVec,
     /// Rank processes that ended, by outcome (`succeeded`, `failed`, `cancelled`).
     pub rank_exits: IntCounterVec,
+    /// Steps and samples trained (`rate()` gives steps/s and samples/s; steps a restart
+    /// repeats count again: they were trained again).
+    pub job_steps: IntCounterVec,
+    pub job_samples: IntCounterVec,
+    /// Jobs that ended, by phase (counted by the node that coordinated their end).
+    pub jobs_finished: IntCounterVec,
     /// Distillation: soft-label cache hit rate of rank 0.
     pub distill_cache_hit_ratio: GaugeVec,
     /// Distillation: steps rank 0 trained on hard labels because no teacher answered.
@@ -88,6 +94,24 @@ impl Metrics {
                 job,
             )
             .expect("valid metric"),
+            job_steps: IntCounterVec::new(
+                Opts::new("ferry_job_steps_total", "Optimizer steps a job has trained"),
+                job,
+            )
+            .expect("valid metric"),
+            job_samples: IntCounterVec::new(
+                Opts::new(
+                    "ferry_job_samples_total",
+                    "Training samples a job has trained on",
+                ),
+                job,
+            )
+            .expect("valid metric"),
+            jobs_finished: IntCounterVec::new(
+                Opts::new("ferry_jobs_finished_total", "Jobs that ended, by phase"),
+                &["phase"],
+            )
+            .expect("valid metric"),
             rank_exits: IntCounterVec::new(
                 Opts::new(
                     "ferry_rank_exits_total",
@@ -137,6 +161,9 @@ impl Metrics {
             Box::new(m.job_val_accuracy.clone()),
             Box::new(m.job_samples_per_second.clone()),
             Box::new(m.rank_exits.clone()),
+            Box::new(m.job_steps.clone()),
+            Box::new(m.job_samples.clone()),
+            Box::new(m.jobs_finished.clone()),
             Box::new(m.distill_cache_hit_ratio.clone()),
             Box::new(m.distill_fallback_steps.clone()),
             Box::new(m.distill_teacher_wait_ratio.clone()),
@@ -164,6 +191,9 @@ impl Metrics {
 
     /// Drops the per-job series of a job that ended.
     pub fn forget_job(&self, id: &str, name: &str) {
+        for c in [&self.job_steps, &self.job_samples] {
+            let _ = c.remove_label_values(&[id, name]);
+        }
         for g in [
             &self.job_step,
             &self.job_loss,

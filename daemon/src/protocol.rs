@@ -154,6 +154,11 @@ pub enum WorkerMessage {
         loss: f64,
         lr: f64,
         samples_per_sec: f64,
+        /// Steps and samples (of the global batch) trained since the last report.
+        #[serde(default)]
+        steps: u64,
+        #[serde(default)]
+        samples: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         distill: Option<DistillProgress>,
     },

@@ -224,6 +224,21 @@ fn a_cancelled_job_stops() {
     });
     let pid = rank_pid(&d, &job.id, 0);
     assert!(pid_alive(pid));
+    // While it runs, its steps and samples are counters (what `rate()` needs).
+    let (_, body) = d.get("/metrics");
+    let text = body.as_str().unwrap().to_string();
+    let series = format!(
+        "ferry_job_steps_total{{job_id=\"{}\",name=\"cancel-me\"}} ",
+        job.id
+    );
+    let steps: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series}in:\n{text}"))
+        .parse()
+        .unwrap();
+    assert!(steps > 0);
+    assert!(text.contains("ferry_job_samples_total{job_id="), "{text}");
     let out = d.ctl(&["cancel", "cancel-me"]);
     assert!(
         out.status.success(),
@@ -446,6 +461,11 @@ fn metrics_and_openapi_are_served() {
         text.contains("ferry_rank_exits_total{outcome=\"succeeded\"} 1"),
         "{text}"
     );
+    assert!(
+        text.contains("ferry_jobs_finished_total{phase=\"Succeeded\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("ferry_build_info{version="), "{text}");
     assert!(
         text.contains(
             "ferry_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"201\"} 1"

@@ -529,6 +529,12 @@ async fn finish_with(
     st.cooling.remove(&job.id);
     st.first_failure.retain(|(id, _), _| id != &job.id);
     tracing::info!(job = %job.id, phase = phase.as_str(), "job ended");
+    if r.is_ok() {
+        m.metrics
+            .jobs_finished
+            .with_label_values(&[phase.as_str()])
+            .inc();
+    }
     match r {
         Ok(_) | Err(JobError::Stale) => Ok(()),
         Err(e) => Err(e),

@@ -566,6 +566,12 @@ impl JobManager {
                 }
             })
             .await?;
+        if job.phase == JobPhase::Cancelled {
+            self.metrics
+                .jobs_finished
+                .with_label_values(&[JobPhase::Cancelled.as_str()])
+                .inc();
+        }
         let (kind, msg) = match job.phase {
             JobPhase::Cancelled => (EventKind::Phase, "cancelled before it started"),
             _ => (EventKind::Log, "cancel requested; stopping its ranks"),

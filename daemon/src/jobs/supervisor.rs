@@ -1007,6 +1007,8 @@ async fn handle(m: &JobManager, job: &Job, session: SessionInfo, msg: WorkerMess
             loss,
             lr,
             samples_per_sec,
+            steps,
+            samples,
             ref distill,
         } => {
             if let Some(d) = distill {
@@ -1024,6 +1026,11 @@ async fn handle(m: &JobManager, job: &Job, session: SessionInfo, msg: WorkerMess
                 .job_step
                 .with_label_values(&labels)
                 .set(step as f64);
+            m.metrics.job_steps.with_label_values(&labels).inc_by(steps);
+            m.metrics
+                .job_samples
+                .with_label_values(&labels)
+                .inc_by(samples);
             m.metrics.job_loss.with_label_values(&labels).set(loss);
             m.metrics
                 .job_samples_per_second

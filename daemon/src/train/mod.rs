@@ -482,6 +482,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                     loss: mean_loss,
                     lr,
                     samples_per_sec: sps,
+                    steps: u64::from(window.3),
+                    samples: window.1,
                     distill: distill.clone(),
                 });
                 writeln!(
