@@ -491,3 +491,15 @@ pub fn kill9(pid: u32) {
         .is_ok_and(|s| s.success());
     assert!(ok, "kill -9 {pid}");
 }
+
+/// The last `distill` record rank 0 of job `name` wrote to its metrics.jsonl under `d`'s
+/// outputs root.
+pub fn final_distill(d: &Daemon, name: &str) -> Value {
+    let text = std::fs::read_to_string(d.out().join(name).join("metrics.jsonl")).unwrap();
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v.get("distill").is_some_and(|d| !d.is_null()) && v.get("step").is_none())
+        .expect("a final distill record")["distill"]
+        .clone()
+}

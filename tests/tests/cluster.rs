@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use ferry_cluster::api::{Job, JobPhase, NodeList};
 use ferry_tests::etcd::{unique_prefix, Etcd};
-use ferry_tests::{pid_alive, rank_pid, run_python, Daemon, NodeOpts};
+use ferry_tests::{final_distill, pid_alive, rank_pid, run_python, Daemon, NodeOpts};
 
 /// `n` nodes of a fresh cluster on `etcd`, named a, b, c, ... on 127.0.0.(base + i).
 fn cluster(etcd: &Etcd, n: usize, base: u8, out: &std::path::Path) -> Vec<Daemon> {
@@ -432,18 +432,9 @@ fn students_on_two_nodes_learn_from_a_teacher_on_a_third() {
         msgs.join("\n")
     );
     // Every step had soft labels (the students never fell back to hard labels).
-    let metrics = std::fs::read_to_string(out.path().join("kd/metrics.jsonl")).unwrap();
-    let last = metrics
-        .lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v.get("distill").is_some_and(|d| !d.is_null()) && v.get("step").is_none())
-        .expect("a final distill record");
-    assert_eq!(last["distill"]["fallback_steps"], 0, "{last}");
-    assert!(
-        last["distill"]["samples_fetched"].as_u64().unwrap() > 0,
-        "{last}"
-    );
+    let last = final_distill(&nodes[0], "kd");
+    assert_eq!(last["fallback_steps"], 0, "{last}");
+    assert!(last["samples_fetched"].as_u64().unwrap() > 0, "{last}");
     // Each node's students shared a cache of their own, never one on the shared root.
     let shared: Vec<_> = std::fs::read_dir(out.path().join("kd"))
         .unwrap()

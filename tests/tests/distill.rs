@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use ferry_cluster::api::{Job, JobPhase};
-use ferry_tests::{kill9, pid_alive, run_python, Daemon};
+use ferry_tests::{final_distill, kill9, pid_alive, run_python, Daemon};
 use serde_json::Value;
 
 /// A distillation job: the MLP student learns 12 labelled images and the unlabelled pool
@@ -17,17 +17,6 @@ fn job(name: &str, ranks: u32, replicas: u32, epochs: u32, extra: &str) -> Strin
          distill:\n  teacher: {{arch: torchscript, path: teacher4.pt, replicas: {replicas}, threads: 1}}\n  temperature: 2.0\n  alpha: 0.5\n  top_k: 2\n{extra}\
          output: {{dir: {name}}}\n"
     )
-}
-
-/// The last `distill` record rank 0 wrote to metrics.jsonl.
-fn final_distill(d: &Daemon, name: &str) -> Value {
-    let text = std::fs::read_to_string(d.out().join(name).join("metrics.jsonl")).unwrap();
-    text.lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v.get("distill").is_some_and(|d| !d.is_null()) && v.get("step").is_none())
-        .expect("a final distill record")["distill"]
-        .clone()
 }
 
 /// The pid of teacher replica `replica`, from its newest "serves soft labels" event.

@@ -223,11 +223,13 @@ async fn coordinate(m: &JobManager, st: &mut State) -> Result<(), JobError> {
     for job in jobs.iter().filter(|j| j.phase == JobPhase::Running) {
         evaluate(m, st, job, &nodes).await?;
     }
+    // Read once per round: the outputs-root markers are files.
+    let usable = usable(m, &nodes);
     if !st.changed {
-        grow(m, st, &nodes, &jobs).await?;
+        grow(m, st, &usable.0, &jobs).await?;
     }
     let jobs = if st.changed { m.list().await? } else { jobs };
-    schedule(m, st, &nodes, jobs).await
+    schedule(m, st, &usable, jobs).await
 }
 
 /// The nodes that may take ranks, as placement sees them, and why the others may not: in
@@ -253,7 +255,7 @@ fn usable(m: &JobManager, nodes: &BTreeMap<String, Node>) -> (Vec<NodeView>, Vec
 async fn grow(
     m: &JobManager,
     st: &mut State,
-    nodes: &BTreeMap<String, Node>,
+    views: &[NodeView],
     jobs: &[Job],
 ) -> Result<(), JobError> {
     let settle = m.config.node_ttl() * GROW_AFTER_TTLS;
@@ -264,15 +266,15 @@ async fn grow(
         .collect();
     st.seen_generations
         .retain(|(id, gen), _| running.iter().any(|j| j.id == *id && j.generation == *gen));
-    let (views, _) = usable(m, nodes);
     // Only nodes up long enough count.
     let settled: Vec<NodeView> = views
-        .into_iter()
+        .iter()
         .filter(|v| {
             st.seen_nodes
                 .get(&(v.name.clone(), v.session))
                 .is_some_and(|t| now.duration_since(*t) >= settle)
         })
+        .cloned()
         .collect();
     for job in &running {
         let have: BTreeSet<&str> = job.placement.iter().map(|p| p.node.as_str()).collect();
@@ -564,7 +566,7 @@ async fn forget_generation(m: &JobManager, job: &Job, gen: u64) {
 async fn schedule(
     m: &JobManager,
     st: &mut State,
-    nodes: &BTreeMap<String, Node>,
+    (views, unshared): &(Vec<NodeView>, Vec<String>),
     jobs: Vec<Job>,
 ) -> Result<(), JobError> {
     let mut running = Load::default();
@@ -595,10 +597,9 @@ async fn schedule(
             demand(&j.id, &j.spec, cooling)
         })
         .collect();
-    let (views, unshared) = usable(m, nodes);
     for (job, (_, decision)) in queue
         .into_iter()
-        .zip(place::place(&demands, &views, &running))
+        .zip(place::place(&demands, views, &running))
     {
         match decision {
             // Paths are resolved by the node that accepted the job: in a cluster every
@@ -631,7 +632,7 @@ async fn schedule(
                         let t = place::place_teachers(
                             d.teacher.replicas,
                             job.spec.resources.device,
-                            &views,
+                            views,
                             &hosted,
                         );
                         for r in &t {

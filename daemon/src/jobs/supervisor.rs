@@ -177,10 +177,15 @@ async fn register_teacher(
 /// Writes one line to every rank still listening on stdin.
 async fn tell_ranks(stdins: &mut BTreeMap<usize, Option<tokio::process::ChildStdin>>, line: &str) {
     for slot in stdins.values_mut() {
-        if let Some(stdin) = slot {
-            if stdin.write_all(line.as_bytes()).await.is_err() {
-                *slot = None;
-            }
+        tell(slot, line).await;
+    }
+}
+
+/// Writes one line to a rank's stdin, and forgets the stdin once the rank stopped reading.
+async fn tell(slot: &mut Option<tokio::process::ChildStdin>, line: &str) {
+    if let Some(stdin) = slot {
+        if stdin.write_all(line.as_bytes()).await.is_err() {
+            *slot = None;
         }
     }
 }
@@ -517,16 +522,12 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                             // the node may not know yet that its lease is gone.
                             let fence = m.membership.fence_for(session);
                             let save = !local.cancelled && m.fence_holds(&[fence]).await.unwrap_or(false);
-                            if !save {
-                                tracing::warn!(job = %job.id, generation = gen, rank, step, "rank {rank} may not save its state: this node's session {} has ended", session.session);
+                            if !save && !local.cancelled {
+                                tracing::warn!(job = %job.id, generation = gen, rank, step, "rank {rank} may not save its state: this node's session {} has ended (or the store cannot say)", session.session);
                             }
                             let line = format!("{}\n", serde_json::to_string(&Control::Save(SaveAnswer { save }))?);
                             if let Some(slot) = stdins.get_mut(&rank) {
-                                if let Some(stdin) = slot {
-                                    if stdin.write_all(line.as_bytes()).await.is_err() {
-                                        *slot = None;
-                                    }
-                                }
+                                tell(slot, &line).await;
                             }
                         }
                         Ok(WorkerMessage::Rescued { step, path, written, reason }) => {
