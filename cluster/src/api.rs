@@ -65,6 +65,13 @@ pub struct JobStatus {
     pub started_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
+    /// When the current generation was placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation_started_at: Option<String>,
+    /// When the last generation that ended before the job did ended (the job went back to
+    /// the queue to be placed again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interrupted_at: Option<String>,
     /// How many times the job's ranks have been started (a resume after a restart counts).
     pub attempts: u32,
     /// Restarts after a failure of its ranks (`restart.max_restarts` bounds them); a

@@ -17,6 +17,7 @@ const KEYS: &[&str] = &[
     "max_running_jobs",
     "worker_threads",
     "progress_interval_ms",
+    "metrics_retention_s",
     "log_format",
     "store_prefix",
     "data_plane_ip",
@@ -64,6 +65,9 @@ pub struct Config {
     pub worker_threads: Option<u32>,
     /// How often a rank reports progress (milliseconds).
     pub progress_interval_ms: u64,
+    /// How long a finished job's series stay in `/metrics` (seconds), so that a short job
+    /// still reaches the scraper with its final numbers.
+    pub metrics_retention_s: u64,
     /// `text` or `json`.
     pub log_format: String,
     /// Key prefix in the store.
@@ -110,6 +114,7 @@ impl Default for Config {
             max_running_jobs: 1,
             worker_threads: None,
             progress_interval_ms: 1000,
+            metrics_retention_s: 300,
             log_format: "text".into(),
             store_prefix: "/ferry".into(),
             data_plane_ip: "127.0.0.1".into(),

@@ -82,7 +82,7 @@ pub async fn run(
         outputs_marker,
     };
     let membership = session::Membership::new(keys.node(&node_name), record);
-    let metrics = metrics::Metrics::new();
+    let metrics = metrics::Metrics::new(std::time::Duration::from_secs(config.metrics_retention_s));
     let jobs = jobs::JobManager::new(
         store.clone(),
         config.clone(),

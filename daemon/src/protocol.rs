@@ -111,6 +111,50 @@ pub struct DistillProgress {
     pub bytes_received: u64,
     /// Samples whose soft labels came over the network.
     pub samples_fetched: u64,
+    /// Seconds from each soft-label request to its answer, since the last report (at most
+    /// `ferry_cluster::distill::client::MAX_LATENCIES` of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_seconds: Vec<f32>,
+}
+
+/// Where a rank's steps spent their time over one report window. Every rank sends it
+/// (not only rank 0): the slowest rank, and why it is slow, are read from these.
+///
+/// On CPU every step is timed. On CUDA the work is asynchronous, so only the first step
+/// of each window is timed, with the device synchronised at each boundary between parts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepTiming {
+    pub rank: u32,
+    /// Steps the part seconds below cover.
+    pub timed_steps: u32,
+    /// Picking the batch (and, on CUDA, copying it to the device).
+    pub data_s: f64,
+    /// Forward pass, loss and backward pass (soft-label waits excluded).
+    pub compute_s: f64,
+    /// Waiting for the teacher's soft labels.
+    pub teacher_s: f64,
+    /// Waiting for the gradient all-reduce after backward (what overlap did not hide).
+    pub sync_s: f64,
+    /// Unscaling and the optimizer update.
+    pub optimizer_s: f64,
+    /// Sync seconds over every step of the window (timed or not), for the all-reduce
+    /// counters.
+    pub sync_total_s: f64,
+    /// Gradient bytes this rank all-reduced over the window.
+    pub allreduce_bytes: u64,
+}
+
+impl StepTiming {
+    /// The part seconds in the order of `metrics::STEP_PARTS`.
+    pub fn parts(&self) -> [f64; 5] {
+        [
+            self.data_s,
+            self.compute_s,
+            self.teacher_s,
+            self.sync_s,
+            self.optimizer_s,
+        ]
+    }
 }
 
 /// One line a rank prints on stdout. In a data-parallel job only rank 0 reports training
@@ -119,10 +163,7 @@ pub struct DistillProgress {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WorkerMessage {
     /// The rank listens for its ring neighbour here; it waits for [`Peers`] on stdin.
-    Rendezvous {
-        rank: u32,
-        addr: String,
-    },
+    Rendezvous { rank: u32, addr: String },
     /// Set-up is done; training starts.
     Started {
         total_steps: u64,
@@ -137,9 +178,7 @@ pub enum WorkerMessage {
         start_step: u64,
     },
     /// Free-form information worth an event.
-    Log {
-        message: String,
-    },
+    Log { message: String },
     /// The outcome of `model.init`.
     Init {
         loaded: usize,
@@ -163,10 +202,7 @@ pub enum WorkerMessage {
         distill: Option<DistillProgress>,
     },
     /// A teacher process serves soft labels at `addr` (printed by `ferryd teacher`).
-    TeacherReady {
-        replica: u32,
-        addr: String,
-    },
+    TeacherReady { replica: u32, addr: String },
     Eval {
         epoch: u32,
         step: u64,
@@ -176,12 +212,17 @@ pub enum WorkerMessage {
     Checkpoint {
         step: u64,
         path: String,
+        /// How long the write took, and how many bytes it wrote.
+        #[serde(default)]
+        seconds: f64,
+        #[serde(default)]
+        bytes: u64,
     },
+    /// Every rank, once per report window.
+    Timing(StepTiming),
     /// A rank whose ring broke asks before it saves its state into the shared outputs: a
     /// node that was cut off (paused, partitioned) past its lease must write nothing.
-    MaySave {
-        step: u64,
-    },
+    MaySave { step: u64 },
     /// A rank whose ring broke (a peer died, or the daemon stopped the generation) holds
     /// the state of the last step every rank completed, and saved it for the next
     /// generation at `path` (`written`), or found it there already (a checkpoint of that
@@ -198,7 +239,5 @@ pub enum WorkerMessage {
         samples_per_sec: f64,
     },
     /// The rank could not go on; `reason` says why and what to do.
-    Failed {
-        reason: String,
-    },
+    Failed { reason: String },
 }

@@ -335,6 +335,13 @@ impl Daemon {
         respond(self.req("GET", path).call())
     }
 
+    /// The node's `/metrics` exposition.
+    pub fn metrics(&self) -> String {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        body.as_str().unwrap_or_default().to_string()
+    }
+
     /// POST a body → (status, JSON).
     pub fn post(&self, path: &str, body: &str) -> (u16, Value) {
         respond(self.req("POST", path).send_string(body))
@@ -502,4 +509,19 @@ pub fn final_distill(d: &Daemon, name: &str) -> Value {
         .find(|v| v.get("distill").is_some_and(|d| !d.is_null()) && v.get("step").is_none())
         .expect("a final distill record")["distill"]
         .clone()
+}
+
+/// The value of the series that starts with `series` (a name and, if given, the opening of
+/// its labels, exactly as exposed) in an exposition, summed over the series that match.
+pub fn metric_sum(text: &str, series: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(series)
+                .is_some_and(|rest| rest.starts_with([' ', '{', ',', '}']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }

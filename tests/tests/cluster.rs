@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use ferry_cluster::api::{Job, JobPhase, NodeList};
 use ferry_tests::etcd::{unique_prefix, Etcd};
-use ferry_tests::{final_distill, pid_alive, rank_pid, run_python, Daemon, NodeOpts};
+use ferry_tests::{final_distill, metric_sum, pid_alive, rank_pid, run_python, Daemon, NodeOpts};
 
 /// `n` nodes of a fresh cluster on `etcd`, named a, b, c, ... on 127.0.0.(base + i).
 fn cluster(etcd: &Etcd, n: usize, base: u8, out: &std::path::Path) -> Vec<Daemon> {
@@ -244,6 +244,27 @@ fn a_killed_node_costs_a_generation_not_the_job() {
     assert_eq!(start, saved);
     assert_eq!(lost, 0);
     assert!(saved >= before.status.step);
+    // Metrics: the recovery was counted and timed where it happened (rank 0's node times
+    // its first step, the coordinator the re-placement); the finished job's series stay.
+    let rank0 = &nodes[(placed_nodes(&moved)[0].as_bytes()[0] - b'a') as usize];
+    let text = rank0.metrics();
+    let series = format!("ferry_recoveries_total{{job_id=\"{}\"", job.id);
+    assert_eq!(metric_sum(&text, &series), Some(1.0), "{text}");
+    for part in ["total", "first_step"] {
+        let series = format!("ferry_recovery_seconds_count{{part=\"{part}\"}}");
+        assert_eq!(metric_sum(&text, &series), Some(1.0), "{text}");
+    }
+    let replaced: f64 = nodes
+        .iter_mut()
+        .filter_map(|n| n.alive().then(|| n.metrics()))
+        .filter_map(|t| metric_sum(&t, "ferry_recovery_seconds_count{part=\"replace\"}"))
+        .sum();
+    assert_eq!(replaced, 1.0);
+    assert_eq!(
+        metric_sum(&text, "ferry_nodes{role=\"worker\"}"),
+        Some(2.0),
+        "{text}"
+    );
 }
 
 #[test]

@@ -453,9 +453,18 @@ fn metrics_and_openapi_are_served() {
     let d = Daemon::start();
     let job = d.submit(&feature_extraction("observed"));
     d.wait_terminal(&job.id, Duration::from_secs(60));
-    let (status, body) = d.get("/metrics");
-    assert_eq!(status, 200);
-    let text = body.as_str().unwrap().to_string();
+    // The finished counter is bumped just after the record is written, so a reader can
+    // see the record a moment before the counter.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let (status, body) = d.get("/metrics");
+        assert_eq!(status, 200);
+        let text = body.as_str().unwrap().to_string();
+        if text.contains("ferry_jobs_finished_total") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(text.contains("ferry_jobs{phase=\"Succeeded\"} 1"), "{text}");
     assert!(
         text.contains("ferry_rank_exits_total{outcome=\"succeeded\"} 1"),
@@ -466,6 +475,38 @@ fn metrics_and_openapi_are_served() {
         "{text}"
     );
     assert!(text.contains("ferry_build_info{version="), "{text}");
+    // The finished job's series stay (metrics_retention_s), with its final numbers.
+    let job_series = format!("{{job_id=\"{}\",name=\"observed\"}}", job.id);
+    for name in ["ferry_job_step", "ferry_job_total_steps", "ferry_job_epoch"] {
+        let v = ferry_tests::metric_sum(&text, &format!("{name}{job_series}"));
+        assert!(v.is_some_and(|v| v >= 1.0), "{name}: {text}");
+    }
+    // Labels come sorted by name.
+    let info = format!(
+        "ferry_job_info{{arch=\"torchscript\",device=\"cpu\",job_id=\"{}\",name=\"observed\",precision=\"fp32\",ranks=\"1\",strategy=\"feature_extraction\"}} 1",
+        job.id
+    );
+    assert!(text.lines().any(|l| l == info), "{info}: {text}");
+    for part in ["data", "compute", "sync", "optimizer"] {
+        let series = format!(
+            "ferry_rank_step_seconds{{job_id=\"{}\",name=\"observed\",part=\"{part}\",rank=\"0\"}}",
+            job.id
+        );
+        assert!(
+            ferry_tests::metric_sum(&text, &series).is_some(),
+            "{series}: {text}"
+        );
+    }
+    for series in [
+        "ferry_job_queue_seconds_count",
+        "ferry_job_duration_seconds_count{phase=\"Succeeded\"}",
+        "ferry_nodes{role=\"worker\"}",
+        "ferry_checkpoint_seconds_count",
+    ] {
+        let v = ferry_tests::metric_sum(&text, series);
+        assert!(v.is_some_and(|v| v >= 1.0), "{series}: {text}");
+    }
+    assert!(text.contains("process_resident_memory_bytes "), "{text}");
     assert!(
         text.contains(
             "ferry_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"201\"} 1"

@@ -109,7 +109,13 @@ pub struct ClientStats {
     pub failovers: u64,
     /// Time the training loop spent blocked in [`Client::take`].
     pub blocked: Duration,
+    /// Seconds from each answered request's sending to its answer's arrival, oldest first,
+    /// until the caller takes them (at most [`MAX_LATENCIES`] kept).
+    pub latencies: Vec<f32>,
 }
+
+/// The most request latencies [`ClientStats::latencies`] keeps between takes.
+pub const MAX_LATENCIES: usize = 1024;
 
 impl ClientStats {
     /// Cache hits over lookups (0 before any lookup).
@@ -127,7 +133,7 @@ impl ClientStats {
 struct InboxState {
     /// Request ids someone waits for; answers to others (abandoned after a deadline) are dropped.
     wanted: HashSet<u64>,
-    answers: HashMap<u64, Result<SoftLabels, String>>,
+    answers: HashMap<u64, (Instant, Result<SoftLabels, String>)>,
     /// Connections that broke, with why.
     dead: HashMap<u64, String>,
 }
@@ -165,7 +171,8 @@ struct Pending {
 }
 
 enum Wait {
-    Answer(Result<SoftLabels, String>),
+    /// The answer, and when it arrived.
+    Answer(Instant, Result<SoftLabels, String>),
     Down(String),
     TimedOut,
 }
@@ -312,8 +319,12 @@ impl Client {
             }
             let sent = p.sent.take().expect("sent above");
             match self.wait(&sent, sent.at.max(needed_at)) {
-                Wait::Answer(Ok(labels)) => {
+                Wait::Answer(at, Ok(labels)) => {
                     self.finish_request(&sent, true);
+                    if self.stats.latencies.len() < MAX_LATENCIES {
+                        let secs = at.saturating_duration_since(sent.at).as_secs_f32();
+                        self.stats.latencies.push(secs);
+                    }
                     if labels.len() != p.missing.len() {
                         return Err(ClientError(format!(
                             "teacher {} answered {} soft labels for {} samples",
@@ -325,7 +336,7 @@ impl Client {
                     self.stats.samples_fetched += labels.len() as u64;
                     self.store(p, labels)?;
                 }
-                Wait::Answer(Err(msg)) => {
+                Wait::Answer(_, Err(msg)) => {
                     return Err(ClientError(format!(
                         "teacher {} refused the request: {msg}",
                         sent.addr
@@ -495,9 +506,9 @@ impl Client {
         let deadline = since + self.cfg.deadline;
         let mut st = self.inbox.state.lock().expect("inbox");
         loop {
-            if let Some(a) = st.answers.remove(&sent.id) {
+            if let Some((at, a)) = st.answers.remove(&sent.id) {
                 st.wanted.remove(&sent.id);
-                return Wait::Answer(a);
+                return Wait::Answer(at, a);
             }
             if let Some(why) = st.dead.get(&sent.conn).cloned() {
                 st.wanted.remove(&sent.id);
@@ -605,7 +616,7 @@ fn read_answers(stream: TcpStream, conn: u64, inbox: Arc<Inbox>, received: Arc<A
             Ok(Some(resp)) => {
                 let mut st = inbox.state.lock().expect("inbox");
                 if st.wanted.contains(&resp.id) {
-                    st.answers.insert(resp.id, resp.body);
+                    st.answers.insert(resp.id, (Instant::now(), resp.body));
                     inbox.changed.notify_all();
                 }
             }

@@ -32,6 +32,10 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
 }
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    // The cluster's nodes, read at scrape time (one store read per scrape).
+    if let Ok(nodes) = state.jobs.nodes().await {
+        state.metrics.set_nodes(&nodes);
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render())

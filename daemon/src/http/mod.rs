@@ -71,6 +71,12 @@ async fn observe(
     let start = Instant::now();
     let state = req.app_data::<web::Data<AppState>>().cloned();
     let method = req.method().to_string();
+    // The events long-poll waits by design: its time says nothing about the API's latency.
+    let long_poll = req.path().ends_with("/events")
+        && req.query_string().split('&').any(|kv| {
+            kv.strip_prefix("wait=")
+                .is_some_and(|v| v.parse::<f64>().map_or(true, |w| w > 0.0))
+        });
     let res = next.call(req).await?;
     if let Some(s) = state {
         let route = res
@@ -81,10 +87,12 @@ async fn observe(
             .http_requests
             .with_label_values(&[&method, &route, res.status().as_str()])
             .inc();
-        s.metrics
-            .http_duration
-            .with_label_values(&[&route])
-            .observe(start.elapsed().as_secs_f64());
+        if !long_poll {
+            s.metrics
+                .http_duration
+                .with_label_values(&[&method, &route])
+                .observe(start.elapsed().as_secs_f64());
+        }
     }
     Ok(res)
 }

@@ -16,7 +16,7 @@ use ferry_cluster::api::{EventKind, Job, JobPhase, Node, RankPlacement};
 use ferry_cluster::place::{self, Decision, Demand, Load, NodeView};
 use ferry_cluster::spec::JobSpec;
 use ferry_cluster::store::{Compare, CompareOp, CompareTarget, Txn, TxnOp};
-use ferry_cluster::time::now_rfc3339;
+use ferry_cluster::time::{now_rfc3339, parse_rfc3339_millis};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -462,6 +462,7 @@ async fn next_generation(
                 j.status.finished_at = Some(now_rfc3339());
             } else {
                 j.phase = JobPhase::Pending;
+                j.status.interrupted_at = Some(now_rfc3339());
             }
             j.placement.clear();
             j.teacher_placement.clear();
@@ -474,6 +475,11 @@ async fn next_generation(
             true
         })
         .await;
+    if let Ok(j) = &r {
+        if j.phase == JobPhase::Cancelled {
+            m.metrics.job_ended(j);
+        }
+    }
     forget_generation(m, job, gen).await;
     match r {
         Ok(_) | Err(JobError::Stale) => Ok(()),
@@ -527,16 +533,13 @@ async fn finish_with(
             true
         })
         .await;
+    if let Ok(j) = &r {
+        m.metrics.job_ended(j);
+    }
     forget_generation(m, job, gen).await;
     st.cooling.remove(&job.id);
     st.first_failure.retain(|(id, _), _| id != &job.id);
     tracing::info!(job = %job.id, phase = phase.as_str(), "job ended");
-    if r.is_ok() {
-        m.metrics
-            .jobs_finished
-            .with_label_values(&[phase.as_str()])
-            .inc();
-    }
     match r {
         Ok(_) | Err(JobError::Stale) => Ok(()),
         Err(e) => Err(e),
@@ -685,6 +688,7 @@ async fn start(
             j.teacher_placement = teachers.clone();
             j.status.attempts += 1;
             j.status.started_at.get_or_insert_with(now_rfc3339);
+            j.status.generation_started_at = Some(now_rfc3339());
             true
         })
         .await;
@@ -693,6 +697,25 @@ async fn start(
         Err(JobError::Stale) => return Ok(()),
         Err(e) => return Err(e),
     };
+    let waited = |from: Option<&str>| {
+        let from = from.and_then(parse_rfc3339_millis)?;
+        let to = job
+            .status
+            .generation_started_at
+            .as_deref()
+            .and_then(parse_rfc3339_millis)?;
+        Some(to.saturating_sub(from) as f64 / 1000.0)
+    };
+    if job.status.attempts == 1 {
+        if let Some(q) = waited(Some(&job.created_at)) {
+            m.metrics.job_queue.observe(q);
+        }
+    } else if let Some(r) = waited(job.status.interrupted_at.as_deref()) {
+        m.metrics
+            .recovery_seconds
+            .with_label_values(&["replace"])
+            .observe(r);
+    }
     let mut spans: Vec<(String, usize, usize)> = Vec::new();
     for (rank, p) in placement.iter().enumerate() {
         match spans.last_mut() {

@@ -567,10 +567,7 @@ impl JobManager {
             })
             .await?;
         if job.phase == JobPhase::Cancelled {
-            self.metrics
-                .jobs_finished
-                .with_label_values(&[JobPhase::Cancelled.as_str()])
-                .inc();
+            self.metrics.job_ended(&job);
         }
         let (kind, msg) = match job.phase {
             JobPhase::Cancelled => (EventKind::Phase, "cancelled before it started"),

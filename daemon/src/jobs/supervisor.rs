@@ -74,7 +74,7 @@ pub async fn run(m: &JobManager, job: Job, session: SessionInfo) {
     };
     m.metrics.rank_exits.with_label_values(&[label]).inc();
     if hosts_rank0 {
-        m.metrics.forget_job(&id, &job.name);
+        m.metrics.retire_job(&id, &job.name);
     }
     if local.superseded {
         tracing::info!(job = %id, generation = gen, "ranks stopped: the job moved on");
@@ -432,6 +432,8 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
     let mut tails: BTreeMap<usize, VecDeque<String>> =
         mine.iter().map(|&r| (r, VecDeque::new())).collect();
     let mut reported: BTreeMap<usize, String> = BTreeMap::new();
+    // Whether rank 0 has reported a step yet (the first one ends a recovery).
+    let mut trained = false;
     let (mut log_lines, mut exited, mut peers_sent) = (0usize, 0usize, false);
     // After the first failure, the others get a moment to report why they stopped.
     let mut grace: Option<tokio::time::Instant> = None;
@@ -540,7 +542,12 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                             )
                             .await;
                         }
+                        Ok(WorkerMessage::Timing(t)) => m.metrics.record_timing(&job.id, &job.name, &t),
                         Ok(msg) if rank == 0 => {
+                            if matches!(msg, WorkerMessage::Progress { .. }) && !trained {
+                                trained = true;
+                                recovered(m, job);
+                            }
                             match &msg {
                                 WorkerMessage::Progress { step, loss, .. } => {
                                     local.step = Some(*step);
@@ -938,6 +945,77 @@ fn explain_exit(
     }
 }
 
+/// What a job is, for `ferry_job_info`: (strategy, arch, device, ranks, precision).
+fn job_info(job: &Job) -> [String; 5] {
+    use ferry_cluster::spec::{Arch, Device, Precision};
+    let s = &job.spec;
+    let strategy = if s.distill.is_some() {
+        "distillation"
+    } else if !s.model.freeze.is_empty() {
+        "feature_extraction"
+    } else if s.model.init.is_some() {
+        "parameter_transfer"
+    } else {
+        "scratch"
+    };
+    let arch = match s.model.arch {
+        Arch::Torchscript => "torchscript",
+        Arch::Resnet18 => "resnet18",
+        Arch::Resnet50 => "resnet50",
+        Arch::Cnn => "cnn",
+        Arch::Mlp => "mlp",
+    };
+    let device = match s.resources.device {
+        Device::Cpu => "cpu",
+        Device::Cuda => "cuda",
+    };
+    let precision = match s.train.precision {
+        Precision::Fp32 => "fp32",
+        Precision::Fp16 => "fp16",
+        Precision::Bf16 => "bf16",
+    };
+    [
+        strategy.into(),
+        arch.into(),
+        device.into(),
+        s.resources.ranks.to_string(),
+        precision.into(),
+    ]
+}
+
+/// The first step of a generation after the first one: the job has recovered from the
+/// end of the one before (a node lost, a rank failed, or the job grew back).
+fn recovered(m: &JobManager, job: &Job) {
+    use ferry_cluster::time::{now_millis, parse_rfc3339_millis};
+    let Some(interrupted) = job.status.interrupted_at.as_deref() else {
+        return;
+    };
+    if job.generation < 2 {
+        return;
+    }
+    let now = now_millis();
+    let since = |at: Option<&str>| {
+        at.and_then(parse_rfc3339_millis)
+            .map(|t| now.saturating_sub(t) as f64 / 1000.0)
+    };
+    m.metrics
+        .recoveries
+        .with_label_values(&[&job.id, &job.name])
+        .inc();
+    if let Some(total) = since(Some(interrupted)) {
+        m.metrics
+            .recovery_seconds
+            .with_label_values(&["total"])
+            .observe(total);
+    }
+    if let Some(first) = since(job.status.generation_started_at.as_deref()) {
+        m.metrics
+            .recovery_seconds
+            .with_label_values(&["first_step"])
+            .observe(first);
+    }
+}
+
 /// Turns one rank message into a status update and an event.
 async fn handle(m: &JobManager, job: &Job, session: SessionInfo, msg: WorkerMessage) {
     let id = &job.id;
@@ -951,6 +1029,18 @@ async fn handle(m: &JobManager, job: &Job, session: SessionInfo, msg: WorkerMess
             ref resumed_from,
             ..
         } => {
+            m.metrics.touch_job(id, &job.name);
+            let info = job_info(job);
+            m.metrics
+                .set_job_info(id, &job.name, info.each_ref().map(String::as_str));
+            m.metrics
+                .job_total_steps
+                .with_label_values(&labels)
+                .set(total_steps as f64);
+            m.metrics
+                .job_generation
+                .with_label_values(&labels)
+                .set(gen as f64);
             let _ = m
                 .update_gen(id, (gen, session), |j| {
                     j.status.total_steps = total_steps;
@@ -1015,6 +1105,15 @@ async fn handle(m: &JobManager, job: &Job, session: SessionInfo, msg: WorkerMess
             if let Some(d) = distill {
                 m.metrics.record_distill(&labels, d);
             }
+            m.metrics
+                .job_epoch
+                .with_label_values(&labels)
+                .set(f64::from(epoch));
+            m.metrics
+                .job_learning_rate
+                .with_label_values(&labels)
+                .set(lr);
+
             let _ = m
                 .update_gen(id, (gen, session), |j| {
                     j.status.epoch = epoch;
@@ -1068,7 +1167,14 @@ async fn handle(m: &JobManager, job: &Job, session: SessionInfo, msg: WorkerMess
             )
             .await;
         }
-        WorkerMessage::Checkpoint { step, path } => {
+        WorkerMessage::Checkpoint {
+            step,
+            path,
+            seconds,
+            bytes,
+        } => {
+            m.metrics.checkpoint_seconds.observe(seconds);
+            m.metrics.checkpoint_bytes.inc_by(bytes);
             let _ = m
                 .update_gen(id, (gen, session), |j| {
                     j.status.checkpoint = Some(path.clone())
@@ -1092,6 +1198,7 @@ async fn handle(m: &JobManager, job: &Job, session: SessionInfo, msg: WorkerMess
         | WorkerMessage::MaySave { .. }
         | WorkerMessage::Failed { .. }
         | WorkerMessage::Rendezvous { .. }
+        | WorkerMessage::Timing(_)
         | WorkerMessage::TeacherReady { .. } => {}
     }
 }

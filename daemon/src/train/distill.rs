@@ -131,8 +131,9 @@ impl Student {
         }
     }
 
-    /// Counters for progress reports.
-    pub fn progress(&self) -> DistillProgress {
+    /// Counters for progress reports (taking the request latencies since the last one).
+    pub fn progress(&mut self) -> DistillProgress {
+        let request_seconds = std::mem::take(&mut self.client.stats.latencies);
         let s = &self.client.stats;
         DistillProgress {
             cache_hit_rate: s.hit_rate(),
@@ -143,6 +144,7 @@ impl Student {
             bytes_sent: s.bytes_sent,
             bytes_received: s.bytes_received,
             samples_fetched: s.samples_fetched,
+            request_seconds,
         }
     }
 }

@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use ferry_cluster::spec::Device as SpecDevice;
 use tch::{Device, Kind, Tensor};
 
-use crate::protocol::{WorkerMessage, WorkerPlan};
+use crate::protocol::{StepTiming, WorkerMessage, WorkerPlan};
 use data::Dataset;
 use dist::Dist;
 use model::Model;
@@ -314,6 +314,19 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let mut train_samples = 0u64;
     let mut checked_logits = false;
     let mut reported_overlap = false;
+    // Bytes of gradient one step all-reduces (none in a job of one rank).
+    let grad_bytes: u64 = if dist.world > 1 {
+        trainable_params
+            .iter()
+            .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum()
+    } else {
+        0
+    };
+    let mut timing = StepTiming {
+        rank: rank as u32,
+        ..Default::default()
+    };
     let mut val_accuracy = None;
     let prefetch = spec.distill.as_ref().map_or(0, |d| d.prefetch as usize);
 
@@ -356,6 +369,9 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 rescue!(anyhow::anyhow!("stopped"));
             }
             let t0 = Instant::now();
+            // On CUDA only the window's first step is timed (it waits for the device at
+            // each boundary); on CPU every step is.
+            let mut clock = Clock::new(device, window.3 == 0);
             let span = sampler.range(consumed, rank);
             let mine = &order[span.clone()];
             if let Some(st) = student.as_mut() {
@@ -384,6 +400,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             let x = images.index_select(0, &idx);
             let y = labels.index_select(0, &idx);
             let lr = optim::learning_rate(&spec.train, step, total_steps);
+            let mut parts = clock.lap();
+            parts.data_s = parts.taken;
             let logits = model.forward(&x, true)?;
             if !checked_logits {
                 check_logits(&logits, classes_needed)?;
@@ -391,7 +409,9 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             }
             let loss = match (student.as_mut(), &spec.distill) {
                 (Some(st), Some(d)) => {
+                    parts.compute_s += clock.lap().taken;
                     let targets = st.targets(step, mine, device)?;
+                    parts.teacher_s = clock.lap().taken;
                     if let Some(t) = &targets {
                         if t.size()[1] != logits.size()[1] {
                             bail!(
@@ -414,10 +434,12 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 Some(s) => s.scale(&loss).backward(),
                 None => loss.backward(),
             }
+            parts.compute_s += clock.lap().taken;
             if let Err(e) = dist.sync_grads(&trainable_params) {
                 // No update of this step has touched the weights: they hold `step` steps.
                 rescue!(e);
             }
+            parts.sync_s = clock.lap().taken;
             if let (Some(r), false) = (&dist.overlap_report, reported_overlap) {
                 reported_overlap = true;
                 let mut message = format!(
@@ -452,6 +474,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             if let Some(s) = scaler.as_mut() {
                 s.update(overflow);
             }
+            parts.optimizer_s = clock.lap().taken;
+            timing.add(&parts, clock.timed, grad_bytes);
             let n = global as u64;
             consumed += global;
             step += 1;
@@ -475,7 +499,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                     bail!("training diverged: the loss is {mean_loss} at step {step}; lower train.optimizer.lr");
                 }
                 let sps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
-                let distill = student.as_ref().map(|s| s.progress());
+                let distill = student.as_mut().map(|s| s.progress());
                 say(&WorkerMessage::Progress {
                     epoch: epoch + 1,
                     step,
@@ -489,9 +513,16 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 writeln!(
                     metrics,
                     "{}",
-                    serde_json::json!({"step": step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr, "samples_per_sec": sps, "distill": distill, "generation": plan.generation, "time": unix_time()})
+                    serde_json::json!({"step": step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr, "samples_per_sec": sps, "distill": distill.as_ref().map(|d| crate::protocol::DistillProgress { request_seconds: Vec::new(), ..d.clone() }), "generation": plan.generation, "time": unix_time()})
                 )?;
                 last_loss = Some(mean_loss);
+                emit(&WorkerMessage::Timing(std::mem::replace(
+                    &mut timing,
+                    StepTiming {
+                        rank: rank as u32,
+                        ..Default::default()
+                    },
+                )));
                 window = (
                     Instant::now(),
                     0,
@@ -581,7 +612,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     if let Some(st) = &student {
         st.remove_cache(&scratch);
     }
-    if let Some(p) = student.as_ref().map(|s| s.progress()) {
+    if let Some(p) = student.as_mut().map(|s| s.progress()) {
         writeln!(metrics, "{}", serde_json::json!({ "distill": p }))?;
         metrics.flush()?;
         say(&WorkerMessage::Log {
@@ -621,6 +652,82 @@ fn sync_device(device: Device) -> Duration {
         tch::Cuda::synchronize(i as i64);
     }
     t.elapsed()
+}
+
+/// Times the parts of one step. On CUDA a timed step waits for the device before each
+/// reading, so that a part's work is counted in it and not in a later part.
+struct Clock {
+    device: Device,
+    timed: bool,
+    last: Instant,
+}
+
+/// One part's time, and the parts of a step as they are filled in.
+#[derive(Default)]
+struct Lap {
+    taken: f64,
+    data_s: f64,
+    compute_s: f64,
+    teacher_s: f64,
+    sync_s: f64,
+    optimizer_s: f64,
+}
+
+impl Clock {
+    fn new(device: Device, first_of_window: bool) -> Clock {
+        let timed = device == Device::Cpu || first_of_window;
+        if timed && device != Device::Cpu {
+            sync_device(device);
+        }
+        Clock {
+            device,
+            timed,
+            last: Instant::now(),
+        }
+    }
+
+    /// Seconds since the last reading.
+    fn lap(&mut self) -> Lap {
+        if self.timed && self.device != Device::Cpu {
+            sync_device(self.device);
+        }
+        let now = Instant::now();
+        let taken = (now - self.last).as_secs_f64();
+        self.last = now;
+        Lap {
+            taken,
+            ..Default::default()
+        }
+    }
+}
+
+impl StepTiming {
+    /// Adds one step (its parts only if it was timed).
+    fn add(&mut self, lap: &Lap, timed: bool, grad_bytes: u64) {
+        self.sync_total_s += lap.sync_s;
+        self.allreduce_bytes += grad_bytes;
+        if timed {
+            self.timed_steps += 1;
+            self.data_s += lap.data_s;
+            self.compute_s += lap.compute_s;
+            self.teacher_s += lap.teacher_s;
+            self.sync_s += lap.sync_s;
+            self.optimizer_s += lap.optimizer_s;
+        }
+    }
+}
+
+/// Bytes of the files in a directory (not recursive: a checkpoint is flat).
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn check_logits(logits: &Tensor, classes_needed: i64) -> Result<()> {
@@ -718,11 +825,14 @@ fn save_checkpoint(
     scaler: Option<&scaler::GradScaler>,
     keep: u32,
 ) -> Result<()> {
+    let t = Instant::now();
     let dir = write_state(root, model, opt, cursor, last, scaler, keep, true)?
         .ok_or_else(|| anyhow::anyhow!("checkpoint of step {} not written", cursor.0))?;
     emit(&WorkerMessage::Checkpoint {
         step: cursor.0,
         path: dir.display().to_string(),
+        seconds: t.elapsed().as_secs_f64(),
+        bytes: dir_bytes(&dir),
     });
     Ok(())
 }
