@@ -37,6 +37,17 @@ if [ ! -x .venv/bin/python ] || ! cmp -s scripts/requirements.txt "$stamp"; then
   cp scripts/requirements.txt "$stamp"
 fi
 
+# A second venv for checking the Helm chart (tests/chart/check_chart.py): helm-python-sdk,
+# kubernetes-validate and checkov, whose pins must not touch .venv. FERRY_CHART_VENV=0 skips
+# it (the image build does).
+stamp=.venv-chart/.ferry-requirements
+if [ "${FERRY_CHART_VENV:-1}" != 0 ] && { [ ! -x .venv-chart/bin/python ] || ! cmp -s scripts/requirements-chart.txt "$stamp"; }; then
+  log "installing the chart checks' Python packages into .venv-chart"
+  [ -x .venv-chart/bin/python ] || python3 -m venv .venv-chart
+  .venv-chart/bin/pip install -q --disable-pip-version-check -r scripts/requirements-chart.txt
+  cp scripts/requirements-chart.txt "$stamp"
+fi
+
 log "building ferry (first build: ~5 minutes on 2 cores)"
 cargo build --workspace --quiet
 log "set-up done: binaries in target/debug (ferryd, ferryctl)"

@@ -186,8 +186,20 @@ fn run_daemon(cli: Cli) -> Result<()> {
             None => Arc::new(EmbeddedStore::open(&config.data_dir.join("store.redb"))?),
             Some(endpoints) => Arc::new(connect_etcd(&config, endpoints).await?),
         };
+        // SIGTERM (what Kubernetes and systemd send) stops ferryd as Ctrl-C does.
         let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
         };
         ferry_daemon::run(listener, store, config, roots, cli.standalone, shutdown).await
     })

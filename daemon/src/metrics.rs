@@ -353,6 +353,18 @@ impl Metrics {
         for c in collectors {
             m.registry.register(c).expect("metric registered once");
         }
+        // Every known label value starts at zero, so that `rate()` and `increase()` see the
+        // first event, and a query for one that has not happened yet returns 0, not nothing.
+        for phase in ["Succeeded", "Failed", "Cancelled"] {
+            m.jobs_finished.with_label_values(&[phase]);
+            m.job_duration.with_label_values(&[phase]);
+        }
+        for outcome in ["succeeded", "failed", "cancelled"] {
+            m.rank_exits.with_label_values(&[outcome]);
+        }
+        for part in ["replace", "first_step", "total"] {
+            m.recovery_seconds.with_label_values(&[part]);
+        }
         m
     }
 

@@ -91,7 +91,7 @@ pub fn fixtures() -> &'static Path {
     })
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
@@ -125,6 +125,16 @@ pub struct Daemon {
     agent: ureq::Agent,
     /// Cluster mode: how it joins.
     pub node: Option<NodeOpts>,
+    /// A command line of the test's own (see [`Daemon::start_as`]) instead of the usual one.
+    launch: Option<Launch>,
+}
+
+/// A `ferryd` command line given whole: program, arguments and environment.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -147,6 +157,7 @@ impl Daemon {
             dir,
             agent,
             node: None,
+            launch: None,
         };
         d.spawn();
         d
@@ -171,6 +182,40 @@ impl Daemon {
             dir,
             agent,
             node: Some(opts),
+            launch: None,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts `ferryd` exactly as `launch` says (no `FERRY_*` variable of the test's own
+    /// environment leaks in), as a cluster node listening on `ip:port`, in a process group
+    /// of its own; `dir` holds its log.
+    pub fn start_as(
+        launch: Launch,
+        ip: &str,
+        port: u16,
+        token: &str,
+        dir: tempfile::TempDir,
+    ) -> Daemon {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(30))
+            .build();
+        let mut d = Daemon {
+            child: None,
+            port,
+            token: Some(token.to_string()),
+            dir,
+            agent,
+            node: Some(NodeOpts {
+                etcd: String::new(),
+                cluster: String::new(),
+                name: String::new(),
+                ip: ip.to_string(),
+                out: PathBuf::new(),
+                role: String::new(),
+            }),
+            launch: Some(launch),
         };
         d.spawn();
         d
@@ -211,6 +256,17 @@ impl Daemon {
 
     /// The `ferryd` command line this daemon runs with (for tests that start their own).
     pub fn command(&self) -> Command {
+        if let Some(l) = &self.launch {
+            use std::os::unix::process::CommandExt;
+            let mut c = Command::new(&l.program);
+            for (k, _) in std::env::vars() {
+                if k.starts_with("FERRY_") {
+                    c.env_remove(k);
+                }
+            }
+            c.args(&l.args).envs(l.env.iter().cloned()).process_group(0);
+            return c;
+        }
         let mut c = Command::new(bin("ferryd"));
         match &self.node {
             None => {
@@ -307,6 +363,27 @@ impl Daemon {
             }
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM to the daemon (what Kubernetes sends to stop a pod) and waits up to
+    /// `timeout` for it to exit: its exit status, or None if it did not.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .ok()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

@@ -460,7 +460,9 @@ fn metrics_and_openapi_are_served() {
         let (status, body) = d.get("/metrics");
         assert_eq!(status, 200);
         let text = body.as_str().unwrap().to_string();
-        if text.contains("ferry_jobs_finished_total") || std::time::Instant::now() > deadline {
+        if text.contains("ferry_jobs_finished_total{phase=\"Succeeded\"} 1")
+            || std::time::Instant::now() > deadline
+        {
             break text;
         }
         std::thread::sleep(Duration::from_millis(100));
