@@ -72,8 +72,11 @@ pub struct Metrics {
     /// Generations of a running job that ended before it did and were replaced (a node
     /// lost, a rank failed, the job grew back), counted when the new one trains.
     pub recoveries: IntCounterVec,
-    /// How long recoveries took, by part: `replace` (the old generation's end to the new
-    /// one's placement), `first_step` (placement to the first step trained) and `total`.
+    /// How long recoveries took, by part, in order: `replace` (the old generation's end to
+    /// the new one's placement), `rendezvous` (placement to the ring joined: the ranks start
+    /// and meet), `first_step` (the ring joined to the first step: data, model and checkpoint
+    /// load, the state broadcast and the step),
+    /// and `total` (the old generation's end to the first step).
     pub recovery_seconds: HistogramVec,
     retention: Duration,
     /// Jobs whose series go at the given instant, and the rank labels each job's per-rank
@@ -296,7 +299,7 @@ impl Metrics {
             recovery_seconds: HistogramVec::new(
                 HistogramOpts::new(
                     "ferry_recovery_seconds",
-                    "How long a recovery took, by part (replace, first_step, total)",
+                    "How long a recovery took, by part (replace, rendezvous, first_step, total)",
                 )
                 .buckets(vec![0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0]),
                 &["part"],
@@ -362,7 +365,7 @@ impl Metrics {
         for outcome in ["succeeded", "failed", "cancelled"] {
             m.rank_exits.with_label_values(&[outcome]);
         }
-        for part in ["replace", "first_step", "total"] {
+        for part in ["replace", "rendezvous", "first_step", "total"] {
             m.recovery_seconds.with_label_values(&[part]);
         }
         m

@@ -250,7 +250,7 @@ fn a_killed_node_costs_a_generation_not_the_job() {
     let text = rank0.metrics();
     let series = format!("ferry_recoveries_total{{job_id=\"{}\"", job.id);
     assert_eq!(metric_sum(&text, &series), Some(1.0), "{text}");
-    for part in ["total", "first_step"] {
+    for part in ["total", "rendezvous", "first_step"] {
         let series = format!("ferry_recovery_seconds_count{{part=\"{part}\"}}");
         assert_eq!(metric_sum(&text, &series), Some(1.0), "{text}");
     }

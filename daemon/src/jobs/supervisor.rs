@@ -432,8 +432,10 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
     let mut tails: BTreeMap<usize, VecDeque<String>> =
         mine.iter().map(|&r| (r, VecDeque::new())).collect();
     let mut reported: BTreeMap<usize, String> = BTreeMap::new();
-    // Whether rank 0 has reported a step yet (the first one ends a recovery).
+    // Whether rank 0 has reported a step yet (the first one ends a recovery), and when the
+    // ranks joined their ring (milliseconds since the epoch).
     let mut trained = false;
+    let mut joined_at: Option<u64> = None;
     let (mut log_lines, mut exited, mut peers_sent) = (0usize, 0usize, false);
     // After the first failure, the others get a moment to report why they stopped.
     let mut grace: Option<tokio::time::Instant> = None;
@@ -546,7 +548,7 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                         Ok(msg) if rank == 0 => {
                             if matches!(msg, WorkerMessage::Progress { .. }) && !trained {
                                 trained = true;
-                                recovered(m, job);
+                                recovered(m, job, joined_at);
                             }
                             match &msg {
                                 WorkerMessage::Progress { step, loss, .. } => {
@@ -587,6 +589,7 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                 }
                 if let Ok(Some(peers)) = peers_if_complete(m, job, world).await {
                     peers_sent = true;
+                    joined_at = Some(ferry_cluster::time::now_millis());
                     let line = format!("{}\n", serde_json::to_string(&Control::Peers(Peers { peers: peers.clone() }))?);
                     tell_ranks(&mut stdins, &line).await;
                     if hosts_rank0 {
@@ -984,8 +987,10 @@ fn job_info(job: &Job) -> [String; 5] {
 }
 
 /// The first step of a generation after the first one: the job has recovered from the
-/// end of the one before (a node lost, a rank failed, or the job grew back).
-fn recovered(m: &JobManager, job: &Job) {
+/// end of the one before (a node lost, a rank failed, or the job grew back). Times the
+/// parts this node saw: `rendezvous` (placement to the ring joined), `first_step` (the ring
+/// joined, or the placement in a one-rank job, to the first step) and `total`.
+fn recovered(m: &JobManager, job: &Job, joined_at: Option<u64>) {
     use ferry_cluster::time::{now_millis, parse_rfc3339_millis};
     let Some(interrupted) = job.status.interrupted_at.as_deref() else {
         return;
@@ -1008,11 +1013,22 @@ fn recovered(m: &JobManager, job: &Job) {
             .with_label_values(&["total"])
             .observe(total);
     }
-    if let Some(first) = since(job.status.generation_started_at.as_deref()) {
+    let placed = job
+        .status
+        .generation_started_at
+        .as_deref()
+        .and_then(parse_rfc3339_millis);
+    if let (Some(placed), Some(joined)) = (placed, joined_at) {
+        m.metrics
+            .recovery_seconds
+            .with_label_values(&["rendezvous"])
+            .observe(joined.saturating_sub(placed) as f64 / 1000.0);
+    }
+    if let Some(from) = joined_at.or(placed) {
         m.metrics
             .recovery_seconds
             .with_label_values(&["first_step"])
-            .observe(first);
+            .observe(now.saturating_sub(from) as f64 / 1000.0);
     }
 }
 
