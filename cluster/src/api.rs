@@ -195,6 +195,10 @@ pub struct Node {
     /// Jobs this node runs at once (its `max_running_jobs`).
     #[serde(default = "one")]
     pub max_jobs: u32,
+    /// CPU ranks this node runs at once, over all its jobs (its `cpu_rank_slots`); 0: no
+    /// limit (a record from before the setting).
+    #[serde(default)]
+    pub cpu_slots: u32,
     /// Labels that `resources.node_selector` matches.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,

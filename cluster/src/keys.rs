@@ -103,6 +103,21 @@ impl Keys {
 
     /// The claim on output directory `dir` (an absolute path): the id of the job that
     /// writes there, created in the same transaction as the job.
+    /// The name index: one empty key per job, `names/{name}/{id}` (ids sort by submission).
+    pub fn job_name(&self, name: &str, id: &str) -> String {
+        format!("{}/names/{name}/{id}", self.prefix)
+    }
+
+    /// The prefix of the jobs named `name` in the name index.
+    pub fn job_names(&self, name: &str) -> String {
+        format!("{}/names/{name}/", self.prefix)
+    }
+
+    /// The whole name index.
+    pub fn names(&self) -> String {
+        format!("{}/names/", self.prefix)
+    }
+
     pub fn output_claim(&self, dir: &str) -> String {
         format!("{}/outputs/{}", self.prefix, dir.trim_start_matches('/'))
     }

@@ -28,6 +28,8 @@ pub struct NodeView {
     pub role: String,
     pub cuda_devices: u32,
     pub max_jobs: u32,
+    /// CPU ranks at once over all its jobs; 0: no limit.
+    pub cpu_slots: u32,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -49,6 +51,8 @@ pub struct Demand {
 pub struct Load {
     pub jobs: HashMap<String, u32>,
     pub gpus: HashMap<String, BTreeSet<u32>>,
+    /// CPU ranks per node.
+    pub cpu_ranks: HashMap<String, u32>,
 }
 
 impl Load {
@@ -61,6 +65,8 @@ impl Load {
         for p in placement {
             if let Some(g) = p.device.strip_prefix("cuda:").and_then(|g| g.parse().ok()) {
                 self.gpus.entry(p.node.clone()).or_default().insert(g);
+            } else if p.device == "cpu" {
+                *self.cpu_ranks.entry(p.node.clone()).or_default() += 1;
             }
         }
     }
@@ -83,6 +89,14 @@ fn eligible(d: &Demand, n: &NodeView) -> bool {
             .iter()
             .all(|(k, v)| n.labels.get(k) == Some(v))
         && (d.device != Device::Cuda || n.cuda_devices >= d.ranks_per_node)
+        && (d.device != Device::Cpu || n.cpu_slots == 0 || n.cpu_slots >= d.ranks_per_node)
+}
+
+/// Whether `n` has room for `d`'s CPU ranks next to the ones it runs.
+fn cpu_room(d: &Demand, n: &NodeView, load: &Load) -> bool {
+    d.device != Device::Cpu
+        || n.cpu_slots == 0
+        || load.cpu_ranks.get(&n.name).copied().unwrap_or(0) + d.ranks_per_node <= n.cpu_slots
 }
 
 /// GPUs of `n` not held by running jobs, lowest first.
@@ -130,6 +144,7 @@ pub fn place_one(d: &Demand, nodes: &[NodeView], load: &Load) -> Decision {
         .filter(|n| load.jobs.get(&n.name).copied().unwrap_or(0) < n.max_jobs.max(1))
         .map(|n| (n, free_gpus(n, load)))
         .filter(|(_, gpus)| d.device != Device::Cuda || gpus.len() as u32 >= d.ranks_per_node)
+        .filter(|(n, _)| cpu_room(d, n, load))
         .collect();
     if (free.len() as u32) < d.min_nodes {
         return Decision::Wait(format!(
@@ -281,8 +296,50 @@ mod tests {
             role: "worker".into(),
             cuda_devices: gpus,
             max_jobs,
+            cpu_slots: 0,
             labels: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn cpu_ranks_fit_the_slots_of_a_node() {
+        let mut a = node("a", 0, 4);
+        a.cpu_slots = 4;
+        // Never fits: more ranks than the node has slots.
+        assert!(matches!(
+            place_one(
+                &job("big", 1, 5, Device::Cpu),
+                std::slice::from_ref(&a),
+                &Load::default()
+            ),
+            Decision::Unfit(_)
+        ));
+        let mut load = Load::default();
+        match place_one(
+            &job("j1", 1, 3, Device::Cpu),
+            std::slice::from_ref(&a),
+            &load,
+        ) {
+            Decision::Place(p) => load.add(&p),
+            other => panic!("{other:?}"),
+        }
+        // One slot left: two more ranks wait, one fits.
+        assert!(matches!(
+            place_one(
+                &job("j2", 1, 2, Device::Cpu),
+                std::slice::from_ref(&a),
+                &load
+            ),
+            Decision::Wait(_)
+        ));
+        assert!(matches!(
+            place_one(
+                &job("j3", 1, 1, Device::Cpu),
+                std::slice::from_ref(&a),
+                &load
+            ),
+            Decision::Place(_)
+        ));
     }
 
     fn job(id: &str, nodes: u32, per_node: u32, device: Device) -> Demand {

@@ -552,6 +552,11 @@ impl JobSpec {
 
         if let Err(m) = check_dns_label(&self.name) {
             bad("name", m);
+        } else if looks_like_job_id(&self.name) {
+            bad(
+                "name",
+                format!("`{}` has the form of a job id (j + 15 hex digits), which a look-up would take as an id; choose another name", self.name),
+            );
         }
         let m = &self.model;
         check_model(&mut bad, "model", m.arch, m.path.as_ref(), m.num_classes);
@@ -904,7 +909,16 @@ fn check_path(bad: &mut impl FnMut(&str, String), field: &str, p: &str) {
     }
 }
 
-fn check_dns_label(name: &str) -> Result<(), String> {
+/// Whether `s` has the form of a job id (`j` and 15 lowercase hex digits).
+pub fn looks_like_job_id(s: &str) -> bool {
+    s.len() == 16
+        && s.starts_with('j')
+        && s[1..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+pub fn check_dns_label(name: &str) -> Result<(), String> {
     let ok_chars = name
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
@@ -1107,6 +1121,9 @@ output:
         );
         let fields: Vec<_> = e.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, vec!["name", "train.optimizer.lr"]);
+        let e = errors(&GOOD.replace("name: digits-target", "name: j0192af33bc10f2e"));
+        assert_eq!(e[0].field, "name", "{e:?}");
+        assert!(e[0].message.contains("form of a job id"), "{e:?}");
         let e = errors(&GOOD.replace("arch: torchscript", "arch: cnn"));
         let fields: Vec<_> = e.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, vec!["model.path", "model.num_classes"]);

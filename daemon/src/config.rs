@@ -14,6 +14,11 @@ const KEYS: &[&str] = &[
     "node_name",
     "roots",
     "max_body_bytes",
+    "body_timeout_ms",
+    "max_connections",
+    "max_requests_per_client",
+    "max_queued_jobs",
+    "cpu_rank_slots",
     "max_running_jobs",
     "worker_threads",
     "progress_interval_ms",
@@ -59,6 +64,16 @@ pub struct Config {
     pub roots: RootsConfig,
     /// Largest request body accepted (bytes).
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive (milliseconds): a slow sender gets 408.
+    pub body_timeout_ms: u64,
+    /// Open API connections at most (beyond it new ones wait in the listen backlog).
+    pub max_connections: usize,
+    /// Requests in flight from one client address at most (beyond it: 429).
+    pub max_requests_per_client: usize,
+    /// Pending jobs in the cluster at most (beyond it a submit gets 429 with Retry-After).
+    pub max_queued_jobs: usize,
+    /// CPU ranks this node runs at once over all its jobs (default: its cores).
+    pub cpu_rank_slots: Option<u32>,
     /// Jobs this node runs at once; the rest wait as Pending.
     pub max_running_jobs: usize,
     /// Intra-op threads per rank unless the spec says otherwise (default: all cores).
@@ -111,6 +126,11 @@ impl Default for Config {
             node_name: None,
             roots: RootsConfig::default(),
             max_body_bytes: 1 << 20,
+            body_timeout_ms: 10_000,
+            max_connections: 1024,
+            max_requests_per_client: 64,
+            max_queued_jobs: 1000,
+            cpu_rank_slots: None,
             max_running_jobs: 1,
             worker_threads: None,
             progress_interval_ms: 1000,
@@ -135,6 +155,15 @@ impl Default for Config {
 }
 
 impl Config {
+    /// CPU ranks this node runs at once: `cpu_rank_slots`, or its cores.
+    pub fn cpu_rank_slots(&self) -> u32 {
+        self.cpu_rank_slots.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
+        })
+    }
+
     /// Layers the file, the environment and `overrides` (flag values, by key).
     pub fn load(file: Option<&Path>, overrides: &[(&str, Option<String>)]) -> Result<Config> {
         Self::load_with(file, std::env::vars(), overrides)

@@ -76,6 +76,7 @@ pub async fn run(
         mode: if standalone { "standalone" } else { "cluster" }.into(),
         running_jobs: vec![],
         max_jobs: config.max_running_jobs as u32,
+        cpu_slots: config.cpu_rank_slots(),
         labels: config.labels.clone(),
         data_plane_ip: config.data_plane_ip.clone(),
         session: 0,
@@ -115,6 +116,10 @@ pub async fn run(
         metrics,
         token: config.token.clone(),
         max_body_bytes: config.max_body_bytes,
+        body_timeout: std::time::Duration::from_millis(config.body_timeout_ms),
+        max_connections: config.max_connections,
+        max_requests_per_client: config.max_requests_per_client,
+        in_flight: Default::default(),
         ready,
         version: env!("CARGO_PKG_VERSION"),
     };

@@ -127,6 +127,8 @@ pub struct Daemon {
     pub node: Option<NodeOpts>,
     /// A command line of the test's own (see [`Daemon::start_as`]) instead of the usual one.
     launch: Option<Launch>,
+    /// Environment set after the harness's own (see [`Daemon::start_env`]).
+    extra_env: Vec<(String, String)>,
 }
 
 /// A `ferryd` command line given whole: program, arguments and environment.
@@ -143,8 +145,22 @@ impl Daemon {
         Self::start_with(None)
     }
 
+    /// Starts a daemon with these `FERRY_*` settings on top of the harness's.
+    pub fn start_env(env: &[(&str, &str)]) -> Daemon {
+        Self::launch_standalone(
+            None,
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
     /// Starts a daemon, with a token if given.
     pub fn start_with(token: Option<&str>) -> Daemon {
+        Self::launch_standalone(token, Vec::new())
+    }
+
+    fn launch_standalone(token: Option<&str>, extra_env: Vec<(String, String)>) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("out")).expect("out dir");
         let agent = ureq::AgentBuilder::new()
@@ -158,6 +174,7 @@ impl Daemon {
             agent,
             node: None,
             launch: None,
+            extra_env,
         };
         d.spawn();
         d
@@ -183,6 +200,7 @@ impl Daemon {
             agent,
             node: Some(opts),
             launch: None,
+            extra_env: Vec::new(),
         };
         d.spawn();
         d
@@ -216,6 +234,7 @@ impl Daemon {
                 role: String::new(),
             }),
             launch: Some(launch),
+            extra_env: Vec::new(),
         };
         d.spawn();
         d
@@ -297,6 +316,7 @@ impl Daemon {
             .env("FERRY_ROOTS__OUTPUTS", self.out())
             .env("FERRY_PROGRESS_INTERVAL_MS", "100")
             .env("FERRY_WORKER_THREADS", "1")
+            .env("FERRY_CPU_RANK_SLOTS", "8")
             .env("FERRY_MAX_RUNNING_JOBS", "2")
             .env_remove("FERRY_TOKEN")
             .env_remove("FERRY_CONFIG")
@@ -305,6 +325,7 @@ impl Daemon {
         if let Some(t) = &self.token {
             c.env("FERRY_TOKEN", t);
         }
+        c.envs(self.extra_env.iter().cloned());
         c
     }
 

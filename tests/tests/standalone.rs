@@ -574,3 +574,149 @@ fn ferryd_doctor_checks_this_nodes_gpu_stack() {
     }
     eprintln!("{text}");
 }
+
+#[test]
+fn a_damaged_store_is_refused_with_what_to_do_and_kept() {
+    let mut d = Daemon::start();
+    let job = d.submit(&feature_extraction("kept"));
+    d.wait_terminal(&job.id, Duration::from_secs(60));
+    d.kill();
+    let store = d.data_dir().join("store.redb");
+    let len = std::fs::metadata(&store).unwrap().len();
+    for cut in [len / 2, 0] {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&store)
+            .unwrap();
+        f.set_len(cut).unwrap();
+        drop(f);
+        let out = d.command().output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "started on a store cut to {cut} bytes"
+        );
+        assert!(
+            err.contains("is damaged")
+                && err.contains("Restore it from a backup")
+                && err.contains(".damaged"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        // The file is left as it was, for whoever restores it.
+        assert_eq!(std::fs::metadata(&store).unwrap().len(), cut);
+    }
+}
+
+/// Opens a connection that starts `POST /v1/jobs` declaring `length` bytes and sends `sent`
+/// of them.
+fn slow_post(d: &Daemon, length: usize, sent: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    write!(
+        s,
+        "POST /v1/jobs HTTP/1.1\r\nHost: ferry\r\nContent-Type: application/yaml\r\nContent-Length: {length}\r\n\r\n{sent}"
+    )
+    .unwrap();
+    s.flush().unwrap();
+    s
+}
+
+/// The status line of the answer on `s` (waiting up to `timeout`).
+fn status_line(s: &mut std::net::TcpStream, timeout: Duration) -> String {
+    use std::io::Read;
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = vec![0u8; 512];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn slow_bodies_time_out_and_one_client_cannot_hold_the_api() {
+    let d = Daemon::start_env(&[
+        ("FERRY_BODY_TIMEOUT_MS", "1000"),
+        ("FERRY_MAX_REQUESTS_PER_CLIENT", "3"),
+    ]);
+    // A declared length over the limit is refused before the body is read.
+    let mut big = slow_post(&d, 50 << 20, "");
+    assert!(
+        status_line(&mut big, Duration::from_secs(5)).contains(" 413 "),
+        "a 50 MB declaration was not refused at once"
+    );
+    // Three bodies that never finish hold this client's three slots...
+    let mut slow: Vec<_> = (0..3).map(|_| slow_post(&d, 10_000, "name: x\n")).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, body) = d.get("/v1/jobs");
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("max_requests_per_client"),
+        "{body}"
+    );
+    // ...but not the probes,
+    assert_eq!(d.get("/healthz").0, 200);
+    // and each gets 408 when the body timeout passes; then the client is served again.
+    for s in &mut slow {
+        let line = status_line(s, Duration::from_secs(10));
+        assert!(line.contains(" 408 "), "{line}");
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(d.get("/v1/jobs").0, 200);
+}
+
+#[test]
+fn the_queue_is_bounded_and_ranks_are_bounded_by_slots() {
+    let d = Daemon::start_env(&[
+        ("FERRY_MAX_QUEUED_JOBS", "1"),
+        ("FERRY_MAX_RUNNING_JOBS", "1"),
+        ("FERRY_CPU_RANK_SLOTS", "2"),
+    ]);
+    // More CPU ranks than the node's slots: refused at submission, naming the field.
+    let wide = long_job("wide", 1, 0).replace("{threads: 1}", "{ranks: 3, threads: 1}");
+    let (status, body) = d.post("/v1/jobs", &wide);
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["errors"][0]["field"], "resources.ranks", "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("cpu_rank_slots"),
+        "{body}"
+    );
+    // One runs, one waits, the next is refused with Retry-After.
+    let running = d.submit(&long_job("first", 1000, 0));
+    d.wait_for(&running.id, Duration::from_secs(60), "Running", |j| {
+        j.phase == JobPhase::Running
+    });
+    // The bound counts the Pending jobs of the node's last listing (it lists on every
+    // phase change) plus its own submissions since: "first" leaves the count shortly.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let waiting = loop {
+        let (status, body) = d.post("/v1/jobs", &long_job("second", 1000, 0));
+        if status == 201 {
+            break serde_json::from_value::<ferry_cluster::api::Job>(body).unwrap();
+        }
+        assert_eq!(status, 429, "{body}");
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (status, body) = d.post("/v1/jobs", &long_job("third", 1000, 0));
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("max_queued_jobs"),
+        "{body}"
+    );
+    let r = ureq::post(&d.url("/v1/jobs")).send_string(&long_job("third", 1000, 0));
+    match r {
+        Err(ureq::Error::Status(429, r)) => assert_eq!(r.header("Retry-After"), Some("30")),
+        other => panic!("{other:?}"),
+    }
+    for j in [&waiting, &running] {
+        let status = d.post(&format!("/v1/jobs/{}/cancel", j.id), "").0;
+        assert!(status == 200 || status == 202, "{status}");
+    }
+    d.wait_terminal(&running.id, Duration::from_secs(30));
+}

@@ -49,6 +49,62 @@ fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
+/// Opens the store's file, or creates it where there is none. A file that exists is only
+/// opened, never created over: an empty or damaged one is refused ([`StoreError::Corrupt`]),
+/// including when redb panics on it (it does on some truncations).
+fn open_db(path: &Path) -> Result<Database, StoreError> {
+    let shown = path.display().to_string();
+    let corrupt = |why: String| StoreError::Corrupt {
+        path: shown.clone(),
+        why,
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(format!("{shown}: {e}"))),
+    };
+    let Some(meta) = meta else {
+        return Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
+                path: shown.clone(),
+            },
+            other => io(format!("{shown}: {other}")),
+        });
+    };
+    if meta.len() == 0 {
+        return Err(corrupt("the file is empty (0 bytes)".into()));
+    }
+    // redb reports most damage as an error, and panics on some: both become Corrupt.
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| Database::open(path));
+    std::panic::set_hook(previous);
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(StoreError::Locked {
+            path: shown.clone(),
+        }),
+        // redb reports a damaged file as invalid data (or a read past its end).
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            Err(io(format!("{shown}: {e}")))
+        }
+        Ok(Err(e)) => Err(corrupt(e.to_string())),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the store library failed on it".into());
+            Err(corrupt(why))
+        }
+    }
+}
+
 fn encode(kv: &KeyValue) -> Vec<u8> {
     let mut b = Vec::with_capacity(32 + kv.value.len());
     for n in [kv.create_revision, kv.mod_revision, kv.version, kv.lease] {
@@ -79,12 +135,7 @@ impl EmbeddedStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
-                path: path.display().to_string(),
-            },
-            other => io(other),
-        })?;
+        let db = open_db(path)?;
         let (revision, next_lease, leases) = {
             let w = db.begin_write().map_err(io)?;
             let (rev, next, leases) = {
@@ -556,6 +607,37 @@ mod tests {
     async fn conformance() {
         let (_d, s) = open();
         run_all(&s, "/conf").await;
+    }
+
+    #[tokio::test]
+    async fn an_empty_or_truncated_file_is_refused_not_started_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        {
+            let s = EmbeddedStore::open(&path).unwrap();
+            for i in 0..200 {
+                s.put(&format!("/k/{i:04}"), vec![7; 4096], 0)
+                    .await
+                    .unwrap();
+            }
+        }
+        // The lease thread lets go of the database within its 200 ms tick.
+        std::thread::sleep(Duration::from_millis(500));
+        let len = std::fs::metadata(&path).unwrap().len();
+        for cut in [0, len / 2, len / 8] {
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.set_len(cut).unwrap();
+            drop(f);
+            match EmbeddedStore::open(&path) {
+                Err(StoreError::Corrupt { why, .. }) => {
+                    eprintln!("cut at {cut} of {len}: {why}");
+                }
+                Err(e) => panic!("cut at {cut}: {e}"),
+                Ok(_) => panic!("cut at {cut} of {len} bytes: opened"),
+            }
+            // Nothing was written over it.
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), cut);
+        }
     }
 
     #[tokio::test]

@@ -175,6 +175,10 @@ pub enum StoreError {
     Locked { path: String },
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The embedded store's file exists but cannot be read as a store (truncated, empty,
+    /// overwritten). Never started over silently: the records it held would be gone.
+    #[error("the store at {path} is damaged ({why}). Restore it from a backup; or, to start with an empty store and lose every job record it held, move it away (mv {path} {path}.damaged) and start again")]
+    Corrupt { path: String, why: String },
     /// The store answered, and refused: wrong credentials, no permission, a request it
     /// will never take. Retrying does not help; the message says what to fix.
     #[error("the store refused the request: {0}")]

@@ -57,27 +57,61 @@ pub async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
     ))
 }
 
+/// How long a spec may take to parse.
+const PARSE_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// `POST /v1/jobs`: the body is the spec, YAML or JSON.
-pub async fn submit(state: web::Data<AppState>, mut body: web::Payload) -> Result<HttpResponse> {
-    let mut buf = web::BytesMut::new();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "Bad request",
-                format!("cannot read the body: {e}"),
-            )
-        })?;
-        if buf.len() + chunk.len() > state.max_body_bytes {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "Payload too large",
-                format!("a job spec may be at most {} bytes", state.max_body_bytes),
-            ));
-        }
-        buf.extend_from_slice(&chunk);
+pub async fn submit(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    mut body: web::Payload,
+) -> Result<HttpResponse> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Payload too large",
+            format!("a job spec may be at most {} bytes", state.max_body_bytes),
+        )
+    };
+    // A declared length beyond the limit is refused before a byte of it is read.
+    let declared = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.max_body_bytes as u64) {
+        return Err(too_large());
     }
-    let text = std::str::from_utf8(&buf).map_err(|_| {
+    let read = async {
+        let mut buf = web::BytesMut::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "Bad request",
+                    format!("cannot read the body: {e}"),
+                )
+            })?;
+            if buf.len() + chunk.len() > state.max_body_bytes {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf)
+    };
+    let buf = tokio::time::timeout(state.body_timeout, read)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "Request timeout",
+                format!(
+                    "the body did not arrive within {} ms (body_timeout_ms)",
+                    state.body_timeout.as_millis()
+                ),
+            )
+        })??;
+    let text = String::from_utf8(buf.to_vec()).map_err(|_| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "Bad request",
@@ -91,8 +125,28 @@ pub async fn submit(state: web::Data<AppState>, mut body: web::Payload) -> Resul
             "the body is empty; send the job spec as YAML or JSON",
         ));
     }
-    let spec =
-        JobSpec::parse(text).map_err(|e| ApiError::from(crate::jobs::JobError::Invalid(e.0)))?;
+    // Parsed on a blocking thread, within a time budget: a spec never holds an API worker.
+    let parse = web::block(move || JobSpec::parse(&text));
+    let spec = match tokio::time::timeout(PARSE_BUDGET, parse).await {
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                format!(
+                    "the spec took more than {} s to parse; send a plain job spec",
+                    PARSE_BUDGET.as_secs()
+                ),
+            ))
+        }
+        Ok(Err(e)) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service unavailable",
+                format!("cannot parse now: {e}"),
+            ))
+        }
+        Ok(Ok(r)) => r.map_err(|e| ApiError::from(crate::jobs::JobError::Invalid(e.0)))?,
+    };
     let job = state.jobs.submit(spec).await?;
     Ok(HttpResponse::Created()
         .insert_header(("Location", format!("/v1/jobs/{}", job.id)))

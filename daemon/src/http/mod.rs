@@ -26,6 +26,11 @@ pub struct AppState {
     /// The bearer token, if the API requires one.
     pub token: Option<String>,
     pub max_body_bytes: usize,
+    pub body_timeout: std::time::Duration,
+    pub max_connections: usize,
+    pub max_requests_per_client: usize,
+    /// Requests in flight by client address.
+    pub in_flight: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
     /// Whether the node is registered and the store answers.
     pub ready: tokio::sync::watch::Receiver<bool>,
     pub version: &'static str,
@@ -37,6 +42,62 @@ const OPEN_PATHS: &[&str] = &["/healthz", "/readyz"];
 /// Compares without an early exit, so response timing says nothing about the token.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// One request in flight from a client address; counted down when dropped.
+struct InFlight {
+    map: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Refuses a client's request beyond `max_requests_per_client` in flight (429): one client
+/// cannot hold every connection and worker (slow bodies, piles of long-polls).
+async fn per_client(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let (Some(state), Some(ip)) = (state, req.peer_addr().map(|a| a.ip())) else {
+        return next.call(req).await.map(|r| r.map_into_left_body());
+    };
+    let admitted = {
+        let mut m = state.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= state.max_requests_per_client && !OPEN_PATHS.contains(&req.path()) {
+            false
+        } else {
+            *n += 1;
+            true
+        }
+    };
+    if !admitted {
+        let e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many requests",
+            format!(
+                "{} requests from {ip} are in flight (max_requests_per_client); wait for some to finish",
+                state.max_requests_per_client
+            ),
+        );
+        return Ok(req.into_response(e.error_response()).map_into_right_body());
+    }
+    let _guard = InFlight {
+        map: state.in_flight.clone(),
+        ip,
+    };
+    next.call(req).await.map(|r| r.map_into_left_body())
 }
 
 async fn auth(
@@ -113,6 +174,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 /// Serves the API on an already-bound listener (tests bind port 0).
 pub fn serve(listener: TcpListener, state: AppState) -> std::io::Result<Server> {
+    let workers = 2;
+    let max_connections = state.max_connections.div_ceil(workers).max(1);
     let state = web::Data::new(state);
     let server = HttpServer::new(move || {
         App::new()
@@ -126,11 +189,18 @@ pub fn serve(listener: TcpListener, state: AppState) -> std::io::Result<Server> 
                 .into()
             }))
             .wrap(from_fn(auth))
+            .wrap(from_fn(per_client))
             .wrap(from_fn(observe))
             .configure(routes)
             .default_service(web::to(handlers::not_found))
     })
-    .workers(2)
+    .workers(workers)
+    // Bounded connections; a connection that sends no request head within 5 s is closed,
+    // and an idle keep-alive one after 30 s.
+    .max_connections(max_connections)
+    .client_request_timeout(std::time::Duration::from_secs(5))
+    .client_disconnect_timeout(std::time::Duration::from_secs(1))
+    .keep_alive(std::time::Duration::from_secs(30))
     .shutdown_timeout(5)
     .listen(listener)?
     .run();

@@ -60,6 +60,9 @@ impl ResponseError for ApiError {
         if self.status == StatusCode::UNAUTHORIZED {
             r.insert_header(("WWW-Authenticate", "Bearer realm=\"ferry\""));
         }
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            r.insert_header(("Retry-After", "30"));
+        }
         r.json(p)
     }
 }
@@ -86,6 +89,9 @@ impl From<JobError> for ApiError {
                 format!("no job has the id or name `{what}`"),
             ),
             JobError::Conflict(msg) => ApiError::new(StatusCode::CONFLICT, "Conflict", msg),
+            JobError::Busy(msg) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "Too many requests", msg)
+            }
             JobError::Stale => ApiError::new(
                 StatusCode::CONFLICT,
                 "Conflict",

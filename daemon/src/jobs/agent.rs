@@ -20,11 +20,19 @@ pub async fn run(m: Arc<JobManager>) {
         lifecycle_changes(),
     );
     let mut session_changes = m.membership.subscribe();
+    // Whether the jobs found at start are in the name index (older records may not be).
+    let mut indexed = false;
     loop {
         if let Some(session) = m.membership.current() {
             match m.list().await {
                 Ok(jobs) => {
                     m.metrics.set_job_phases(&jobs);
+                    let pending = jobs.iter().filter(|j| j.phase == JobPhase::Pending).count();
+                    m.queued
+                        .store(pending, std::sync::atomic::Ordering::Relaxed);
+                    if !indexed {
+                        indexed = m.index_names(&jobs).await.is_ok();
+                    }
                     remove_stale_scratch(&m, &jobs);
                     for job in jobs {
                         let mine = job.phase == JobPhase::Running

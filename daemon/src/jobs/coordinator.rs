@@ -63,6 +63,7 @@ pub fn view(n: &Node) -> NodeView {
         role: n.role.clone(),
         cuda_devices: n.cuda_devices,
         max_jobs: n.max_jobs,
+        cpu_slots: n.cpu_slots,
         labels: n.labels.clone(),
     }
 }

@@ -44,6 +44,9 @@ pub enum JobError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A bound was reached (the queue is full); retry later.
+    #[error("{0}")]
+    Busy(String),
     #[error("the job has moved on (a newer generation, or this node's session ended); nothing was written")]
     Stale,
     #[error(transparent)]
@@ -68,6 +71,9 @@ pub struct JobManager {
     pub membership: Arc<Membership>,
     /// Whether this daemon runs with an embedded store (`--standalone`).
     pub standalone: bool,
+    /// Pending jobs in the cluster as of the agent's last listing, plus those this node
+    /// accepted since (what `max_queued_jobs` bounds).
+    pub queued: std::sync::atomic::AtomicUsize,
     /// Local attempts running in this process: job id to generation.
     local: Mutex<HashMap<String, u64>>,
     /// The newest generation of each job that this node has run (or runs).
@@ -188,6 +194,7 @@ impl JobManager {
             scratch_dir,
             membership,
             standalone,
+            queued: Default::default(),
             local: Mutex::new(HashMap::new()),
             attempted: Mutex::new(HashMap::new()),
             event_hints: Mutex::new(HashMap::new()),
@@ -325,6 +332,20 @@ impl JobManager {
             } else {
                 ("resources.nodes", reason)
             }
+        } else if nodes
+            .iter()
+            .all(|n| n.cpu_slots > 0 && n.cpu_slots < r.ranks_per_node())
+        {
+            let best = nodes.iter().max_by_key(|n| n.cpu_slots).expect("non-empty");
+            (
+                "resources.ranks",
+                format!(
+                    "{} CPU ranks per node, and node {} runs at most {} at once (cpu_rank_slots, by default its cores); use fewer ranks, or raise cpu_rank_slots",
+                    r.ranks_per_node(),
+                    best.name,
+                    best.cpu_slots
+                ),
+            )
         } else if !r.node_selector.is_empty() {
             ("resources.node_selector", reason)
         } else {
@@ -341,6 +362,13 @@ impl JobManager {
     /// node or two) can never share a directory.
     pub async fn submit(&self, spec: JobSpec) -> Result<Job, JobError> {
         spec.validate().map_err(|e| JobError::Invalid(e.0))?;
+        let queued = self.queued.load(std::sync::atomic::Ordering::Relaxed);
+        if queued >= self.config.max_queued_jobs {
+            return Err(JobError::Busy(format!(
+                "{queued} jobs are waiting already (max_queued_jobs = {}); retry later, or cancel some",
+                self.config.max_queued_jobs
+            )));
+        }
         self.check_fits(&spec).await?;
         let resolved = self.resolve(&spec).map_err(JobError::Invalid)?;
         let out_dir = PathBuf::from(&resolved.output.dir);
@@ -406,6 +434,11 @@ impl JobManager {
                     value: id.clone().into_bytes(),
                     lease: 0,
                 },
+                TxnOp::Put {
+                    key: self.keys.job_name(&job.name, &id),
+                    value: Vec::new(),
+                    lease: 0,
+                },
             ],
             failure: vec![],
         };
@@ -421,7 +454,13 @@ impl JobManager {
             // Undo: the job never existed.
             let undo = Txn {
                 compares: vec![],
-                success: vec![TxnOp::Delete { key }, TxnOp::Delete { key: claim }],
+                success: vec![
+                    TxnOp::Delete { key },
+                    TxnOp::Delete { key: claim },
+                    TxnOp::Delete {
+                        key: self.keys.job_name(&job.name, &id),
+                    },
+                ],
                 failure: vec![],
             };
             let _ = self.store.txn(undo).await;
@@ -430,6 +469,8 @@ impl JobManager {
                 message: format!("cannot create {}: {e}", out_dir.display()),
             }]));
         }
+        self.queued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.event(
             &id,
             EventKind::Phase,
@@ -458,12 +499,37 @@ impl JobManager {
                 return Ok(job);
             }
         }
-        self.list()
+        // By name: the newest job of that name, from the name index (never a scan).
+        if ferry_cluster::spec::check_dns_label(id_or_name).is_ok() {
+            let named = self.store.range(&self.keys.job_names(id_or_name)).await?;
+            for kv in named.iter().rev() {
+                let id = kv.key.rsplit('/').next().unwrap_or_default();
+                if let Some(kv) = self.store.get(&self.keys.job(id)).await? {
+                    if let Some(job) = decode_job(&kv) {
+                        return Ok(job);
+                    }
+                }
+            }
+        }
+        Err(JobError::NotFound(id_or_name.to_string()))
+    }
+
+    /// Adds the jobs missing from the name index (records written before it existed).
+    pub async fn index_names(&self, jobs: &[Job]) -> Result<(), JobError> {
+        let have: std::collections::HashSet<String> = self
+            .store
+            .range(&self.keys.names())
             .await?
             .into_iter()
-            .rev()
-            .find(|j| j.name == id_or_name)
-            .ok_or_else(|| JobError::NotFound(id_or_name.to_string()))
+            .map(|kv| kv.key)
+            .collect();
+        for j in jobs {
+            let key = self.keys.job_name(&j.name, &j.id);
+            if !have.contains(&key) {
+                self.store.put(&key, Vec::new(), 0).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Applies `f` to job `id` with compare-and-swap, retrying on concurrent changes.
