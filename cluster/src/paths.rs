@@ -165,9 +165,211 @@ impl Roots {
     }
 }
 
+/// Why a path could not be opened beneath its root at the time of use.
+#[derive(Debug, thiserror::Error)]
+pub enum BeneathError {
+    #[error("{path}: {component} is a symbolic link; ferry follows no link below its roots (replace it with the directory or file itself)")]
+    Link { path: String, component: String },
+    #[error("{path}: {component} is not a directory")]
+    NotDir { path: String, component: String },
+    #[error("{path} is not under {root}")]
+    Outside { path: String, root: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A directory or file opened beneath a root without following any symbolic link below
+/// the root, held open. [`Pinned::path`] names the opened object itself
+/// (`/proc/self/fd/N`): a path swapped for a link after the open does not redirect it.
+#[derive(Debug)]
+pub struct Pinned {
+    fd: std::os::fd::OwnedFd,
+    /// The path it was opened as, for messages.
+    pub shown: PathBuf,
+}
+
+impl Pinned {
+    /// The opened object's own path, valid while `self` lives.
+    pub fn path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+
+    /// Whether it is a directory.
+    pub fn is_dir(&self) -> bool {
+        std::fs::metadata(self.path()).is_ok_and(|m| m.is_dir())
+    }
+}
+
+fn cstr(p: &std::ffi::OsStr) -> std::io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in a path"))
+}
+
+/// Opens `path` (inside `root`, absolute or relative to it) beneath `root`, component by
+/// component with `O_NOFOLLOW`: a symbolic link anywhere below the root is refused, and so
+/// is a path that leaves it. With `create_dirs`, missing directories are made on the way
+/// (and the last component is a directory). `root` itself, and what lies above it, are the
+/// operator's and may be links.
+// SAFETY (the unsafe blocks below): `openat`/`open`/`mkdirat` get NUL-terminated paths that
+// live across the call and a directory fd the function owns; a descriptor they return is
+// owned by nothing else, so `OwnedFd` takes it.
+#[allow(unsafe_code)]
+pub fn open_beneath(root: &Path, path: &Path, create_dirs: bool) -> Result<Pinned, BeneathError> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let shown = || path.display().to_string();
+    let io_err = |source: std::io::Error| BeneathError::Io {
+        path: shown(),
+        source,
+    };
+    let rel = if path.is_absolute() {
+        path.strip_prefix(root).map_err(|_| BeneathError::Outside {
+            path: shown(),
+            root: root.display().to_string(),
+        })?
+    } else {
+        path
+    };
+    let open = |dir: Option<&OwnedFd>, name: &std::ffi::OsStr, flags: libc::c_int| {
+        use std::os::fd::AsRawFd;
+        let c = cstr(name)?;
+        let fd = unsafe {
+            match dir {
+                Some(d) => libc::openat(d.as_raw_fd(), c.as_ptr(), flags | libc::O_CLOEXEC),
+                None => libc::open(c.as_ptr(), flags | libc::O_CLOEXEC),
+            }
+        };
+        if fd < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        }
+    };
+    let mut fd = open(None, root.as_os_str(), libc::O_RDONLY | libc::O_DIRECTORY).map_err(|e| {
+        BeneathError::Io {
+            path: root.display().to_string(),
+            source: e,
+        }
+    })?;
+    let comps: Vec<&std::ffi::OsStr> = rel
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(Ok(n)),
+            Component::CurDir => None,
+            _ => Some(Err(())),
+        })
+        .collect::<Result<_, ()>>()
+        .map_err(|()| BeneathError::Outside {
+            path: shown(),
+            root: root.display().to_string(),
+        })?;
+    for (i, name) in comps.iter().enumerate() {
+        let last = i + 1 == comps.len();
+        if create_dirs {
+            use std::os::fd::AsRawFd;
+            let c = cstr(name).map_err(io_err)?;
+            let r = unsafe { libc::mkdirat(fd.as_raw_fd(), c.as_ptr(), 0o755) };
+            if r != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    return Err(io_err(e));
+                }
+            }
+        }
+        let dir_flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_DIRECTORY;
+        let flags = if last && !create_dirs {
+            // The last one may be a file or a directory; O_PATH-free: read-only, no link.
+            libc::O_RDONLY | libc::O_NOFOLLOW
+        } else {
+            dir_flags
+        };
+        let component = || {
+            comps[..=i]
+                .iter()
+                .map(|c| c.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        fd = match open(Some(&fd), name, flags) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(BeneathError::Link {
+                    path: shown(),
+                    component: component(),
+                })
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                // O_DIRECTORY on a link without O_NOFOLLOW's ELOOP: tell which it is.
+                let here = root.join(comps[..=i].iter().collect::<PathBuf>());
+                let link = std::fs::symlink_metadata(&here).is_ok_and(|m| m.is_symlink());
+                return Err(if link {
+                    BeneathError::Link {
+                        path: shown(),
+                        component: component(),
+                    }
+                } else {
+                    BeneathError::NotDir {
+                        path: shown(),
+                        component: component(),
+                    }
+                });
+            }
+            Err(e) => return Err(io_err(e)),
+        };
+    }
+    Ok(Pinned {
+        fd,
+        shown: path.to_path_buf(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_beneath_refuses_every_link_below_the_root_and_pins_what_it_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(root.join("a/b/f"), b"inside").unwrap();
+        std::fs::write(outside.join("f"), b"outside").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("a/link")).unwrap();
+        std::os::unix::fs::symlink(outside.join("f"), root.join("a/flink")).unwrap();
+        let f = open_beneath(&root, &root.join("a/b/f"), false).unwrap();
+        assert_eq!(std::fs::read(f.path()).unwrap(), b"inside");
+        for p in ["a/link/f", "a/flink", "a/link"] {
+            match open_beneath(&root, &root.join(p), false) {
+                Err(BeneathError::Link { component, .. }) => {
+                    assert!(p.starts_with(&component), "{p}: {component}")
+                }
+                other => panic!("{p}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            open_beneath(&root, &root.join("a/link/new"), true),
+            Err(BeneathError::Link { .. })
+        ));
+        assert!(matches!(
+            open_beneath(&root, &outside.join("f"), false),
+            Err(BeneathError::Outside { .. })
+        ));
+        // Created on the way; then swapped for a link: the pinned directory stays put.
+        let d = open_beneath(&root, &root.join("new/dir"), true).unwrap();
+        assert!(d.is_dir());
+        std::fs::rename(root.join("new"), dir.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("new")).unwrap();
+        std::fs::write(d.path().join("x"), b"1").unwrap();
+        assert!(dir.path().join("moved/dir/x").exists());
+        assert!(!outside.join("dir").exists());
+    }
 
     fn roots() -> (tempfile::TempDir, Roots) {
         let dir = tempfile::tempdir().unwrap();

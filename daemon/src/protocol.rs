@@ -35,6 +35,19 @@ pub struct WorkerPlan {
     /// shared outputs root). Empty: the output dir.
     #[serde(default)]
     pub scratch_dir: String,
+    /// The roots the spec's paths lie under: the process opens each path beneath its root
+    /// again, following no link (see `train::confine`). Empty: no check (a plan written by
+    /// hand).
+    #[serde(default)]
+    pub roots: PlanRoots,
+}
+
+/// The daemon's roots, as the process should see them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PlanRoots {
+    pub data: String,
+    pub models: String,
+    pub outputs: String,
 }
 
 impl WorkerPlan {

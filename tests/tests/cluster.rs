@@ -311,10 +311,20 @@ fn a_paused_node_fences_itself_and_the_coordinator_can_die() {
     nodes[coordinator].kill();
     let end = nodes[survivor].wait_terminal(&job.id, Duration::from_secs(240));
     assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
-    assert!(nodes
+    // Another node takes over once the dead one's lease expires (the job may have ended
+    // before that).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !nodes
         .iter()
         .enumerate()
-        .any(|(i, d)| i != coordinator && d.log().contains("this node coordinates the cluster")));
+        .any(|(i, d)| i != coordinator && d.log().contains("this node coordinates the cluster"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no node took over from the dead coordinator"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Nothing of generation 1 was written after generation 2 started.
     let events = nodes[survivor].events(&job.id).events;
     let start2 = events

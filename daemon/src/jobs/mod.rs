@@ -373,6 +373,7 @@ impl JobManager {
         let resolved = self.resolve(&spec).map_err(JobError::Invalid)?;
         let out_dir = PathBuf::from(&resolved.output.dir);
         let owner = out_dir.join(".ferry-job");
+        self.check_output_dir(&out_dir)?;
         if let Ok(previous) = std::fs::read_to_string(&owner) {
             return Err(JobError::Invalid(vec![FieldError {
                 field: "output.dir".into(),
@@ -448,9 +449,19 @@ impl JobManager {
                 job.spec.output.dir
             )));
         }
-        if let Err(e) = std::fs::create_dir_all(&out_dir)
-            .and_then(|_| std::fs::write(&owner, format!("{id}\n")))
-        {
+        // Made beneath the outputs root, following no link; the marker is a new file (a
+        // name that exists, a link included, is not written through).
+        let made = ferry_cluster::paths::open_beneath(&self.roots.outputs, &out_dir, true)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|dir| {
+                use std::io::Write;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(dir.path().join(".ferry-job"))?
+                    .write_all(format!("{id}\n").as_bytes())
+            });
+        if let Err(e) = made {
             // Undo: the job never existed.
             let undo = Txn {
                 compares: vec![],
@@ -479,6 +490,68 @@ impl JobManager {
         )
         .await;
         self.get(&id).await
+    }
+
+    /// Refuses an output dir ferry must not write into: the outputs root itself, one that
+    /// overlaps the daemon's data dir, one reached through a link, or one that already
+    /// holds files (ferry writes only into a new or empty directory, so it never replaces
+    /// a user's own files, and deletes only what it made).
+    fn check_output_dir(&self, out_dir: &std::path::Path) -> Result<(), JobError> {
+        let bad = |message: String| {
+            Err(JobError::Invalid(vec![FieldError {
+                field: "output.dir".into(),
+                message,
+            }]))
+        };
+        let shown = out_dir.display();
+        if out_dir == self.roots.outputs {
+            return bad(format!(
+                "{shown} is the outputs root itself; give a directory under it"
+            ));
+        }
+        let data_dir = &self.config.data_dir;
+        if out_dir.starts_with(data_dir) || data_dir.starts_with(out_dir) {
+            return bad(format!(
+                "{shown} overlaps ferryd's data_dir ({}), which holds its store; give a directory elsewhere under the outputs root",
+                data_dir.display()
+            ));
+        }
+        let owner = out_dir.join(".ferry-job");
+        if std::fs::symlink_metadata(&owner).is_ok_and(|m| !m.is_file()) {
+            return bad(format!(
+                "{} is not a file (a link?); remove it or choose another directory",
+                owner.display()
+            ));
+        }
+        if owner.is_file() {
+            return Ok(()); // another job's results: the caller says whose
+        }
+        match std::fs::symlink_metadata(out_dir) {
+            Err(_) => return Ok(()), // made fresh
+            Ok(m) if !m.is_dir() => return bad(format!("{shown} exists and is not a directory")),
+            Ok(_) => {}
+        }
+        if let Err(e) = ferry_cluster::paths::open_beneath(&self.roots.outputs, out_dir, false) {
+            return bad(e.to_string());
+        }
+        let mut names: Vec<String> = std::fs::read_dir(out_dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !names.is_empty() {
+            names.sort();
+            let more = names.len().saturating_sub(5);
+            names.truncate(5);
+            return bad(format!(
+                "{shown} already holds files ({}{}); ferry writes only into a new or empty directory, so that it never replaces files of yours",
+                names.join(", "),
+                if more > 0 { format!(", and {more} more") } else { String::new() }
+            ));
+        }
+        Ok(())
     }
 
     /// Every job, oldest first.

@@ -305,6 +305,11 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
         node: m.node.clone(),
         generation: gen,
         scratch_dir: scratch.display().to_string(),
+        roots: crate::protocol::PlanRoots {
+            data: m.roots.data.display().to_string(),
+            models: m.roots.models.display().to_string(),
+            outputs: m.roots.outputs.display().to_string(),
+        },
     };
     let plan_path = m.plans_dir.join(format!("{}-g{gen}.json", job.id));
     std::fs::write(&plan_path, serde_json::to_vec_pretty(&plan)?)?;

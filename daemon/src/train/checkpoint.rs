@@ -138,6 +138,9 @@ pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok())
+        // Only directories ferry made: a link named like a checkpoint is neither read nor
+        // pruned (pruning removes what it lists).
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step = name.strip_prefix("step-")?.parse().ok()?;

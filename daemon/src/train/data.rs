@@ -187,10 +187,18 @@ fn load_safetensors(path: &Path, field: &str, labelled: bool) -> Result<Dataset>
 
 fn load_image_folder(dir: &Path, field: &str, spec: &DataSpec) -> Result<Dataset> {
     let channels = spec.channels.unwrap_or(3) as usize;
-    let mut classes: Vec<String> = std::fs::read_dir(dir)
+    // A member that is a link (a class directory or an image) is refused: it could point
+    // anywhere, out of the data root too.
+    let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(dir)
         .with_context(|| format!("{field}: cannot read directory {}", dir.display()))?
         .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_dir())
+        .collect();
+    for e in &entries {
+        super::confine::no_link(e).with_context(|| field.to_string())?;
+    }
+    let mut classes: Vec<String> = entries
+        .iter()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     classes.sort();
@@ -204,8 +212,14 @@ fn load_image_folder(dir: &Path, field: &str, spec: &DataSpec) -> Result<Dataset
     let mut labels: Vec<i64> = Vec::new();
     let mut size: Option<(u32, u32)> = spec.image_size.map(|s| (s, s));
     for (idx, class) in classes.iter().enumerate() {
-        let mut files: Vec<_> = std::fs::read_dir(dir.join(class))?
+        let members: Vec<std::fs::DirEntry> = std::fs::read_dir(dir.join(class))?
             .filter_map(|e| e.ok())
+            .collect();
+        for e in &members {
+            super::confine::no_link(e).with_context(|| field.to_string())?;
+        }
+        let mut files: Vec<_> = members
+            .iter()
             .map(|e| e.path())
             .filter(|p| {
                 p.extension().and_then(|e| e.to_str()).is_some_and(|e| {

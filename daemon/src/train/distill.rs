@@ -339,11 +339,13 @@ fn build_teacher(
 
 /// The `ferryd teacher` entry point: replica `replica` of the job's teacher.
 pub fn run_teacher(plan_path: &Path, replica: u32, emit: impl Fn(&WorkerMessage)) -> Result<()> {
-    let plan: WorkerPlan = serde_json::from_slice(
+    let mut plan: WorkerPlan = serde_json::from_slice(
         &std::fs::read(plan_path)
             .with_context(|| format!("cannot read {}", plan_path.display()))?,
     )
     .context("corrupt worker plan")?;
+    // The teacher's model and the data, opened beneath their roots (no links).
+    let _pins = super::confine::pin_plan(&mut plan, false)?;
     let spec = &plan.spec;
     let d = spec
         .distill

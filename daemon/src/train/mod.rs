@@ -3,6 +3,7 @@
 //! libtorch runs only here, never on the daemon's async threads.
 
 pub mod checkpoint;
+pub mod confine;
 pub mod control;
 pub mod data;
 pub mod dist;
@@ -15,6 +16,7 @@ pub mod scaler;
 pub mod torchscript;
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -55,7 +57,9 @@ fn protocol_out() -> &'static std::sync::Mutex<Box<dyn Write + Send>> {
 
 /// Writes one protocol message (the daemon reads it line by line).
 pub fn emit(msg: &WorkerMessage) {
-    let mut line = serde_json::to_vec(msg).unwrap_or_default();
+    // Paths as the user gave them, not as this process opened them (`confine`).
+    let mut line =
+        confine::shown_json(&serde_json::to_string(msg).unwrap_or_default()).into_bytes();
     line.push(b'\n');
     let mut out = protocol_out().lock().unwrap_or_else(|p| p.into_inner());
     let _ = out.write_all(&line);
@@ -88,11 +92,14 @@ fn device(d: SpecDevice) -> Result<Device> {
 
 /// The `ferryd worker` entry point: rank `rank` of `world`.
 pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
-    let plan: WorkerPlan = serde_json::from_slice(
+    let mut plan: WorkerPlan = serde_json::from_slice(
         &std::fs::read(plan_path)
             .with_context(|| format!("cannot read {}", plan_path.display()))?,
     )
     .context("corrupt worker plan")?;
+    // Every input and the output dir, opened again beneath their roots (no links), and
+    // used only as opened from here on.
+    let mut pins = confine::pin_plan(&mut plan, true)?;
     let spec = &plan.spec;
     tch::set_num_threads(plan.threads as i32);
     tch::set_num_interop_threads(1);
@@ -201,7 +208,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let steps_per_epoch = sampler.steps_per_epoch() as u64;
 
     // Resume.
-    let ckpt_root = out_dir.join("checkpoints");
+    let ckpt_root = confine::pin_subdir(&out_dir, "checkpoints", &mut pins)?;
     let (mut epoch, mut consumed, mut step, mut resumed_from) = (0u32, 0usize, 0u64, None);
     let mut last_loss = None;
     if plan.resume {
@@ -303,6 +310,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                // A link put in its place is refused, not followed.
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(out_dir.join("metrics.jsonl"))
                 .context("cannot open metrics.jsonl")?,
         ))

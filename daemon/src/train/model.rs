@@ -259,19 +259,35 @@ impl Model {
     }
 
     /// Writes the final weights (and, for TorchScript, the trained module) to `dir`.
+    ///
+    /// Each file is written into a directory this call makes fresh, then renamed into place:
+    /// a link put where a file goes is replaced, never written through.
     pub fn save_final(&self, dir: &Path) -> Result<Vec<String>> {
+        let tmp = dir.join(format!(".ferry-final-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let r = self.save_final_into(&tmp, dir);
+        let _ = std::fs::remove_dir_all(&tmp);
+        r
+    }
+
+    fn save_final_into(&self, tmp: &Path, dir: &Path) -> Result<Vec<String>> {
         let mut files = Vec::new();
-        let weights = dir.join("model.safetensors");
         let named: Vec<(&str, Tensor)> = self
             .state()
             .map(|(n, t)| (n.as_str(), t.to_device(Device::Cpu).contiguous()))
             .collect();
-        Tensor::write_safetensors(&named, &weights)
+        let weights = dir.join("model.safetensors");
+        Tensor::write_safetensors(&named, tmp.join("model.safetensors"))
+            .with_context(|| format!("cannot write {}", weights.display()))?;
+        std::fs::rename(tmp.join("model.safetensors"), &weights)
             .with_context(|| format!("cannot write {}", weights.display()))?;
         files.push(weights.display().to_string());
         if let Net::Script(m) = &self.net {
             let ts = dir.join("model.pt");
-            m.save(&ts)?;
+            m.save(&tmp.join("model.pt"))?;
+            std::fs::rename(tmp.join("model.pt"), &ts)
+                .with_context(|| format!("cannot write {}", ts.display()))?;
             files.push(ts.display().to_string());
         }
         Ok(files)

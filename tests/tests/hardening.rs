@@ -1,0 +1,265 @@
+//! A hostile user against the roots: links planted in output dirs, paths swapped for links
+//! while a job waits, ImageFolder members that point out of the data root, output dirs that
+//! would overwrite a user's files or the daemon's own. Each case is refused (or made
+//! harmless), nothing outside the roots is read or written, and the daemon goes on.
+
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_cluster::api::JobPhase;
+use ferry_tests::{fixtures, Daemon};
+
+/// A short job on `train` (under the data root) writing to `out`.
+fn job(name: &str, train: &str, out: &str, epochs: u32) -> String {
+    format!(
+        "name: {name}\nmodel: {{arch: torchscript, path: cnn4.pt}}\n\
+         data: {{train: {{path: {train}}}, channels: 1}}\n\
+         train: {{epochs: {epochs}, batch_size: 16, checkpoint_every_steps: 10, optimizer: {{name: sgd, lr: 0.05}}}}\n\
+         resources: {{threads: 1}}\noutput: {{dir: {out}}}\n"
+    )
+}
+
+fn refused(d: &Daemon, spec: &str, field: &str, says: &str) {
+    let (status, body) = d.post("/v1/jobs", spec);
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["errors"][0]["field"], field, "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains(says), "{detail}");
+}
+
+/// Every file under `dir`, as (relative path, content).
+fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                out.push((rel, std::fs::read(&p).unwrap_or_default()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn output_dirs_with_links_or_files_are_refused_and_outside_is_untouched() {
+    let d = Daemon::start();
+    let out = d.out();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("m"), b"mine").unwrap();
+    std::fs::create_dir_all(outside.path().join("ck/step-000000000")).unwrap();
+    std::fs::write(
+        outside.path().join("ck/step-000000000/manifest.json"),
+        b"{}",
+    )
+    .unwrap();
+    let before = contents(outside.path());
+
+    // A marker that is a link (reading it would show the outside file's content).
+    std::fs::create_dir_all(out.join("o1")).unwrap();
+    symlink(outside.path().join("m"), out.join("o1/.ferry-job")).unwrap();
+    refused(
+        &d,
+        &job("o1", "train.safetensors", "o1", 1),
+        "output.dir",
+        "not a file",
+    );
+    // A checkpoints dir that is a link, a final file that is a link: the dir is not empty.
+    std::fs::create_dir_all(out.join("o2")).unwrap();
+    symlink(outside.path().join("ck"), out.join("o2/checkpoints")).unwrap();
+    refused(
+        &d,
+        &job("o2", "train.safetensors", "o2", 1),
+        "output.dir",
+        "already holds files (checkpoints)",
+    );
+    // A user's own directory with their model in it.
+    std::fs::create_dir_all(out.join("mine")).unwrap();
+    std::fs::write(out.join("mine/model.pt"), b"the user's").unwrap();
+    refused(
+        &d,
+        &job("mine", "train.safetensors", "mine", 1),
+        "output.dir",
+        "never replaces files of yours",
+    );
+    // The outputs root itself; the output dir itself a link out.
+    refused(
+        &d,
+        &job("root", "train.safetensors", ".", 1),
+        "output.dir",
+        "outputs root itself",
+    );
+    symlink(outside.path(), out.join("o3")).unwrap();
+    refused(
+        &d,
+        &job("o3", "train.safetensors", "o3", 1),
+        "output.dir",
+        "outside the outputs root",
+    );
+
+    assert_eq!(contents(outside.path()), before);
+    assert_eq!(
+        std::fs::read(out.join("mine/model.pt")).unwrap(),
+        b"the user's"
+    );
+    // The daemon is fine: a clean job runs.
+    let ok = d.submit(&job("clean", "train.safetensors", "clean", 1));
+    assert_eq!(
+        d.wait_terminal(&ok.id, Duration::from_secs(60)).phase,
+        JobPhase::Succeeded
+    );
+}
+
+#[test]
+fn the_output_dir_never_overlaps_the_daemons_data_dir() {
+    // An outputs root that holds the daemon's data dir: no job may write in or above it.
+    let tmp = std::env::temp_dir().canonicalize().unwrap();
+    let d = Daemon::start_env(&[("FERRY_ROOTS__OUTPUTS", tmp.to_str().unwrap())]);
+    let data_dir = d.data_dir().canonicalize().unwrap();
+    for dir in [
+        data_dir.join("plans"),
+        data_dir.clone(),
+        d.dir.path().canonicalize().unwrap(),
+    ] {
+        let spec = job("store", "train.safetensors", dir.to_str().unwrap(), 1);
+        refused(&d, &spec, "output.dir", "data_dir");
+    }
+}
+
+#[test]
+fn paths_swapped_for_links_while_a_job_waits_are_refused_when_it_runs() {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures().join("data/train.safetensors"),
+        data.path().join("train.safetensors"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixtures().join("data/train.safetensors"),
+        data.path().join("swapped.safetensors"),
+    )
+    .unwrap();
+    let d = Daemon::start_env(&[
+        ("FERRY_MAX_RUNNING_JOBS", "1"),
+        ("FERRY_ROOTS__DATA", data.path().to_str().unwrap()),
+    ]);
+    let out = d.out();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures().join("data/train.safetensors"),
+        outside.path().join("secret.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(outside.path().join("v"), b"outside").unwrap();
+    // A long job holds the only slot; the others wait as Pending.
+    let blocker = d.submit(&job("blocker", "train.safetensors", "blocker", 1000));
+    d.wait_for(&blocker.id, Duration::from_secs(60), "Running", |j| {
+        j.phase == JobPhase::Running
+    });
+    let out_swap = d.submit(&job("out-swap", "train.safetensors", "out-swap", 1));
+    let data_swap = d.submit(&job("data-swap", "swapped.safetensors", "data-swap", 1));
+    let ck_link = d.submit(&job("ck-link", "train.safetensors", "ck-link", 1));
+    let final_link = d.submit(&job("final-link", "train.safetensors", "final-link", 1));
+    // While they wait: the output dir becomes a link out; the data file too; a link is put
+    // where the checkpoints go, and where the final weights go.
+    std::fs::rename(out.join("out-swap"), out.join("out-swap.real")).unwrap();
+    symlink(outside.path(), out.join("out-swap")).unwrap();
+    std::fs::remove_file(data.path().join("swapped.safetensors")).unwrap();
+    symlink(
+        outside.path().join("secret.safetensors"),
+        data.path().join("swapped.safetensors"),
+    )
+    .unwrap();
+    symlink(outside.path(), out.join("ck-link/checkpoints")).unwrap();
+    symlink(
+        outside.path().join("v"),
+        out.join("final-link/model.safetensors"),
+    )
+    .unwrap();
+    let before = contents(outside.path());
+    assert_eq!(
+        d.post(&format!("/v1/jobs/{}/cancel", blocker.id), "").0,
+        202
+    );
+
+    for (j, says) in [
+        (&out_swap, "output.dir"),
+        (&data_swap, "data.train.path"),
+        (&ck_link, "checkpoints"),
+    ] {
+        let end = d.wait_terminal(&j.id, Duration::from_secs(120));
+        assert_eq!(end.phase, JobPhase::Failed, "{}: {:?}", j.name, end.status);
+        let why = end.status.failure.unwrap_or_default();
+        assert!(
+            why.contains(says) && why.contains("symbolic link"),
+            "{}: {why}",
+            j.name
+        );
+        // The message names the path as the user gave it, not as the rank opened it.
+        assert!(!why.contains("/proc/self/fd"), "{why}");
+    }
+    // The final weights replace the link; the file it pointed to is untouched.
+    let end = d.wait_terminal(&final_link.id, Duration::from_secs(120));
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    let weights = out.join("final-link/model.safetensors");
+    assert!(std::fs::symlink_metadata(&weights).unwrap().is_file());
+    assert_eq!(contents(outside.path()), before);
+    let shown = end.status.checkpoint.unwrap_or_default();
+    assert!(shown.starts_with(out.to_str().unwrap()), "{shown}");
+}
+
+#[test]
+fn image_folder_members_that_are_links_are_refused() {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures().join("data/train.safetensors"),
+        data.path().join("train.safetensors"),
+    )
+    .unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let val = fixtures().join("data/val");
+    for (case, plant) in [("image", "class0/evil.png"), ("class", "class9")] {
+        let root = data.path().join(format!("val-{case}"));
+        for e in std::fs::read_dir(&val).unwrap().flatten() {
+            let dst = root.join(e.file_name());
+            std::fs::create_dir_all(&dst).unwrap();
+            for f in std::fs::read_dir(e.path()).unwrap().flatten() {
+                std::fs::copy(f.path(), dst.join(f.file_name())).unwrap();
+            }
+        }
+        let first = std::fs::read_dir(val.join("class0"))
+            .unwrap()
+            .flatten()
+            .next()
+            .unwrap()
+            .path();
+        std::fs::copy(&first, outside.path().join("evil.png")).unwrap();
+        let target = if case == "image" {
+            outside.path().join("evil.png")
+        } else {
+            outside.path().to_path_buf()
+        };
+        symlink(target, root.join(plant)).unwrap();
+    }
+    let d = Daemon::start_env(&[("FERRY_ROOTS__DATA", data.path().to_str().unwrap())]);
+    for case in ["image", "class"] {
+        let spec = job(case, "train.safetensors", case, 1).replace(
+            "channels: 1}",
+            &format!("val: {{path: val-{case}}}, channels: 1}}"),
+        );
+        let j = d.submit(&spec);
+        let end = d.wait_terminal(&j.id, Duration::from_secs(60));
+        assert_eq!(end.phase, JobPhase::Failed, "{case}: {:?}", end.status);
+        let why = end.status.failure.unwrap_or_default();
+        assert!(
+            why.contains("symbolic link") && why.contains(&format!("val-{case}")),
+            "{why}"
+        );
+    }
+}
