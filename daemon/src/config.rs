@@ -19,6 +19,7 @@ const KEYS: &[&str] = &[
     "max_requests_per_client",
     "max_queued_jobs",
     "cpu_rank_slots",
+    "rank_sandbox",
     "max_running_jobs",
     "worker_threads",
     "progress_interval_ms",
@@ -74,6 +75,9 @@ pub struct Config {
     pub max_queued_jobs: usize,
     /// CPU ranks this node runs at once over all its jobs (default: its cores).
     pub cpu_rank_slots: Option<u32>,
+    /// What confines rank and teacher processes: `auto` (Landlock for CPU jobs where the
+    /// kernel has it), `landlock` (every job; a job fails where it cannot be had), `off`.
+    pub rank_sandbox: String,
     /// Jobs this node runs at once; the rest wait as Pending.
     pub max_running_jobs: usize,
     /// Intra-op threads per rank unless the spec says otherwise (default: all cores).
@@ -131,6 +135,7 @@ impl Default for Config {
             max_requests_per_client: 64,
             max_queued_jobs: 1000,
             cpu_rank_slots: None,
+            rank_sandbox: "auto".into(),
             max_running_jobs: 1,
             worker_threads: None,
             progress_interval_ms: 1000,
@@ -247,6 +252,9 @@ impl Config {
             {
                 bail!("cluster must be a name of letters, digits, `-`, `_` and `.`, got `{c}`");
             }
+        }
+        if !matches!(self.rank_sandbox.as_str(), "auto" | "landlock" | "off") {
+            bail!("rank_sandbox must be `auto`, `landlock` or `off`");
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             bail!("log_format must be `text` or `json`");

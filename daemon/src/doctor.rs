@@ -35,6 +35,15 @@ pub fn run(config: &Config) -> Result<i32> {
         }
     }
     let mut failed = false;
+    match crate::train::sandbox::abi() {
+        Some(abi) => println!(
+            "rank sandbox: Landlock ABI {abi} available; rank_sandbox = {} (auto: CPU jobs)",
+            config.rank_sandbox
+        ),
+        None => println!(
+            "rank sandbox: no Landlock in this kernel: a job's model can read and write whatever ferryd's user can"
+        ),
+    }
     let nccl_loads = nccl::library_present();
     println!(
         "nccl loadable: {}",

@@ -40,6 +40,9 @@ pub struct WorkerPlan {
     /// hand).
     #[serde(default)]
     pub roots: PlanRoots,
+    /// The daemon's `rank_sandbox` (`auto`, `landlock`, `off`; empty: off).
+    #[serde(default)]
+    pub sandbox: String,
 }
 
 /// The daemon's roots, as the process should see them.

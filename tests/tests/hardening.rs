@@ -263,3 +263,65 @@ fn image_folder_members_that_are_links_are_refused() {
         );
     }
 }
+
+/// Writes a model that reads `target` in its forward pass into `models`, and returns a
+/// job spec that trains it.
+fn reader(models: &Path, name: &str, target: &Path) -> String {
+    let train = fixtures().join("data/train.safetensors");
+    let out = models.join(format!("{name}.pt"));
+    ferry_tests::run_python(
+        "reader_model.py",
+        &[
+            out.to_str().unwrap(),
+            target.to_str().unwrap(),
+            train.to_str().unwrap(),
+        ],
+    );
+    format!(
+        "name: {name}\nmodel: {{arch: torchscript, path: {name}.pt}}\n\
+         data: {{train: {{path: train.safetensors}}, channels: 1}}\n\
+         train: {{epochs: 1, batch_size: 16, optimizer: {{name: sgd, lr: 0.05}}}}\n\
+         resources: {{threads: 1}}\noutput: {{dir: {name}}}\n"
+    )
+}
+
+#[test]
+fn a_model_cannot_read_outside_the_roots() {
+    // A model is code: this one reads a file in its forward pass.
+    let models = tempfile::tempdir().unwrap();
+    let d = Daemon::start_env(&[("FERRY_ROOTS__MODELS", models.path().to_str().unwrap())]);
+    let store = d.data_dir().join("store.redb");
+    // The daemon's own store, outside every root: refused by the sandbox.
+    let j = d.submit(&reader(models.path(), "steal", &store));
+    let end = d.wait_terminal(&j.id, Duration::from_secs(60));
+    assert_eq!(end.phase, JobPhase::Failed, "{:?}", end.status);
+    let why = end.status.failure.unwrap_or_default();
+    assert!(why.contains("Permission denied"), "{why}");
+    let said: Vec<String> = d
+        .events(&j.id)
+        .events
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    assert!(
+        said.iter().any(|m| m.starts_with("sandbox: Landlock")),
+        "{said:?}"
+    );
+    // A file inside the data root: read as any input is.
+    let train = fixtures().join("data/train.safetensors");
+    let j = d.submit(&reader(models.path(), "inside", &train));
+    let end = d.wait_terminal(&j.id, Duration::from_secs(60));
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    drop(d);
+    // The same model with the sandbox off reads the store: the refusal above was the
+    // sandbox's.
+    let models = tempfile::tempdir().unwrap();
+    let d = Daemon::start_env(&[
+        ("FERRY_ROOTS__MODELS", models.path().to_str().unwrap()),
+        ("FERRY_RANK_SANDBOX", "off"),
+    ]);
+    let store = d.data_dir().join("store.redb");
+    let j = d.submit(&reader(models.path(), "steal", &store));
+    let end = d.wait_terminal(&j.id, Duration::from_secs(60));
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+}

@@ -310,6 +310,7 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
             models: m.roots.models.display().to_string(),
             outputs: m.roots.outputs.display().to_string(),
         },
+        sandbox: m.config.rank_sandbox.clone(),
     };
     let plan_path = m.plans_dir.join(format!("{}-g{gen}.json", job.id));
     std::fs::write(&plan_path, serde_json::to_vec_pretty(&plan)?)?;
@@ -323,6 +324,10 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
     // CUDA processes find NCCL through a `libnccl.so` link on their library path.
     let cuda = job.spec.resources.device == ferry_cluster::spec::Device::Cuda;
     let mut gpu_env: Vec<(&str, std::ffi::OsString)> = Vec::new();
+    // A temporary dir of the job's own (the sandbox gives no other).
+    let tmp = scratch.join("tmp");
+    std::fs::create_dir_all(&tmp)?;
+    gpu_env.push(("TMPDIR", tmp.into_os_string()));
     if cuda {
         let linked = crate::gpu::find_nccl(m.config.nccl_library.as_deref()).and_then(|lib| {
             crate::gpu::nccl_link_dir(&m.config.data_dir, &lib)
@@ -685,6 +690,15 @@ async fn log_line(
     if *count <= LOG_EVENTS {
         m.event_for(session, &job.id, EventKind::Log, line, data)
             .await;
+    } else if *count == LOG_EVENTS + 1 {
+        m.event_for(
+            session,
+            &job.id,
+            EventKind::Log,
+            format!("more output than {LOG_EVENTS} lines: the rest of this attempt's output is not kept as events (its last {LOG_TAIL} lines go into a failure's reason)"),
+            json!({"dropped_after": LOG_EVENTS}),
+        )
+        .await;
     }
 }
 
@@ -803,6 +817,10 @@ fn spawn_proc(
 ) -> anyhow::Result<(u32, tokio::process::ChildStdin)> {
     use std::os::fd::AsRawFd;
     let mut cmd = Command::new(&m.exe);
+    // The model runs in this process: it gets no secret of the daemon's.
+    for secret in ["FERRY_TOKEN", "FERRY_ETCD_PASSWORD", "FERRY_CONFIG"] {
+        cmd.env_remove(secret);
+    }
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
     match proc {
         Proc::Rank(rank) => cmd
@@ -834,6 +852,8 @@ fn spawn_proc(
     unsafe {
         cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // Nothing the process execs gains privileges (setuid binaries, file caps).
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
             if write_fd == PROTOCOL_FD {
                 if libc::fcntl(PROTOCOL_FD, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());

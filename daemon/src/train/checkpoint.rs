@@ -189,11 +189,22 @@ pub fn read(dir: &Path) -> Result<Loaded> {
 
 /// The newest checkpoint under `root` that reads back whole, if any.
 pub fn latest(root: &Path) -> Result<Option<Loaded>> {
+    latest_saying(root, |_| {})
+}
+
+/// [`latest`], telling `skipped` about each unreadable checkpoint it passes over.
+pub fn latest_saying(root: &Path, mut skipped: impl FnMut(String)) -> Result<Option<Loaded>> {
     let mut last_err = None;
     for (_, dir) in list(root).into_iter().rev() {
         match read(&dir) {
             Ok(l) => return Ok(Some(l)),
-            Err(e) => last_err = Some(e),
+            Err(e) => {
+                skipped(format!(
+                    "checkpoint {} is unreadable and was skipped: {e:#}",
+                    dir.display()
+                ));
+                last_err = Some(e)
+            }
         }
     }
     match last_err {

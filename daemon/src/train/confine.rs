@@ -90,6 +90,32 @@ pub fn pin_plan(plan: &mut WorkerPlan, output: bool) -> Result<Pins> {
     Ok(pins)
 }
 
+/// Restricts this process per the plan's `sandbox` (see [`super::sandbox`]), before any
+/// thread runs model code; returns what to report (None: nothing to say).
+pub fn sandbox(plan: &WorkerPlan, writes: &[&Path]) -> Result<Option<String>> {
+    use ferry_cluster::spec::Device;
+    let cuda = plan.spec.resources.device == Device::Cuda;
+    let wanted = match plan.sandbox.as_str() {
+        "landlock" => true,
+        "auto" => !cuda,
+        _ => false,
+    };
+    if !wanted {
+        return Ok(None);
+    }
+    let reads = [Path::new(&plan.roots.data), Path::new(&plan.roots.models)];
+    let policy = super::sandbox::Policy::for_rank(&reads, writes);
+    match policy.enforce() {
+        Ok(abi) => Ok(Some(format!(
+            "sandbox: Landlock (ABI {abi}): the model may read the data and models roots and the system's libraries, and write only its output dir, its scratch (TMPDIR) and /dev/shm"
+        ))),
+        Err(e) if plan.sandbox == "auto" => Ok(Some(format!(
+            "sandbox: none ({e:#}); the model can read and write whatever ferryd's user can (rank_sandbox: auto)"
+        ))),
+        Err(e) => Err(e.context("rank_sandbox is `landlock`")),
+    }
+}
+
 /// A directory `name` inside the pinned directory `dir`, made if missing and refused if it
 /// is a link; pinned too.
 pub fn pin_subdir(dir: &Path, name: &str, pins: &mut Pins) -> Result<PathBuf> {

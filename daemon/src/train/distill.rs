@@ -15,7 +15,7 @@
 //! Dividing by the batch size (not the labelled count) keeps data-parallel averaging exact.
 
 use std::net::{IpAddr, TcpListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -346,6 +346,15 @@ pub fn run_teacher(plan_path: &Path, replica: u32, emit: impl Fn(&WorkerMessage)
     .context("corrupt worker plan")?;
     // The teacher's model and the data, opened beneath their roots (no links).
     let _pins = super::confine::pin_plan(&mut plan, false)?;
+    let scratch = PathBuf::from(&plan.scratch_dir);
+    let writes: Vec<&Path> = if plan.scratch_dir.is_empty() {
+        vec![]
+    } else {
+        vec![scratch.as_path()]
+    };
+    if let Some(message) = super::confine::sandbox(&plan, &writes)? {
+        emit(&WorkerMessage::Log { message });
+    }
     let spec = &plan.spec;
     let d = spec
         .distill

@@ -12,6 +12,7 @@ pub mod model;
 pub mod optim;
 pub mod overlap;
 pub mod sampler;
+pub mod sandbox;
 pub mod scaler;
 pub mod torchscript;
 
@@ -100,6 +101,17 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     // Every input and the output dir, opened again beneath their roots (no links), and
     // used only as opened from here on.
     let mut pins = confine::pin_plan(&mut plan, true)?;
+    // Then the sandbox, before any thread runs (libtorch's pool included) and before the
+    // model (code) and the data are loaded.
+    let sandboxed = {
+        let out = PathBuf::from(&plan.output_dir);
+        let scratch = PathBuf::from(&plan.scratch_dir);
+        let mut writes = vec![out.as_path()];
+        if !plan.scratch_dir.is_empty() {
+            writes.push(scratch.as_path());
+        }
+        confine::sandbox(&plan, &writes)?
+    };
     let spec = &plan.spec;
     tch::set_num_threads(plan.threads as i32);
     tch::set_num_interop_threads(1);
@@ -122,6 +134,9 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             emit(m)
         }
     };
+    if let Some(message) = sandboxed {
+        say(&WorkerMessage::Log { message });
+    }
     let out_dir = PathBuf::from(&plan.output_dir);
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create output dir {}", out_dir.display()))?;
@@ -212,7 +227,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let (mut epoch, mut consumed, mut step, mut resumed_from) = (0u32, 0usize, 0u64, None);
     let mut last_loss = None;
     if plan.resume {
-        if let Some(ck) = checkpoint::latest(&ckpt_root)? {
+        let skipped = |message: String| say(&WorkerMessage::Log { message });
+        if let Some(ck) = checkpoint::latest_saying(&ckpt_root, skipped)? {
             model
                 .load_state(ck.model)
                 .with_context(|| format!("cannot resume from {}", ck.dir.display()))?;
