@@ -17,6 +17,7 @@
 pub mod api;
 pub mod collective;
 pub mod distill;
+pub mod fuzz;
 pub mod keys;
 pub mod paths;
 pub mod place;

@@ -629,6 +629,11 @@ impl JobSpec {
                 "train.optimizer.lr",
                 format!("must be a positive number, got {}", o.lr),
             );
+        } else if o.lr > 100.0 {
+            bad(
+                "train.optimizer.lr",
+                format!("{} would make the first step diverge; learning rates are at most 100 (usually 1e-5 to 1)", o.lr),
+            );
         }
         if let Some(wd) = o.weight_decay {
             if !(wd >= 0.0 && wd.is_finite()) {
@@ -1121,6 +1126,8 @@ output:
         );
         let fields: Vec<_> = e.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, vec!["name", "train.optimizer.lr"]);
+        let e = errors(&GOOD.replace("lr: 0.05", "lr: 1e308"));
+        assert_eq!(e[0].field, "train.optimizer.lr", "{e:?}");
         let e = errors(&GOOD.replace("name: digits-target", "name: j0192af33bc10f2e"));
         assert_eq!(e[0].field, "name", "{e:?}");
         assert!(e[0].message.contains("form of a job id"), "{e:?}");

@@ -75,6 +75,27 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Some(Command::Worker { .. } | Command::Teacher { .. })
+    ) {
+        // A panic (libtorch refusing a model's output, say) reaches the daemon as the
+        // reason the process failed, not as a bare exit status.
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let what = info
+                .payload()
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown".into());
+            let first = what.lines().next().unwrap_or("").to_string();
+            train::emit(&protocol::WorkerMessage::Failed {
+                reason: format!("the process failed: {first}"),
+            });
+            default(info);
+        }));
+    }
     if let Some(Command::Worker {
         plan,
         rank,

@@ -100,9 +100,34 @@ impl Drop for ShmOut {
 
 impl ShmIn {
     /// Maps the previous rank's region at `path` (fails on another host: no such file).
+    ///
+    /// The path comes from a peer: only a region as [`ShmOut::create`] names them, in the
+    /// directory it makes them in, a regular file of this process's user (no link) is
+    /// opened, so a peer cannot have a rank map (and write) some other file.
     pub fn open(path: &Path, slot_bytes: usize) -> std::io::Result<ShmIn> {
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
-        if file.metadata()?.len() != region_len(slot_bytes) as u64 {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let refuse = || std::io::Error::other("not a ferry ring region");
+        let named = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("ferry-ring-") && !n.contains('/'));
+        let dir = path.parent().ok_or_else(refuse)?;
+        let home = dir == Path::new("/dev/shm") || dir == std::env::temp_dir();
+        if !named || !home {
+            return Err(refuse());
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
+        let meta = file.metadata()?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if !meta.is_file() || meta.uid() != me {
+            return Err(refuse());
+        }
+        if meta.len() != region_len(slot_bytes) as u64 {
             return Err(std::io::Error::other("shared region has the wrong size"));
         }
         // SAFETY: the writer created the file with this length and never truncates it; the

@@ -61,8 +61,10 @@ impl Inputs {
         match self {
             Inputs::Indices { indices, .. } => indices.len(),
             Inputs::Tensor { shape, data } => {
-                let per: usize = shape.iter().map(|&d| d as usize).product();
-                data.len().checked_div(per).unwrap_or(0)
+                let per = shape
+                    .iter()
+                    .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize));
+                per.and_then(|p| data.len().checked_div(p)).unwrap_or(0)
             }
         }
     }
@@ -353,7 +355,10 @@ pub fn read_request(r: &mut impl Read) -> io::Result<Option<Request>> {
         KIND_TENSOR => {
             let n = c.u32()? as usize;
             let shape = [c.u32()?, c.u32()?, c.u32()?];
-            let per: usize = shape.iter().map(|&d| d as usize).product();
+            let per = shape
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))
+                .ok_or_else(|| bad("tensor request with an image shape too large"))?;
             if per == 0 {
                 return Err(bad("tensor request with an empty image shape"));
             }

@@ -165,6 +165,18 @@ fn load_safetensors(path: &Path, field: &str, labelled: bool) -> Result<Dataset>
         Kind::Double | Kind::Half | Kind::BFloat16 => images.to_kind(Kind::Float),
         k => bail!("{field}: `images` must be uint8 or float32, got {k:?}"),
     };
+    // NaN or infinite pixels would make the loss NaN at once, and look like a bad lr.
+    let bad = images
+        .isfinite()
+        .logical_not()
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    if bad > 0 {
+        bail!(
+            "{field}: {} holds {bad} NaN or infinite pixel values; fix the data (they make every loss NaN)",
+            path.display()
+        );
+    }
     if labels.dim() != 1 || labels.size()[0] != images.size()[0] {
         bail!(
             "{field}: `labels` must have shape ({},), got {:?}",
@@ -265,4 +277,51 @@ fn load_image_folder(dir: &Path, field: &str, spec: &DataSpec) -> Result<Dataset
         labels: Tensor::from_slice(&labels),
         classes: Some(classes),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_cluster::fuzz::{mutate, Rng};
+
+    fn spec() -> DataSpec {
+        serde_json::from_value(serde_json::json!({"train": {"path": "x"}, "channels": 1})).unwrap()
+    }
+
+    /// Damaged safetensors files and images fail with an error naming the field, never a
+    /// panic or an abort (which would take the test process, and a rank, down).
+    #[test]
+    fn damaged_data_files_fail_with_an_error_never_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = dir.path().join("d.safetensors");
+        let images = Tensor::zeros([4, 1, 4, 4], (Kind::Uint8, tch::Device::Cpu));
+        let labels = Tensor::from_slice(&[0i64, 1, 0, 1]);
+        Tensor::write_safetensors(&[("images", images), ("labels", labels)], &st).unwrap();
+        let good_st = std::fs::read(&st).unwrap();
+        let folder = dir.path().join("folder");
+        std::fs::create_dir_all(folder.join("c0")).unwrap();
+        let png = folder.join("c0/x.png");
+        image::GrayImage::from_pixel(4, 4, image::Luma([9u8]))
+            .save(&png)
+            .unwrap();
+        let good_png = std::fs::read(&png).unwrap();
+        assert!(load_safetensors(&st, "data.train", true).is_ok());
+        assert!(load_image_folder(&folder, "data.train", &spec()).is_ok());
+        let mut rng = Rng(0x5eed_0003);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let (mut n, mut refused) = (0, 0);
+        while std::time::Instant::now() < deadline {
+            std::fs::write(&st, mutate(&mut rng, &good_st)).unwrap();
+            std::fs::write(&png, mutate(&mut rng, &good_png)).unwrap();
+            let r = std::panic::catch_unwind(|| {
+                let a = load_safetensors(&st, "data.train", true).is_err();
+                let b = load_image_folder(&folder, "data.train", &spec()).is_err();
+                usize::from(a) + usize::from(b)
+            });
+            refused += r.unwrap_or_else(|_| panic!("input {n} panicked a reader"));
+            n += 1;
+        }
+        eprintln!("{n} pairs of damaged files, {refused} refused");
+        assert!(n > 20 && refused > 0);
+    }
 }
