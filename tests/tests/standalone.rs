@@ -720,3 +720,29 @@ fn the_queue_is_bounded_and_ranks_are_bounded_by_slots() {
     }
     d.wait_terminal(&running.id, Duration::from_secs(30));
 }
+
+#[test]
+fn a_deeply_nested_spec_is_refused_at_once_and_the_api_stays_up() {
+    let d = Daemon::start();
+    // 200 KB of brackets, under the body limit: refused before any parsing.
+    let body = format!("model: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let posts: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, body) = (d.url("/v1/jobs"), body.clone());
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let r = ureq::post(&url).send_string(&body);
+                (
+                    r.err().and_then(|e| e.into_response()).map(|r| r.status()),
+                    started.elapsed(),
+                )
+            })
+        })
+        .collect();
+    assert_eq!(d.get("/healthz").0, 200);
+    for p in posts {
+        let (status, took) = p.join().unwrap();
+        // An invalid spec (the depth limit names it), answered at once.
+        assert_eq!(status, Some(422), "took {took:?}");
+    }
+}
