@@ -705,6 +705,58 @@ pub(crate) mod tests {
         }
     }
 
+    /// Bounded fuzzing of the handshake: a peer that sends a damaged hello (any field, any
+    /// length, a shared-memory offer naming any path) is refused with an error, never a
+    /// panic, and never has a file of its choosing mapped.
+    #[test]
+    fn damaged_handshakes_are_refused_never_a_panic() {
+        use crate::fuzz::{mutate, Rng};
+        let mut good = Vec::new();
+        good.extend_from_slice(MAGIC);
+        good.extend_from_slice(&0u32.to_le_bytes());
+        good.extend_from_slice(&2u32.to_le_bytes());
+        good.extend_from_slice(&7u64.to_le_bytes());
+        let cfg = RingConfig::default();
+        good.extend_from_slice(&((cfg.chunk_floats() * 4) as u32).to_le_bytes());
+        let offer = b"/etc/passwd";
+        good.extend_from_slice(&(offer.len() as u32).to_le_bytes());
+        good.extend_from_slice(offer);
+        let mut rng = Rng(0x5eed_0004);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut n = 0;
+        while Instant::now() < deadline {
+            let fake = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+            let l1 = listen(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+            let peers = [fake.local_addr().unwrap(), l1.local_addr().unwrap()];
+            let rank1 = std::thread::spawn(move || {
+                let cfg = RingConfig {
+                    timeout: Duration::from_millis(500),
+                    tag: 7,
+                    ..Default::default()
+                };
+                Ring::connect(l1, 1, &peers, cfg).map(|r| r.shared_memory_links())
+            });
+            // Rank 1's connection to "rank 0", then "rank 0"'s damaged hello to rank 1.
+            let (_incoming, _) = fake.accept().unwrap();
+            let hello = if rng.below(4) == 0 {
+                (0..rng.below(64)).map(|_| rng.next_u64() as u8).collect()
+            } else {
+                mutate(&mut rng, &good)
+            };
+            if let Ok(mut s) = TcpStream::connect(peers[1]) {
+                let _ = s.write_all(&hello);
+                drop(s);
+            }
+            match rank1.join() {
+                Ok(Ok((_, took_region))) => assert!(!took_region, "input {n} mapped {hello:?}"),
+                Ok(Err(_)) => {}
+                Err(_) => panic!("input {n}: the handshake panicked on {hello:?}"),
+            }
+            n += 1;
+        }
+        assert!(n > 10, "{n}");
+    }
+
     #[test]
     fn a_peer_with_another_tag_is_refused() {
         let listeners: Vec<TcpListener> = (0..2)

@@ -44,9 +44,10 @@ pub fn document(version: &str) -> Value {
             "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document", "responses": merge(json!({"200": {"description": "OpenAPI 3 document", "content": {"application/json": {"schema": {"type": "object"}}}}}), problem_responses(&["401"]))}},
             "/v1/jobs": {
                 "post": {"operationId": "submitJob", "summary": "Submit a job",
+                    "description": "A job's model is code: submitting a TorchScript model runs it as ferryd's user on the nodes the job is placed on (confined by rank_sandbox where it applies; see docs/security.md). Beyond max_queued_jobs Pending jobs, or max_requests_per_client requests in flight, the answer is 429 with Retry-After; a body slower than body_timeout_ms gets 408.",
                     "requestBody": {"required": true, "description": "The job spec (v1), as YAML or JSON",
                         "content": {"application/yaml": {"schema": {"$ref": "#/components/schemas/JobSpec"}}, "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}}},
-                    "responses": merge(ok_json("201", "The job, Pending", "Job"), problem_responses(&["400", "401", "409", "413", "422", "503"]))},
+                    "responses": merge(ok_json("201", "The job, Pending", "Job"), problem_responses(&["400", "401", "408", "409", "413", "422", "429", "503"]))},
                 "get": {"operationId": "listJobs", "summary": "List jobs, oldest first",
                     "parameters": [
                         {"name": "phase", "in": "query", "schema": {"$ref": "#/components/schemas/JobPhase"}},
