@@ -174,12 +174,8 @@ pub enum BeneathError {
     NotDir { path: String, component: String },
     #[error("{path} is not under {root}")]
     Outside { path: String, root: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
 }
 
 /// A directory or file opened beneath a root without following any symbolic link below
@@ -223,10 +219,7 @@ fn cstr(p: &std::ffi::OsStr) -> std::io::Result<std::ffi::CString> {
 pub fn open_beneath(root: &Path, path: &Path, create_dirs: bool) -> Result<Pinned, BeneathError> {
     use std::os::fd::{FromRawFd, OwnedFd};
     let shown = || path.display().to_string();
-    let io_err = |source: std::io::Error| BeneathError::Io {
-        path: shown(),
-        source,
-    };
+    let io_err = |err: std::io::Error| BeneathError::Io { path: shown(), err };
     let rel = if path.is_absolute() {
         path.strip_prefix(root).map_err(|_| BeneathError::Outside {
             path: shown(),
@@ -253,7 +246,7 @@ pub fn open_beneath(root: &Path, path: &Path, create_dirs: bool) -> Result<Pinne
     let mut fd = open(None, root.as_os_str(), libc::O_RDONLY | libc::O_DIRECTORY).map_err(|e| {
         BeneathError::Io {
             path: root.display().to_string(),
-            source: e,
+            err: e,
         }
     })?;
     let comps: Vec<&std::ffi::OsStr> = rel

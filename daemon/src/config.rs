@@ -20,6 +20,7 @@ const KEYS: &[&str] = &[
     "max_queued_jobs",
     "cpu_rank_slots",
     "rank_sandbox",
+    "rank_user",
     "max_running_jobs",
     "worker_threads",
     "progress_interval_ms",
@@ -78,6 +79,9 @@ pub struct Config {
     /// What confines rank and teacher processes: `auto` (Landlock for CPU jobs where the
     /// kernel has it), `landlock` (every job; a job fails where it cannot be had), `off`.
     pub rank_sandbox: String,
+    /// The user rank and teacher processes run as (a name, or `uid[:gid]`), when ferryd runs
+    /// as root; unset: ferryd's own.
+    pub rank_user: Option<String>,
     /// Jobs this node runs at once; the rest wait as Pending.
     pub max_running_jobs: usize,
     /// Intra-op threads per rank unless the spec says otherwise (default: all cores).
@@ -136,6 +140,7 @@ impl Default for Config {
             max_queued_jobs: 1000,
             cpu_rank_slots: None,
             rank_sandbox: "auto".into(),
+            rank_user: None,
             max_running_jobs: 1,
             worker_threads: None,
             progress_interval_ms: 1000,
@@ -160,6 +165,57 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The (uid, gid) of `rank_user`, checked: it needs ferryd to run as root, and must be
+    /// able to reach the data dir (plans, scratch).
+    #[allow(unsafe_code)]
+    pub fn rank_ids(&self) -> Result<Option<(u32, u32)>> {
+        let Some(user) = self
+            .rank_user
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        else {
+            return Ok(None);
+        };
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("rank_user = {user}: switching the ranks' user needs ferryd to run as root; unset rank_user, or run ferryd as root");
+        }
+        let ids = if let Some((u, g)) = user.split_once(':') {
+            match (u.parse::<u32>(), g.parse::<u32>()) {
+                (Ok(u), Ok(g)) => (u, g),
+                _ => bail!("rank_user = {user}: give a user name, or uid:gid in numbers"),
+            }
+        } else if let Ok(uid) = user.parse::<u32>() {
+            (uid, uid)
+        } else {
+            let c = std::ffi::CString::new(user).context("rank_user has a NUL")?;
+            // SAFETY: a NUL-terminated name; the result (if any) is read at once, at start-up
+            // (getpwnam's static buffer is not shared with another thread yet).
+            let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+            if pw.is_null() {
+                bail!("rank_user = {user}: no such user on this node (see /etc/passwd)");
+            }
+            // SAFETY: non-null, just returned.
+            unsafe { ((*pw).pw_uid, (*pw).pw_gid) }
+        };
+        if ids.0 == 0 {
+            bail!("rank_user = {user} is root: give an unprivileged user");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&self.data_dir)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0);
+        if mode & 0o001 == 0 {
+            bail!(
+                "rank_user = {user}: the data dir {} (mode {:o}) is not traversable by other users, and ranks read their plans and write their scratch in it; chmod o+x it",
+                self.data_dir.display(),
+                mode & 0o777
+            );
+        }
+        Ok(Some(ids))
+    }
+
     /// CPU ranks this node runs at once: `cpu_rank_slots`, or its cores.
     pub fn cpu_rank_slots(&self) -> u32 {
         self.cpu_rank_slots.unwrap_or_else(|| {

@@ -325,3 +325,76 @@ fn a_model_cannot_read_outside_the_roots() {
     let end = d.wait_terminal(&j.id, Duration::from_secs(60));
     assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
 }
+
+#[test]
+fn ranks_run_as_rank_user_and_own_only_what_they_write() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // /proc/self belongs to the process's effective user.
+    let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    if !root {
+        eprintln!("skipped: switching the ranks' user needs root");
+        return;
+    }
+    // A data dir other users cannot enter is refused at start, with what to do.
+    let closed = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(closed.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut child = std::process::Command::new(ferry_tests::bin("ferryd"))
+        .args(["--standalone", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(closed.path())
+        .env("FERRY_RANK_USER", "nobody")
+        .env_remove("FERRY_CONFIG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("ferryd started on a data dir other users cannot enter");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success() && err.contains("chmod o+x"), "{err}");
+
+    // Inputs other users may read (the shared fixtures are the test user's own, 0600).
+    let inputs = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(inputs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (from, to) in [
+        ("data/train.safetensors", "train.safetensors"),
+        ("models/cnn4.pt", "cnn4.pt"),
+    ] {
+        let to = inputs.path().join(to);
+        std::fs::copy(fixtures().join(from), &to).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let root = inputs.path().to_str().unwrap();
+    let d = Daemon::start_env(&[
+        ("FERRY_RANK_USER", "nobody"),
+        ("FERRY_ROOTS__DATA", root),
+        ("FERRY_ROOTS__MODELS", root),
+    ]);
+    // The harness's temporary dir is 0700: let other users through, as to a real data dir.
+
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(d.data_dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let j = d.submit(&job("as-nobody", "train.safetensors", "as-nobody", 1));
+    let end = d.wait_terminal(&j.id, Duration::from_secs(60));
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    let nobody = 65534;
+    let weights = d.out().join("as-nobody/model.safetensors");
+    assert_eq!(std::fs::metadata(&weights).unwrap().uid(), nobody);
+    let ck = d.out().join("as-nobody/checkpoints");
+    assert_eq!(std::fs::metadata(&ck).unwrap().uid(), nobody);
+    // The daemon's store is still root's alone.
+    assert_eq!(
+        std::fs::metadata(d.data_dir().join("store.redb"))
+            .unwrap()
+            .uid(),
+        0
+    );
+}

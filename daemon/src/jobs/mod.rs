@@ -74,6 +74,8 @@ pub struct JobManager {
     /// Pending jobs in the cluster as of the agent's last listing, plus those this node
     /// accepted since (what `max_queued_jobs` bounds).
     pub queued: std::sync::atomic::AtomicUsize,
+    /// The (uid, gid) rank and teacher processes run as (`rank_user`); None: ferryd's.
+    pub rank_ids: Option<(u32, u32)>,
     /// Local attempts running in this process: job id to generation.
     local: Mutex<HashMap<String, u64>>,
     /// The newest generation of each job that this node has run (or runs).
@@ -179,6 +181,9 @@ impl JobManager {
         standalone: bool,
     ) -> std::io::Result<Arc<Self>> {
         let exe = std::env::current_exe()?;
+        let rank_ids = config
+            .rank_ids()
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
         let plans_dir = config.data_dir.join("plans");
         std::fs::create_dir_all(&plans_dir)?;
         let scratch_dir = config.data_dir.join("scratch");
@@ -195,6 +200,7 @@ impl JobManager {
             membership,
             standalone,
             queued: Default::default(),
+            rank_ids,
             local: Mutex::new(HashMap::new()),
             attempted: Mutex::new(HashMap::new()),
             event_hints: Mutex::new(HashMap::new()),

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::process::Stdio;
 
+use anyhow::Context as _;
 use ferry_cluster::api::{EventKind, Job, TeacherRecord};
 use ferry_cluster::store::{Txn, TxnOp};
 use ferry_cluster::time::now_rfc3339;
@@ -327,6 +328,17 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
     // A temporary dir of the job's own (the sandbox gives no other).
     let tmp = scratch.join("tmp");
     std::fs::create_dir_all(&tmp)?;
+    // Ranks of another user own what they write: the job's output dir and its scratch.
+    if let Some((uid, gid)) = m.rank_ids {
+        for dir in [
+            std::path::Path::new(&job.spec.output.dir),
+            scratch.as_path(),
+        ] {
+            chown_tree(dir, uid, gid).with_context(|| {
+                format!("cannot give {} to rank_user (uid {uid})", dir.display())
+            })?;
+        }
+    }
     gpu_env.push(("TMPDIR", tmp.into_os_string()));
     if cuda {
         let linked = crate::gpu::find_nccl(m.config.nccl_library.as_deref()).and_then(|lib| {
@@ -702,6 +714,19 @@ async fn log_line(
     }
 }
 
+/// Gives `dir` and everything below it to `uid:gid`, following no link (a link itself is
+/// given, not what it points to).
+fn chown_tree(dir: &std::path::Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(dir)?;
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    if meta.is_dir() {
+        for e in std::fs::read_dir(dir)? {
+            chown_tree(&e?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
 /// Removes the plan file when the attempt ends.
 struct RemoveOnDrop(std::path::PathBuf);
 
@@ -817,6 +842,10 @@ fn spawn_proc(
 ) -> anyhow::Result<(u32, tokio::process::ChildStdin)> {
     use std::os::fd::AsRawFd;
     let mut cmd = Command::new(&m.exe);
+    if let Some((uid, gid)) = m.rank_ids {
+        // The standard library drops supplementary groups, then sets gid and uid.
+        cmd.uid(uid).gid(gid);
+    }
     // The model runs in this process: it gets no secret of the daemon's.
     for secret in ["FERRY_TOKEN", "FERRY_ETCD_PASSWORD", "FERRY_CONFIG"] {
         cmd.env_remove(secret);
