@@ -423,8 +423,28 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
             },
         );
     }
+    let mut local = Local::default();
     let mut stdins = BTreeMap::new();
     for &rank in &mine {
+        // A cancel (or a newer generation) while ranks start stops the starting: what runs
+        // is stopped below, what has not started never starts.
+        use futures_util::FutureExt;
+        while let Some(Some(Ok(ev))) = next_change(&mut watch).now_or_never() {
+            let Some(stop) = serde_json::from_slice::<Job>(&ev.kv().value)
+                .ok()
+                .and_then(|j| supersedes(&j, gen))
+            else {
+                continue;
+            };
+            match stop {
+                Superseded::Cancelled => local.cancelled = true,
+                Superseded::Moved { .. } => local.superseded = true,
+            }
+            let _ = kill_tx.send(true);
+        }
+        if local.cancelled || local.superseded {
+            break;
+        }
         let mut env = with_device(&gpu_env, &job.placement[rank].device);
         // The node's first rank saves the state its ranks hold if their ring breaks.
         if mine.first() == Some(&rank) {
@@ -450,7 +470,6 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
         .await;
     }
 
-    let mut local = Local::default();
     let mut tails: BTreeMap<usize, VecDeque<String>> =
         mine.iter().map(|&r| (r, VecDeque::new())).collect();
     let mut reported: BTreeMap<usize, String> = BTreeMap::new();
@@ -465,7 +484,7 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
     // A node that only serves teachers keeps them until the job moves on.
     let teacher_only = mine.is_empty();
     loop {
-        if !teacher_only && exited >= mine.len() {
+        if !teacher_only && exited >= stdins.len() {
             break;
         }
         let over = local.cancelled || local.superseded || !local.failures.is_empty();
