@@ -398,3 +398,48 @@ fn ranks_run_as_rank_user_and_own_only_what_they_write() {
         0
     );
 }
+
+#[test]
+fn damaged_torchscript_models_fail_their_job_and_nothing_else() {
+    use ferry_cluster::fuzz::{mutate, Rng};
+    let models = tempfile::tempdir().unwrap();
+    let good = std::fs::read(fixtures().join("models/cnn4.pt")).unwrap();
+    let d = Daemon::start_env(&[
+        ("FERRY_ROOTS__MODELS", models.path().to_str().unwrap()),
+        ("FERRY_MAX_RUNNING_JOBS", "2"),
+    ]);
+    let mut rng = Rng(0x5eed_0005);
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let name = format!("bad{i}");
+        std::fs::write(
+            models.path().join(format!("{name}.pt")),
+            mutate(&mut rng, &good),
+        )
+        .unwrap();
+        let spec =
+            job(&name, "train.safetensors", &name, 1).replace("cnn4.pt", &format!("{name}.pt"));
+        ids.push(d.submit(&spec).id);
+    }
+    let (mut failed, mut ok) = (0, 0);
+    for id in &ids {
+        let end = d.wait_terminal(id, Duration::from_secs(120));
+        match end.phase {
+            JobPhase::Failed => {
+                failed += 1;
+                assert!(end.status.failure.is_some_and(|f| !f.is_empty()));
+            }
+            JobPhase::Succeeded => ok += 1,
+            p => panic!("{id}: {p:?}"),
+        }
+    }
+    eprintln!("{failed} damaged models failed their job, {ok} still loaded");
+    assert!(failed > 0);
+    // The daemon is fine: a good model trains.
+    std::fs::write(models.path().join("cnn4.pt"), &good).unwrap();
+    let j = d.submit(&job("good", "train.safetensors", "good", 1));
+    assert_eq!(
+        d.wait_terminal(&j.id, Duration::from_secs(60)).phase,
+        JobPhase::Succeeded
+    );
+}
