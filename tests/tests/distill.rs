@@ -197,8 +197,26 @@ fn kill_the_teacher(d: &Daemon, name: &str, policy: &str, replicas: u32) -> Job 
     )
     .replace("seed: 5,", "seed: 5, max_steps: 600,");
     let j = d.submit(&spec);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // Every replica serves (students start with the first), and the students have had
+    // steps enough to learn of the others: a fail-over needs a replica to fail over to.
+    while d
+        .events(&j.id)
+        .events
+        .iter()
+        .filter(|e| e.message.contains("serves soft labels"))
+        .count()
+        < replicas as usize
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replicas did not all start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let at = d.job(&j.id).status.step;
     d.wait_for(&j.id, Duration::from_secs(60), "steps", |j| {
-        j.status.step > 20
+        j.status.step > 20.max(at + 10)
     });
     let victim = teacher_pid(d, &j, 0);
     kill9(victim);
