@@ -30,6 +30,13 @@ pub fn rfc3339_millis(ms: u64) -> String {
     )
 }
 
+/// Seconds from `from` to `to` (RFC 3339 timestamps this crate writes); None if either does
+/// not parse. Never negative.
+pub fn seconds_between(from: &str, to: &str) -> Option<f64> {
+    let (from, to) = (parse_rfc3339_millis(from)?, parse_rfc3339_millis(to)?);
+    Some(to.saturating_sub(from) as f64 / 1000.0)
+}
+
 /// Parses the RFC 3339 timestamps this crate writes back to milliseconds since the epoch.
 pub fn parse_rfc3339_millis(s: &str) -> Option<u64> {
     let b = s.as_bytes();

@@ -389,19 +389,15 @@ impl Metrics {
     /// Counts a job that ended (by the node that wrote its end): its phase, and how long
     /// it took from submission.
     pub fn job_ended(&self, job: &ferry_cluster::api::Job) {
-        use ferry_cluster::time::parse_rfc3339_millis;
         let phase = job.phase.as_str();
         self.jobs_finished.with_label_values(&[phase]).inc();
-        let from = parse_rfc3339_millis(&job.created_at);
-        let to = job
+        let took = job
             .status
             .finished_at
             .as_deref()
-            .and_then(parse_rfc3339_millis);
-        if let (Some(from), Some(to)) = (from, to) {
-            self.job_duration
-                .with_label_values(&[phase])
-                .observe(to.saturating_sub(from) as f64 / 1000.0);
+            .and_then(|end| ferry_cluster::time::seconds_between(&job.created_at, end));
+        if let Some(took) = took {
+            self.job_duration.with_label_values(&[phase]).observe(took);
         }
     }
 

@@ -16,7 +16,7 @@ use ferry_cluster::api::{EventKind, Job, JobPhase, Node, RankPlacement};
 use ferry_cluster::place::{self, Decision, Demand, Load, NodeView};
 use ferry_cluster::spec::JobSpec;
 use ferry_cluster::store::{Compare, CompareOp, CompareTarget, Txn, TxnOp};
-use ferry_cluster::time::{now_rfc3339, parse_rfc3339_millis};
+use ferry_cluster::time::{now_rfc3339, seconds_between};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -698,15 +698,8 @@ async fn start(
         Err(JobError::Stale) => return Ok(()),
         Err(e) => return Err(e),
     };
-    let waited = |from: Option<&str>| {
-        let from = from.and_then(parse_rfc3339_millis)?;
-        let to = job
-            .status
-            .generation_started_at
-            .as_deref()
-            .and_then(parse_rfc3339_millis)?;
-        Some(to.saturating_sub(from) as f64 / 1000.0)
-    };
+    let waited =
+        |from: Option<&str>| seconds_between(from?, job.status.generation_started_at.as_deref()?);
     if job.status.attempts == 1 {
         if let Some(q) = waited(Some(&job.created_at)) {
             m.metrics.job_queue.observe(q);

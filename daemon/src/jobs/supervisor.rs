@@ -474,9 +474,9 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
         mine.iter().map(|&r| (r, VecDeque::new())).collect();
     let mut reported: BTreeMap<usize, String> = BTreeMap::new();
     // Whether rank 0 has reported a step yet (the first one ends a recovery), and when the
-    // ranks joined their ring (milliseconds since the epoch).
+    // ranks joined their ring.
     let mut trained = false;
-    let mut joined_at: Option<u64> = None;
+    let mut joined_at: Option<String> = None;
     let (mut log_lines, mut exited, mut peers_sent) = (0usize, 0usize, false);
     // After the first failure, the others get a moment to report why they stopped.
     let mut grace: Option<tokio::time::Instant> = None;
@@ -589,7 +589,7 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                         Ok(msg) if rank == 0 => {
                             if matches!(msg, WorkerMessage::Progress { .. }) && !trained {
                                 trained = true;
-                                recovered(m, job, joined_at);
+                                recovered(m, job, joined_at.as_deref());
                             }
                             match &msg {
                                 WorkerMessage::Progress { step, loss, .. } => {
@@ -630,7 +630,7 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                 }
                 if let Ok(Some(peers)) = peers_if_complete(m, job, world).await {
                     peers_sent = true;
-                    joined_at = Some(ferry_cluster::time::now_millis());
+                    joined_at = Some(now_rfc3339());
                     let line = format!("{}\n", serde_json::to_string(&Control::Peers(Peers { peers: peers.clone() }))?);
                     tell_ranks(&mut stdins, &line).await;
                     if hosts_rank0 {
@@ -1023,7 +1023,6 @@ fn explain_exit(
 
 /// What a job is, for `ferry_job_info`: (strategy, arch, device, ranks, precision).
 fn job_info(job: &Job) -> [String; 5] {
-    use ferry_cluster::spec::{Arch, Device, Precision};
     let s = &job.spec;
     let strategy = if s.distill.is_some() {
         "distillation"
@@ -1034,28 +1033,14 @@ fn job_info(job: &Job) -> [String; 5] {
     } else {
         "scratch"
     };
-    let arch = match s.model.arch {
-        Arch::Torchscript => "torchscript",
-        Arch::Resnet18 => "resnet18",
-        Arch::Resnet50 => "resnet50",
-        Arch::Cnn => "cnn",
-        Arch::Mlp => "mlp",
-    };
-    let device = match s.resources.device {
-        Device::Cpu => "cpu",
-        Device::Cuda => "cuda",
-    };
-    let precision = match s.train.precision {
-        Precision::Fp32 => "fp32",
-        Precision::Fp16 => "fp16",
-        Precision::Bf16 => "bf16",
-    };
+    // The values as a spec spells them (`arch: resnet18`, `device: cuda`, ...).
+    let spelled = |v: serde_json::Value| v.as_str().unwrap_or_default().to_string();
     [
         strategy.into(),
-        arch.into(),
-        device.into(),
+        spelled(json!(s.model.arch)),
+        spelled(json!(s.resources.device)),
         s.resources.ranks.to_string(),
-        precision.into(),
+        spelled(json!(s.train.precision)),
     ]
 }
 
@@ -1063,45 +1048,32 @@ fn job_info(job: &Job) -> [String; 5] {
 /// end of the one before (a node lost, a rank failed, or the job grew back). Times the
 /// parts this node saw: `rendezvous` (placement to the ring joined), `first_step` (the ring
 /// joined, or the placement in a one-rank job, to the first step) and `total`.
-fn recovered(m: &JobManager, job: &Job, joined_at: Option<u64>) {
-    use ferry_cluster::time::{now_millis, parse_rfc3339_millis};
+fn recovered(m: &JobManager, job: &Job, joined_at: Option<&str>) {
+    use ferry_cluster::time::seconds_between;
     let Some(interrupted) = job.status.interrupted_at.as_deref() else {
         return;
     };
     if job.generation < 2 {
         return;
     }
-    let now = now_millis();
-    let since = |at: Option<&str>| {
-        at.and_then(parse_rfc3339_millis)
-            .map(|t| now.saturating_sub(t) as f64 / 1000.0)
-    };
+    let now = now_rfc3339();
+    let placed = job.status.generation_started_at.as_deref();
     m.metrics
         .recoveries
         .with_label_values(&[&job.id, &job.name])
         .inc();
-    if let Some(total) = since(Some(interrupted)) {
-        m.metrics
-            .recovery_seconds
-            .with_label_values(&["total"])
-            .observe(total);
-    }
-    let placed = job
-        .status
-        .generation_started_at
-        .as_deref()
-        .and_then(parse_rfc3339_millis);
-    if let (Some(placed), Some(joined)) = (placed, joined_at) {
-        m.metrics
-            .recovery_seconds
-            .with_label_values(&["rendezvous"])
-            .observe(joined.saturating_sub(placed) as f64 / 1000.0);
-    }
-    if let Some(from) = joined_at.or(placed) {
-        m.metrics
-            .recovery_seconds
-            .with_label_values(&["first_step"])
-            .observe(now.saturating_sub(from) as f64 / 1000.0);
+    let parts = [
+        ("total", Some(interrupted), Some(now.as_str())),
+        ("rendezvous", placed, joined_at),
+        ("first_step", joined_at.or(placed), Some(now.as_str())),
+    ];
+    for (part, from, to) in parts {
+        if let Some(secs) = from.zip(to).and_then(|(f, t)| seconds_between(f, t)) {
+            m.metrics
+                .recovery_seconds
+                .with_label_values(&[part])
+                .observe(secs);
+        }
     }
 }
 

@@ -188,12 +188,8 @@ pub fn read(dir: &Path) -> Result<Loaded> {
 }
 
 /// The newest checkpoint under `root` that reads back whole, if any.
-pub fn latest(root: &Path) -> Result<Option<Loaded>> {
-    latest_saying(root, |_| {})
-}
-
-/// [`latest`], telling `skipped` about each unreadable checkpoint it passes over.
-pub fn latest_saying(root: &Path, mut skipped: impl FnMut(String)) -> Result<Option<Loaded>> {
+/// `skipped` hears of each unreadable checkpoint it passes over.
+pub fn latest(root: &Path, mut skipped: impl FnMut(String)) -> Result<Option<Loaded>> {
     let mut last_err = None;
     for (_, dir) in list(root).into_iter().rev() {
         match read(&dir) {
@@ -249,7 +245,7 @@ mod tests {
         }
         let steps: Vec<u64> = list(dir.path()).into_iter().map(|(s, _)| s).collect();
         assert_eq!(steps, vec![20, 30]);
-        let l = latest(dir.path()).unwrap().unwrap();
+        let l = latest(dir.path(), |_| {}).unwrap().unwrap();
         assert_eq!(l.manifest.step, 30);
         assert_eq!(l.manifest.samples_in_epoch, 120);
         let w = &l.model.iter().find(|(n, _)| n == "w").unwrap().1;
@@ -257,7 +253,10 @@ mod tests {
         assert_eq!(l.optimizer[0].0, "w.momentum_buffer");
         // A half-written checkpoint (no manifest) is ignored.
         std::fs::create_dir_all(dir.path().join("step-000000040")).unwrap();
-        assert_eq!(latest(dir.path()).unwrap().unwrap().manifest.step, 30);
+        assert_eq!(
+            latest(dir.path(), |_| {}).unwrap().unwrap().manifest.step,
+            30
+        );
         // A rescue writes a step only if no one has: over the half-written one, then not again.
         let m40 = Manifest {
             step: 40,
@@ -266,7 +265,10 @@ mod tests {
         let first = write_new(dir.path(), &m40, &model, &opt, 3).unwrap();
         assert_eq!(first, Some(dir.path().join("step-000000040")));
         assert_eq!(write_new(dir.path(), &m40, &model, &opt, 3).unwrap(), None);
-        assert_eq!(latest(dir.path()).unwrap().unwrap().manifest.step, 40);
+        assert_eq!(
+            latest(dir.path(), |_| {}).unwrap().unwrap().manifest.step,
+            40
+        );
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .filter_map(|e| e.ok())

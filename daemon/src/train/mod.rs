@@ -228,7 +228,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let mut last_loss = None;
     if plan.resume {
         let skipped = |message: String| say(&WorkerMessage::Log { message });
-        if let Some(ck) = checkpoint::latest_saying(&ckpt_root, skipped)? {
+        if let Some(ck) = checkpoint::latest(&ckpt_root, skipped)? {
             model
                 .load_state(ck.model)
                 .with_context(|| format!("cannot resume from {}", ck.dir.display()))?;
