@@ -20,40 +20,27 @@ fn budget() -> Duration {
     )
 }
 
-const SPEC: &str = "name: digits-target
-model:
-  arch: torchscript
-  path: models/student.pt
-  init: models/source.safetensors
-  freeze: [features]
-data:
-  train: {path: data/train.safetensors}
-  val: {path: data/val}
-  image_size: 32
-train:
-  epochs: 20
-  batch_size: 32
-  optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
-resources: {ranks: 2, device: cpu}
-distill:
-  teacher: {arch: torchscript, path: t.pt, replicas: 2}
-  temperature: 2.0
-  alpha: 0.5
-output:
-  dir: runs/digits-target
-";
+/// The seeds: the demo's own job specs (fine-tuning with `freeze` and `init`, and
+/// distillation from a teacher service).
+const SPECS: [&str; 2] = [
+    include_str!("../../demo/jobs/target-feature-extraction.yaml"),
+    include_str!("../../demo/jobs/student-distill.yaml"),
+];
 
 #[test]
 fn job_specs_never_panic_and_never_hang() {
-    assert!(JobSpec::parse(SPEC).is_ok(), "the seed spec must be valid");
-    let json = serde_json::to_string(&JobSpec::parse(SPEC).unwrap()).unwrap();
-    let seeds = [SPEC.as_bytes().to_vec(), json.into_bytes()];
+    let mut seeds: Vec<Vec<u8>> = Vec::new();
+    for spec in SPECS {
+        let parsed = JobSpec::parse(spec).expect("the seed specs are valid");
+        seeds.push(spec.as_bytes().to_vec());
+        seeds.push(serde_json::to_vec(&parsed).unwrap());
+    }
     let seed = 0x5eed_0001u64;
     let mut rng = Rng(seed);
     let deadline = Instant::now() + budget();
     let mut n = 0u64;
     while Instant::now() < deadline {
-        let pick = rng.below(2);
+        let pick = rng.below(seeds.len());
         let input = mutate(&mut rng, &seeds[pick]);
         let text = String::from_utf8_lossy(&input).into_owned();
         let started = Instant::now();
