@@ -17,11 +17,19 @@ def run(rank, world, port, sizes, iters):
         buf = torch.ones(size // 4, dtype=torch.float32)
         for _ in range(2):
             dist.all_reduce(buf)
+        # At least ITERS operations and about half a second, the same count on every rank.
+        t0 = time.perf_counter()
+        for _ in range(3):
+            dist.all_reduce(buf)
+        each = (time.perf_counter() - t0) / 3
+        count = torch.tensor([max(iters, int(0.5 / each) + 1)], dtype=torch.float64)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        n = int(count.item())
         dist.barrier()
         t0 = time.perf_counter()
-        for _ in range(iters):
+        for _ in range(n):
             dist.all_reduce(buf)
-        dt = (time.perf_counter() - t0) / iters
+        dt = (time.perf_counter() - t0) / n
         if rank == 0:
             print(f"{size} {dt:.6e} {size / dt * 2 * (world - 1) / world / 1e9:.4f}", flush=True)
     dist.destroy_process_group()

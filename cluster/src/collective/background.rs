@@ -19,10 +19,10 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::{Collective, CollectiveError};
+use super::{Collective, CollectiveError, Wire};
 
 enum Op {
-    AllReduceSum,
+    AllReduceSum(Wire),
     Broadcast(usize),
 }
 
@@ -60,7 +60,12 @@ impl Submitter {
     /// Queues an element-wise sum across ranks of `data`; the sum comes back from
     /// [`Background::wait`] with the returned ticket.
     pub fn all_reduce_sum(&self, data: Vec<f32>) -> u64 {
-        self.submit(Op::AllReduceSum, data)
+        self.submit(Op::AllReduceSum(Wire::F32), data)
+    }
+
+    /// As [`Submitter::all_reduce_sum`], with the values on `wire` between hosts.
+    pub fn all_reduce_sum_as(&self, data: Vec<f32>, wire: Wire) -> u64 {
+        self.submit(Op::AllReduceSum(wire), data)
     }
 
     /// Queues a broadcast of `root`'s `data` to every rank.
@@ -101,7 +106,7 @@ impl Background {
                         Some(e) => Err(e.clone()),
                         // A panic (a bug) fails the operation, not the thread silently.
                         None => catch_unwind(AssertUnwindSafe(|| match op {
-                            Op::AllReduceSum => coll.all_reduce_sum(&mut data),
+                            Op::AllReduceSum(wire) => coll.all_reduce_sum_as(&mut data, wire),
                             Op::Broadcast(root) => coll.broadcast(&mut data, root),
                         }))
                         .unwrap_or_else(|panic| {

@@ -7,10 +7,14 @@
 //! training overlaps gradient communication with backward.
 
 pub mod background;
+pub mod hier;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod ring;
 pub mod shm;
+mod wire;
+
+pub use wire::Wire;
 
 use std::time::Duration;
 
@@ -55,6 +59,12 @@ pub trait Collective: Send {
     fn world_size(&self) -> usize;
     /// Element-wise sum across ranks, in place; every rank ends with the same values.
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError>;
+    /// [`Collective::all_reduce_sum`] with the values on `wire` between hosts. Collectives
+    /// that cannot compress send f32 (the default).
+    fn all_reduce_sum_as(&mut self, data: &mut [f32], wire: Wire) -> Result<(), CollectiveError> {
+        let _ = wire;
+        self.all_reduce_sum(data)
+    }
     /// Element-wise mean across ranks, in place.
     fn all_reduce_avg(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
         self.all_reduce_sum(data)?;

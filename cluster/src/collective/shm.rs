@@ -99,6 +99,10 @@ impl Drop for ShmOut {
 }
 
 impl ShmIn {
+    pub fn slot_bytes(&self) -> usize {
+        self.slot_bytes
+    }
+
     /// Maps the previous rank's region at `path` (fails on another host: no such file).
     ///
     /// The path comes from a peer: only a region as [`ShmOut::create`] names them, in the
