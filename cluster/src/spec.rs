@@ -284,6 +284,19 @@ pub struct TrainSpec {
     /// Forward passes in `fp32`, or mixed precision with autocast to `bf16` or `fp16`
     /// (with dynamic loss scaling). Weights, gradients and optimizer state stay fp32.
     pub precision: Precision,
+    /// Data-parallel jobs: gradients as they travel between hosts, `none` (f32) or rounded
+    /// to `bf16` or `fp16` on the wire, half the bytes; sums are taken in f32 on CPU ranks.
+    pub grad_compression: GradCompression,
+}
+
+/// How gradients travel between hosts (`train.grad_compression`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GradCompression {
+    #[default]
+    None,
+    Bf16,
+    Fp16,
 }
 
 /// When a CPU rank all-reduces gradient buckets.
@@ -324,6 +337,7 @@ impl Default for TrainSpec {
             bucket_mb: 25.0,
             overlap_grad_sync: OverlapGradSync::Auto,
             precision: Precision::Fp32,
+            grad_compression: GradCompression::None,
         }
     }
 }
@@ -1062,6 +1076,14 @@ output:
         let e = errors(&GOOD.replace("  seed: 0", "  seed: 0\n  precision: fp8"));
         assert_eq!(e[0].field, "train.precision");
         assert_eq!(s.train.overlap_grad_sync, OverlapGradSync::Auto);
+        assert_eq!(s.train.grad_compression, GradCompression::None);
+        let bf16 = GOOD.replace("  seed: 0", "  seed: 0\n  grad_compression: bf16");
+        assert_eq!(
+            JobSpec::parse(&bf16).unwrap().train.grad_compression,
+            GradCompression::Bf16
+        );
+        let e = errors(&GOOD.replace("  seed: 0", "  seed: 0\n  grad_compression: int8"));
+        assert_eq!(e[0].field, "train.grad_compression", "{e:?}");
         let never = GOOD.replace("  seed: 0", "  seed: 0\n  overlap_grad_sync: never");
         assert_eq!(
             JobSpec::parse(&never).unwrap().train.overlap_grad_sync,

@@ -129,7 +129,7 @@ fn nccl_buckets_once(device: Device, overlap: bool) -> Result<()> {
         })
         .collect();
     dist.broadcast_state(params.iter())?;
-    dist.plan_buckets(&params, 12, overlap)?;
+    dist.plan_buckets(&params, 12, overlap, ferry_cluster::collective::Wire::F32)?;
     anyhow::ensure!(dist.bucket_count() == 2, "{} buckets", dist.bucket_count());
     for step in 0..2 {
         for (_, p) in &params {

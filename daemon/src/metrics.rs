@@ -59,6 +59,9 @@ pub struct Metrics {
     /// for them.
     pub allreduce_bytes: IntCounterVec,
     pub allreduce_seconds: prometheus::CounterVec,
+    /// Bytes per second each rank received from the rank before it in the ring, measured
+    /// once when the ring formed (links between hosts only).
+    pub ring_link_bandwidth: GaugeVec,
     /// Distillation: soft-label cache hit rate of rank 0.
     pub distill_cache_hit_ratio: GaugeVec,
     /// Distillation: steps rank 0 trained on hard labels because no teacher answered.
@@ -83,6 +86,8 @@ pub struct Metrics {
     /// series were written with.
     retired: PerJob<Instant>,
     ranks: PerJob<BTreeSet<String>>,
+    /// (rank, peer) pairs with a link bandwidth, per job.
+    links: PerJob<BTreeSet<(String, String)>>,
     /// The label values of each job's info series.
     info: PerJob<Vec<String>>,
 }
@@ -256,6 +261,11 @@ impl Metrics {
                 &["job_id", "name", "rank"],
             )
             .expect("valid metric"),
+            ring_link_bandwidth: gauge(
+                "ferry_ring_link_bytes_per_second",
+                "Bytes per second a rank received from its ring neighbour on another host (peer), measured when the ring formed with traffic in both directions",
+                &["job_id", "name", "rank", "peer"],
+            ),
             distill_cache_hit_ratio: gauge(
                 "ferry_distill_cache_hit_ratio",
                 "Soft-label cache hits over lookups (rank 0 of a distillation job)",
@@ -309,6 +319,7 @@ impl Metrics {
             retention,
             retired: Default::default(),
             ranks: Default::default(),
+            links: Default::default(),
             info: Default::default(),
         };
         let build = IntGaugeVec::new(
@@ -341,6 +352,7 @@ impl Metrics {
             Box::new(m.rank_step_seconds.clone()),
             Box::new(m.allreduce_bytes.clone()),
             Box::new(m.allreduce_seconds.clone()),
+            Box::new(m.ring_link_bandwidth.clone()),
             Box::new(m.distill_cache_hit_ratio.clone()),
             Box::new(m.distill_fallback_steps.clone()),
             Box::new(m.distill_teacher_wait_ratio.clone()),
@@ -481,6 +493,26 @@ impl Metrics {
                     .remove_label_values(&[id, name, &rank, part]);
             }
         }
+        let links = self.links.lock().expect("metrics").remove(&key);
+        for (rank, peer) in links.unwrap_or_default() {
+            let _ = self
+                .ring_link_bandwidth
+                .remove_label_values(&[id, name, &rank, &peer]);
+        }
+    }
+
+    /// Sets the bandwidth a rank measured from its ring neighbour `peer`.
+    pub fn record_link(&self, id: &str, name: &str, rank: u32, peer: u32, bytes_per_second: f64) {
+        let (rank, peer) = (rank.to_string(), peer.to_string());
+        self.ring_link_bandwidth
+            .with_label_values(&[id, name, &rank, &peer])
+            .set(bytes_per_second);
+        self.links
+            .lock()
+            .expect("metrics")
+            .entry((id.to_string(), name.to_string()))
+            .or_default()
+            .insert((rank, peer));
     }
 
     /// Sets a distillation job's gauges from rank 0's progress.

@@ -236,6 +236,13 @@ pub enum WorkerMessage {
     },
     /// Every rank, once per report window.
     Timing(StepTiming),
+    /// A rank measured the link from its ring neighbour `peer` on another host when the
+    /// ring formed.
+    Link {
+        rank: u32,
+        peer: u32,
+        bytes_per_second: f64,
+    },
     /// A rank whose ring broke asks before it saves its state into the shared outputs: a
     /// node that was cut off (paused, partitioned) past its lease must write nothing.
     MaySave { step: u64 },

@@ -170,6 +170,96 @@ fn three_nodes_train_a_three_rank_job_as_one_node_does() {
     assert_eq!(end.status.val_accuracy, one.status.val_accuracy);
 }
 
+/// Two hosts of two ranks each: gradients are summed within each host through shared memory
+/// and between the hosts over TCP (the hierarchical all-reduce), every rank measures its link
+/// to the other host, and the model is the one a single node trains with four ranks (up to
+/// the order of the sums). With bf16 on the wire between the hosts, the job learns as well.
+#[test]
+fn two_hosts_of_two_ranks_all_reduce_hierarchically_and_compressed() {
+    let etcd = Etcd::new();
+    let out = tempfile::tempdir().unwrap();
+    let nodes = cluster(&etcd, 2, 21, out.path());
+    let plain = nodes[0].submit(&mlp_job("hier", 4, 2, 2));
+    let compressed =
+        mlp_job("hier-bf16", 4, 2, 2).replace("seed: 3,", "seed: 3, grad_compression: bf16,");
+    let compressed = nodes[1].submit(&compressed);
+    let alone = Daemon::start();
+    let one = alone.submit(&mlp_job("alone", 4, 1, 2));
+    let mut ends = Vec::new();
+    for job in [&plain, &compressed] {
+        let end = nodes[1].wait_terminal(&job.id, Duration::from_secs(240));
+        let log = messages(&nodes[0], &job.id);
+        assert_eq!(
+            end.phase,
+            JobPhase::Succeeded,
+            "{:?}\n{}",
+            end.status,
+            log.join("\n")
+        );
+        assert_eq!(placed_nodes(&end), ["a", "b"]);
+        assert!(
+            log.iter()
+                .any(|m| m.contains("hierarchical all-reduce: 2 hosts x 2 ranks")),
+            "{}",
+            log.join("\n")
+        );
+        // Each node reports the links of its own ranks: four, one per rank.
+        let links: Vec<String> = nodes
+            .iter()
+            .flat_map(|d| {
+                d.metrics()
+                    .lines()
+                    .filter(|l| l.starts_with("ferry_ring_link_bytes_per_second{"))
+                    .filter(|l| l.contains(&format!("job_id=\"{}\"", job.id)))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(links.len(), 4, "{links:?}");
+        for l in &links {
+            let bps: f64 = l.rsplit(' ').next().unwrap().parse().unwrap();
+            assert!(bps > 1e6, "{l}");
+        }
+        ends.push(end);
+    }
+    let one = alone.wait_terminal(&one.id, Duration::from_secs(240));
+    assert_eq!(one.phase, JobPhase::Succeeded, "{:?}", one.status);
+    let model = |root: &std::path::Path, name: &str| {
+        root.join(name)
+            .join("model.safetensors")
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let same = run_python(
+        "close_tensors.py",
+        &[
+            &model(&alone.out(), "alone"),
+            &model(out.path(), "hier"),
+            "1e-4",
+        ],
+    );
+    eprintln!("2 hosts x 2 ranks against 1 host x 4: {}", same.trim());
+    let bf16 = run_python(
+        "close_tensors.py",
+        &[
+            &model(&alone.out(), "alone"),
+            &model(out.path(), "hier-bf16"),
+            "1",
+        ],
+    );
+    let (f32_acc, bf16_acc) = (ends[0].status.val_accuracy, ends[1].status.val_accuracy);
+    eprintln!(
+        "bf16 on the wire against f32: {}; val accuracy {bf16_acc:?} against {f32_acc:?}",
+        bf16.trim()
+    );
+    // Rounded gradients train a different model, but not a worse one (within noise).
+    assert!(
+        bf16_acc.unwrap() >= f32_acc.unwrap() - 0.05,
+        "{bf16_acc:?} vs {f32_acc:?}"
+    );
+}
+
 #[test]
 fn a_job_submitted_to_one_node_is_cancelled_from_another() {
     let etcd = Etcd::new();

@@ -140,9 +140,14 @@ impl Hierarchical {
         Ok(self.local.abort_handle()?.join(self.cross.abort_handle()?))
     }
 
-    /// The ring between hosts (for probing its links).
-    pub fn cross_ring(&mut self) -> &mut Ring {
-        &mut self.cross
+    /// [`Ring::probe`] on the ring between hosts; the peer is returned as a global rank.
+    pub fn probe(&mut self, bytes: usize) -> Result<Option<(usize, f64)>, CollectiveError> {
+        let (_, j) = self.topo.locate(self.rank).expect("located at connect");
+        let column = self.topo.column(j);
+        Ok(self
+            .cross
+            .probe(bytes)?
+            .map(|(host, bps)| (column[host], bps)))
     }
 
     /// What this rank's all-reduce does, for the log.

@@ -135,6 +135,27 @@ impl Nccl {
         count: usize,
         stream: *mut c_void,
     ) -> Result<(), CollectiveError> {
+        self.all_reduce_sum_as(buf, count, super::Wire::F32, stream)
+    }
+
+    /// [`Nccl::all_reduce_sum`] over `count` values of `wire`'s type (f32, bf16 or fp16): a
+    /// compressed all-reduce hands NCCL the gradients already cast to 16 bits, and NCCL sums
+    /// them in that type, as DDP's bf16/fp16 compression hooks do.
+    ///
+    /// # Safety
+    /// As for [`Nccl::all_reduce_sum`], with `count` values of `wire`'s type at `buf`.
+    pub unsafe fn all_reduce_sum_as(
+        &mut self,
+        buf: *mut c_void,
+        count: usize,
+        wire: super::Wire,
+        stream: *mut c_void,
+    ) -> Result<(), CollectiveError> {
+        let kind = match wire {
+            super::Wire::F32 => sys::ncclDataType_t::ncclFloat32,
+            super::Wire::Bf16 => sys::ncclDataType_t::ncclBfloat16,
+            super::Wire::F16 => sys::ncclDataType_t::ncclFloat16,
+        };
         check(
             self.rank,
             "ncclAllReduce",
@@ -142,7 +163,7 @@ impl Nccl {
                 buf,
                 buf,
                 count,
-                sys::ncclDataType_t::ncclFloat32,
+                kind,
                 sys::ncclRedOp_t::ncclSum,
                 self.comm,
                 stream as sys::cudaStream_t,

@@ -38,6 +38,7 @@ const OP_ALL_REDUCE: u32 = 1;
 const OP_BROADCAST: u32 = 2;
 const OP_REDUCE_SCATTER: u32 = 3;
 const OP_ALL_GATHER: u32 = 4;
+const OP_PROBE: u32 = 5;
 
 /// Ring settings.
 #[derive(Debug, Clone)]
@@ -324,6 +325,50 @@ impl Ring {
         self.all_gather_steps(data, wire, op)
     }
 
+    /// Measures the link from the previous rank: every rank sends `bytes` to the next over
+    /// TCP while it receives as much from the previous one, as a ring step moves them.
+    /// Returns the previous rank and the bytes per second received from it, when that link
+    /// crosses hosts (not through shared memory); every rank must call it.
+    pub fn probe(&mut self, bytes: usize) -> Result<Option<(usize, f64)>, CollectiveError> {
+        if self.world == 1 {
+            return Ok(None);
+        }
+        let op = "link probe";
+        let n = bytes / 4;
+        self.header(OP_PROBE, n, op)?;
+        let (out, mut inp) = (vec![0f32; n], vec![0f32; n]);
+        let (next, _) = self.next.as_ref().expect("world > 1 has a next rank");
+        let (prev, _) = self.prev.as_ref().expect("world > 1 has a previous rank");
+        let start = Instant::now();
+        let sender = Sender::Tcp(Outgoing::new(&out, Wire::F32, &mut self.send_buf));
+        let receiver = Receiver::Tcp(Landing {
+            add: false,
+            wire: Wire::F32,
+        });
+        let r = exchange(
+            next,
+            prev,
+            sender,
+            receiver,
+            &mut inp,
+            &mut self.recv_buf,
+            self.cfg.timeout,
+        );
+        let seconds = start.elapsed().as_secs_f64().max(1e-9);
+        r.map_err(|(link, e)| {
+            let peer = match link {
+                Link::Next => &self.next.as_ref().expect("checked").1,
+                Link::Prev => &self.prev.as_ref().expect("checked").1,
+            };
+            self.lost(peer, op, &e)
+        })?;
+        let prev_rank = self.prev.as_ref().expect("checked").1.rank;
+        Ok(self
+            .shm_in
+            .is_none()
+            .then_some((prev_rank, (n * 4) as f64 / seconds)))
+    }
+
     /// The segment of a `len`-value buffer that [`Ring::reduce_scatter`] leaves this rank.
     pub fn owned_segment(&self, len: usize) -> std::ops::Range<usize> {
         self.segment(len, (self.rank + 1) % self.world)
@@ -515,7 +560,9 @@ impl Ring {
         // (both ends decide from the segment's own size, so they agree); otherwise over TCP,
         // on `wire` between hosts and as f32 on a link within one.
         let sender = match shm_out.as_mut() {
-            Some(region) if out.len() * 4 > INLINE_BYTES => Sender::Shm(ShmSender::new(region, out)),
+            Some(region) if out.len() * 4 > INLINE_BYTES => {
+                Sender::Shm(ShmSender::new(region, out))
+            }
             Some(_) => Sender::Tcp(Outgoing::new(out, Wire::F32, send_buf)),
             None => Sender::Tcp(Outgoing::new(out, wire, send_buf)),
         };
@@ -523,7 +570,10 @@ impl Ring {
             Some(region) if inp.len() * 4 > INLINE_BYTES => {
                 Receiver::Shm(ShmReceiver::new(region, inp.len(), add))
             }
-            Some(_) => Receiver::Tcp(Landing { add, wire: Wire::F32 }),
+            Some(_) => Receiver::Tcp(Landing {
+                add,
+                wire: Wire::F32,
+            }),
             None => Receiver::Tcp(Landing { add, wire }),
         };
         let r = exchange(
@@ -620,7 +670,8 @@ impl<'a> Outgoing<'a> {
         let want = (sent / 2 + STAGE_FLOATS).min(self.src.len());
         if self.encoded < want {
             let range = self.encoded..want;
-            self.wire.encode(&self.src[range.clone()], &mut self.buf[range]);
+            self.wire
+                .encode(&self.src[range.clone()], &mut self.buf[range]);
             self.encoded = want;
         }
         &bytemuck::cast_slice(&self.buf[..self.encoded])[sent..]
@@ -1119,6 +1170,34 @@ pub(crate) mod tests {
                 }
                 for got in &results {
                     assert_eq!(got, &results[0], "{wire:?}, world {world}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn probing_measures_links_between_hosts_only() {
+        for shared_memory in [true, false] {
+            let cfg = RingConfig {
+                shared_memory,
+                ..Default::default()
+            };
+            let results = on_ring(3, cfg, |mut ring| {
+                let p = ring.probe(1 << 20).unwrap();
+                // The ring still works after a probe.
+                let mut v = vec![1.0f32; 100_000];
+                ring.all_reduce_sum(&mut v).unwrap();
+                (ring.rank(), p, v[99_999])
+            });
+            for (rank, p, v) in results {
+                assert_eq!(v, 3.0);
+                match p {
+                    None => assert!(shared_memory),
+                    Some((peer, bps)) => {
+                        assert!(!shared_memory);
+                        assert_eq!(peer, (rank + 2) % 3);
+                        assert!(bps > 1e6, "{bps}");
+                    }
                 }
             }
         }

@@ -126,7 +126,8 @@ pub fn document(version: &str) -> Value {
                             "seed": {"type": "integer"}, "checkpoint_every_steps": {"type": "integer"}, "keep_checkpoints": {"type": "integer", "minimum": 1},
                             "max_steps": {"type": "integer", "minimum": 1}, "bucket_mb": {"type": "number"},
                             "overlap_grad_sync": {"type": "string", "enum": ["auto", "always", "never"]},
-                            "precision": {"type": "string", "enum": ["fp32", "fp16", "bf16"]}}},
+                            "precision": {"type": "string", "enum": ["fp32", "fp16", "bf16"]},
+                            "grad_compression": {"type": "string", "enum": ["none", "bf16", "fp16"]}}},
                         "resources": {"type": "object", "additionalProperties": false, "properties": {
                             "ranks": {"type": "integer", "minimum": 1}, "device": {"type": "string", "enum": ["cpu", "cuda"]}, "threads": {"type": "integer", "minimum": 1}}},
                         "output": {"type": "object", "additionalProperties": false, "required": ["dir"], "properties": {"dir": {"type": "string"}}},

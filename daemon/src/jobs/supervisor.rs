@@ -586,6 +586,9 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                             .await;
                         }
                         Ok(WorkerMessage::Timing(t)) => m.metrics.record_timing(&job.id, &job.name, &t),
+                        Ok(WorkerMessage::Link { rank, peer, bytes_per_second }) => {
+                            m.metrics.record_link(&job.id, &job.name, rank, peer, bytes_per_second)
+                        }
                         Ok(msg) if rank == 0 => {
                             if matches!(msg, WorkerMessage::Progress { .. }) && !trained {
                                 trained = true;
@@ -1260,6 +1263,7 @@ async fn handle(m: &JobManager, job: &Job, session: SessionInfo, msg: WorkerMess
         | WorkerMessage::Failed { .. }
         | WorkerMessage::Rendezvous { .. }
         | WorkerMessage::Timing(_)
+        | WorkerMessage::Link { .. }
         | WorkerMessage::TeacherReady { .. } => {}
     }
 }

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use ferry_cluster::collective::background::Background;
+use ferry_cluster::collective::hier::{Hierarchical, Topology};
 use ferry_cluster::collective::nccl::{Nccl, SideStream, UniqueId};
 use ferry_cluster::collective::ring::{self, Ring, RingConfig};
+use ferry_cluster::collective::{Collective, Wire};
 use tch::{Device, Kind, Tensor};
 
 use ferry_cluster::spec::OverlapGradSync;
@@ -17,6 +19,24 @@ use ferry_cluster::spec::OverlapGradSync;
 use super::control::ControlChannel;
 use super::overlap::{self, BucketComm, Overlap, OverlapReport};
 use crate::protocol::{WorkerMessage, WorkerPlan};
+
+/// Bytes each rank sends its ring neighbour on another host when the ring forms, to
+/// measure that link (`ferry_ring_link_bytes_per_second`).
+const PROBE_BYTES: usize = 4 << 20;
+
+/// Each rank's two rendezvous addresses ("ring,cross").
+fn parse_peers(peers: &[String]) -> Result<(Vec<SocketAddr>, Vec<SocketAddr>)> {
+    let mut ring = Vec::with_capacity(peers.len());
+    let mut cross = Vec::with_capacity(peers.len());
+    for p in peers {
+        let (a, b) = p
+            .split_once(',')
+            .ok_or_else(|| anyhow!("{p:?} is not two addresses"))?;
+        ring.push(a.parse().with_context(|| format!("{a:?}"))?);
+        cross.push(b.parse().with_context(|| format!("{b:?}"))?);
+    }
+    Ok((ring, cross))
+}
 
 /// How this rank's values reach the others.
 enum Transport {
@@ -105,28 +125,73 @@ impl Dist {
             .bind_ip
             .parse()
             .with_context(|| format!("bad bind address {}", plan.bind_ip))?;
-        let listener =
-            ring::listen(ip).with_context(|| format!("rank {rank}: cannot listen on {ip}"))?;
-        let addr = listener.local_addr()?.to_string();
-        let peers: Vec<SocketAddr> = Self::rendezvous(rank, world, addr, control, emit)?
-            .iter()
-            .map(|p| p.parse())
-            .collect::<Result<_, _>>()
-            .context("corrupt peer address")?;
+        // Two listeners: the ring (or, across hosts, the ring within this host) and the
+        // ring between hosts of a hierarchical all-reduce.
+        let listen =
+            || ring::listen(ip).with_context(|| format!("rank {rank}: cannot listen on {ip}"));
+        let (listener, cross_listener) = (listen()?, listen()?);
+        let addr = format!(
+            "{},{}",
+            listener.local_addr()?,
+            cross_listener.local_addr()?
+        );
+        let (peers, cross_peers) =
+            parse_peers(&Self::rendezvous(rank, world, addr, control, &emit)?)
+                .with_context(|| format!("rank {rank}: corrupt peer address"))?;
         let cfg = RingConfig {
             timeout: Duration::from_millis(plan.collective_timeout_ms),
             tag: plan.ring_tag(),
             ..Default::default()
         };
         let all_local = peers.iter().all(|p| p.ip() == ip);
-        let ring = Ring::connect(listener, rank, &peers, cfg)?;
+        // Ranks of one host share its address (the node's bind address).
+        let topo = Topology::group(&peers.iter().map(|p| p.ip()).collect::<Vec<_>>());
+        let (coll, abort, link, shape): (Box<dyn Collective>, _, _, _) = if topo.hierarchical() {
+            let shape = format!(
+                "hierarchical all-reduce: {} hosts x {} ranks (shared memory within a host, TCP between)",
+                topo.hosts(),
+                topo.ranks_per_host().unwrap_or(0)
+            );
+            let mut h = Hierarchical::connect(
+                listener,
+                cross_listener,
+                rank,
+                &peers,
+                &cross_peers,
+                topo,
+                cfg,
+            )?;
+            let link = h.probe(PROBE_BYTES)?;
+            let abort = h.abort_handle();
+            (Box::new(h) as Box<dyn Collective>, abort, link, shape)
+        } else {
+            drop(cross_listener);
+            let mut r = Ring::connect(listener, rank, &peers, cfg)?;
+            let link = if all_local {
+                None
+            } else {
+                r.probe(PROBE_BYTES)?
+            };
+            let abort = r.abort_handle();
+            let shape = format!("ring all-reduce over {} hosts", topo.hosts());
+            (Box::new(r) as Box<dyn Collective>, abort, link, shape)
+        };
         // The daemon's stop breaks the ring: a collective blocked on a stopped or
         // partitioned peer fails at once instead of at the timeout.
-        let abort = ring
-            .abort_handle()
-            .with_context(|| format!("rank {rank}: cannot keep a handle on the ring"))?;
+        let abort =
+            abort.with_context(|| format!("rank {rank}: cannot keep a handle on the ring"))?;
         control.stop.on_stop(Box::new(move || abort.abort()));
-        let comm = Background::spawn(Box::new(ring))
+        if let Some((peer, bytes_per_second)) = link {
+            emit(&WorkerMessage::Link {
+                rank: rank as u32,
+                peer: peer as u32,
+                bytes_per_second,
+            });
+        }
+        if rank == 0 && !all_local {
+            emit(&WorkerMessage::Log { message: shape });
+        }
+        let comm = Background::spawn(coll)
             .with_context(|| format!("rank {rank}: cannot start the communication thread"))?;
         let mut dist = Dist::joined(
             rank,
@@ -265,6 +330,7 @@ impl Dist {
         params: &[(String, Tensor)],
         bucket_bytes: usize,
         overlap: bool,
+        wire: Wire,
     ) -> Result<()> {
         self.buckets.clear();
         let mut current = Vec::new();
@@ -293,7 +359,13 @@ impl Dist {
                 },
             },
         };
-        self.overlap = Some(Overlap::new(params, self.buckets.clone(), comm, overlap)?);
+        self.overlap = Some(Overlap::new(
+            params,
+            self.buckets.clone(),
+            comm,
+            overlap,
+            wire,
+        )?);
         Ok(())
     }
 
@@ -405,7 +477,8 @@ mod tests {
                     let mut dist = ring_rank(l, rank, &peers);
                     let w = Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
                     let params = vec![("w".to_string(), w)];
-                    dist.plan_buckets(&params, 1 << 20, rank == 0).unwrap();
+                    dist.plan_buckets(&params, 1 << 20, rank == 0, Wire::F32)
+                        .unwrap();
                     dist.begin_step(0.5);
                     // Rank 0's branch uses w (gradient 3 everywhere); rank 1's does not.
                     if rank == 0 {
@@ -436,7 +509,7 @@ mod tests {
                 })
                 .collect();
             // 12 bytes: one bucket per parameter, in the order f, b, a, c.
-            dist.plan_buckets(&params, 12, hooks).unwrap();
+            dist.plan_buckets(&params, 12, hooks, Wire::F32).unwrap();
             assert_eq!(dist.buckets, vec![vec![3], vec![2], vec![1], vec![0]]);
             for step in 0..3 {
                 for (_, p) in &params {

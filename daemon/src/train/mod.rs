@@ -22,7 +22,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use ferry_cluster::collective::Wire;
 use ferry_cluster::spec::Device as SpecDevice;
+use ferry_cluster::spec::GradCompression;
 use tch::{Device, Kind, Tensor};
 
 use crate::protocol::{StepTiming, WorkerMessage, WorkerPlan};
@@ -270,10 +272,16 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     dist.broadcast_state(model.state())?;
     let trainable_params = model.trainable();
     let overlap = dist.overlaps(spec.train.overlap_grad_sync, plan.threads as usize);
+    let wire = match spec.train.grad_compression {
+        GradCompression::None => Wire::F32,
+        GradCompression::Bf16 => Wire::Bf16,
+        GradCompression::Fp16 => Wire::F16,
+    };
     dist.plan_buckets(
         &trainable_params,
         (spec.train.bucket_mb * 1e6) as usize,
         overlap,
+        wire,
     )?;
     if world > 1 && !overlap {
         use ferry_cluster::spec::OverlapGradSync;

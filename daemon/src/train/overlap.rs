@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use anyhow::{anyhow, bail, Result};
 use ferry_cluster::collective::background::{panic_message, Background, Submitter};
 use ferry_cluster::collective::nccl::{Nccl, SideStream};
+use ferry_cluster::collective::Wire;
 use tch::{Device, Kind, Tensor};
 
 type GradReadyCb = extern "C" fn(*mut c_void, i64, *mut torch_sys::C_tensor);
@@ -191,6 +192,8 @@ struct RingLauncher {
     tickets: Vec<Option<u64>>,
     submit: Submitter,
     comm: Arc<Mutex<Background>>,
+    /// How gradients travel between hosts.
+    wire: Wire,
 }
 
 impl Launcher for RingLauncher {
@@ -204,7 +207,7 @@ impl Launcher for RingLauncher {
             self.buffers[b] = Some(buf);
             return Err(e);
         }
-        self.tickets[b] = Some(self.submit.all_reduce_sum(buf));
+        self.tickets[b] = Some(self.submit.all_reduce_sum_as(buf, self.wire));
         Ok(())
     }
 
@@ -230,6 +233,9 @@ impl Launcher for RingLauncher {
 /// computes (or, without a side stream, on libtorch's stream after backward).
 struct NcclLauncher {
     buffers: Vec<Tensor>,
+    /// With gradient compression: each bucket's 16-bit copy, which NCCL sums.
+    halves: Vec<Tensor>,
+    wire: Wire,
     nccl: Arc<Mutex<Nccl>>,
     side: Option<SideStream>,
     /// Whether libtorch's stream already waits for this step's all-reduces.
@@ -248,16 +254,29 @@ impl Launcher for NcclLauncher {
             }
             None => std::ptr::null_mut(),
         };
-        // SAFETY: `flat` is a contiguous f32 device buffer that lives as long as `self`; the
-        // all-reduce runs after the gather (same stream, or the side stream waits for it) and
-        // before the scatter (`land` makes libtorch's stream wait for the side stream).
-        unsafe { lock(&self.nccl).all_reduce_sum(flat.data_ptr(), flat.numel(), stream)? };
+        // Compressed: cast into the bucket's 16-bit buffer on libtorch's stream (ordered
+        // before the all-reduce like the gather), and all-reduce that.
+        let (buf, wire) = match self.halves.get(b) {
+            Some(half) => {
+                half.shallow_clone().f_copy_(flat)?;
+                (half, self.wire)
+            }
+            None => (flat, Wire::F32),
+        };
+        // SAFETY: `buf` is a contiguous device buffer of `numel` values of `wire`'s type that
+        // lives as long as `self`; the all-reduce runs after the gather and the cast (same
+        // stream, or the side stream waits for it) and before the scatter (`land` makes
+        // libtorch's stream wait for the side stream).
+        unsafe { lock(&self.nccl).all_reduce_sum_as(buf.data_ptr(), buf.numel(), wire, stream)? };
         self.joined = false;
         Ok(())
     }
 
     fn land(&mut self, b: usize, params: &[&Tensor]) -> Result<()> {
         self.join()?;
+        if let Some(half) = self.halves.get(b) {
+            self.buffers[b].shallow_clone().f_copy_(half)?;
+        }
         scatter(&self.buffers[b], params)
     }
 
@@ -360,6 +379,7 @@ impl Overlap {
         buckets: Vec<Vec<usize>>,
         comm: BucketComm,
         hooks: bool,
+        wire: Wire,
     ) -> Result<Overlap> {
         // A parameter that does not require a gradient (exported that way) never gets one,
         // and a tensor listed twice (tied weights) has one hook slot: only its first listing
@@ -389,16 +409,31 @@ impl Overlap {
                     tickets: vec![None; buckets.len()],
                     submit,
                     comm,
+                    wire,
                 })
             }
-            BucketComm::Nccl { nccl, device, side } => Box::new(NcclLauncher {
-                buffers: lens
-                    .map(|n| Tensor::f_zeros([n], (Kind::Float, device)))
-                    .collect::<Result<_, _>>()?,
-                nccl,
-                side,
-                joined: true,
-            }),
+            BucketComm::Nccl { nccl, device, side } => {
+                let lens: Vec<i64> = lens.collect();
+                let zeros = |kind: Kind| -> Result<Vec<Tensor>> {
+                    Ok(lens
+                        .iter()
+                        .map(|&n| Tensor::f_zeros([n], (kind, device)))
+                        .collect::<Result<_, _>>()?)
+                };
+                let halves = match wire {
+                    Wire::F32 => Vec::new(),
+                    Wire::Bf16 => zeros(Kind::BFloat16)?,
+                    Wire::F16 => zeros(Kind::Half)?,
+                };
+                Box::new(NcclLauncher {
+                    buffers: zeros(Kind::Float)?,
+                    halves,
+                    wire,
+                    nccl,
+                    side,
+                    joined: true,
+                })
+            }
         };
         let expected: Vec<usize> = buckets
             .iter()
