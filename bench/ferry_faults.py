@@ -75,9 +75,10 @@ def event_time(e):
 
 
 class Cluster:
-    """etcd and three ferryd nodes, each in a process group of its own."""
+    """etcd and a ferryd node on each of `addrs` (three by default), each in a process group
+    of its own."""
 
-    def __init__(self, work, bindir, ttl_ms):
+    def __init__(self, work, bindir, ttl_ms, addrs=ADDRS):
         self.work, self.procs = work, []
         self.etcd_dir = os.path.join(work, "ferry-etcd")
         shutil.rmtree(self.etcd_dir, ignore_errors=True)
@@ -94,7 +95,7 @@ class Cluster:
         os.makedirs(self.out)
         cluster = f"bench-{uuid.uuid4().hex[:8]}"
         self.urls, self.nodes = [], []
-        for i, ip in enumerate(ADDRS):
+        for i, ip in enumerate(addrs):
             port = free_port(ip)
             data = os.path.join(work, f"ferry-node{i}")
             shutil.rmtree(data, ignore_errors=True)
@@ -107,7 +108,8 @@ class Cluster:
                  "--node-name", f"n{i}", "--data-plane-ip", ip, "--listen", f"{ip}:{port}", "--data-dir", data],
                 f"ferry-node{i}.log", env))
             self.urls.append(f"http://{ip}:{port}")
-        self.wait(lambda: len(get(f"{self.urls[0]}/v1/nodes")["nodes"]) == 3, "3 registered nodes")
+        self.wait(lambda: len(get(f"{self.urls[0]}/v1/nodes")["nodes"]) == len(addrs),
+                  f"{len(addrs)} registered nodes")
 
     def spawn(self, cmd, logname, env=None):
         with open(os.path.join(self.work, logname), "w") as logf:
