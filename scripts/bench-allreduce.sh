@@ -22,13 +22,15 @@ ROUNDS="${1:-3}"
 SIZES="4096,1048576,67108864,268435456"
 cargo build --release -q -p ferry-cluster --example allreduce_bench
 RING="$FERRY_ROOT/target/release/examples/allreduce_bench"
-out="$(mktemp)"
+# The raw lines stay in target/bench-allreduce.txt (one per measurement).
+out="$FERRY_ROOT/target/bench-allreduce.txt"
+: >"$out"
 WORK="$(mktemp -d)"
-trap 'rm -rf "$out" "$WORK"' EXIT
+trap 'rm -rf "$WORK"' EXIT
 echo "==> machine: $(nproc) cores; $(uptime)" >&2
 for r in $(seq "$ROUNDS"); do
   echo "==> round $r" >&2
-  "$RING" limits | sed "s/^/limits 0 0 /" >>"$out"
+  "$RING" limits | sed "s/^/limits 0 /" >>"$out"
   for world in 2 4; do
     "$RING" "$world" "$SIZES" 20 | sed "s/^/ring $world /" >>"$out"
     FERRY_RING_SHM=0 "$RING" "$world" "$SIZES" 20 | sed "s/^/tcp $world /" >>"$out"
@@ -52,7 +54,7 @@ if [ "${E2E:-1}" != 0 ]; then
         torchrun) "$FERRY_PYTHON" bench/cluster_throughput.py torchrun "$WORK" --epochs 3 ;;
         *) "$FERRY_PYTHON" bench/cluster_throughput.py ferry "$WORK" --epochs 3 \
              --bin "$FERRY_ROOT/target/release" --compression "${run#ferry-}" ;;
-      esac | sed "s/^/e2e 0 0 /" >>"$out"
+      esac | sed "s/^/e2e 0 /" >>"$out"
     done
   done
 fi
@@ -60,7 +62,7 @@ fi
 import collections, json, statistics, sys
 bw, e2e, limits = collections.defaultdict(list), collections.defaultdict(list), ([], [])
 for line in open(sys.argv[1]):
-    side, world, _, rest = line.split(" ", 3)
+    side, world, rest = line.split(" ", 2)
     if side == "limits":
         lo, mc = rest.split()
         limits[0].append(float(lo)); limits[1].append(float(mc))
