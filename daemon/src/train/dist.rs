@@ -464,6 +464,24 @@ mod tests {
     }
 
     #[test]
+    fn peers_carry_two_addresses_each() {
+        let (ring, cross) = parse_peers(&[
+            "127.0.0.11:4000,127.0.0.11:4001".to_string(),
+            "127.0.0.12:5000,127.0.0.12:5001".to_string(),
+        ])
+        .unwrap();
+        assert_eq!(ring[1], "127.0.0.12:5000".parse::<SocketAddr>().unwrap());
+        assert_eq!(cross[0], "127.0.0.11:4001".parse::<SocketAddr>().unwrap());
+        for bad in ["127.0.0.1:4000", "127.0.0.1:4000,nonsense", "nccl:00ff"] {
+            let e = parse_peers(&[bad.to_string()]).unwrap_err();
+            assert!(
+                format!("{e:#}").contains(bad.split(',').last().unwrap()),
+                "{e:#}"
+            );
+        }
+    }
+
+    #[test]
     fn a_parameter_used_on_one_rank_only_gets_the_same_gradient_on_every_rank() {
         let ip = IpAddr::from([127, 0, 0, 1]);
         let listeners: Vec<_> = (0..2).map(|_| ring::listen(ip).unwrap()).collect();
