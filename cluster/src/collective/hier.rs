@@ -175,10 +175,6 @@ impl Collective for Hierarchical {
         self.world
     }
 
-    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
-        self.all_reduce_sum_as(data, Wire::F32)
-    }
-
     fn all_reduce_sum_as(&mut self, data: &mut [f32], wire: Wire) -> Result<(), CollectiveError> {
         let slice = self.local.reduce_scatter(data, Wire::F32)?;
         self.cross.all_reduce_sum_as(&mut data[slice], wire)?;

@@ -58,13 +58,11 @@ pub trait Collective: Send {
     /// How many ranks take part.
     fn world_size(&self) -> usize;
     /// Element-wise sum across ranks, in place; every rank ends with the same values.
-    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError>;
-    /// [`Collective::all_reduce_sum`] with the values on `wire` between hosts. Collectives
-    /// that cannot compress send f32 (the default).
-    fn all_reduce_sum_as(&mut self, data: &mut [f32], wire: Wire) -> Result<(), CollectiveError> {
-        let _ = wire;
-        self.all_reduce_sum(data)
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_reduce_sum_as(data, Wire::F32)
     }
+    /// [`Collective::all_reduce_sum`] with the values on `wire` between hosts.
+    fn all_reduce_sum_as(&mut self, data: &mut [f32], wire: Wire) -> Result<(), CollectiveError>;
     /// Element-wise mean across ranks, in place.
     fn all_reduce_avg(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
         self.all_reduce_sum(data)?;

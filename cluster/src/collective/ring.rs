@@ -1037,10 +1037,6 @@ impl Collective for Ring {
         self.world
     }
 
-    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
-        self.all_reduce_sum_as(data, Wire::F32)
-    }
-
     fn all_reduce_sum_as(&mut self, data: &mut [f32], wire: Wire) -> Result<(), CollectiveError> {
         if self.world == 1 {
             return Ok(());
