@@ -475,7 +475,7 @@ mod tests {
         for bad in ["127.0.0.1:4000", "127.0.0.1:4000,nonsense", "nccl:00ff"] {
             let e = parse_peers(&[bad.to_string()]).unwrap_err();
             assert!(
-                format!("{e:#}").contains(bad.split(',').last().unwrap()),
+                format!("{e:#}").contains(bad.split(',').next_back().unwrap()),
                 "{e:#}"
             );
         }
