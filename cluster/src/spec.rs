@@ -112,6 +112,7 @@ impl TeacherSpec {
             num_classes: self.num_classes,
             init: self.init.clone(),
             freeze: Vec::new(),
+            freeze_bn: FreezeBn::Eval,
             jit_optimize: false,
         }
     }
@@ -212,11 +213,31 @@ pub struct ModelSpec {
     /// Feature extraction: parameter-name prefixes that stay frozen.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub freeze: Vec<String>,
+    /// Frozen modules' BatchNorm (and, in TorchScript models, every layer's mode): `eval`
+    /// (the default) keeps them in evaluation mode, normalising with and keeping their
+    /// running statistics; `train` lets them follow the model, updating the statistics.
+    #[serde(default, skip_serializing_if = "FreezeBn::is_default")]
+    pub freeze_bn: FreezeBn,
     /// TorchScript only: let the graph executor optimise (profiling runs, then autodiff
     /// subgraphs and fused kernels) instead of running the graph op by op, as PyTorch eager
     /// does (the default).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub jit_optimize: bool,
+}
+
+/// How frozen modules' BatchNorm layers run (`model.freeze_bn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FreezeBn {
+    #[default]
+    Eval,
+    Train,
+}
+
+impl FreezeBn {
+    fn is_default(&self) -> bool {
+        *self == FreezeBn::Eval
+    }
 }
 
 /// The data section.

@@ -106,7 +106,8 @@ pub fn document(version: &str) -> Value {
                         "model": {"type": "object", "additionalProperties": false, "required": ["arch"], "properties": {
                             "arch": {"type": "string", "enum": ["torchscript", "resnet18", "resnet50", "cnn", "mlp"]},
                             "path": {"type": "string"}, "num_classes": {"type": "integer", "minimum": 1}, "init": {"type": "string"},
-                            "freeze": {"type": "array", "items": {"type": "string"}}, "jit_optimize": {"type": "boolean"}}},
+                            "freeze": {"type": "array", "items": {"type": "string"}}, "freeze_bn": {"type": "string", "enum": ["eval", "train"]},
+                            "jit_optimize": {"type": "boolean"}}},
                         "data": {"type": "object", "additionalProperties": false, "required": ["train"], "properties": {
                             "train": {"$ref": "#/components/schemas/DataSource"}, "val": {"$ref": "#/components/schemas/DataSource"},
                             "unlabelled": {"$ref": "#/components/schemas/DataSource"},

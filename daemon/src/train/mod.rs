@@ -2,6 +2,7 @@
 //! [`WorkerPlan`], trains, checkpoints and reports on stdout ([`WorkerMessage`] lines).
 //! libtorch runs only here, never on the daemon's async threads.
 
+pub mod builtin;
 pub mod checkpoint;
 pub mod confine;
 pub mod control;

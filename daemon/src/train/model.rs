@@ -5,11 +5,12 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use ferry_cluster::spec::{Arch, ModelSpec, Precision};
+use ferry_cluster::spec::{Arch, FreezeBn, ModelSpec, Precision};
 use serde::Serialize;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
+use super::builtin::{self, Norms};
 use super::torchscript::{set_autocast, TorchScriptModule};
 
 enum Net {
@@ -17,6 +18,8 @@ enum Net {
     Builtin {
         _vs: nn::VarStore,
         module: Box<dyn ModuleT + Send>,
+        /// Its BatchNorm layers' switches: frozen ones stay in evaluation mode.
+        norms: Norms,
     },
 }
 
@@ -27,8 +30,10 @@ pub struct Model {
     params: Vec<(String, Tensor)>,
     buffers: Vec<(String, Tensor)>,
     frozen: Vec<bool>,
-    /// The `model.freeze` prefixes: those modules also stay in evaluation mode.
+    /// The `model.freeze` prefixes: those modules also stay in evaluation mode (unless
+    /// `model.freeze_bn: train`).
     frozen_prefixes: Vec<String>,
+    frozen_eval: bool,
     device: Device,
     /// Forward passes run under autocast to this precision (weights stay fp32).
     precision: Precision,
@@ -73,14 +78,22 @@ impl Model {
                         .context("built-in archs need model.num_classes")?,
                 );
                 let root = vs.root();
+                let mut norms = Norms::default();
+                let n = &mut norms;
                 let module: Box<dyn ModuleT + Send> = match arch {
-                    Arch::Resnet18 => Box::new(tch::vision::resnet::resnet18(&root, classes)),
-                    Arch::Resnet50 => Box::new(tch::vision::resnet::resnet50(&root, classes)),
-                    Arch::Cnn => Box::new(cnn(&root, input.0, classes)),
-                    Arch::Mlp => Box::new(mlp(&root, input.0 * input.1 * input.2, classes)),
+                    Arch::Resnet18 => Box::new(builtin::resnet18(&root, n, classes)),
+                    Arch::Resnet50 => Box::new(builtin::resnet50(&root, n, classes)),
+                    Arch::Cnn => Box::new(builtin::cnn(&root, n, input.0, classes)),
+                    Arch::Mlp => {
+                        Box::new(builtin::mlp(&root, input.0 * input.1 * input.2, classes))
+                    }
                     Arch::Torchscript => unreachable!("handled above"),
                 };
-                Net::Builtin { _vs: vs, module }
+                Net::Builtin {
+                    _vs: vs,
+                    module,
+                    norms,
+                }
             }
         };
         let (params, buffers) = match &net {
@@ -98,6 +111,7 @@ impl Model {
             buffers,
             frozen,
             frozen_prefixes: Vec::new(),
+            frozen_eval: spec.freeze_bn == FreezeBn::Eval,
             device,
             precision: Precision::Fp32,
         })
@@ -131,8 +145,10 @@ impl Model {
     /// modules stay in evaluation mode while the rest trains.
     pub fn set_train(&mut self, on: bool) -> Result<()> {
         match &mut self.net {
-            Net::Script(m) => m.set_train(on, &self.frozen_prefixes),
-            Net::Builtin { .. } => Ok(()), // forward_t takes the mode per call
+            Net::Script(m) if self.frozen_eval => m.set_train(on, &self.frozen_prefixes),
+            Net::Script(m) => m.set_train(on, &[]),
+            // forward_t takes the mode per call; frozen BatchNorm layers hold their own.
+            Net::Builtin { .. } => Ok(()),
         }
     }
 
@@ -171,6 +187,9 @@ impl Model {
         for prefix in prefixes {
             let p = prefix.trim_end_matches('.');
             self.frozen_prefixes.push(p.to_string());
+            if let (Net::Builtin { norms, .. }, true) = (&self.net, self.frozen_eval) {
+                norms.freeze(p, true);
+            }
             let mut hit = false;
             for (i, (name, t)) in self.params.iter().enumerate() {
                 if name == p || name.starts_with(&format!("{p}.")) {
@@ -299,55 +318,4 @@ fn natural_key(s: &str) -> Vec<(u64, String)> {
     s.split('.')
         .map(|part| (part.parse::<u64>().unwrap_or(u64::MAX), part.to_string()))
         .collect()
-}
-
-/// A small CNN: conv-bn-relu-pool twice, global average pooling, a linear head.
-/// Names follow a PyTorch `nn.Sequential` (`features.0`, `features.1`, ..., `classifier`).
-fn cnn(p: &nn::Path, in_channels: i64, classes: i64) -> impl ModuleT {
-    let conv = |i: i64, o: i64, name: &str| {
-        nn::conv2d(
-            p / "features" / name,
-            i,
-            o,
-            3,
-            nn::ConvConfig {
-                padding: 1,
-                ..Default::default()
-            },
-        )
-    };
-    let bn = |c: i64, name: &str| nn::batch_norm2d(p / "features" / name, c, Default::default());
-    let (c0, b1, c4, b5) = (
-        conv(in_channels, 32, "0"),
-        bn(32, "1"),
-        conv(32, 64, "4"),
-        bn(64, "5"),
-    );
-    let head = nn::linear(p / "classifier", 64, classes, Default::default());
-    nn::func_t(move |x, train| {
-        let x = x.apply(&c0).apply_t(&b1, train).relu();
-        let x = if x.size()[2] >= 2 && x.size()[3] >= 2 {
-            x.max_pool2d_default(2)
-        } else {
-            x
-        };
-        let x = x.apply(&c4).apply_t(&b5, train).relu();
-        x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&head)
-    })
-}
-
-/// A small MLP on flattened inputs: 256 and 128 hidden units, ReLU.
-fn mlp(p: &nn::Path, inputs: i64, classes: i64) -> impl ModuleT {
-    let l0 = nn::linear(p / "features" / "0", inputs, 256, Default::default());
-    let l2 = nn::linear(p / "features" / "2", 256, 128, Default::default());
-    let head = nn::linear(p / "classifier", 128, classes, Default::default());
-    nn::func_t(move |x, _train| {
-        x.flatten(1, -1)
-            .to_kind(Kind::Float)
-            .apply(&l0)
-            .relu()
-            .apply(&l2)
-            .relu()
-            .apply(&head)
-    })
 }
