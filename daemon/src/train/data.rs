@@ -83,6 +83,41 @@ impl Dataset {
         })
     }
 
+    /// This validation set, labelled as `train` labels its classes. ImageFolder classes are
+    /// matched by name: a class the training set lacks is refused (the model was never
+    /// trained on it), one the validation set lacks is simply absent. Without class names on
+    /// the training side (safetensors), the validation labels must stay within the ones the
+    /// training labels reach.
+    pub fn matched_to(mut self, train: &Dataset, field: &str) -> Result<Dataset> {
+        match (&self.classes, &train.classes) {
+            (Some(mine), Some(theirs)) => {
+                let index: Vec<i64> = mine
+                    .iter()
+                    .map(|c| {
+                        theirs.iter().position(|t| t == c).map(|i| i as i64).with_context(|| {
+                            format!(
+                                "{field}: class `{c}` is not one of data.train's classes ({}): the model is not trained on it; remove it from {field} or add it to data.train",
+                                theirs.join(", ")
+                            )
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                self.labels = Tensor::from_slice(&index).index_select(0, &self.labels);
+            }
+            _ => {
+                let (trained, labels) = (train.label_count(), self.label_count());
+                if labels > trained {
+                    bail!(
+                        "{field}: labels go up to {} but data.train's only to {}: the model is not trained on the classes above",
+                        labels - 1,
+                        trained - 1
+                    );
+                }
+            }
+        }
+        Ok(self)
+    }
+
     /// Samples with a label (>= 0).
     pub fn labelled(&self) -> usize {
         self.labels.ge(0).sum(Kind::Int64).int64_value(&[]) as usize
@@ -286,6 +321,41 @@ mod tests {
 
     fn spec() -> DataSpec {
         serde_json::from_value(serde_json::json!({"train": {"path": "x"}, "channels": 1})).unwrap()
+    }
+
+    fn folder(root: &Path, classes: &[&str]) -> Dataset {
+        for (i, c) in classes.iter().enumerate() {
+            std::fs::create_dir_all(root.join(c)).unwrap();
+            image::GrayImage::from_pixel(2, 2, image::Luma([i as u8]))
+                .save(root.join(c).join("x.png"))
+                .unwrap();
+        }
+        load_image_folder(root, "data.x", &spec()).unwrap()
+    }
+
+    #[test]
+    fn validation_classes_are_matched_to_the_training_classes_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let train = folder(&dir.path().join("train"), &["ant", "bee", "cat"]);
+        // Without "bee", "cat" is still class 2 (not 1, as its own sorted index would be).
+        let val = folder(&dir.path().join("val"), &["ant", "cat"])
+            .matched_to(&train, "data.val")
+            .unwrap();
+        assert_eq!(Vec::<i64>::try_from(&val.labels).unwrap(), vec![0, 2]);
+        let e = folder(&dir.path().join("bad"), &["ant", "dog"])
+            .matched_to(&train, "data.val")
+            .err()
+            .unwrap();
+        assert!(
+            format!("{e:#}")
+                .contains("class `dog` is not one of data.train's classes (ant, bee, cat)"),
+            "{e:#}"
+        );
+        // Labels without names: within the training labels' range.
+        let mut numbered = folder(&dir.path().join("n"), &["0", "1"]);
+        numbered.classes = None;
+        let wide = folder(&dir.path().join("w"), &["a", "b", "c", "d"]);
+        assert!(wide.matched_to(&numbered, "data.val").is_err());
     }
 
     /// Damaged safetensors files and images fail with an error naming the field, never a

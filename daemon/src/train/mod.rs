@@ -164,7 +164,10 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         });
     }
     let val_set = match &spec.data.val {
-        Some(v) => Some(Dataset::load(Path::new(&v.path), "data.val", &spec.data)?),
+        Some(v) => Some(
+            Dataset::load(Path::new(&v.path), "data.val", &spec.data)?
+                .matched_to(&train_set, "data.val")?,
+        ),
         None => None,
     };
     for (field, ds) in [
