@@ -320,6 +320,12 @@ impl Dist {
         })
     }
 
+    /// Whether gradients of a `wire` other than f32 would really be compressed: not on a
+    /// ring whose ranks all share this host.
+    pub fn compresses(&self, wire: Wire) -> bool {
+        wire != Wire::F32 && !(matches!(self.transport, Some(Transport::Ring(_))) && self.all_local)
+    }
+
     /// Groups the trainable parameters into buckets of about `bucket_bytes`, last layer
     /// first (the order in which backward produces gradients), the same on every rank. With
     /// `overlap` (see [`Dist::overlaps`]), every parameter is hooked so that each bucket is
@@ -347,6 +353,13 @@ impl Dist {
         if !current.is_empty() {
             self.buckets.push(current);
         }
+        // Within one host the ring's bulk data goes through shared memory as f32: rounding
+        // gradients to 16 bits there would cost precision and save nothing.
+        let wire = if self.compresses(wire) {
+            wire
+        } else {
+            Wire::F32
+        };
         let comm = match &self.transport {
             None => return Ok(()),
             Some(Transport::Ring(comm)) => BucketComm::Ring(comm.clone()),
@@ -461,6 +474,14 @@ mod tests {
         let l = ring::listen(IpAddr::from([127, 0, 0, 1])).unwrap();
         let me = l.local_addr().unwrap();
         ring_rank(l, 0, &[me])
+    }
+
+    #[test]
+    fn a_ring_within_one_host_never_compresses() {
+        let mut alone = ring_alone();
+        assert!(!alone.compresses(Wire::Bf16));
+        alone.all_local = false; // as across hosts
+        assert!(alone.compresses(Wire::Bf16) && !alone.compresses(Wire::F32));
     }
 
     #[test]

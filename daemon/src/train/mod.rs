@@ -281,6 +281,11 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         GradCompression::Bf16 => Wire::Bf16,
         GradCompression::Fp16 => Wire::F16,
     };
+    if world > 1 && wire != Wire::F32 && !dist.compresses(wire) {
+        say(&WorkerMessage::Log {
+            message: "train.grad_compression has no effect here: every rank is on this host, where gradients go through shared memory as f32".to_string(),
+        });
+    }
     dist.plan_buckets(
         &trainable_params,
         (spec.train.bucket_mb * 1e6) as usize,
