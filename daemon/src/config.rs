@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The keys `FERRY_*` variables may set (others, like ferryctl's `FERRY_SERVER`, are not ours).
 const KEYS: &[&str] = &[
@@ -42,8 +42,73 @@ const KEYS: &[&str] = &[
     "labels",
 ];
 
+/// `FERRY_*` variables that are not settings but are read by ferry's other parts:
+/// ferryd's log filter and config file, ferryctl's server, the scripts' and benchmarks'
+/// variables, and what the daemon passes its ranks.
+const OTHER_VARIABLES: &[&str] = &[
+    "log",
+    "config",
+    "server",
+    "root",
+    "python",
+    "saver",
+    "job_limit",
+    "chart_venv",
+    "bench_port",
+];
+/// Prefixes of such variables (the benchmarks' knobs).
+const OTHER_PREFIXES: &[&str] = &["ring_", "bench_"];
+
+/// Warnings for `FERRY_*` variables in `vars` that no part of ferry reads (a misspelt
+/// setting is otherwise silently ignored), each with the nearest setting's name when one
+/// is close.
+pub fn unknown_variables(vars: impl Iterator<Item = (String, String)>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, _) in vars {
+        let Some(rest) = k.strip_prefix("FERRY_") else {
+            continue;
+        };
+        let rest = rest.to_ascii_lowercase();
+        let top = rest.split("__").next().unwrap_or_default();
+        if KEYS.contains(&top)
+            || OTHER_VARIABLES.contains(&rest.as_str())
+            || OTHER_PREFIXES.iter().any(|p| rest.starts_with(p))
+        {
+            continue;
+        }
+        let nearest = KEYS
+            .iter()
+            .map(|key| (edit_distance(top, key), *key))
+            .min()
+            .filter(|(d, _)| *d <= 3)
+            .map(|(_, key)| format!(" (did you mean FERRY_{}?)", key.to_ascii_uppercase()))
+            .unwrap_or_default();
+        out.push(format!(
+            "{k} is not a ferryd setting and is ignored{nearest}; the settings are in docs/ferryd.example.yaml"
+        ));
+    }
+    out.sort();
+    out
+}
+
+/// Levenshtein distance between two ASCII strings.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<u8> = b.bytes().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 /// Directories that spec paths are confined to; each defaults to the daemon's working directory.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RootsConfig {
     pub data: Option<PathBuf>,
@@ -52,7 +117,7 @@ pub struct RootsConfig {
 }
 
 /// Everything `ferryd` can be configured with; see `docs/ferryd.example.yaml`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address of the REST API.
@@ -275,6 +340,18 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The configuration as YAML, with its secrets (the API token, the etcd password)
+    /// replaced by `<redacted>`: what `ferryd config` prints.
+    pub fn to_redacted_yaml(&self) -> Result<String> {
+        let mut c = self.clone();
+        for secret in [&mut c.token, &mut c.etcd_password] {
+            if secret.is_some() {
+                *secret = Some("<redacted>".into());
+            }
+        }
+        Ok(serde_yaml::to_string(&c)?)
+    }
+
     fn validate(&self) -> Result<()> {
         if self.max_running_jobs == 0 {
             bail!("max_running_jobs must be at least 1");
@@ -403,5 +480,49 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("16"));
+    }
+
+    #[test]
+    fn misspelt_variables_are_named_with_the_setting_they_resemble() {
+        let vars = [
+            ("FERRY_MAX_RUNING_JOBS", "3"),
+            ("FERRY_ROOTS__DATA", "/srv"),
+            ("FERRY_LOG", "debug"),
+            ("FERRY_SERVER", "http://x"),
+            ("FERRY_RING_SHM", "0"),
+            ("FERRY_WHATEVER_ELSE_ENTIRELY", "1"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let w = unknown_variables(vars.into_iter());
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("FERRY_MAX_RUNING_JOBS is not a ferryd setting"),
+            "{w:?}"
+        );
+        assert!(
+            w[0].contains("did you mean FERRY_MAX_RUNNING_JOBS?"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("FERRY_WHATEVER_ELSE_ENTIRELY") && !w[1].contains("did you mean"),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn the_printed_configuration_hides_its_secrets() {
+        let vars = [
+            ("FERRY_TOKEN", "s3cret-0123456789abcdef"),
+            ("FERRY_ETCD_PASSWORD", "hunter2"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = Config::load_with(None, vars.into_iter(), &[]).unwrap();
+        let y = c.to_redacted_yaml().unwrap();
+        assert!(!y.contains("s3cret") && !y.contains("hunter2"), "{y}");
+        assert!(
+            y.contains("token: <redacted>") && y.contains("max_running_jobs:"),
+            "{y}"
+        );
     }
 }

@@ -23,16 +23,16 @@ struct Cli {
     /// Configuration file (YAML or TOML); see docs/ferryd.example.yaml.
     #[arg(long, env = "FERRY_CONFIG")]
     config: Option<PathBuf>,
-    /// Address of the REST API [default: 127.0.0.1:7070].
+    /// Address of the REST API [default: 127.0.0.1:7070] [env: FERRY_LISTEN].
     #[arg(long)]
     listen: Option<String>,
-    /// Directory for the embedded store and worker plans [default: .ferry].
+    /// Directory for the embedded store and worker plans [default: .ferry] [env: FERRY_DATA_DIR].
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Bearer token the API requires (prefer FERRY_TOKEN: flags show up in `ps`).
+    /// Bearer token the API requires (prefer FERRY_TOKEN: flags show up in `ps`) [env: FERRY_TOKEN].
     #[arg(long)]
     token: Option<String>,
-    /// This node's name [default: the host name].
+    /// This node's name [default: the host name] [env: FERRY_NODE_NAME].
     #[arg(long)]
     node_name: Option<String>,
     /// Cluster mode: etcd endpoints, comma-separated (http://HOST:2379,...).
@@ -41,7 +41,7 @@ struct Cli {
     /// The cluster's name in etcd: its keys live under /ferry/NAME [default: none, /ferry].
     #[arg(long, env = "FERRY_CLUSTER")]
     cluster: Option<String>,
-    /// The address this node's ranks bind their data-plane (ring) listeners to.
+    /// The address this node's ranks bind their data-plane (ring) listeners to [env: FERRY_DATA_PLANE_IP].
     #[arg(long)]
     data_plane_ip: Option<String>,
     #[command(subcommand)]
@@ -53,6 +53,9 @@ enum Command {
     /// Checks what CUDA jobs need on this node: libtorch's CUDA, the GPUs, NCCL (and a
     /// one-rank NCCL all-reduce and bf16 autocast on GPU 0). Exits 1 if a check fails.
     Doctor,
+    /// Prints the effective configuration (file, then FERRY_* variables, then flags) as
+    /// YAML, with its secrets redacted.
+    Config,
     /// Internal: one rank of a job, started by the daemon.
     #[command(hide = true)]
     Worker {
@@ -122,6 +125,20 @@ fn main() {
         }
         return;
     }
+    if let Some(Command::Config) = &cli.command {
+        init_logging("text");
+        warn_unknown_variables();
+        match config::Config::load(cli.config.as_deref(), &overrides(&cli))
+            .and_then(|c| c.to_redacted_yaml())
+        {
+            Ok(yaml) => print!("{yaml}"),
+            Err(e) => {
+                eprintln!("ferryd config: {e:#}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if let Some(Command::Doctor) = &cli.command {
         let config = config::Config::load(cli.config.as_deref(), &[]).and_then(|c| doctor::run(&c));
         match config {
@@ -138,11 +155,16 @@ fn main() {
     }
 }
 
+/// Logs to stderr: the filter from FERRY_LOG, else RUST_LOG, else `info`; colours only
+/// when stderr is a terminal (a log file gets none).
 fn init_logging(format: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("RUST_LOG"))
         .unwrap_or_else(|_| "info,actix_server=warn".into());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if format == "json" {
         b.json().init();
@@ -151,8 +173,9 @@ fn init_logging(format: &str) {
     }
 }
 
-fn run_daemon(cli: Cli) -> Result<()> {
-    let overrides = [
+/// The settings the command line gives (they win over the file and the environment).
+fn overrides(cli: &Cli) -> [(&'static str, Option<String>); 7] {
+    [
         ("listen", cli.listen.clone()),
         (
             "data_dir",
@@ -163,9 +186,21 @@ fn run_daemon(cli: Cli) -> Result<()> {
         ("etcd", cli.etcd.clone()),
         ("cluster", cli.cluster.clone()),
         ("data_plane_ip", cli.data_plane_ip.clone()),
-    ];
+    ]
+}
+
+/// Warns about `FERRY_*` variables that no part of ferry reads.
+fn warn_unknown_variables() {
+    for w in config::unknown_variables(std::env::vars()) {
+        tracing::warn!("{w}");
+    }
+}
+
+fn run_daemon(cli: Cli) -> Result<()> {
+    let overrides = overrides(&cli);
     let config = config::Config::load(cli.config.as_deref(), &overrides)?;
     init_logging(&config.log_format);
+    warn_unknown_variables();
     match (cli.standalone, &config.etcd) {
         (true, Some(_)) => bail!(
             "--standalone runs on an embedded store and cannot use etcd: drop --standalone for cluster mode, or drop --etcd (and FERRY_ETCD, `etcd:` in the config)"

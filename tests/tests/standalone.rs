@@ -746,3 +746,47 @@ fn a_deeply_nested_spec_is_refused_at_once_and_the_api_stays_up() {
         assert_eq!(status, Some(422), "took {took:?}");
     }
 }
+
+/// `ferryd config` prints the effective configuration with its secrets redacted, names a
+/// misspelt FERRY_* variable with the setting it resembles, and writes no colour codes to a
+/// stderr that is not a terminal.
+#[test]
+fn ferryd_config_redacts_secrets_and_names_misspelt_variables() {
+    let out = std::process::Command::new(ferry_tests::bin("ferryd"))
+        .arg("config")
+        .env("FERRY_TOKEN", "a-token-of-24-characters")
+        .env("FERRY_MAX_RUNNING_JOBS", "3")
+        .env("FERRY_MAX_RUNING_JOBS", "5")
+        .env_remove("FERRY_LOG")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("token: <redacted>") && !stdout.contains("a-token-of"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("max_running_jobs: 3"), "{stdout}");
+    assert!(
+        stderr.contains("FERRY_MAX_RUNING_JOBS is not a ferryd setting")
+            && stderr.contains("did you mean FERRY_MAX_RUNNING_JOBS?"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a piped log: {stderr:?}"
+    );
+    // RUST_LOG is honoured: at `error`, the warning goes.
+    let quiet = std::process::Command::new(ferry_tests::bin("ferryd"))
+        .arg("config")
+        .env("FERRY_MAX_RUNING_JOBS", "5")
+        .env_remove("FERRY_LOG")
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&quiet.stderr).is_empty());
+}
