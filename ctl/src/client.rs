@@ -3,9 +3,44 @@
 
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use ferry_cluster::api::Problem;
 use serde::de::DeserializeOwned;
+
+/// What kind of failure a request met: it decides ferryctl's exit status, and whether
+/// following a job waits and tries again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No answer: ferryd is down, restarting, unreachable, or too slow (also a 502-504
+    /// from a proxy in front of it). Worth trying again.
+    Unreachable,
+    /// ferryd answered and refused the request (a bad spec, an unknown job, no token).
+    Rejected,
+}
+
+/// A failed request, with the message to show.
+#[derive(Debug)]
+pub struct RequestError {
+    pub failure: Failure,
+    pub message: String,
+}
+
+impl std::fmt::Display for RequestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for RequestError {}
+
+fn failed(failure: Failure, message: String) -> anyhow::Error {
+    RequestError { failure, message }.into()
+}
+
+/// The kind of failure behind `e`, if a request failed.
+pub fn failure(e: &anyhow::Error) -> Option<Failure> {
+    e.downcast_ref::<RequestError>().map(|r| r.failure)
+}
 
 /// ferryd's address and credentials.
 pub struct Client {
@@ -39,24 +74,41 @@ impl Client {
 
     fn explain(&self, e: ureq::Error) -> anyhow::Error {
         match e {
+            ureq::Error::Status(code @ 502..=504, resp) => failed(
+                Failure::Unreachable,
+                format!(
+                    "ferryd at {} is unavailable ({code}: {})",
+                    self.base,
+                    resp.into_string().unwrap_or_default().trim()
+                ),
+            ),
             ureq::Error::Status(code, resp) => {
                 let body = resp.into_string().unwrap_or_default();
-                match serde_json::from_str::<Problem>(&body) {
-                    Ok(p) if code == 401 => anyhow!("{}: {} (ferryd at {} needs a token: pass --token or set FERRY_TOKEN)", p.title, p.detail, self.base),
+                let message = match serde_json::from_str::<Problem>(&body) {
+                    Ok(p) if code == 401 => format!("{}: {} (ferryd at {} needs a token: pass --token or set FERRY_TOKEN)", p.title, p.detail, self.base),
                     Ok(p) if !p.errors.is_empty() => {
                         let lines: Vec<String> = p.errors.iter().map(|e| format!("  {}: {}", e.field, e.message)).collect();
-                        anyhow!("{} ({}):\n{}", p.title, code, lines.join("\n"))
+                        format!("{} ({}):\n{}", p.title, code, lines.join("\n"))
                     }
-                    Ok(p) => anyhow!("{} ({}): {}", p.title, code, p.detail),
-                    Err(_) => anyhow!("ferryd at {} answered {code}: {}", self.base, body.trim()),
-                }
+                    Ok(p) => format!("{} ({}): {}", p.title, code, p.detail),
+                    Err(_) => format!("ferryd at {} answered {code}: {}", self.base, body.trim()),
+                };
+                failed(Failure::Rejected, message)
             }
-            ureq::Error::Transport(t) => anyhow!(
-                "cannot reach ferryd at {}: {}. Is it running? Start one with `ferryd --standalone`, or point --server / FERRY_SERVER at it.",
-                self.base,
-                t.to_string().rsplit(": ").next().unwrap_or("connection failed")
+            ureq::Error::Transport(t) => failed(
+                Failure::Unreachable,
+                format!(
+                    "cannot reach ferryd at {}: {}. Is it running? Start one with `ferryd --standalone`, or point --server / FERRY_SERVER at it.",
+                    self.base,
+                    t.to_string().rsplit(": ").next().unwrap_or("connection failed")
+                ),
             ),
         }
+    }
+
+    /// The server's address, for messages.
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     /// GET a JSON document.
@@ -65,8 +117,12 @@ impl Client {
             .request("GET", path)
             .call()
             .map_err(|e| self.explain(e))?;
-        resp.into_json()
-            .map_err(|e| anyhow!("ferryd sent an unreadable answer to GET {path}: {e}"))
+        resp.into_json().map_err(|e| {
+            failed(
+                Failure::Unreachable,
+                format!("ferryd sent an unreadable answer to GET {path}: {e}"),
+            )
+        })
     }
 
     /// POST a body (or none) and read JSON back.
@@ -81,8 +137,12 @@ impl Client {
             .set("Content-Type", content_type)
             .send_string(body)
             .map_err(|e| self.explain(e))?;
-        resp.into_json()
-            .map_err(|e| anyhow!("ferryd sent an unreadable answer to POST {path}: {e}"))
+        resp.into_json().map_err(|e| {
+            failed(
+                Failure::Unreachable,
+                format!("ferryd sent an unreadable answer to POST {path}: {e}"),
+            )
+        })
     }
 }
 

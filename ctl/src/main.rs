@@ -8,9 +8,9 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
-use client::{segment, Client};
+use client::{failure, segment, Client, Failure};
 use ferry_cluster::api::{EventKind, EventPage, JobPhase, NodeList};
 
 /// Jobs as ferryctl reads them: the spec kept verbatim, so this ferryctl also reads jobs of
@@ -18,10 +18,18 @@ use ferry_cluster::api::{EventKind, EventPage, JobPhase, NodeList};
 type Job = ferry_cluster::api::Job<serde_json::Value>;
 type JobList = ferry_cluster::api::JobList<serde_json::Value>;
 
-/// Exit status of `submit --wait` and `logs -f` when the job failed.
+// Exit statuses (docs/cli.md). 0: done (for `submit --wait` and `logs -f`: the job succeeded).
+/// The job failed (`submit --wait`, `logs -f`), or ferryctl itself did.
 const EXIT_FAILED: i32 = 1;
-/// Exit status when the job was cancelled.
-const EXIT_CANCELLED: i32 = 2;
+/// A usage error: bad arguments (clap's own status), or a spec file that cannot be read.
+const EXIT_USAGE: i32 = 2;
+/// The job was cancelled.
+const EXIT_CANCELLED: i32 = 3;
+/// ferryd could not be reached or did not answer in time (for a followed job: for
+/// `--reattach-timeout`).
+const EXIT_UNREACHABLE: i32 = 4;
+/// ferryd refused the request (a bad spec, an unknown job, a missing token).
+const EXIT_REJECTED: i32 = 5;
 
 /// Drive ferry: submit fine-tuning jobs, follow them, cancel them.
 #[derive(Parser)]
@@ -41,6 +49,11 @@ struct Cli {
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
+    /// While following a job (`submit --wait`, `logs -f`): how long to keep trying to reach
+    /// ferryd again when it goes away (a restart, a network blip), in seconds; the job goes
+    /// on meanwhile.
+    #[arg(long, global = true, default_value_t = 600)]
+    reattach_timeout: u64,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -57,7 +70,8 @@ enum Cmd {
     /// Submit a job spec (YAML or JSON).
     Submit {
         file: PathBuf,
-        /// Follow the job with a progress bar until it ends; exit 1 if it fails, 2 if cancelled.
+        /// Follow the job with a progress bar until it ends; exit 0 if it succeeds, 1 if it
+        /// fails, 3 if it is cancelled (docs/cli.md lists every status).
         #[arg(long)]
         wait: bool,
     },
@@ -81,7 +95,63 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("ferryctl: {e:#}");
-            std::process::exit(EXIT_FAILED);
+            let code = match failure(&e) {
+                Some(Failure::Unreachable) => EXIT_UNREACHABLE,
+                Some(Failure::Rejected) => EXIT_REJECTED,
+                None if e.downcast_ref::<Usage>().is_some() => EXIT_USAGE,
+                None => EXIT_FAILED,
+            };
+            std::process::exit(code);
+        }
+    }
+}
+
+/// A usage error found after parsing (a spec file that cannot be read).
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// Calls `f` until it succeeds, fails for another reason than an unreachable ferryd, or
+/// ferryd stays unreachable for `timeout`: waiting 0.5 s, then twice as long each time (at
+/// most 10 s), and saying so on stderr.
+fn reattaching<T>(c: &Client, timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut since: Option<std::time::Instant> = None;
+    let mut pause = Duration::from_millis(500);
+    loop {
+        match f() {
+            Ok(v) => {
+                if since.is_some() {
+                    eprintln!(
+                        "ferryctl: reached ferryd at {} again; following on",
+                        c.base()
+                    );
+                }
+                return Ok(v);
+            }
+            Err(e) if failure(&e) == Some(Failure::Unreachable) => {
+                let start = *since.get_or_insert_with(std::time::Instant::now);
+                if start.elapsed() >= timeout {
+                    return Err(e.context(format!(
+                        "gave up after {} s (--reattach-timeout); the job itself goes on",
+                        timeout.as_secs()
+                    )));
+                }
+                eprintln!(
+                    "ferryctl: lost ferryd ({e:#}); trying again in {:.1} s, for up to {} s more",
+                    pause.as_secs_f64(),
+                    timeout.saturating_sub(start.elapsed()).as_secs()
+                );
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -89,10 +159,11 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     let c = Client::new(&cli.server, cli.token.clone());
     let fmt = cli.output;
+    let reattach = Duration::from_secs(cli.reattach_timeout);
     match cli.command {
         Cmd::Submit { file, wait } => {
             let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read job spec {}", file.display()))?;
+                .map_err(|e| Usage(format!("cannot read job spec {}: {e}", file.display())))?;
             let ct = if file.extension().is_some_and(|e| e == "json") {
                 "application/json"
             } else {
@@ -106,7 +177,7 @@ fn run(cli: Cli) -> Result<i32> {
             if fmt == Format::Table {
                 eprintln!("job {} ({}) submitted", job.id, job.name);
             }
-            let end = follow(&c, &job.id)?;
+            let end = follow(&c, &job.id, reattach)?;
             if fmt != Format::Table {
                 output::job(&end, fmt)?;
             }
@@ -148,10 +219,15 @@ fn run(cli: Cli) -> Result<i32> {
             let mut after = 0;
             loop {
                 let wait = if f { 20 } else { 0 };
-                let page: EventPage = c.get(&format!(
+                let path = format!(
                     "/v1/jobs/{}/events?after={after}&wait={wait}",
                     segment(&job)
-                ))?;
+                );
+                let page: EventPage = if f {
+                    reattaching(&c, reattach, || c.get(&path))?
+                } else {
+                    c.get(&path)?
+                };
                 for e in &page.events {
                     output::event(e, fmt)?;
                 }
@@ -163,7 +239,8 @@ fn run(cli: Cli) -> Result<i32> {
                 }
                 if !f || done {
                     if f {
-                        let j: Job = c.get(&format!("/v1/jobs/{}", segment(&job)))?;
+                        let path = format!("/v1/jobs/{}", segment(&job));
+                        let j: Job = reattaching(&c, reattach, || c.get(&path))?;
                         return Ok(exit_code(&j));
                     }
                     return Ok(0);
@@ -187,7 +264,8 @@ fn exit_code(job: &Job) -> i32 {
 }
 
 /// Follows a job until it ends: a progress bar on a terminal, event lines otherwise.
-fn follow(c: &Client, id: &str) -> Result<Job> {
+/// When ferryd goes away meanwhile, it tries again for `reattach` and then goes on.
+fn follow(c: &Client, id: &str, reattach: Duration) -> Result<Job> {
     let tty = std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::new(0);
     if tty {
@@ -211,10 +289,8 @@ fn follow(c: &Client, id: &str) -> Result<Job> {
     };
     let mut after = 0;
     loop {
-        let page: EventPage = c.get(&format!(
-            "/v1/jobs/{}/events?after={after}&wait=10",
-            segment(id)
-        ))?;
+        let path = format!("/v1/jobs/{}/events?after={after}&wait=10", segment(id));
+        let page: EventPage = reattaching(c, reattach, || c.get(&path))?;
         for e in &page.events {
             // Progress shows in the bar; checkpoints are in `ferryctl logs`.
             if !matches!(e.kind, EventKind::Progress | EventKind::Checkpoint) {
@@ -222,7 +298,8 @@ fn follow(c: &Client, id: &str) -> Result<Job> {
             }
         }
         after = page.next;
-        let job: Job = c.get(&format!("/v1/jobs/{}", segment(id)))?;
+        let path = format!("/v1/jobs/{}", segment(id));
+        let job: Job = reattaching(c, reattach, || c.get(&path))?;
         let s = &job.status;
         bar.set_length(s.total_steps.max(1));
         bar.set_position(s.step);

@@ -201,7 +201,7 @@ fn a_bad_spec_gets_a_4xx_naming_the_field() {
     let f = d.dir.path().join("bad.yaml");
     std::fs::write(&f, good.replace("epochs: 4", "epochs: 0")).unwrap();
     let out = d.ctl(&["submit", f.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(5), "a rejected request exits 5");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("train.epochs"),
         "{}",
@@ -789,4 +789,69 @@ fn ferryd_config_redacts_secrets_and_names_misspelt_variables() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&quiet.stderr).is_empty());
+}
+
+/// `ferryctl submit --wait` follows its job across a restart of ferryd (it says so, and
+/// tries again) and ends with the job's exit status: 0 when it succeeds, 3 when it is
+/// cancelled.
+#[test]
+fn submit_wait_reattaches_across_a_daemon_restart_and_exits_with_the_jobs_status() {
+    let mut d = Daemon::start();
+    let follow = |d: &Daemon, name: &str, epochs: u32| {
+        let spec = d.dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&spec, long_job(name, epochs, 100)).unwrap();
+        let child = std::process::Command::new(ferry_tests::bin("ferryctl"))
+            .args(["submit", spec.to_str().unwrap(), "--wait"])
+            .env("FERRY_SERVER", d.url(""))
+            .env_remove("FERRY_TOKEN")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let id = loop {
+            let (_, list) = d.get("/v1/jobs");
+            let found = list["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|j| j["name"] == name)
+                .map(|j| j["id"].as_str().unwrap().to_string());
+            if let Some(id) = found {
+                break id;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ferryctl submitted nothing"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        (child, id)
+    };
+    let (ctl, id) = follow(&d, "reattach", 2);
+    d.wait_for(&id, Duration::from_secs(120), "a checkpoint", |j| {
+        j.status.checkpoint.is_some()
+    });
+    d.crash_and_restart();
+    let out = ctl.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("lost ferryd") && stderr.contains("again; following on"),
+        "{stderr}"
+    );
+    assert_eq!(d.job(&id).phase, JobPhase::Succeeded);
+    // Cancelled: 3.
+    let (ctl, id) = follow(&d, "cancelled", 50);
+    d.wait_for(&id, Duration::from_secs(120), "a step", |j| {
+        j.status.step > 0
+    });
+    assert_eq!(d.ctl(&["cancel", &id]).status.code(), Some(0));
+    let out = ctl.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
