@@ -16,6 +16,15 @@ pub enum JobPhase {
 }
 
 impl JobPhase {
+    /// Every phase, in the order a job goes through them.
+    pub const ALL: [JobPhase; 5] = [
+        JobPhase::Pending,
+        JobPhase::Running,
+        JobPhase::Succeeded,
+        JobPhase::Failed,
+        JobPhase::Cancelled,
+    ];
+
     /// Whether the job has ended for good.
     pub fn is_terminal(self) -> bool {
         matches!(
@@ -173,6 +182,10 @@ pub struct EventPage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobList<S = JobSpec> {
     pub jobs: Vec<Job<S>>,
+    /// With `limit`: the token that fetches the next page (`?continue=`), absent on the
+    /// last one.
+    #[serde(rename = "continue", default, skip_serializing_if = "Option::is_none")]
+    pub cont: Option<String>,
 }
 
 /// A ferry node as registered in the store.

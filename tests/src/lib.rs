@@ -420,7 +420,8 @@ impl Daemon {
         format!("http://{}:{}{path}", self.ip(), self.port)
     }
 
-    fn req(&self, method: &str, path: &str) -> ureq::Request {
+    /// A request with any method to this daemon (with its token).
+    pub fn req(&self, method: &str, path: &str) -> ureq::Request {
         let r = self.agent.request(method, &self.url(path));
         match &self.token {
             Some(t) => r.set("Authorization", &format!("Bearer {t}")),

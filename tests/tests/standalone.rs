@@ -855,3 +855,75 @@ fn submit_wait_reattaches_across_a_daemon_restart_and_exits_with_the_jobs_status
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// HTTP as a client expects it: pages of jobs that see every job once, strict query
+/// parameters, 405 with `Allow`, HEAD, and 415 for a body that is not YAML or JSON.
+#[test]
+fn lists_page_strictly_and_methods_and_media_types_are_answered_properly() {
+    let d = Daemon::start();
+    let ids: Vec<String> = (0..30)
+        .map(|i| d.submit(&long_job(&format!("page-{i}"), 50, 0)).id)
+        .collect();
+    let mut seen = Vec::new();
+    let mut path = "/v1/jobs?limit=7".to_string();
+    for page in 0.. {
+        let (status, body) = d.get(&path);
+        assert_eq!(status, 200, "{body}");
+        let jobs = body["jobs"].as_array().unwrap();
+        assert!(jobs.len() <= 7);
+        seen.extend(jobs.iter().map(|j| j["id"].as_str().unwrap().to_string()));
+        match body["continue"].as_str() {
+            Some(token) => path = format!("/v1/jobs?limit=7&continue={token}"),
+            None => {
+                assert_eq!(page, 4, "30 jobs in pages of 7");
+                break;
+            }
+        }
+    }
+    assert_eq!(seen, ids, "every job once, oldest first");
+    for (bad, what) in [
+        ("/v1/jobs?phase=Bogus", "phase `Bogus` is not one of"),
+        ("/v1/jobs?limit=0", "limit"),
+        ("/v1/jobs?continue=zz", "continue token"),
+        (&format!("/v1/jobs/{}/events?wait=61", ids[0]), "at most 60"),
+    ] {
+        let (status, body) = d.get(bad);
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains(what),
+            "{bad}: {body}"
+        );
+    }
+    let (status, body) = d.get("/v1/jobs?phase=pending&limit=1000");
+    assert_eq!(status, 200, "{body}");
+    // 405 with Allow, for a known path; 404 for an unknown one.
+    let put = d.req("PUT", "/v1/jobs").call().unwrap_err();
+    match put {
+        ureq::Error::Status(405, r) => assert_eq!(r.header("Allow"), Some("GET, HEAD, POST")),
+        other => panic!("{other:?}"),
+    }
+    let del = d
+        .req("DELETE", &format!("/v1/jobs/{}/cancel", ids[0]))
+        .call();
+    assert!(matches!(del, Err(ureq::Error::Status(405, _))), "{del:?}");
+    assert!(matches!(
+        d.req("GET", "/v2/x").call(),
+        Err(ureq::Error::Status(404, _))
+    ));
+    // HEAD answers as GET does, without a body.
+    let head = d
+        .req("HEAD", &format!("/v1/jobs/{}", ids[0]))
+        .call()
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.into_string().unwrap(), "");
+    // 415 for XML.
+    let xml = d
+        .req("POST", "/v1/jobs")
+        .set("Content-Type", "application/xml")
+        .send_string("<job/>");
+    assert!(matches!(xml, Err(ureq::Error::Status(415, _))), "{xml:?}");
+    for id in &ids {
+        d.ctl(&["cancel", id]);
+    }
+}

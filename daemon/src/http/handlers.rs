@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use ferry_cluster::api::{JobList, NodeList};
+use ferry_cluster::api::{JobList, JobPhase, NodeList};
 use ferry_cluster::spec::JobSpec;
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -45,7 +45,27 @@ pub async fn openapi(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(super::openapi::document(state.version))
 }
 
+/// No route: 405 with `Allow` for a known path asked with another method, 404 otherwise.
 pub async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
+    use actix_web::ResponseError;
+    if let Some(allow) = super::allowed_methods(req.path()) {
+        let mut res = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method not allowed",
+            format!(
+                "{} {} is not served; {} is",
+                req.method(),
+                req.path(),
+                allow
+            ),
+        )
+        .error_response();
+        res.headers_mut().insert(
+            actix_web::http::header::ALLOW,
+            actix_web::http::header::HeaderValue::from_static(allow),
+        );
+        return Ok(res);
+    }
     Err(ApiError::new(
         StatusCode::NOT_FOUND,
         "Not found",
@@ -56,6 +76,17 @@ pub async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
         ),
     ))
 }
+
+/// The media types a job spec may come as (or none: YAML and JSON are told apart by
+/// their text).
+const SPEC_TYPES: &[&str] = &[
+    "application/yaml",
+    "application/x-yaml",
+    "text/yaml",
+    "text/x-yaml",
+    "application/json",
+    "text/plain",
+];
 
 /// How long a spec may take to parse.
 const PARSE_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
@@ -73,6 +104,28 @@ pub async fn submit(
             format!("a job spec may be at most {} bytes", state.max_body_bytes),
         )
     };
+    let media = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .map(|v| {
+            v.to_str()
+                .unwrap_or("?")
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        });
+    if let Some(m) = media.filter(|m| !SPEC_TYPES.contains(&m.as_str())) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Unsupported media type",
+            format!(
+                "a job spec comes as YAML or JSON ({}), not {m}",
+                SPEC_TYPES.join(", ")
+            ),
+        ));
+    }
     // A declared length beyond the limit is refused before a byte of it is read.
     let declared = req
         .headers()
@@ -158,25 +211,80 @@ pub async fn submit(
 pub struct ListQuery {
     phase: Option<String>,
     name: Option<String>,
+    /// Jobs per page (1-1000); without it, every job.
+    limit: Option<usize>,
+    /// The `continue` token of the previous page.
+    #[serde(rename = "continue")]
+    cont: Option<String>,
 }
 
+/// `GET /v1/jobs`: jobs in id order (ids grow with submission time), filtered by phase and
+/// name, a page at a time with `limit`, each page's `continue` token leading to the next.
 pub async fn list_jobs(
     state: web::Data<AppState>,
     q: web::Query<ListQuery>,
 ) -> Result<HttpResponse> {
-    let jobs = state
+    let bad = |detail: String| ApiError::new(StatusCode::BAD_REQUEST, "Bad request", detail);
+    let phase = match q.phase.as_deref() {
+        None => None,
+        Some(p) => Some(
+            JobPhase::ALL
+                .into_iter()
+                .find(|ph| ph.as_str().eq_ignore_ascii_case(p))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "phase `{p}` is not one of {}",
+                        JobPhase::ALL.map(|ph| ph.as_str()).join(", ")
+                    ))
+                })?,
+        ),
+    };
+    if q.limit.is_some_and(|l| !(1..=1000).contains(&l)) {
+        return Err(bad("limit must be 1 to 1000".into()));
+    }
+    let after = match q.cont.as_deref() {
+        None => None,
+        Some(t) => Some(
+            continue_token::decode(t)
+                .ok_or_else(|| bad(format!("`{t}` is not a continue token from this API")))?,
+        ),
+    };
+    let mut jobs: Vec<_> = state
         .jobs
         .list()
         .await?
         .into_iter()
-        .filter(|j| {
-            q.phase
-                .as_deref()
-                .is_none_or(|p| j.phase.as_str().eq_ignore_ascii_case(p))
-        })
+        .filter(|j| phase.is_none_or(|p| j.phase == p))
         .filter(|j| q.name.as_deref().is_none_or(|n| j.name == n))
+        .filter(|j| after.as_deref().is_none_or(|a| j.id.as_str() > a))
         .collect();
-    Ok(HttpResponse::Ok().json(JobList { jobs }))
+    jobs.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut cont = None;
+    if let Some(limit) = q.limit {
+        if jobs.len() > limit {
+            jobs.truncate(limit);
+            cont = jobs.last().map(|j| continue_token::encode(&j.id));
+        }
+    }
+    Ok(HttpResponse::Ok().json(JobList { jobs, cont }))
+}
+
+/// `continue` tokens: opaque to clients (the last id of a page, hex-encoded).
+mod continue_token {
+    pub fn encode(id: &str) -> String {
+        id.bytes().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn decode(token: &str) -> Option<String> {
+        if !token.len().is_multiple_of(2) || token.len() > 256 {
+            return None;
+        }
+        let bytes: Option<Vec<u8>> = (0..token.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+            .collect();
+        String::from_utf8(bytes?).ok()
+    }
 }
 
 pub async fn get_job(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
@@ -209,8 +317,21 @@ pub async fn job_events(
     id: web::Path<String>,
     q: web::Query<EventsQuery>,
 ) -> Result<HttpResponse> {
-    let wait = Duration::from_secs(q.wait.min(60));
-    let limit = q.limit.clamp(1, 10_000);
+    if q.wait > 60 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "wait may be at most 60 seconds; follow longer with successive requests",
+        ));
+    }
+    if !(1..=10_000).contains(&q.limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "limit must be 1 to 10000",
+        ));
+    }
+    let (wait, limit) = (Duration::from_secs(q.wait), q.limit);
     Ok(HttpResponse::Ok().json(state.jobs.events(&id, q.after, limit, wait).await?))
 }
 

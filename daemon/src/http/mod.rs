@@ -158,18 +158,53 @@ async fn observe(
     Ok(res)
 }
 
+/// Every route's path and the methods it answers (HEAD wherever GET); `routes` registers
+/// them, and the default service answers a known path asked with another method with 405
+/// and this `Allow`.
+const ROUTE_METHODS: &[(&str, &str)] = &[
+    ("/healthz", "GET, HEAD"),
+    ("/readyz", "GET, HEAD"),
+    ("/metrics", "GET, HEAD"),
+    ("/openapi.json", "GET, HEAD"),
+    ("/v1/jobs", "GET, HEAD, POST"),
+    ("/v1/jobs/{id}", "GET, HEAD"),
+    ("/v1/jobs/{id}/cancel", "POST"),
+    ("/v1/jobs/{id}/events", "GET, HEAD"),
+    ("/v1/nodes", "GET, HEAD"),
+];
+
+/// The `Allow` value of the route `path` matches, if any (`{id}` matches one segment).
+pub fn allowed_methods(path: &str) -> Option<&'static str> {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    ROUTE_METHODS.iter().find_map(|(pattern, allow)| {
+        let want: Vec<&str> = pattern.split('/').collect();
+        (want.len() == segments.len()
+            && want
+                .iter()
+                .zip(&segments)
+                .all(|(w, s)| w == s || (*w == "{id}" && !s.is_empty())))
+        .then_some(*allow)
+    })
+}
+
+/// GET, and HEAD with the same handler (the server sends the head without the body).
+fn get() -> actix_web::Route {
+    use actix_web::guard;
+    web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
+}
+
 /// Registers every route; `openapi::tests` checks this table against the OpenAPI document.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(handlers::healthz))
-        .route("/readyz", web::get().to(handlers::readyz))
-        .route("/metrics", web::get().to(handlers::metrics))
-        .route("/openapi.json", web::get().to(handlers::openapi))
+    cfg.route("/healthz", get().to(handlers::healthz))
+        .route("/readyz", get().to(handlers::readyz))
+        .route("/metrics", get().to(handlers::metrics))
+        .route("/openapi.json", get().to(handlers::openapi))
         .route("/v1/jobs", web::post().to(handlers::submit))
-        .route("/v1/jobs", web::get().to(handlers::list_jobs))
-        .route("/v1/jobs/{id}", web::get().to(handlers::get_job))
+        .route("/v1/jobs", get().to(handlers::list_jobs))
+        .route("/v1/jobs/{id}", get().to(handlers::get_job))
         .route("/v1/jobs/{id}/cancel", web::post().to(handlers::cancel_job))
-        .route("/v1/jobs/{id}/events", web::get().to(handlers::job_events))
-        .route("/v1/nodes", web::get().to(handlers::list_nodes));
+        .route("/v1/jobs/{id}/events", get().to(handlers::job_events))
+        .route("/v1/nodes", get().to(handlers::list_nodes));
 }
 
 /// Serves the API on an already-bound listener (tests bind port 0).

@@ -47,11 +47,13 @@ pub fn document(version: &str) -> Value {
                     "description": "A job's model is code: submitting a TorchScript model runs it as ferryd's user on the nodes the job is placed on (confined by rank_sandbox where it applies; see docs/security.md). Beyond max_queued_jobs Pending jobs, or max_requests_per_client requests in flight, the answer is 429 with Retry-After; a body slower than body_timeout_ms gets 408.",
                     "requestBody": {"required": true, "description": "The job spec (v1), as YAML or JSON",
                         "content": {"application/yaml": {"schema": {"$ref": "#/components/schemas/JobSpec"}}, "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}}},
-                    "responses": merge(ok_json("201", "The job, Pending", "Job"), problem_responses(&["400", "401", "408", "409", "413", "422", "429", "503"]))},
-                "get": {"operationId": "listJobs", "summary": "List jobs, oldest first",
+                    "responses": merge(ok_json("201", "The job, Pending", "Job"), problem_responses(&["400", "401", "408", "409", "413", "415", "422", "429", "503"]))},
+                "get": {"operationId": "listJobs", "summary": "List jobs, oldest first (by id, which grows with submission time)",
                     "parameters": [
                         {"name": "phase", "in": "query", "schema": {"$ref": "#/components/schemas/JobPhase"}},
-                        {"name": "name", "in": "query", "schema": {"type": "string"}}],
+                        {"name": "name", "in": "query", "schema": {"type": "string"}},
+                        {"name": "limit", "in": "query", "description": "Jobs per page; without it, every job", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                        {"name": "continue", "in": "query", "description": "The previous page's `continue` token (opaque)", "schema": {"type": "string"}}],
                     "responses": merge(ok_json("200", "Jobs", "JobList"), problem_responses(&["400", "401", "503"]))}
             },
             "/v1/jobs/{id}": {"get": {"operationId": "getJob", "summary": "One job", "parameters": [id_param()],
@@ -85,7 +87,8 @@ pub fn document(version: &str) -> Value {
                     "spec": {"$ref": "#/components/schemas/JobSpec"}, "status": {"$ref": "#/components/schemas/JobStatus"},
                     "created_at": {"type": "string", "format": "date-time"}, "node": {"type": "string"},
                     "cancel_requested": {"type": "boolean"}, "revision": {"type": "integer"}}},
-                "JobList": {"type": "object", "required": ["jobs"], "properties": {"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}}},
+                "JobList": {"type": "object", "required": ["jobs"], "properties": {"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
+                    "continue": {"type": "string", "description": "With limit: pass as `continue` for the next page; absent on the last"}}},
                 "JobEvent": {"type": "object", "required": ["seq", "time", "kind", "message"], "properties": {
                     "seq": {"type": "integer"}, "time": {"type": "string", "format": "date-time"},
                     "kind": {"type": "string", "enum": ["phase", "progress", "eval", "checkpoint", "log", "init"]},
