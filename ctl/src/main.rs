@@ -76,7 +76,15 @@ enum Cmd {
         wait: bool,
     },
     /// List jobs, or show one (by id or name).
-    Get { job: Option<String> },
+    Get {
+        job: Option<String>,
+        /// Only jobs in this phase (Pending, Running, Succeeded, Failed, Cancelled).
+        #[arg(long)]
+        phase: Option<String>,
+        /// At most this many jobs (the oldest first).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Cancel a job.
     Cancel { job: String },
     /// Print a job's events; -f follows until the job ends.
@@ -183,13 +191,38 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit_code(&end))
         }
-        Cmd::Get { job: Some(j) } => {
+        Cmd::Get { job: Some(j), .. } => {
             let job: Job = c.get(&format!("/v1/jobs/{}", segment(&j)))?;
             output::job(&job, fmt)?;
             Ok(0)
         }
-        Cmd::Get { job: None } => {
-            let list: JobList = c.get("/v1/jobs")?;
+        Cmd::Get {
+            job: None,
+            phase,
+            limit,
+        } => {
+            // A page at a time, until `limit` jobs or the last page.
+            let mut list = JobList {
+                jobs: Vec::new(),
+                cont: None,
+            };
+            let mut token: Option<String> = None;
+            loop {
+                let want = limit.map_or(1000, |l| (l - list.jobs.len()).min(1000));
+                let mut path = format!("/v1/jobs?limit={want}");
+                if let Some(p) = &phase {
+                    path.push_str(&format!("&phase={}", segment(p)));
+                }
+                if let Some(t) = &token {
+                    path.push_str(&format!("&continue={}", segment(t)));
+                }
+                let page: JobList = c.get(&path)?;
+                list.jobs.extend(page.jobs);
+                token = page.cont;
+                if token.is_none() || limit.is_some_and(|l| list.jobs.len() >= l) {
+                    break;
+                }
+            }
             output::jobs(&list, fmt)?;
             Ok(0)
         }
