@@ -49,6 +49,9 @@ struct Cli {
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
+    /// Tables without their header line.
+    #[arg(long, global = true)]
+    no_headers: bool,
     /// While following a job (`submit --wait`, `logs -f`): how long to keep trying to reach
     /// ferryd again when it goes away (a restart, a network blip), in seconds; the job goes
     /// on meanwhile.
@@ -63,6 +66,8 @@ pub enum Format {
     Table,
     Json,
     Yaml,
+    /// Ids only (node names for `nodes`), one per line, for scripts.
+    Name,
 }
 
 #[derive(Subcommand)]
@@ -95,6 +100,10 @@ enum Cmd {
     },
     /// List the nodes of the cluster.
     Nodes,
+    /// Print this ferryctl's version and the server's.
+    Version,
+    /// Print a shell completion script: `source <(ferryctl completion bash)`.
+    Completion { shell: clap_complete::Shell },
 }
 
 fn main() {
@@ -165,6 +174,7 @@ fn reattaching<T>(c: &Client, timeout: Duration, mut f: impl FnMut() -> Result<T
 }
 
 fn run(cli: Cli) -> Result<i32> {
+    output::NO_HEADERS.store(cli.no_headers, std::sync::atomic::Ordering::Relaxed);
     let c = Client::new(&cli.server, cli.token.clone());
     let fmt = cli.output;
     let reattach = Duration::from_secs(cli.reattach_timeout);
@@ -283,6 +293,19 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Nodes => {
             let nodes: NodeList = c.get("/v1/nodes")?;
             output::nodes(&nodes, fmt)?;
+            Ok(0)
+        }
+        Cmd::Version => {
+            println!("client: {}", env!("CARGO_PKG_VERSION"));
+            let doc: serde_json::Value = c.get("/openapi.json")?;
+            let server = doc["info"]["version"].as_str().unwrap_or("unknown");
+            println!("server: {server} ({})", c.base());
+            Ok(0)
+        }
+        Cmd::Completion { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "ferryctl", &mut std::io::stdout());
             Ok(0)
         }
     }

@@ -8,11 +8,14 @@ use serde::Serialize;
 
 use crate::Format;
 
+/// `--no-headers`: tables without their header line.
+pub static NO_HEADERS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn structured<T: Serialize>(v: &T, fmt: Format) -> Result<bool> {
     match fmt {
         Format::Json => println!("{}", serde_json::to_string_pretty(v)?),
         Format::Yaml => print!("{}", serde_yaml::to_string(v)?),
-        Format::Table => return Ok(false),
+        Format::Table | Format::Name => return Ok(false),
     }
     Ok(true)
 }
@@ -32,7 +35,9 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
             .collect();
         println!("{}", s.join("  ").trim_end());
     };
-    line(header.iter().map(|s| s.to_string()).collect());
+    if !NO_HEADERS.load(std::sync::atomic::Ordering::Relaxed) {
+        line(header.iter().map(|s| s.to_string()).collect());
+    }
     for r in rows {
         line(r);
     }
@@ -50,6 +55,10 @@ pub fn short_time(t: &str) -> &str {
 /// A list of jobs.
 pub fn jobs(list: &JobList, fmt: Format) -> Result<()> {
     if structured(list, fmt)? {
+        return Ok(());
+    }
+    if fmt == Format::Name {
+        list.jobs.iter().for_each(|j| println!("{}", j.id));
         return Ok(());
     }
     let rows = list
@@ -95,6 +104,10 @@ pub fn job(j: &Job, fmt: Format) -> Result<()> {
     if structured(j, fmt)? {
         return Ok(());
     }
+    if fmt == Format::Name {
+        println!("{}", j.id);
+        return Ok(());
+    }
     let s = &j.status;
     let mut rows = vec![
         ("id", j.id.clone()),
@@ -134,7 +147,7 @@ pub fn event(e: &JobEvent, fmt: Format) -> Result<()> {
     match fmt {
         Format::Json => println!("{}", serde_json::to_string(e)?),
         Format::Yaml => print!("---\n{}", serde_yaml::to_string(e)?),
-        Format::Table => println!(
+        Format::Table | Format::Name => println!(
             "{}  {:<10}  {}",
             e.time,
             format!("{:?}", e.kind).to_lowercase(),
@@ -147,6 +160,10 @@ pub fn event(e: &JobEvent, fmt: Format) -> Result<()> {
 /// The nodes.
 pub fn nodes(list: &NodeList, fmt: Format) -> Result<()> {
     if structured(list, fmt)? {
+        return Ok(());
+    }
+    if fmt == Format::Name {
+        list.nodes.iter().for_each(|n| println!("{}", n.name));
         return Ok(());
     }
     let rows = list

@@ -927,3 +927,43 @@ fn lists_page_strictly_and_methods_and_media_types_are_answered_properly() {
         d.ctl(&["cancel", id]);
     }
 }
+
+/// ferryctl for scripts: `-o name`, `--no-headers`, `version` with the server's version,
+/// and shell completion.
+#[test]
+fn ferryctl_speaks_to_scripts_and_shells() {
+    let d = Daemon::start();
+    let job = d.submit(&feature_extraction("scripted"));
+    let text = |args: &[&str]| {
+        let out = d.ctl(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(text(&["get", "-o", "name"]), format!("{}\n", job.id));
+    assert_eq!(
+        text(&["get", "scripted", "-o", "name"]),
+        format!("{}\n", job.id)
+    );
+    let rows = text(&["get", "--no-headers"]);
+    assert!(
+        rows.starts_with(&job.id) && !rows.contains("PHASE"),
+        "{rows}"
+    );
+    let version = text(&["version"]);
+    let server = d.get("/openapi.json").1["info"]["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        version.contains("client: ") && version.contains(&format!("server: {server}")),
+        "{version}"
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        assert!(text(&["completion", shell]).contains("ferryctl"), "{shell}");
+    }
+    d.wait_terminal(&job.id, Duration::from_secs(120));
+}
