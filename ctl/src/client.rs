@@ -125,6 +125,20 @@ impl Client {
         })
     }
 
+    /// DELETE and read JSON back.
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let resp = self
+            .request("DELETE", path)
+            .call()
+            .map_err(|e| self.explain(e))?;
+        resp.into_json().map_err(|e| {
+            failed(
+                Failure::Unreachable,
+                format!("ferryd sent an unreadable answer to DELETE {path}: {e}"),
+            )
+        })
+    }
+
     /// POST a body (or none) and read JSON back.
     pub fn post<T: DeserializeOwned>(
         &self,

@@ -92,6 +92,8 @@ enum Cmd {
     },
     /// Cancel a job.
     Cancel { job: String },
+    /// Delete a job that has ended, with its events (its outputs stay on disk).
+    Delete { job: String },
     /// Print a job's events; -f follows until the job ends.
     Logs {
         job: String,
@@ -253,6 +255,15 @@ fn run(cli: Cli) -> Result<i32> {
                         "cancel requested"
                     }
                 );
+            } else {
+                output::job(&job, fmt)?;
+            }
+            Ok(0)
+        }
+        Cmd::Delete { job } => {
+            let job: Job = c.delete(&format!("/v1/jobs/{}", segment(&job)))?;
+            if fmt == Format::Table {
+                println!("job {} ({}) deleted", job.id, job.name);
             } else {
                 output::job(&job, fmt)?;
             }

@@ -967,3 +967,48 @@ fn ferryctl_speaks_to_scripts_and_shells() {
     }
     d.wait_terminal(&job.id, Duration::from_secs(120));
 }
+
+/// A job that has ended can be deleted (by id or name), with its events; its outputs stay.
+/// A job that has not ended cannot.
+#[test]
+fn a_finished_job_is_deleted_with_its_events_and_a_running_one_is_not() {
+    let d = Daemon::start();
+    let gone = d.submit(&feature_extraction("gone"));
+    d.wait_terminal(&gone.id, Duration::from_secs(120));
+    let busy = d.submit(&long_job("busy", 50, 0));
+    d.wait_for(&busy.id, Duration::from_secs(60), "a step", |j| {
+        j.status.step > 0
+    });
+    let del = d.req("DELETE", &format!("/v1/jobs/{}", busy.id)).call();
+    assert!(matches!(del, Err(ureq::Error::Status(409, _))), "{del:?}");
+    let out = d.ctl(&["delete", "gone"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("deleted"));
+    for path in [
+        format!("/v1/jobs/{}", gone.id),
+        "/v1/jobs/gone".to_string(),
+        format!("/v1/jobs/{}/events", gone.id),
+    ] {
+        assert_eq!(d.get(&path).0, 404, "{path}");
+    }
+    let (_, list) = d.get("/v1/jobs");
+    let names: Vec<&str> = list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["busy"]);
+    assert!(
+        d.out().join("gone/model.safetensors").is_file(),
+        "the outputs stay"
+    );
+    // Deleting again: 404 (exit 5 from ferryctl).
+    assert_eq!(d.ctl(&["delete", &gone.id]).status.code(), Some(5));
+    d.ctl(&["cancel", &busy.id]);
+}

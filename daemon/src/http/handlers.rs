@@ -291,6 +291,11 @@ pub async fn get_job(state: web::Data<AppState>, id: web::Path<String>) -> Resul
     Ok(HttpResponse::Ok().json(state.jobs.get(&id).await?))
 }
 
+/// `DELETE /v1/jobs/{id}`: a job that has ended, with its events; the deleted record.
+pub async fn delete_job(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
+    Ok(HttpResponse::Ok().json(state.jobs.delete(&id).await?))
+}
+
 pub async fn cancel_job(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
     Ok(HttpResponse::Accepted().json(state.jobs.cancel(&id).await?))
 }

@@ -167,7 +167,7 @@ const ROUTE_METHODS: &[(&str, &str)] = &[
     ("/metrics", "GET, HEAD"),
     ("/openapi.json", "GET, HEAD"),
     ("/v1/jobs", "GET, HEAD, POST"),
-    ("/v1/jobs/{id}", "GET, HEAD"),
+    ("/v1/jobs/{id}", "GET, HEAD, DELETE"),
     ("/v1/jobs/{id}/cancel", "POST"),
     ("/v1/jobs/{id}/events", "GET, HEAD"),
     ("/v1/nodes", "GET, HEAD"),
@@ -202,6 +202,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/jobs", web::post().to(handlers::submit))
         .route("/v1/jobs", get().to(handlers::list_jobs))
         .route("/v1/jobs/{id}", get().to(handlers::get_job))
+        .route("/v1/jobs/{id}", web::delete().to(handlers::delete_job))
         .route("/v1/jobs/{id}/cancel", web::post().to(handlers::cancel_job))
         .route("/v1/jobs/{id}/events", get().to(handlers::job_events))
         .route("/v1/nodes", get().to(handlers::list_nodes));

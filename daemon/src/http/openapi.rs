@@ -57,7 +57,9 @@ pub fn document(version: &str) -> Value {
                     "responses": merge(ok_json("200", "Jobs", "JobList"), problem_responses(&["400", "401", "503"]))}
             },
             "/v1/jobs/{id}": {"get": {"operationId": "getJob", "summary": "One job", "parameters": [id_param()],
-                "responses": merge(ok_json("200", "The job", "Job"), problem_responses(&["401", "404", "503"]))}},
+                "responses": merge(ok_json("200", "The job", "Job"), problem_responses(&["401", "404", "503"]))},
+                "delete": {"operationId": "deleteJob", "summary": "Delete a job that has ended, with its events (its outputs stay)", "parameters": [id_param()],
+                "responses": merge(ok_json("200", "The deleted job", "Job"), problem_responses(&["401", "404", "409", "503"]))}},
             "/v1/jobs/{id}/cancel": {"post": {"operationId": "cancelJob", "summary": "Cancel a job", "parameters": [id_param()],
                 "responses": merge(ok_json("202", "Cancellation requested (or done, for a Pending job)", "Job"), problem_responses(&["401", "404", "409", "503"]))}},
             "/v1/jobs/{id}/events": {"get": {"operationId": "jobEvents", "summary": "A job's progress and log lines",
@@ -174,6 +176,7 @@ mod tests {
                 let req = match method.as_str() {
                     "get" => test::TestRequest::get(),
                     "post" => test::TestRequest::post(),
+                    "delete" => test::TestRequest::delete(),
                     m => panic!("unexpected method {m}"),
                 }
                 .uri(&uri)
@@ -187,9 +190,9 @@ mod tests {
                 );
             }
         }
-        // routes() registers 10 (method, path) pairs.
+        // routes() registers 11 (method, path) pairs.
         assert_eq!(
-            documented, 10,
+            documented, 11,
             "a route is missing from the OpenAPI document"
         );
     }

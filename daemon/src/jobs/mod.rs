@@ -723,6 +723,45 @@ impl JobManager {
         Ok(job)
     }
 
+    /// Deletes a job that has ended: its record, its events, its name-index entry, what the
+    /// store still holds of its generations, and its claim on its output directory. Its
+    /// outputs stay on disk. The record goes last, so a deletion cut short (the store went
+    /// away) leaves a job that a second DELETE finishes.
+    pub async fn delete(&self, id_or_name: &str) -> Result<Job, JobError> {
+        let job = self.get(id_or_name).await?;
+        if !job.phase.is_terminal() {
+            return Err(JobError::Conflict(format!(
+                "job {} is {}: only a job that has ended can be deleted (cancel it first)",
+                job.id,
+                job.phase.as_str()
+            )));
+        }
+        let id = &job.id;
+        for prefix in [
+            self.keys.events(id),
+            self.keys.reports_all(id),
+            self.keys.rendezvous_all(id),
+            self.keys.teachers(id),
+        ] {
+            for kv in self.store.range(&prefix).await? {
+                self.store.delete(&kv.key).await?;
+            }
+        }
+        self.store.delete(&self.keys.event_seq(id)).await?;
+        let claim = self.keys.output_claim(&job.spec.output.dir);
+        if let Some(kv) = self.store.get(&claim).await? {
+            if kv.value == id.as_bytes() {
+                self.store.delete(&claim).await?;
+            }
+        }
+        self.store
+            .delete(&self.keys.job_name(&job.name, id))
+            .await?;
+        self.store.delete(&self.keys.job(id)).await?;
+        tracing::info!(job = %id, name = %job.name, "deleted");
+        Ok(job)
+    }
+
     /// Appends an event to a job's log. Failures are logged, not returned: an event that
     /// cannot be written must not fail the job.
     ///
