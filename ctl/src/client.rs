@@ -111,32 +111,30 @@ impl Client {
         &self.base
     }
 
-    /// GET a JSON document.
-    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let resp = self
-            .request("GET", path)
-            .call()
-            .map_err(|e| self.explain(e))?;
+    /// The JSON answer to `method path`, or what went wrong.
+    fn json<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        answer: std::result::Result<ureq::Response, ureq::Error>,
+    ) -> Result<T> {
+        let resp = answer.map_err(|e| self.explain(e))?;
         resp.into_json().map_err(|e| {
             failed(
                 Failure::Unreachable,
-                format!("ferryd sent an unreadable answer to GET {path}: {e}"),
+                format!("ferryd sent an unreadable answer to {method} {path}: {e}"),
             )
         })
     }
 
+    /// GET a JSON document.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.json("GET", path, self.request("GET", path).call())
+    }
+
     /// DELETE and read JSON back.
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let resp = self
-            .request("DELETE", path)
-            .call()
-            .map_err(|e| self.explain(e))?;
-        resp.into_json().map_err(|e| {
-            failed(
-                Failure::Unreachable,
-                format!("ferryd sent an unreadable answer to DELETE {path}: {e}"),
-            )
-        })
+        self.json("DELETE", path, self.request("DELETE", path).call())
     }
 
     /// POST a body (or none) and read JSON back.
@@ -146,17 +144,11 @@ impl Client {
         content_type: &str,
         body: &str,
     ) -> Result<T> {
-        let resp = self
+        let answer = self
             .request("POST", path)
             .set("Content-Type", content_type)
-            .send_string(body)
-            .map_err(|e| self.explain(e))?;
-        resp.into_json().map_err(|e| {
-            failed(
-                Failure::Unreachable,
-                format!("ferryd sent an unreadable answer to POST {path}: {e}"),
-            )
-        })
+            .send_string(body);
+        self.json("POST", path, answer)
     }
 }
 

@@ -15,7 +15,6 @@
 //! pays (at least two hosts, every host with the same number of ranks, at least two).
 
 use std::net::{SocketAddr, TcpListener};
-use std::ops::Range;
 
 use super::ring::{Ring, RingAbort, RingConfig};
 use super::{Collective, CollectiveError, Wire};
@@ -158,11 +157,6 @@ impl Hierarchical {
             self.topo.hosts(),
             self.local.shared_memory_links() == (true, true)
         )
-    }
-
-    /// The slice of a `len`-value buffer that this rank carries between hosts.
-    pub fn carried(&self, len: usize) -> Range<usize> {
-        self.local.owned_segment(len)
     }
 }
 

@@ -124,11 +124,6 @@ pub fn listen(ip: IpAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(SocketAddr::new(ip, 0))
 }
 
-/// Reads exactly `dst.len()` values from `stream` into `dst`, as raw bytes.
-fn read_values(stream: &mut TcpStream, dst: &mut [f32]) -> std::io::Result<()> {
-    stream.read_exact(bytemuck::cast_slice_mut(dst))
-}
-
 impl Ring {
     /// Forms the ring: connects to rank `rank + 1` and accepts rank `rank - 1` on `listener`.
     /// `peers[i]` is the listening address of rank `i`.
@@ -355,13 +350,7 @@ impl Ring {
             self.cfg.timeout,
         );
         let seconds = start.elapsed().as_secs_f64().max(1e-9);
-        r.map_err(|(link, e)| {
-            let peer = match link {
-                Link::Next => &self.next.as_ref().expect("checked").1,
-                Link::Prev => &self.prev.as_ref().expect("checked").1,
-            };
-            self.lost(peer, op, &e)
-        })?;
+        r.map_err(|(link, e)| self.link_lost(link, op, &e))?;
         let prev_rank = self.prev.as_ref().expect("checked").1.rank;
         Ok(self
             .shm_in
@@ -459,26 +448,18 @@ impl Ring {
         Ok(())
     }
 
-    /// Receives `dst.len()` values from the previous rank, adding them to `dst` or copying
-    /// them into it.
-    fn recv_into(
-        &mut self,
-        dst: &mut [f32],
-        add: bool,
-        op: &'static str,
-    ) -> Result<(), CollectiveError> {
-        let (stream, _) = self.prev.as_mut().expect("world > 1 has a previous rank");
-        let r = if add {
-            self.recv_buf.resize(dst.len(), 0.0);
-            read_values(stream, &mut self.recv_buf).map(|()| {
-                for (d, v) in dst.iter_mut().zip(&self.recv_buf) {
-                    *d += *v;
-                }
-            })
-        } else {
-            read_values(stream, dst)
+    /// Receives `dst.len()` values from the previous rank into `dst`.
+    fn recv_values(&mut self, dst: &mut [f32], op: &'static str) -> Result<(), CollectiveError> {
+        self.recv_bytes(bytemuck::cast_slice_mut(dst), op)
+    }
+
+    /// The error for `link` failing during `op`.
+    fn link_lost(&self, link: Link, op: &'static str, e: &std::io::Error) -> CollectiveError {
+        let peer = match link {
+            Link::Next => &self.next.as_ref().expect("world > 1 has a next rank").1,
+            Link::Prev => &self.prev.as_ref().expect("world > 1 has a previous rank").1,
         };
-        r.map_err(|e| self.lost(&self.prev.as_ref().expect("checked").1, op, &e))
+        self.lost(peer, op, e)
     }
 
     /// Sends a header to the next rank and checks the previous rank's.
@@ -585,13 +566,7 @@ impl Ring {
             recv_buf,
             cfg.timeout,
         );
-        r.map_err(|(link, e)| {
-            let peer = match link {
-                Link::Next => &self.next.as_ref().expect("checked").1,
-                Link::Prev => &self.prev.as_ref().expect("checked").1,
-            };
-            self.lost(peer, op, &e)
-        })
+        r.map_err(|(link, e)| self.link_lost(link, op, &e))
     }
 }
 
@@ -1061,7 +1036,7 @@ impl Collective for Ring {
         for start in (0..data.len()).step_by(chunk) {
             let range = start..(start + chunk).min(data.len());
             if self.rank != root {
-                self.recv_into(&mut data[range.clone()], false, op)?;
+                self.recv_values(&mut data[range.clone()], op)?;
             }
             if self.rank != last {
                 self.send(bytemuck::cast_slice(&data[range]), op)?;

@@ -19,12 +19,11 @@ use tch::{Kind, Tensor};
 pub struct Norms(Vec<(String, Arc<AtomicBool>)>);
 
 impl Norms {
-    /// Keeps every BatchNorm layer named `prefix` or under `prefix.` in evaluation mode
-    /// (`on`), or lets it follow the model's mode again.
-    pub fn freeze(&self, prefix: &str, on: bool) {
+    /// Keeps every BatchNorm layer named `prefix` or under `prefix.` in evaluation mode.
+    pub fn freeze(&self, prefix: &str) {
         for (name, frozen) in &self.0 {
             if name == prefix || name.starts_with(&format!("{prefix}.")) {
-                frozen.store(on, Ordering::Relaxed);
+                frozen.store(true, Ordering::Relaxed);
             }
         }
     }

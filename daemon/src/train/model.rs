@@ -188,7 +188,7 @@ impl Model {
             let p = prefix.trim_end_matches('.');
             self.frozen_prefixes.push(p.to_string());
             if let (Net::Builtin { norms, .. }, true) = (&self.net, self.frozen_eval) {
-                norms.freeze(p, true);
+                norms.freeze(p);
             }
             let mut hit = false;
             for (i, (name, t)) in self.params.iter().enumerate() {
