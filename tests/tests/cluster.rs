@@ -178,7 +178,7 @@ fn three_nodes_train_a_three_rank_job_as_one_node_does() {
 fn two_hosts_of_two_ranks_all_reduce_hierarchically_and_compressed() {
     let etcd = Etcd::new();
     let out = tempfile::tempdir().unwrap();
-    let nodes = cluster(&etcd, 2, 21, out.path());
+    let nodes = cluster(&etcd, 2, 101, out.path());
     let plain = nodes[0].submit(&mlp_job("hier", 4, 2, 2));
     let compressed =
         mlp_job("hier-bf16", 4, 2, 2).replace("seed: 3,", "seed: 3, grad_compression: bf16,");
