@@ -119,7 +119,12 @@ pub struct Job<S = JobSpec> {
     /// `i`) when the cluster has `teacher` nodes; empty: beside rank 0.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub teacher_placement: Vec<RankPlacement>,
-    /// The store revision of this record (for compare-and-swap); filled in on read.
+    /// The `Idempotency-Key` it was submitted with: a second submission with that key (and
+    /// the same spec) within a day returns this job instead of making another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// The store revision of this record (for compare-and-swap); filled in on read. The
+    /// API serves it as the record's `ETag`.
     #[serde(default)]
     pub revision: u64,
 }
@@ -186,6 +191,67 @@ pub struct JobList<S = JobSpec> {
     /// last one.
     #[serde(rename = "continue", default, skip_serializing_if = "Option::is_none")]
     pub cont: Option<String>,
+}
+
+/// A job without its spec: what `GET /v1/jobs?view=summary` lists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub id: String,
+    pub name: String,
+    pub phase: JobPhase,
+    /// The spec's labels.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub status: JobStatus,
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Ranks the job asks for, and on which device (`cpu`, `cuda`).
+    pub ranks: u32,
+    pub device: String,
+    #[serde(default)]
+    pub generation: u64,
+    #[serde(default)]
+    pub revision: u64,
+}
+
+impl From<&Job> for JobSummary {
+    fn from(j: &Job) -> Self {
+        JobSummary {
+            id: j.id.clone(),
+            name: j.name.clone(),
+            phase: j.phase,
+            labels: j.spec.labels.clone(),
+            status: j.status.clone(),
+            created_at: j.created_at.clone(),
+            node: j.node.clone(),
+            ranks: j.spec.resources.ranks,
+            device: serde_json::to_value(j.spec.resources.device)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            generation: j.generation,
+            revision: j.revision,
+        }
+    }
+}
+
+/// A page of job summaries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSummaryList {
+    pub jobs: Vec<JobSummary>,
+    #[serde(rename = "continue", default, skip_serializing_if = "Option::is_none")]
+    pub cont: Option<String>,
+}
+
+/// What a dry run (`POST /v1/jobs?dryRun=true`) answers when every check passed; a spec
+/// with errors gets a 422 problem listing them all.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DryRun<S = JobSpec> {
+    /// Always true here.
+    pub valid: bool,
+    /// The spec as it would run: paths resolved against the daemon's roots, defaults in.
+    pub spec: S,
 }
 
 /// A ferry node as registered in the store.
@@ -303,6 +369,7 @@ mod tests {
             generation: 0,
             placement: vec![],
             teacher_placement: vec![],
+            idempotency_key: None,
             revision: 0,
         };
         let mut doc = serde_json::to_value(&job).unwrap();

@@ -101,8 +101,6 @@ impl Keys {
         format!("{}/reports/{id}/", self.prefix)
     }
 
-    /// The claim on output directory `dir` (an absolute path): the id of the job that
-    /// writes there, created in the same transaction as the job.
     /// The name index: one empty key per job, `names/{name}/{id}` (ids sort by submission).
     pub fn job_name(&self, name: &str, id: &str) -> String {
         format!("{}/names/{name}/{id}", self.prefix)
@@ -118,6 +116,20 @@ impl Keys {
         format!("{}/names/", self.prefix)
     }
 
+    /// The claim on name `name` by a job that has not ended (its id), created in the same
+    /// transaction as the job: names are unique among such jobs.
+    pub fn active_name(&self, name: &str) -> String {
+        format!("{}/active-names/{name}", self.prefix)
+    }
+
+    /// A submission's `Idempotency-Key` (`digest` is a hash of the key): the job it made
+    /// and a digest of the spec it came with.
+    pub fn idempotency(&self, digest: &str) -> String {
+        format!("{}/idempotency/{digest}", self.prefix)
+    }
+
+    /// The claim on output directory `dir` (an absolute path): the id of the job that
+    /// writes there, created in the same transaction as the job.
     pub fn output_claim(&self, dir: &str) -> String {
         format!("{}/outputs/{}", self.prefix, dir.trim_start_matches('/'))
     }

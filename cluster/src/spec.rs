@@ -12,8 +12,18 @@ use crate::api::FieldError;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
-    /// DNS-label style name; jobs can be named by it in `ferryctl`.
+    /// DNS-label style name; jobs can be named by it in `ferryctl`. Unique among the jobs
+    /// that have not ended. May be left out when `generate_name` is given.
+    #[serde(default)]
     pub name: String,
+    /// A prefix for a name the daemon makes unique by appending 5 random characters
+    /// (as Kubernetes' `generateName`); for schedulers that submit many jobs of one kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate_name: Option<String>,
+    /// Labels to select jobs by (`GET /v1/jobs?labelSelector=team=vision`,
+    /// `ferryctl get -l team=vision`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
     /// The model, its initial weights and what stays frozen.
     pub model: ModelSpec,
     /// Training and validation data.
@@ -558,18 +568,19 @@ impl JobSpec {
                 &format!("the spec nests brackets {depth} deep or more; a job spec needs at most {MAX_DEPTH}"),
             )]));
         }
-        let spec: JobSpec = if text.trim_start().starts_with('{') {
+        let json = text.trim_start().starts_with('{');
+        let parsed: Result<JobSpec, FieldError> = if json {
             let mut de = serde_json::Deserializer::from_str(text);
-            serde_path_to_error::deserialize(&mut de).map_err(|e| {
-                let path = e.path().to_string();
-                SpecError(vec![field_error(&path, &e.into_inner().to_string())])
-            })?
+            serde_path_to_error::deserialize(&mut de)
+                .map_err(|e| field_error(&e.path().to_string(), &e.into_inner().to_string()))
         } else {
-            let de = serde_yaml::Deserializer::from_str(text);
-            serde_path_to_error::deserialize(de).map_err(|e| {
-                let path = e.path().to_string();
-                SpecError(vec![field_error(&path, &e.into_inner().to_string())])
-            })?
+            let de = serde_yaml_ng::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de)
+                .map_err(|e| field_error(&e.path().to_string(), &e.into_inner().to_string()))
+        };
+        let spec = match parsed {
+            Ok(spec) => spec,
+            Err(first) => return Err(SpecError(every_error(text, json, first))),
         };
         spec.validate()?;
         Ok(spec)
@@ -585,7 +596,41 @@ impl JobSpec {
             })
         };
 
-        if let Err(m) = check_dns_label(&self.name) {
+        match (&self.generate_name, self.name.is_empty()) {
+            (Some(_), false) => bad(
+                "generate_name",
+                "give `name` or `generate_name`, not both".into(),
+            ),
+            (Some(prefix), true) => {
+                // The prefix and a 5-character suffix make a DNS label.
+                if let Err(m) = check_dns_label(&format!("{prefix}x")) {
+                    bad("generate_name", m);
+                } else if prefix.len() > 58 {
+                    bad(
+                        "generate_name",
+                        "may be at most 58 characters (5 are appended)".into(),
+                    );
+                }
+            }
+            (None, true) => bad(
+                "name",
+                "missing: give the job a `name` (or a `generate_name` prefix)".into(),
+            ),
+            (None, false) => {}
+        }
+        if self.labels.len() > 64 {
+            bad("labels", "at most 64 labels".into());
+        }
+        for (k, v) in &self.labels {
+            if let Err(m) = check_label_key(k) {
+                bad(&format!("labels.{k}"), m);
+            } else if let Err(m) = check_label_value(v) {
+                bad(&format!("labels.{k}"), m);
+            }
+        }
+        if self.name.is_empty() {
+            // reported above
+        } else if let Err(m) = check_dns_label(&self.name) {
             bad("name", m);
         } else if looks_like_job_id(&self.name) {
             bad(
@@ -976,6 +1021,145 @@ pub fn check_dns_label(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Every error of a spec that does not parse, the first (`first`, with its line and
+/// column) included: the text is read as a plain document, and each field in error is
+/// noted and taken out until the rest parses, so that one request reports them all. Errors
+/// that only the removals caused (a required field taken out) are not reported; nor are
+/// errors after a syntax error, which leaves no document to read.
+fn every_error(text: &str, json: bool, first: FieldError) -> Vec<FieldError> {
+    let mut errs = vec![first];
+    let doc: Option<serde_json::Value> = if json {
+        serde_json::from_str(text).ok()
+    } else {
+        serde_yaml_ng::from_str(text).ok()
+    };
+    let Some(mut doc) = doc else { return errs };
+    // Fields taken out (dotted), so that their absence is not reported as missing.
+    let mut removed: Vec<String> = Vec::new();
+    for _ in 0..64 {
+        let err = match serde_path_to_error::deserialize::<_, JobSpec>(&doc) {
+            Ok(spec) => {
+                let outside = |f: &str| {
+                    !removed
+                        .iter()
+                        .any(|r| f == r || f.starts_with(&format!("{r}.")))
+                };
+                if let Err(SpecError(more)) = spec.validate() {
+                    for e in more.into_iter().filter(|e| outside(&e.field)) {
+                        if !errs.iter().any(|x| x.field == e.field) {
+                            errs.push(e);
+                        }
+                    }
+                }
+                return errs;
+            }
+            Err(e) => field_error(&e.path().to_string(), &e.into_inner().to_string()),
+        };
+        let ours = err.message.starts_with("missing field `") && removed.contains(&err.field);
+        // A missing field: its section cannot be read; take the section out instead.
+        let target = if err.message.starts_with("missing field `") {
+            err.field.rsplit_once('.').map(|(p, _)| p.to_string())
+        } else {
+            Some(err.field.clone()).filter(|f| f != "(document)")
+        };
+        if !ours && !errs.iter().any(|x| x.field == err.field) {
+            errs.push(err);
+        }
+        let Some(target) = target else { return errs };
+        if !remove_at(&mut doc, &target) {
+            return errs;
+        }
+        removed.push(target);
+    }
+    errs
+}
+
+/// Takes the node at dotted `path` (`train.optimizer.lr`, `data.normalize.mean[1]`) out of
+/// `doc`; false if there is none.
+fn remove_at(doc: &mut serde_json::Value, path: &str) -> bool {
+    let mut parts: Vec<String> = Vec::new();
+    for seg in path.split('.') {
+        let mut rest = seg;
+        while let Some(open) = rest.find('[') {
+            if open > 0 {
+                parts.push(rest[..open].to_string());
+            }
+            let close = rest[open..].find(']').map_or(rest.len(), |c| open + c);
+            parts.push(rest[open..=close.min(rest.len() - 1)].to_string());
+            rest = rest.get(close + 1..).unwrap_or("");
+        }
+        if !rest.is_empty() {
+            parts.push(rest.to_string());
+        }
+    }
+    let Some((last, parents)) = parts.split_last() else {
+        return false;
+    };
+    let mut node = doc;
+    for p in parents {
+        let next = match p.strip_prefix('[').and_then(|p| p.strip_suffix(']')) {
+            Some(i) => i.parse::<usize>().ok().and_then(|i| node.get_mut(i)),
+            None => node.get_mut(p.as_str()),
+        };
+        match next {
+            Some(n) => node = n,
+            None => return false,
+        }
+    }
+    match last.strip_prefix('[').and_then(|p| p.strip_suffix(']')) {
+        Some(i) => match (i.parse::<usize>(), node.as_array_mut()) {
+            (Ok(i), Some(a)) if i < a.len() => {
+                a.remove(i);
+                true
+            }
+            _ => false,
+        },
+        None => node
+            .as_object_mut()
+            .is_some_and(|o| o.remove(last.as_str()).is_some()),
+    }
+}
+
+/// A label key: an optional DNS-subdomain prefix and `/`, then a name of 1-63 letters,
+/// digits, `-`, `_` and `.`, starting and ending with a letter or digit (as Kubernetes).
+pub fn check_label_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix {
+        let ok =
+            !p.is_empty() && p.len() <= 253 && p.split('.').all(|l| check_dns_label(l).is_ok());
+        if !ok {
+            return Err(format!(
+                "the prefix of label `{key}` must be a DNS subdomain (lower-case labels joined by '.')"
+            ));
+        }
+    }
+    if name.is_empty() {
+        return Err(format!("label `{key}` has no name"));
+    }
+    check_label_value(name).map_err(|_| {
+        format!("label key `{key}`: the name must be 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit")
+    })
+}
+
+/// A label value: empty, or 1-63 letters, digits, `-`, `_` and `.`, starting and ending with
+/// a letter or digit.
+pub fn check_label_value(v: &str) -> Result<(), String> {
+    let ok = v.is_empty()
+        || (v.len() <= 63
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && v.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && v.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric()));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("label value `{v}` must be empty or 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"))
+    }
 }
 
 /// Turns a serde message at `path` into a field error; `unknown field`/`missing field`

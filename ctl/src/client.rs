@@ -144,11 +144,22 @@ impl Client {
         content_type: &str,
         body: &str,
     ) -> Result<T> {
-        let answer = self
-            .request("POST", path)
-            .set("Content-Type", content_type)
-            .send_string(body);
-        self.json("POST", path, answer)
+        self.post_with(path, content_type, body, &[])
+    }
+
+    /// POST with extra headers (`Idempotency-Key`).
+    pub fn post_with<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<T> {
+        let mut req = self.request("POST", path).set("Content-Type", content_type);
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        self.json("POST", path, req.send_string(body))
     }
 }
 

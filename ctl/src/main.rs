@@ -11,12 +11,13 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use client::{failure, segment, Client, Failure};
-use ferry_cluster::api::{EventKind, EventPage, JobPhase, NodeList};
+use ferry_cluster::api::{EventKind, EventPage, JobPhase, JobSummaryList, NodeList};
 
 /// Jobs as ferryctl reads them: the spec kept verbatim, so this ferryctl also reads jobs of
 /// a newer daemon whose specs use fields it does not know.
 type Job = ferry_cluster::api::Job<serde_json::Value>;
 type JobList = ferry_cluster::api::JobList<serde_json::Value>;
+type DryRun = ferry_cluster::api::DryRun<serde_json::Value>;
 
 // Exit statuses (docs/cli.md). 0: done (for `submit --wait` and `logs -f`: the job succeeded).
 /// The job failed (`submit --wait`, `logs -f`), or ferryctl itself did.
@@ -46,8 +47,9 @@ struct Cli {
     /// Bearer token, if ferryd requires one.
     #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Output format.
-    #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
+    /// Output format: table, wide (a table with more columns), json, yaml, name (ids only),
+    /// or jsonpath=TEMPLATE (kubectl's: `jsonpath={.status.step}`, `jsonpath={.jobs[*].id}`).
+    #[arg(short, long, global = true, value_parser = parse_format, default_value = "table")]
     output: Format,
     /// Tables without their header line.
     #[arg(long, global = true)]
@@ -61,13 +63,55 @@ struct Cli {
     command: Cmd,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Format {
     Table,
+    /// A table with more columns.
+    Wide,
     Json,
     Yaml,
     /// Ids only (node names for `nodes`), one per line, for scripts.
     Name,
+    /// A kubectl-style JSONPath template over the JSON form.
+    JsonPath(String),
+}
+
+impl Format {
+    /// Whether the output is a table (which reads job summaries, not whole records).
+    fn is_table(&self) -> bool {
+        matches!(self, Format::Table | Format::Wide | Format::Name)
+    }
+}
+
+fn parse_format(s: &str) -> std::result::Result<Format, String> {
+    Ok(match s {
+        "table" => Format::Table,
+        "wide" => Format::Wide,
+        "json" => Format::Json,
+        "yaml" => Format::Yaml,
+        "name" => Format::Name,
+        _ => match s.strip_prefix("jsonpath=") {
+            Some(t) if !t.is_empty() => {
+                output::jsonpath(&serde_json::Value::Null, t).map_err(|e| e.to_string())?;
+                Format::JsonPath(t.to_string())
+            }
+            _ => {
+                return Err(format!(
+                    "`{s}` is not one of table, wide, json, yaml, name, jsonpath=TEMPLATE"
+                ))
+            }
+        },
+    })
+}
+
+/// Phases `wait --for` accepts: a phase, or `ended` (any of the last three).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WaitFor {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Ended,
 }
 
 #[derive(Subcommand)]
@@ -79,16 +123,46 @@ enum Cmd {
         /// fails, 3 if it is cancelled (docs/cli.md lists every status).
         #[arg(long)]
         wait: bool,
+        /// Check the spec (every check that can run before training) and submit nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The submission's Idempotency-Key [default: a new random one]: ferryctl retries
+        /// an unanswered submit with it, and a scheduler passing its own may retry too,
+        /// without making a second job.
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
+    /// Check a job spec without submitting it: every error, with its field, at once.
+    Validate { file: PathBuf },
     /// List jobs, or show one (by id or name).
     Get {
         job: Option<String>,
         /// Only jobs in this phase (Pending, Running, Succeeded, Failed, Cancelled).
         #[arg(long)]
         phase: Option<String>,
+        /// Only jobs with these labels: `k=v`, `k!=v`, `k`, `!k`, comma-separated.
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
         /// At most this many jobs (the oldest first).
         #[arg(long)]
         limit: Option<usize>,
+        /// Watch: print the job (or each job of the list) again whenever it changes, until
+        /// interrupted (a single job: until it ends).
+        #[arg(short, long)]
+        watch: bool,
+    },
+    /// A job in detail: status, placement, init report, metrics, the last events.
+    Describe { job: String },
+    /// Wait until a job reaches a phase; exit 0 then, 1 or 3 if it ends otherwise (failed,
+    /// cancelled), 4 on timeout.
+    Wait {
+        job: String,
+        /// The phase to wait for.
+        #[arg(long = "for", value_enum, default_value_t = WaitFor::Ended)]
+        phase: WaitFor,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
     },
     /// Cancel a job.
     Cancel { job: String },
@@ -178,20 +252,27 @@ fn reattaching<T>(c: &Client, timeout: Duration, mut f: impl FnMut() -> Result<T
 fn run(cli: Cli) -> Result<i32> {
     output::NO_HEADERS.store(cli.no_headers, std::sync::atomic::Ordering::Relaxed);
     let c = Client::new(&cli.server, cli.token.clone());
-    let fmt = cli.output;
+    let fmt = cli.output.clone();
     let reattach = Duration::from_secs(cli.reattach_timeout);
     match cli.command {
-        Cmd::Submit { file, wait } => {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| Usage(format!("cannot read job spec {}: {e}", file.display())))?;
-            let ct = if file.extension().is_some_and(|e| e == "json") {
-                "application/json"
-            } else {
-                "application/yaml"
-            };
-            let job: Job = c.post("/v1/jobs", ct, &text)?;
+        Cmd::Submit {
+            file,
+            wait,
+            dry_run,
+            idempotency_key,
+        } => {
+            let (text, ct) = read_spec(&file)?;
+            if dry_run {
+                return validate(&c, &text, ct, &fmt);
+            }
+            // One key for this submission: a retry after a lost answer returns the job
+            // the first attempt made, never a second one.
+            let key = idempotency_key.unwrap_or_else(random_key);
+            let job: Job = reattaching(&c, reattach, || {
+                c.post_with("/v1/jobs", ct, &text, &[("Idempotency-Key", &key)])
+            })?;
             if !wait {
-                output::job(&job, fmt)?;
+                output::job(&job, &fmt)?;
                 return Ok(0);
             }
             if fmt == Format::Table {
@@ -199,44 +280,151 @@ fn run(cli: Cli) -> Result<i32> {
             }
             let end = follow(&c, &job.id, reattach)?;
             if fmt != Format::Table {
-                output::job(&end, fmt)?;
+                output::job(&end, &fmt)?;
             }
             Ok(exit_code(&end))
         }
+        Cmd::Validate { file } => {
+            let (text, ct) = read_spec(&file)?;
+            validate(&c, &text, ct, &fmt)
+        }
+        Cmd::Get {
+            job: Some(j),
+            watch: true,
+            ..
+        } => {
+            let path = format!("/v1/jobs/{}", segment(&j));
+            let mut last = None;
+            loop {
+                let job: Job = reattaching(&c, reattach, || c.get(&path))?;
+                if last != Some(job.revision) {
+                    last = Some(job.revision);
+                    output::job_line(&job, &fmt)?;
+                }
+                if job.phase.is_terminal() {
+                    return Ok(0);
+                }
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
         Cmd::Get { job: Some(j), .. } => {
             let job: Job = c.get(&format!("/v1/jobs/{}", segment(&j)))?;
-            output::job(&job, fmt)?;
+            output::job(&job, &fmt)?;
             Ok(0)
         }
         Cmd::Get {
             job: None,
             phase,
+            selector,
             limit,
+            watch,
         } => {
-            // A page at a time, until `limit` jobs or the last page.
-            let mut list = JobList {
-                jobs: Vec::new(),
-                cont: None,
-            };
-            let mut token: Option<String> = None;
-            loop {
-                let want = limit.map_or(1000, |l| (l - list.jobs.len()).min(1000));
-                let mut path = format!("/v1/jobs?limit={want}");
-                if let Some(p) = &phase {
-                    path.push_str(&format!("&phase={}", segment(p)));
-                }
-                if let Some(t) = &token {
-                    path.push_str(&format!("&continue={}", segment(t)));
-                }
-                let page: JobList = c.get(&path)?;
-                list.jobs.extend(page.jobs);
-                token = page.cont;
-                if token.is_none() || limit.is_some_and(|l| list.jobs.len() >= l) {
-                    break;
-                }
+            let mut query = String::new();
+            if let Some(p) = &phase {
+                query.push_str(&format!("&phase={}", segment(p)));
             }
-            output::jobs(&list, fmt)?;
+            if let Some(l) = &selector {
+                query.push_str(&format!("&labelSelector={}", segment(l)));
+            }
+            if !fmt.is_table() {
+                let list: JobList = list_pages(&c, &query, limit)?;
+                output::jobs(&list, &fmt)?;
+                return Ok(0);
+            }
+            query.push_str("&view=summary");
+            let mut seen: std::collections::HashMap<String, u64> = Default::default();
+            let mut first = true;
+            loop {
+                let list: JobSummaryList = list_pages(&c, &query, limit)?;
+                if !watch {
+                    output::summaries(&list.jobs, &fmt, true)?;
+                    return Ok(0);
+                }
+                // Watching: the rows that changed since the last look.
+                let changed: Vec<_> = list
+                    .jobs
+                    .into_iter()
+                    .filter(|j| seen.insert(j.id.clone(), j.revision) != Some(j.revision))
+                    .collect();
+                if first || !changed.is_empty() {
+                    output::summaries(&changed, &fmt, first)?;
+                    first = false;
+                }
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
+        Cmd::Describe { job } => {
+            let j: Job = c.get(&format!("/v1/jobs/{}", segment(&job)))?;
+            let queued_behind = match j.phase {
+                JobPhase::Pending => Some(queued_ahead(&c, &j.id)?),
+                _ => None,
+            };
+            let events: EventPage = c.get(&format!(
+                "/v1/jobs/{}/events?after=0&limit=10000",
+                segment(&j.id)
+            ))?;
+            output::describe(&j, &events.events, queued_behind, &fmt)?;
             Ok(0)
+        }
+        Cmd::Wait {
+            job,
+            phase,
+            timeout,
+        } => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+            let path = format!("/v1/jobs/{}", segment(&job));
+            loop {
+                let j: Job = reattaching(&c, reattach, || c.get(&path))?;
+                let reached = match phase {
+                    WaitFor::Ended => j.phase.is_terminal(),
+                    WaitFor::Running => j.phase == JobPhase::Running,
+                    WaitFor::Succeeded => j.phase == JobPhase::Succeeded,
+                    WaitFor::Failed => j.phase == JobPhase::Failed,
+                    WaitFor::Cancelled => j.phase == JobPhase::Cancelled,
+                };
+                if reached {
+                    if fmt == Format::Table {
+                        println!("job {} ({}) is {}", j.id, j.name, j.phase.as_str());
+                    } else {
+                        output::job(&j, &fmt)?;
+                    }
+                    return Ok(if phase == WaitFor::Ended {
+                        exit_code(&j)
+                    } else {
+                        0
+                    });
+                }
+                if j.phase.is_terminal() {
+                    eprintln!(
+                        "ferryctl: job {} ({}) ended {} and will not be {}",
+                        j.id,
+                        j.name,
+                        j.phase.as_str(),
+                        match phase {
+                            WaitFor::Running => "Running",
+                            WaitFor::Succeeded => "Succeeded",
+                            WaitFor::Failed => "Failed",
+                            WaitFor::Cancelled => "Cancelled",
+                            WaitFor::Ended => "ended",
+                        }
+                    );
+                    return Ok(match exit_code(&j) {
+                        0 => EXIT_FAILED,
+                        c => c,
+                    });
+                }
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    eprintln!(
+                        "ferryctl: job {} ({}) is still {} after {timeout} s (--timeout)",
+                        j.id,
+                        j.name,
+                        j.phase.as_str()
+                    );
+                    return Ok(EXIT_UNREACHABLE);
+                }
+                std::thread::sleep(left.min(Duration::from_secs(2)));
+            }
         }
         Cmd::Cancel { job } => {
             let job: Job = c.post(
@@ -256,7 +444,7 @@ fn run(cli: Cli) -> Result<i32> {
                     }
                 );
             } else {
-                output::job(&job, fmt)?;
+                output::job(&job, &fmt)?;
             }
             Ok(0)
         }
@@ -265,7 +453,7 @@ fn run(cli: Cli) -> Result<i32> {
             if fmt == Format::Table {
                 println!("job {} ({}) deleted", job.id, job.name);
             } else {
-                output::job(&job, fmt)?;
+                output::job(&job, &fmt)?;
             }
             Ok(0)
         }
@@ -283,7 +471,7 @@ fn run(cli: Cli) -> Result<i32> {
                     c.get(&path)?
                 };
                 for e in &page.events {
-                    output::event(e, fmt)?;
+                    output::event(e, &fmt)?;
                 }
                 after = page.next;
                 let done = page.phase.is_terminal() && page.events.is_empty();
@@ -303,7 +491,7 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Nodes => {
             let nodes: NodeList = c.get("/v1/nodes")?;
-            output::nodes(&nodes, fmt)?;
+            output::nodes(&nodes, &fmt)?;
             Ok(0)
         }
         Cmd::Version => {
@@ -322,6 +510,102 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
+/// A spec file's text and media type.
+fn read_spec(file: &std::path::Path) -> Result<(String, &'static str)> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| Usage(format!("cannot read job spec {}: {e}", file.display())))?;
+    let ct = if file.extension().is_some_and(|e| e == "json") {
+        "application/json"
+    } else {
+        "application/yaml"
+    };
+    Ok((text, ct))
+}
+
+/// A dry run: 0 and the spec as it would run, or every error (exit 5).
+fn validate(c: &Client, text: &str, ct: &str, fmt: &Format) -> Result<i32> {
+    let checked: DryRun = c.post("/v1/jobs?dryRun=true", ct, text)?;
+    if *fmt == Format::Table {
+        let name = checked.spec["name"].as_str().unwrap_or("?");
+        println!("job spec `{name}` is valid: every check before training passed (nothing was submitted)");
+    } else {
+        output::value(&serde_json::to_value(&checked)?, fmt)?;
+    }
+    Ok(0)
+}
+
+/// An Idempotency-Key no other submission has: 128 bits from the standard library's
+/// per-process random hasher keys, the time and the process id.
+fn random_key() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = String::new();
+    for i in 0..2u64 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(i);
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.write_u32(std::process::id());
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
+}
+
+/// Every page of `GET /v1/jobs` with `query` (`&k=v...`), until `limit` jobs or the last
+/// page, as one list.
+fn list_pages<L: Paged>(c: &Client, query: &str, limit: Option<usize>) -> Result<L> {
+    let mut all = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let want = limit.map_or(1000, |l| (l - all.len()).min(1000));
+        let mut path = format!("/v1/jobs?limit={want}{query}");
+        if let Some(t) = &token {
+            path.push_str(&format!("&continue={}", segment(t)));
+        }
+        let (jobs, next) = c.get::<L>(&path)?.split();
+        all.extend(jobs);
+        token = next;
+        if token.is_none() || limit.is_some_and(|l| all.len() >= l) {
+            return Ok(L::of(all));
+        }
+    }
+}
+
+/// A page of `GET /v1/jobs`: its jobs and its `continue` token.
+trait Paged: serde::de::DeserializeOwned {
+    type Item;
+    fn split(self) -> (Vec<Self::Item>, Option<String>);
+    fn of(items: Vec<Self::Item>) -> Self;
+}
+
+impl Paged for JobList {
+    type Item = Job;
+    fn split(self) -> (Vec<Job>, Option<String>) {
+        (self.jobs, self.cont)
+    }
+    fn of(jobs: Vec<Job>) -> Self {
+        JobList { jobs, cont: None }
+    }
+}
+
+impl Paged for JobSummaryList {
+    type Item = ferry_cluster::api::JobSummary;
+    fn split(self) -> (Vec<Self::Item>, Option<String>) {
+        (self.jobs, self.cont)
+    }
+    fn of(jobs: Vec<Self::Item>) -> Self {
+        JobSummaryList { jobs, cont: None }
+    }
+}
+
+/// How many Pending jobs were submitted before `id` (the queue ahead of it).
+fn queued_ahead(c: &Client, id: &str) -> Result<usize> {
+    let pending: JobSummaryList = list_pages(c, "&phase=Pending&view=summary", None)?;
+    Ok(pending.jobs.iter().filter(|p| p.id.as_str() < id).count())
+}
+
 fn exit_code(job: &Job) -> i32 {
     match job.phase {
         JobPhase::Failed => EXIT_FAILED,
@@ -338,7 +622,7 @@ fn follow(c: &Client, id: &str, reattach: Duration) -> Result<Job> {
     if tty {
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} steps  {msg}",
+                "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} steps (ETA {eta})  {msg}",
             )
             .expect("valid template")
             .progress_chars("=> "),
@@ -368,6 +652,18 @@ fn follow(c: &Client, id: &str, reattach: Duration) -> Result<Job> {
         let path = format!("/v1/jobs/{}", segment(id));
         let job: Job = reattaching(c, reattach, || c.get(&path))?;
         let s = &job.status;
+        if job.phase == JobPhase::Pending {
+            // Not "0/1 steps": why it waits.
+            let ahead = queued_ahead(c, &job.id).unwrap_or(0);
+            bar.set_message(match ahead {
+                0 => "Pending: next to be placed (waiting for free ranks or nodes)".to_string(),
+                n => format!(
+                    "Pending: queued behind {n} job{}",
+                    if n == 1 { "" } else { "s" }
+                ),
+            });
+            continue;
+        }
         bar.set_length(s.total_steps.max(1));
         bar.set_position(s.step);
         bar.set_message(format!(

@@ -18,6 +18,8 @@ const KEYS: &[&str] = &[
     "max_connections",
     "max_requests_per_client",
     "max_queued_jobs",
+    "keep_finished_jobs",
+    "finished_job_ttl_hours",
     "cpu_rank_slots",
     "rank_sandbox",
     "rank_user",
@@ -139,6 +141,12 @@ pub struct Config {
     pub max_requests_per_client: usize,
     /// Pending jobs in the cluster at most (beyond it a submit gets 429 with Retry-After).
     pub max_queued_jobs: usize,
+    /// Jobs that have ended kept in the store at most (the newest); older ones are
+    /// deleted with their events, as `DELETE /v1/jobs/{id}` deletes (their outputs stay on
+    /// disk). 0: keep every one.
+    pub keep_finished_jobs: usize,
+    /// Hours a job that has ended is kept in the store after it ended; 0: no limit.
+    pub finished_job_ttl_hours: f64,
     /// CPU ranks this node runs at once over all its jobs (default: its cores).
     pub cpu_rank_slots: Option<u32>,
     /// What confines rank and teacher processes: `auto` (Landlock for CPU jobs where the
@@ -203,6 +211,8 @@ impl Default for Config {
             max_connections: 1024,
             max_requests_per_client: 64,
             max_queued_jobs: 1000,
+            keep_finished_jobs: 1000,
+            finished_job_ttl_hours: 0.0,
             cpu_rank_slots: None,
             rank_sandbox: "auto".into(),
             rank_user: None,
@@ -349,7 +359,7 @@ impl Config {
                 *secret = Some("<redacted>".into());
             }
         }
-        Ok(serde_yaml::to_string(&c)?)
+        Ok(serde_yaml_ng::to_string(&c)?)
     }
 
     fn validate(&self) -> Result<()> {
@@ -358,6 +368,12 @@ impl Config {
         }
         if self.max_body_bytes < 1024 {
             bail!("max_body_bytes must be at least 1024");
+        }
+        if !(self.finished_job_ttl_hours.is_finite() && self.finished_job_ttl_hours >= 0.0) {
+            bail!(
+                "finished_job_ttl_hours must be 0 (no limit) or a positive number of hours, got {}",
+                self.finished_job_ttl_hours
+            );
         }
         if self.data_plane_ip.parse::<std::net::IpAddr>().is_err() {
             bail!(

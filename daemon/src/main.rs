@@ -66,6 +66,12 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         world_size: u32,
     },
+    /// Internal: a dry run's checks of a job's model and data, started by the daemon.
+    #[command(hide = true)]
+    Check {
+        #[arg(long)]
+        plan: PathBuf,
+    },
     /// Internal: one replica of a job's distillation teacher, started by the daemon.
     #[command(hide = true)]
     Teacher {
@@ -111,6 +117,13 @@ fn main() {
                 reason: format!("{e:#}"),
             };
             train::emit(&msg);
+            std::process::exit(1);
+        }
+        return;
+    }
+    if let Some(Command::Check { plan }) = &cli.command {
+        if let Err(e) = train::check::run_check(plan) {
+            eprintln!("ferryd check: {e:#}");
             std::process::exit(1);
         }
         return;

@@ -534,7 +534,7 @@ impl Drop for Daemon {
     }
 }
 
-fn respond(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+pub fn respond(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
     let resp = match r {
         Ok(resp) => resp,
         Err(ureq::Error::Status(_, resp)) => resp,

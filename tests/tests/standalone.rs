@@ -1012,3 +1012,247 @@ fn a_finished_job_is_deleted_with_its_events_and_a_running_one_is_not() {
     assert_eq!(d.ctl(&["delete", &gone.id]).status.code(), Some(5));
     d.ctl(&["cancel", &busy.id]);
 }
+
+/// What a scheduler that retries needs: one `Idempotency-Key` makes one job (another spec
+/// with it is refused), names are unique among jobs that have not ended (or generated),
+/// and `get NAME` names one job.
+#[test]
+fn retried_submits_make_one_job_and_names_are_unique_while_jobs_run() {
+    let d = Daemon::start();
+    let spec = long_job("retried", 50, 0);
+    let post = |key: &str, body: &str| {
+        let r = d
+            .req("POST", "/v1/jobs")
+            .set("Idempotency-Key", key)
+            .send_string(body);
+        let (replayed, r) = match r {
+            Ok(r) => (r.header("Idempotent-Replayed").is_some(), Ok(r)),
+            Err(e) => (false, Err(e)),
+        };
+        let (status, body) = ferry_tests::respond(r);
+        (status, replayed, body)
+    };
+    let (s1, r1, first) = post("key-1", &spec);
+    assert_eq!((s1, r1), (201, false), "{first}");
+    let (s2, r2, again) = post("key-1", &spec);
+    assert_eq!((s2, r2), (200, true), "{again}");
+    assert_eq!(again["id"], first["id"], "the same job, not a second one");
+    // The same key with another spec: refused, nothing made.
+    let (s3, _, other) = post("key-1", &spec.replace("epochs: 50", "epochs: 51"));
+    assert_eq!(s3, 422, "{other}");
+    assert!(other["detail"].as_str().unwrap().contains("another spec"));
+    let (_, list) = d.get("/v1/jobs?name=retried");
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+    // A second job of that name while the first runs: 409; after it ends, fine.
+    let (s4, dup) = d.post("/v1/jobs", &spec.replace("dir: retried", "dir: retried-2"));
+    assert_eq!(s4, 409, "{dup}");
+    assert!(dup["detail"].as_str().unwrap().contains("unique"), "{dup}");
+    // generate_name: unique names of one prefix.
+    let gen = |dir: &str| {
+        long_job("x", 50, 0)
+            .replace("name: x", "generate_name: sweep-")
+            .replace("dir: x", &format!("dir: {dir}"))
+    };
+    let a = d.submit(&gen("sweep-a"));
+    let b = d.submit(&gen("sweep-b"));
+    assert!(
+        a.name.starts_with("sweep-") && a.name.len() == 11,
+        "{}",
+        a.name
+    );
+    assert_ne!(a.name, b.name);
+    let id = first["id"].as_str().unwrap();
+    assert_eq!(d.ctl(&["cancel", id]).status.code(), Some(0));
+    d.wait_terminal(id, Duration::from_secs(60));
+    let again = d.submit(&spec.replace("dir: retried", "dir: retried-3"));
+    assert_eq!(
+        d.job("retried").id,
+        again.id,
+        "the name names the job that runs"
+    );
+    for j in [&again.id, &a.id, &b.id] {
+        d.ctl(&["cancel", j]);
+    }
+}
+
+/// A dry run reports every error at once, each with its field, and records nothing: the
+/// spec's own (parse and values), then the model's and the data's (`ferryd check`).
+#[test]
+fn a_dry_run_reports_every_error_at_once_and_submits_nothing() {
+    let d = Daemon::start();
+    let fields = |body: &serde_json::Value| -> Vec<String> {
+        body["errors"]
+            .as_array()
+            .unwrap_or(&Vec::new())
+            .iter()
+            .map(|e| e["field"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Three errors in the spec itself: an unknown field, a wrong type, a bad value.
+    let spec = feature_extraction("dry").replace(
+        "  epochs: 4\n  batch_size: 16\n",
+        "  epochs: 0\n  optimiser: {}\n  batch_size: lots\n",
+    );
+    let (status, body) = d.post("/v1/jobs?dryRun=true", &spec);
+    assert_eq!(status, 422, "{body}");
+    let mut got = fields(&body);
+    got.sort();
+    assert_eq!(
+        got,
+        ["train.batch_size", "train.epochs", "train.optimiser"],
+        "{body}"
+    );
+    // Three errors only the model and the data show: a freeze prefix that matches no
+    // parameter, a teacher's init file none of whose tensors fit it, normalisation for 3
+    // channels of 1-channel images.
+    let spec = feature_extraction("dry")
+        .replace("freeze: [features]", "freeze: [featurez]")
+        .replace(
+            "output:",
+            "distill:\n  teacher: {arch: mlp, num_classes: 4, init: cnn3_init.safetensors}\noutput:",
+        )
+        .replace(
+            "  channels: 1\n",
+            "  channels: 1\n  normalize: {mean: [0.5, 0.5, 0.5], std: [0.2, 0.2, 0.2]}\n",
+        );
+    let (status, body) = d.post("/v1/jobs?dryRun=true", &spec);
+    assert_eq!(status, 422, "{body}");
+    let mut got = fields(&body);
+    got.sort();
+    assert_eq!(
+        got,
+        ["data.normalize", "distill.teacher.init", "model.freeze"],
+        "{body}"
+    );
+    // A good spec: 200, the spec as it would run, and no job.
+    let good = feature_extraction("dry");
+    let (status, body) = d.post("/v1/jobs?dryRun=true", &good);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["valid"], true);
+    assert!(body["spec"]["model"]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("/cnn4.pt"));
+    assert_eq!(d.get("/v1/jobs").1["jobs"].as_array().unwrap().len(), 0);
+    // ferryctl: `validate` and `submit --dry-run`, exit 0 or 5 with every error.
+    let dir = tempfile::tempdir().unwrap();
+    let (good_file, bad_file) = (dir.path().join("good.yaml"), dir.path().join("bad.yaml"));
+    std::fs::write(&good_file, &good).unwrap();
+    std::fs::write(&bad_file, &spec).unwrap();
+    let out = d.ctl(&["validate", good_file.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+    let out = d.ctl(&["submit", "--dry-run", bad_file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for f in ["data.normalize", "distill.teacher.init", "model.freeze"] {
+        assert!(err.contains(f), "{f} in {err}");
+    }
+    assert_eq!(d.get("/v1/jobs").1["jobs"].as_array().unwrap().len(), 0);
+}
+
+/// Labels select jobs (API and ferryctl), summaries leave the spec out, lists come gzipped
+/// when asked, records carry an ETag that `If-None-Match` and `If-Match` use, and
+/// retention deletes the oldest finished jobs beyond `keep_finished_jobs`.
+#[test]
+fn labels_summaries_gzip_etags_and_retention() {
+    let d = Daemon::start_env(&[("FERRY_KEEP_FINISHED_JOBS", "2")]);
+    let labelled = |name: &str, team: &str| {
+        long_job(name, 50, 0).replacen(
+            &format!("name: {name}\n"),
+            &format!("name: {name}\nlabels: {{team: {team}, sweep: lr}}\n"),
+            1,
+        )
+    };
+    let a = d.submit(&labelled("lab-a", "vision"));
+    let b = d.submit(&labelled("lab-b", "speech"));
+    let c = d.submit(&long_job("lab-c", 50, 0));
+    let ids = |path: &str| -> Vec<String> {
+        let (status, body) = d.get(path);
+        assert_eq!(status, 200, "{path}: {body}");
+        body["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids("/v1/jobs?labelSelector=team=vision"), [a.id.clone()]);
+    assert_eq!(
+        ids("/v1/jobs?labelSelector=team!=vision"),
+        [b.id.clone(), c.id.clone()]
+    );
+    assert_eq!(
+        ids("/v1/jobs?labelSelector=sweep,!nope"),
+        [a.id.clone(), b.id.clone()]
+    );
+    assert_eq!(d.get("/v1/jobs?labelSelector=Bad%20Key").0, 400);
+    let out = d.ctl(&["get", "-l", "team=speech", "-o", "name"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{}\n", b.id));
+    let (_, summary) = d.get("/v1/jobs?view=summary");
+    let first = &summary["jobs"][0];
+    assert!(
+        first.get("spec").is_none() && first["labels"]["team"] == "vision",
+        "{first}"
+    );
+    // gzip when the client accepts it.
+    let r = d
+        .req("GET", "/v1/jobs")
+        .set("Accept-Encoding", "gzip")
+        .call()
+        .unwrap();
+    assert_eq!(r.header("Content-Encoding"), Some("gzip"));
+    // ETag: 304 for the same revision; If-Match with an old one: 412, nothing changed.
+    let r = d.req("GET", &format!("/v1/jobs/{}", a.id)).call().unwrap();
+    let tag = r.header("ETag").unwrap().to_string();
+    let same = d
+        .req("GET", &format!("/v1/jobs/{}", a.id))
+        .set("If-None-Match", &tag)
+        .call()
+        .unwrap();
+    assert_eq!(same.status(), 304);
+    let stale = d
+        .req("POST", &format!("/v1/jobs/{}/cancel", c.id))
+        .set("If-Match", "\"1\"")
+        .call();
+    assert!(
+        matches!(stale, Err(ureq::Error::Status(412, _))),
+        "{stale:?}"
+    );
+    assert!(!d.job(&c.id).phase.is_terminal());
+    let now = d.req("GET", &format!("/v1/jobs/{}", c.id)).call().unwrap();
+    let tag = now.header("ETag").unwrap().to_string();
+    let ok = d
+        .req("POST", &format!("/v1/jobs/{}/cancel", c.id))
+        .set("If-Match", &tag)
+        .call();
+    // The job may have moved on (a step) between the read and the cancel: then 412 again.
+    match ok {
+        Ok(r) => assert_eq!(r.status(), 202),
+        Err(ureq::Error::Status(412, _)) => {
+            d.ctl(&["cancel", &c.id]);
+        }
+        Err(e) => panic!("{e:?}"),
+    }
+    // Retention: of three finished jobs, the newest two stay.
+    for j in [&a.id, &b.id] {
+        d.ctl(&["cancel", j]);
+    }
+    for j in [&a.id, &b.id, &c.id] {
+        d.wait_terminal(j, Duration::from_secs(60));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = ids("/v1/jobs");
+        if left.len() == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not pruned: {left:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

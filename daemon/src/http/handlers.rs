@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use ferry_cluster::api::{JobList, JobPhase, NodeList};
+use ferry_cluster::api::{DryRun, JobList, JobPhase, JobSummary, JobSummaryList, NodeList};
 use ferry_cluster::spec::JobSpec;
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -91,12 +91,45 @@ const SPEC_TYPES: &[&str] = &[
 /// How long a spec may take to parse.
 const PARSE_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitQuery {
+    /// Check only: run every check that can run before training, record nothing.
+    #[serde(rename = "dryRun", default)]
+    dry_run: bool,
+}
+
+/// The longest `Idempotency-Key` accepted.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
 /// `POST /v1/jobs`: the body is the spec, YAML or JSON.
 pub async fn submit(
     state: web::Data<AppState>,
     req: HttpRequest,
+    q: web::Query<SubmitQuery>,
     mut body: web::Payload,
 ) -> Result<HttpResponse> {
+    let idempotency_key = match req.headers().get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let k = v
+                .to_str()
+                .ok()
+                .map(|k| k.trim().trim_matches('"').to_string())
+                .filter(|k| {
+                    !k.is_empty()
+                        && k.len() <= MAX_IDEMPOTENCY_KEY
+                        && k.bytes().all(|b| b.is_ascii_graphic())
+                });
+            Some(k.ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "Bad request",
+                    format!("Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} visible ASCII characters (a UUID, say)"),
+                )
+            })?)
+        }
+    };
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -200,10 +233,54 @@ pub async fn submit(
         }
         Ok(Ok(r)) => r.map_err(|e| ApiError::from(crate::jobs::JobError::Invalid(e.0)))?,
     };
-    let job = state.jobs.submit(spec).await?;
-    Ok(HttpResponse::Created()
-        .insert_header(("Location", format!("/v1/jobs/{}", job.id)))
-        .json(job))
+    let opts = crate::jobs::SubmitOptions {
+        idempotency_key,
+        dry_run: q.dry_run,
+    };
+    Ok(match state.jobs.submit(spec, opts).await? {
+        crate::jobs::Submitted::Created(job) => HttpResponse::Created()
+            .insert_header(("Location", format!("/v1/jobs/{}", job.id)))
+            .insert_header(("ETag", etag(job.revision)))
+            .json(job),
+        crate::jobs::Submitted::Replayed(job) => HttpResponse::Ok()
+            .insert_header(("Location", format!("/v1/jobs/{}", job.id)))
+            .insert_header(("ETag", etag(job.revision)))
+            .insert_header(("Idempotent-Replayed", "true"))
+            .json(job),
+        crate::jobs::Submitted::Checked(spec) => HttpResponse::Ok().json(DryRun {
+            valid: true,
+            spec: *spec,
+        }),
+    })
+}
+
+/// A record's entity tag: its store revision.
+fn etag(revision: u64) -> String {
+    format!("\"{revision}\"")
+}
+
+/// The revision an `If-Match` names (`"7"`, or `*` for any), if the header is there.
+fn if_match(req: &HttpRequest) -> Result<Option<u64>> {
+    let Some(v) = req.headers().get(actix_web::http::header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let v = v.to_str().unwrap_or("").trim();
+    if v == "*" {
+        return Ok(None);
+    }
+    v.trim_start_matches("W/")
+        .trim_matches('"')
+        .parse::<u64>()
+        .map(Some)
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                format!(
+                    "If-Match `{v}` is not an ETag from this API (a quoted revision, e.g. \"42\")"
+                ),
+            )
+        })
 }
 
 #[derive(Deserialize)]
@@ -216,6 +293,51 @@ pub struct ListQuery {
     /// The `continue` token of the previous page.
     #[serde(rename = "continue")]
     cont: Option<String>,
+    /// Labels the jobs must have: `k=v`, `k!=v`, `k` (has it), `!k` (has not), comma-separated.
+    #[serde(rename = "labelSelector")]
+    label_selector: Option<String>,
+    /// `full` (the default: each job with its spec) or `summary` (without it).
+    view: Option<String>,
+}
+
+/// One requirement of a label selector.
+enum LabelReq {
+    Eq(String, String),
+    Ne(String, String),
+    Has(String),
+    HasNot(String),
+}
+
+impl LabelReq {
+    fn parse_all(text: &str) -> std::result::Result<Vec<LabelReq>, String> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                let (req, key) = if let Some((k, v)) = t.split_once("!=") {
+                    (LabelReq::Ne(k.trim().into(), v.trim().into()), k.trim())
+                } else if let Some((k, v)) = t.split_once('=') {
+                    let v = v.strip_prefix('=').unwrap_or(v);
+                    (LabelReq::Eq(k.trim().into(), v.trim().into()), k.trim())
+                } else if let Some(k) = t.strip_prefix('!') {
+                    (LabelReq::HasNot(k.trim().into()), k.trim())
+                } else {
+                    (LabelReq::Has(t.into()), t)
+                };
+                ferry_cluster::spec::check_label_key(key)?;
+                Ok(req)
+            })
+            .collect()
+    }
+
+    fn matches(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        match self {
+            LabelReq::Eq(k, v) => labels.get(k) == Some(v),
+            LabelReq::Ne(k, v) => labels.get(k) != Some(v),
+            LabelReq::Has(k) => labels.contains_key(k),
+            LabelReq::HasNot(k) => !labels.contains_key(k),
+        }
+    }
 }
 
 /// `GET /v1/jobs`: jobs in id order (ids grow with submission time), filtered by phase and
@@ -249,6 +371,13 @@ pub async fn list_jobs(
                 .ok_or_else(|| bad(format!("`{t}` is not a continue token from this API")))?,
         ),
     };
+    let selector = LabelReq::parse_all(q.label_selector.as_deref().unwrap_or(""))
+        .map_err(|e| bad(format!("labelSelector: {e}")))?;
+    let summary = match q.view.as_deref() {
+        None | Some("full") => false,
+        Some("summary") => true,
+        Some(v) => return Err(bad(format!("view `{v}` is not one of full, summary"))),
+    };
     let mut jobs: Vec<_> = state
         .jobs
         .list()
@@ -256,6 +385,7 @@ pub async fn list_jobs(
         .into_iter()
         .filter(|j| phase.is_none_or(|p| j.phase == p))
         .filter(|j| q.name.as_deref().is_none_or(|n| j.name == n))
+        .filter(|j| selector.iter().all(|r| r.matches(&j.spec.labels)))
         .filter(|j| after.as_deref().is_none_or(|a| j.id.as_str() > a))
         .collect();
     jobs.sort_by(|a, b| a.id.cmp(&b.id));
@@ -265,6 +395,10 @@ pub async fn list_jobs(
             jobs.truncate(limit);
             cont = jobs.last().map(|j| continue_token::encode(&j.id));
         }
+    }
+    if summary {
+        let jobs = jobs.iter().map(JobSummary::from).collect();
+        return Ok(HttpResponse::Ok().json(JobSummaryList { jobs, cont }));
     }
     Ok(HttpResponse::Ok().json(JobList { jobs, cont }))
 }
@@ -287,17 +421,53 @@ mod continue_token {
     }
 }
 
-pub async fn get_job(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
-    Ok(HttpResponse::Ok().json(state.jobs.get(&id).await?))
+/// `GET /v1/jobs/{id}`, with its revision as `ETag`; 304 for an `If-None-Match` that
+/// names it (a poller reads the record only when it changed).
+pub async fn get_job(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
+    let job = state.jobs.get(&id).await?;
+    let tag = etag(job.revision);
+    let unchanged = req
+        .headers()
+        .get(actix_web::http::header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim() == "*" || t.trim().trim_start_matches("W/") == tag)
+        });
+    if unchanged {
+        return Ok(HttpResponse::NotModified()
+            .insert_header(("ETag", tag))
+            .finish());
+    }
+    Ok(HttpResponse::Ok().insert_header(("ETag", tag)).json(job))
 }
 
 /// `DELETE /v1/jobs/{id}`: a job that has ended, with its events; the deleted record.
-pub async fn delete_job(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
-    Ok(HttpResponse::Ok().json(state.jobs.delete(&id).await?))
+/// `If-Match` makes it conditional on the record's revision.
+pub async fn delete_job(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
+    let expected = if_match(&req)?;
+    Ok(HttpResponse::Ok().json(state.jobs.delete(&id, expected).await?))
 }
 
-pub async fn cancel_job(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
-    Ok(HttpResponse::Accepted().json(state.jobs.cancel(&id).await?))
+/// `POST /v1/jobs/{id}/cancel`; `If-Match` makes it conditional on the record's revision.
+pub async fn cancel_job(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
+    let expected = if_match(&req)?;
+    let job = state.jobs.cancel(&id, expected).await?;
+    Ok(HttpResponse::Accepted()
+        .insert_header(("ETag", etag(job.revision)))
+        .json(job))
 }
 
 #[derive(Deserialize)]

@@ -224,6 +224,8 @@ pub fn serve(listener: TcpListener, state: AppState) -> std::io::Result<Server> 
                 )
                 .into()
             }))
+            // gzip (or another coding) when the client accepts it; small bodies go as they are.
+            .wrap(actix_web::middleware::Compress::default())
             .wrap(from_fn(auth))
             .wrap(from_fn(per_client))
             .wrap(from_fn(observe))

@@ -89,6 +89,14 @@ impl From<JobError> for ApiError {
                 format!("no job has the id or name `{what}`"),
             ),
             JobError::Conflict(msg) => ApiError::new(StatusCode::CONFLICT, "Conflict", msg),
+            JobError::KeyReused(msg) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Idempotency-Key reused",
+                msg,
+            ),
+            JobError::PreconditionFailed(msg) => {
+                ApiError::new(StatusCode::PRECONDITION_FAILED, "Precondition failed", msg)
+            }
             JobError::Busy(msg) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "Too many requests", msg)
             }

@@ -230,6 +230,11 @@ async fn coordinate(m: &JobManager, st: &mut State) -> Result<(), JobError> {
         grow(m, st, &usable.0, &jobs).await?;
     }
     let jobs = if st.changed { m.list().await? } else { jobs };
+    // Retention, every round (one runs at least every 10 s): the jobs are listed already.
+    if m.prune(&jobs, ferry_cluster::time::now_millis()).await > 0 {
+        let jobs = m.list().await?;
+        return schedule(m, st, &usable, jobs).await;
+    }
     schedule(m, st, &usable, jobs).await
 }
 

@@ -44,6 +44,12 @@ pub enum JobError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// An `Idempotency-Key` sent again with another spec.
+    #[error("{0}")]
+    KeyReused(String),
+    /// An `If-Match` that names another revision.
+    #[error("{0}")]
+    PreconditionFailed(String),
     /// A bound was reached (the queue is full); retry later.
     #[error("{0}")]
     Busy(String),
@@ -98,6 +104,118 @@ pub fn decode_node(kv: &ferry_cluster::store::KeyValue) -> Option<Node> {
     let mut node: Node = serde_json::from_slice(&kv.value).ok()?;
     node.session = kv.create_revision;
     Some(node)
+}
+
+/// The ids of the finished jobs among `jobs` that retention deletes: all but the newest
+/// `keep` (by when they ended; 0 keeps all), and those that ended more than `ttl_hours`
+/// before `now_ms` (0: no limit).
+pub fn prunable(jobs: &[Job], keep: usize, ttl_hours: f64, now_ms: u64) -> Vec<String> {
+    let mut ended: Vec<(u64, &str)> = jobs
+        .iter()
+        .filter(|j| j.phase.is_terminal())
+        .map(|j| {
+            let at = j
+                .status
+                .finished_at
+                .as_deref()
+                .and_then(ferry_cluster::time::parse_rfc3339_millis)
+                .or_else(|| ferry_cluster::time::parse_rfc3339_millis(&j.created_at))
+                .unwrap_or(0);
+            (at, j.id.as_str())
+        })
+        .collect();
+    ended.sort_by(|a, b| b.cmp(a)); // newest first
+    let ttl_ms = (ttl_hours * 3_600_000.0) as u64;
+    ended
+        .iter()
+        .enumerate()
+        .filter(|(i, (at, _))| {
+            (keep > 0 && *i >= keep) || (ttl_ms > 0 && now_ms.saturating_sub(*at) > ttl_ms)
+        })
+        .map(|(_, (_, id))| id.to_string())
+        .collect()
+}
+
+/// How long a dry run's model and data checks may take.
+const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long an `Idempotency-Key` is remembered: a day, as the IETF draft suggests.
+pub const IDEMPOTENCY_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// How a submission is handled.
+#[derive(Debug, Default, Clone)]
+pub struct SubmitOptions {
+    /// The client's `Idempotency-Key`.
+    pub idempotency_key: Option<String>,
+    /// Check only: run every check that can run before training and record nothing.
+    pub dry_run: bool,
+}
+
+/// What a submission did.
+#[derive(Debug)]
+pub enum Submitted {
+    /// A new job, Pending.
+    Created(Job),
+    /// The job an earlier submission with the same `Idempotency-Key` and spec made.
+    Replayed(Job),
+    /// A dry run passed every check: the spec as it would run (paths resolved).
+    Checked(Box<JobSpec>),
+}
+
+enum IdempotencyState {
+    Free(Compare),
+    Replay(Box<Job>),
+}
+
+/// What the store keeps of an `Idempotency-Key`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct IdempotencyRecord {
+    job: String,
+    digest: String,
+    at_millis: u64,
+}
+
+/// A digest of a spec as parsed (YAML and JSON of one spec agree).
+fn spec_digest(spec: &JobSpec) -> String {
+    use sha2::Digest;
+    let bytes = serde_json::to_vec(spec).expect("spec serialises");
+    hex(&sha2::Sha256::digest(bytes))
+}
+
+/// A store-safe name for a client's key.
+fn key_digest(key: &str) -> String {
+    use sha2::Digest;
+    hex(&sha2::Sha256::digest(key.as_bytes())[..16])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Five random characters for `generate_name` (no vowels, so no words; as Kubernetes).
+fn name_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..5)
+        .map(|_| ALPHABET[rand::random::<usize>() % ALPHABET.len()] as char)
+        .collect()
+}
+
+/// Adds the field errors of `r` to `errs`; passes other errors on.
+fn note(errs: &mut Vec<FieldError>, r: Result<(), JobError>) -> Result<(), JobError> {
+    match r {
+        Err(JobError::Invalid(e)) => {
+            errs.extend(e);
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn invalid(field: &str, message: String) -> JobError {
+    JobError::Invalid(vec![FieldError {
+        field: field.into(),
+        message,
+    }])
 }
 
 fn new_job_id() -> String {
@@ -363,96 +481,203 @@ impl JobManager {
         }]))
     }
 
-    /// Validates, resolves and records a new job as Pending. The job record and the claim
-    /// on its output directory are created in one transaction, so two submissions (on one
-    /// node or two) can never share a directory.
-    pub async fn submit(&self, spec: JobSpec) -> Result<Job, JobError> {
-        spec.validate().map_err(|e| JobError::Invalid(e.0))?;
-        let queued = self.queued.load(std::sync::atomic::Ordering::Relaxed);
-        if queued >= self.config.max_queued_jobs {
-            return Err(JobError::Busy(format!(
-                "{queued} jobs are waiting already (max_queued_jobs = {}); retry later, or cancel some",
-                self.config.max_queued_jobs
-            )));
-        }
-        self.check_fits(&spec).await?;
-        let resolved = self.resolve(&spec).map_err(JobError::Invalid)?;
-        let out_dir = PathBuf::from(&resolved.output.dir);
-        let owner = out_dir.join(".ferry-job");
-        self.check_output_dir(&out_dir)?;
-        if let Ok(previous) = std::fs::read_to_string(&owner) {
-            return Err(JobError::Invalid(vec![FieldError {
-                field: "output.dir".into(),
-                message: format!(
-                    "{} already holds the results of job {}; choose another directory or remove it",
-                    resolved.output.dir,
-                    previous.trim()
-                ),
-            }]));
-        }
-        let id = new_job_id();
-        let job = Job {
-            id: id.clone(),
-            name: spec.name.clone(),
-            phase: JobPhase::Pending,
-            spec: resolved,
-            status: JobStatus {
-                total_epochs: spec.train.epochs,
-                output_dir: Some(out_dir.display().to_string()),
-                ..Default::default()
-            },
-            created_at: now_rfc3339(),
-            node: Some(self.node.clone()),
-            cancel_requested: false,
-            generation: 0,
-            placement: vec![],
-            teacher_placement: vec![],
-            revision: 0,
+    /// Validates, resolves and records a new job as Pending (or with `opts.dry_run`, runs
+    /// every check that can run before training and records nothing). The job record, the
+    /// claim on its output directory, the claim on its name (unique among the jobs that have
+    /// not ended) and its idempotency key are created in one transaction, so two
+    /// submissions (on one node or two) can never share a directory or a name, and one key
+    /// never makes two jobs.
+    pub async fn submit(
+        &self,
+        mut spec: JobSpec,
+        opts: SubmitOptions,
+    ) -> Result<Submitted, JobError> {
+        let digest = spec_digest(&spec);
+        let idem = match &opts.idempotency_key {
+            Some(k) => Some(self.idempotency_lookup(k, &digest).await?),
+            None => None,
         };
-        let key = self.keys.job(&id);
-        let claim = self.keys.output_claim(&job.spec.output.dir);
-        // The claim: absent, or left by a job that has ended and whose directory was
-        // emptied of its marker since (the user removed its results).
-        let claim_compare = match self.store.get(&claim).await? {
-            None => Compare::absent(&claim),
-            Some(kv) => {
-                let holder = String::from_utf8_lossy(&kv.value).to_string();
-                match self.get(&holder).await {
-                    Ok(other) if !other.phase.is_terminal() => {
-                        return Err(JobError::Conflict(format!(
-                            "output.dir {} is in use by job {} ({}); choose another directory",
-                            job.spec.output.dir, other.id, other.name
-                        )))
-                    }
-                    _ => Compare::mod_revision(&claim, kv.mod_revision),
-                }
+        if let Some(IdempotencyState::Replay(job)) = idem {
+            return Ok(Submitted::Replayed(*job));
+        }
+        spec.validate().map_err(|e| JobError::Invalid(e.0))?;
+        if !opts.dry_run {
+            let queued = self.queued.load(std::sync::atomic::Ordering::Relaxed);
+            if queued >= self.config.max_queued_jobs {
+                return Err(JobError::Busy(format!(
+                    "{queued} jobs are waiting already (max_queued_jobs = {}); retry later, or cancel some",
+                    self.config.max_queued_jobs
+                )));
+            }
+        }
+        // Every check that fails adds its errors: a submission hears of them all at once.
+        let mut errs: Vec<FieldError> = Vec::new();
+        note(&mut errs, self.check_fits(&spec).await)?;
+        let resolved = match self.resolve(&spec) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                note(&mut errs, Err(JobError::Invalid(e)))?;
+                None
             }
         };
-        let txn = Txn {
-            compares: vec![Compare::absent(&key), claim_compare],
-            success: vec![
-                TxnOp::Put {
-                    key: key.clone(),
-                    value: serde_json::to_vec(&job).expect("job serialises"),
-                    lease: 0,
+        let out_dir = resolved
+            .as_ref()
+            .map(|r| PathBuf::from(&r.output.dir))
+            .filter(|_| !errs.iter().any(|e| e.field == "output.dir"));
+        if let Some(out_dir) = &out_dir {
+            note(&mut errs, self.check_output_dir(out_dir))?;
+            if let Ok(previous) = std::fs::read_to_string(out_dir.join(".ferry-job")) {
+                note(&mut errs, Err(invalid(
+                    "output.dir",
+                    format!(
+                        "{} already holds the results of job {}; choose another directory or remove it",
+                        out_dir.display(),
+                        previous.trim()
+                    ),
+                )))?;
+            }
+        }
+        if opts.dry_run {
+            let name_free = match &spec.generate_name {
+                Some(_) => Ok(()),
+                None => self.name_claim(&spec.name).await.map(|_| ()),
+            };
+            note(
+                &mut errs,
+                name_free.map_err(|e| match e {
+                    JobError::Conflict(m) => invalid("name", m),
+                    e => e,
+                }),
+            )?;
+            if let (Some(r), Some(out_dir)) = (&resolved, &out_dir) {
+                note(
+                    &mut errs,
+                    self.claim_compare(&r.output.dir)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| match e {
+                            JobError::Conflict(m) => invalid("output.dir", m),
+                            e => e,
+                        }),
+                )?;
+                if errs.is_empty() {
+                    // The model and the data: files' headers, parameter names against
+                    // `freeze` and `init`, the data's shape against the model's input.
+                    errs.extend(self.preflight(r, out_dir).await);
+                }
+            }
+            if !errs.is_empty() {
+                return Err(JobError::Invalid(errs));
+            }
+            let mut checked = resolved.expect("no errors");
+            if checked.name.is_empty() {
+                checked.name =
+                    format!("{}{}", spec.generate_name.as_deref().unwrap_or(""), "xxxxx");
+            }
+            return Ok(Submitted::Checked(Box::new(checked)));
+        }
+        if !errs.is_empty() {
+            return Err(JobError::Invalid(errs));
+        }
+        let mut resolved = resolved.expect("no errors");
+        let out_dir = out_dir.expect("no errors");
+        let id = new_job_id();
+        let claim = self.keys.output_claim(&resolved.output.dir);
+        let claim_compare = self.claim_compare(&resolved.output.dir).await?;
+        // A generated name is tried a few times: another job may hold the first one drawn.
+        let mut tries = 0;
+        let (job, name_compare) = loop {
+            tries += 1;
+            if let Some(prefix) = &spec.generate_name {
+                spec.name = format!("{prefix}{}", name_suffix());
+                resolved.name = spec.name.clone();
+            }
+            let name_compare = match self.name_claim(&spec.name).await {
+                Err(JobError::Conflict(_)) if spec.generate_name.is_some() && tries < 8 => continue,
+                r => r?,
+            };
+            let job = Job {
+                id: id.clone(),
+                name: spec.name.clone(),
+                phase: JobPhase::Pending,
+                spec: resolved.clone(),
+                status: JobStatus {
+                    total_epochs: spec.train.epochs,
+                    output_dir: Some(out_dir.display().to_string()),
+                    ..Default::default()
                 },
-                TxnOp::Put {
-                    key: claim.clone(),
-                    value: id.clone().into_bytes(),
-                    lease: 0,
-                },
-                TxnOp::Put {
-                    key: self.keys.job_name(&job.name, &id),
-                    value: Vec::new(),
-                    lease: 0,
-                },
-            ],
-            failure: vec![],
+                created_at: now_rfc3339(),
+                node: Some(self.node.clone()),
+                cancel_requested: false,
+                generation: 0,
+                placement: vec![],
+                teacher_placement: vec![],
+                idempotency_key: opts.idempotency_key.clone(),
+                revision: 0,
+            };
+            break (job, name_compare);
         };
-        if !self.store.txn(txn).await?.succeeded {
+        let key = self.keys.job(&id);
+        let active = self.keys.active_name(&job.name);
+        let mut compares = vec![Compare::absent(&key), claim_compare, name_compare];
+        let mut success = vec![
+            TxnOp::Put {
+                key: key.clone(),
+                value: serde_json::to_vec(&job).expect("job serialises"),
+                lease: 0,
+            },
+            TxnOp::Put {
+                key: claim.clone(),
+                value: id.clone().into_bytes(),
+                lease: 0,
+            },
+            TxnOp::Put {
+                key: self.keys.job_name(&job.name, &id),
+                value: Vec::new(),
+                lease: 0,
+            },
+            TxnOp::Put {
+                key: active.clone(),
+                value: id.clone().into_bytes(),
+                lease: 0,
+            },
+        ];
+        let idem_key = opts
+            .idempotency_key
+            .as_deref()
+            .map(|k| self.keys.idempotency(&key_digest(k)));
+        if let (Some(IdempotencyState::Free(compare)), Some(k)) = (idem, &idem_key) {
+            compares.push(compare);
+            let record = IdempotencyRecord {
+                job: id.clone(),
+                digest: digest.clone(),
+                at_millis: ferry_cluster::time::now_millis(),
+            };
+            success.push(TxnOp::Put {
+                key: k.clone(),
+                value: serde_json::to_vec(&record).expect("record serialises"),
+                lease: 0,
+            });
+        }
+        if !self
+            .store
+            .txn(Txn {
+                compares,
+                success,
+                failure: vec![],
+            })
+            .await?
+            .succeeded
+        {
+            // Whichever claim was taken meanwhile says what happened.
+            if let Some(k) = &opts.idempotency_key {
+                if let IdempotencyState::Replay(job) = self.idempotency_lookup(k, &digest).await? {
+                    return Ok(Submitted::Replayed(*job));
+                }
+            }
             return Err(JobError::Conflict(format!(
-                "output.dir {} was claimed by another submission at the same moment; choose another directory",
-                job.spec.output.dir
+                "another submission claimed output.dir {} or the name `{}` at the same moment; retry, or choose another",
+                job.spec.output.dir, job.name
             )));
         }
         // Made beneath the outputs root, following no link; the marker is a new file (a
@@ -477,7 +702,11 @@ impl JobManager {
                     TxnOp::Delete {
                         key: self.keys.job_name(&job.name, &id),
                     },
-                ],
+                    TxnOp::Delete { key: active },
+                ]
+                .into_iter()
+                .chain(idem_key.map(|key| TxnOp::Delete { key }))
+                .collect(),
                 failure: vec![],
             };
             let _ = self.store.txn(undo).await;
@@ -495,7 +724,167 @@ impl JobManager {
             serde_json::Value::Null,
         )
         .await;
-        self.get(&id).await
+        self.get(&id).await.map(Submitted::Created)
+    }
+
+    /// A dry run's checks of the model and the data, in a `ferryd check` process started
+    /// as a rank is (as `rank_user`, without the daemon's secrets, confined by
+    /// `rank_sandbox`): loading a TorchScript model runs its code.
+    async fn preflight(&self, spec: &JobSpec, out_dir: &std::path::Path) -> Vec<FieldError> {
+        let failed = |message: String| {
+            vec![FieldError {
+                field: "(spec)".into(),
+                message,
+            }]
+        };
+        let plan = crate::protocol::WorkerPlan {
+            job_id: "dry-run".into(),
+            spec: spec.clone(),
+            output_dir: out_dir.display().to_string(),
+            threads: spec
+                .resources
+                .threads
+                .unwrap_or_else(|| self.config.threads())
+                .min(4),
+            resume: false,
+            progress_interval_ms: self.config.progress_interval_ms,
+            bind_ip: self.config.data_plane_ip.clone(),
+            collective_timeout_ms: self.config.collective_timeout_ms,
+            node: self.node.clone(),
+            generation: 0,
+            scratch_dir: String::new(),
+            roots: crate::protocol::PlanRoots {
+                data: self.roots.data.display().to_string(),
+                models: self.roots.models.display().to_string(),
+                outputs: self.roots.outputs.display().to_string(),
+            },
+            sandbox: self.config.rank_sandbox.clone(),
+        };
+        let plan_path = self
+            .plans_dir
+            .join(format!("check-{:016x}.json", rand::random::<u64>()));
+        if let Err(e) = std::fs::write(
+            &plan_path,
+            serde_json::to_vec(&plan).expect("plan serialises"),
+        ) {
+            return failed(format!("cannot write {}: {e}", plan_path.display()));
+        }
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        if let Some((uid, gid)) = self.rank_ids {
+            cmd.uid(uid).gid(gid);
+        }
+        for secret in ["FERRY_TOKEN", "FERRY_ETCD_PASSWORD", "FERRY_CONFIG"] {
+            cmd.env_remove(secret);
+        }
+        cmd.arg("check")
+            .arg("--plan")
+            .arg(&plan_path)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let run = tokio::time::timeout(PREFLIGHT_TIMEOUT, cmd.output()).await;
+        let _ = std::fs::remove_file(&plan_path);
+        let out = match run {
+            Err(_) => {
+                return failed(format!(
+                    "the model and data checks took more than {} s",
+                    PREFLIGHT_TIMEOUT.as_secs()
+                ))
+            }
+            Ok(Err(e)) => return failed(format!("cannot start {}: {e}", self.exe.display())),
+            Ok(Ok(out)) => out,
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        match serde_json::from_str::<Vec<FieldError>>(stdout.lines().last().unwrap_or("")) {
+            Ok(errs) if out.status.success() => errs,
+            _ => failed(format!(
+                "the model and data checks failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        }
+    }
+
+    /// The compare that lets a new job claim output directory `dir`: absent, or left by a
+    /// job that has ended (whose directory was emptied of its marker since: the user
+    /// removed its results).
+    async fn claim_compare(&self, dir: &str) -> Result<Compare, JobError> {
+        let claim = self.keys.output_claim(dir);
+        match self.store.get(&claim).await? {
+            None => Ok(Compare::absent(&claim)),
+            Some(kv) => {
+                let holder = String::from_utf8_lossy(&kv.value).to_string();
+                match self.get(&holder).await {
+                    Ok(other) if !other.phase.is_terminal() => Err(JobError::Conflict(format!(
+                        "output.dir {dir} is in use by job {} ({}); choose another directory",
+                        other.id, other.name
+                    ))),
+                    _ => Ok(Compare::mod_revision(&claim, kv.mod_revision)),
+                }
+            }
+        }
+    }
+
+    /// The compare that lets a new job take `name`: free, or last held by a job that has
+    /// ended (or was deleted).
+    async fn name_claim(&self, name: &str) -> Result<Compare, JobError> {
+        let key = self.keys.active_name(name);
+        match self.store.get(&key).await? {
+            None => Ok(Compare::absent(&key)),
+            Some(kv) => {
+                let holder = String::from_utf8_lossy(&kv.value).to_string();
+                match self.store.get(&self.keys.job(&holder)).await?.as_ref().and_then(decode_job) {
+                    Some(other) if !other.phase.is_terminal() => Err(JobError::Conflict(format!(
+                        "job {} is already named `{name}` and is {}: names are unique among jobs that have not ended; wait for it, cancel it, choose another name, or give `generate_name: {name}-` for a unique one",
+                        other.id,
+                        other.phase.as_str()
+                    ))),
+                    _ => Ok(Compare::mod_revision(&key, kv.mod_revision)),
+                }
+            }
+        }
+    }
+
+    /// What an `Idempotency-Key` says about a submission with spec digest `digest`: the job
+    /// it made before (same spec, within [`IDEMPOTENCY_TTL_MS`]), or the compare under
+    /// which it may be recorded now. The same key with another spec is refused.
+    async fn idempotency_lookup(
+        &self,
+        key: &str,
+        digest: &str,
+    ) -> Result<IdempotencyState, JobError> {
+        let store_key = self.keys.idempotency(&key_digest(key));
+        let Some(kv) = self.store.get(&store_key).await? else {
+            return Ok(IdempotencyState::Free(Compare::absent(&store_key)));
+        };
+        let expired = || {
+            Ok(IdempotencyState::Free(Compare::mod_revision(
+                &store_key,
+                kv.mod_revision,
+            )))
+        };
+        let Ok(record) = serde_json::from_slice::<IdempotencyRecord>(&kv.value) else {
+            return expired();
+        };
+        if ferry_cluster::time::now_millis().saturating_sub(record.at_millis) > IDEMPOTENCY_TTL_MS {
+            return expired();
+        }
+        let job = match self
+            .store
+            .get(&self.keys.job(&record.job))
+            .await?
+            .as_ref()
+            .and_then(decode_job)
+        {
+            Some(job) => job,
+            None => return expired(), // deleted since
+        };
+        if record.digest != digest {
+            return Err(JobError::KeyReused(format!(
+                "Idempotency-Key `{key}` was used for job {} with another spec; use a new key for a new job",
+                job.id
+            )));
+        }
+        Ok(IdempotencyState::Replay(Box::new(job)))
     }
 
     /// Refuses an output dir ferry must not write into: the outputs root itself, one that
@@ -578,8 +967,23 @@ impl JobManager {
                 return Ok(job);
             }
         }
-        // By name: the newest job of that name, from the name index (never a scan).
+        // By name: the job of that name that has not ended, else the newest of that name,
+        // from the name index (never a scan).
         if ferry_cluster::spec::check_dns_label(id_or_name).is_ok() {
+            if let Some(kv) = self.store.get(&self.keys.active_name(id_or_name)).await? {
+                let holder = String::from_utf8_lossy(&kv.value).to_string();
+                if let Some(job) = self
+                    .store
+                    .get(&self.keys.job(&holder))
+                    .await?
+                    .as_ref()
+                    .and_then(decode_job)
+                {
+                    if !job.phase.is_terminal() {
+                        return Ok(job);
+                    }
+                }
+            }
             let named = self.store.range(&self.keys.job_names(id_or_name)).await?;
             for kv in named.iter().rev() {
                 let id = kv.key.rsplit('/').next().unwrap_or_default();
@@ -689,8 +1093,20 @@ impl JobManager {
     /// Asks for a job to stop. A Pending job is Cancelled at once; a Running one once its
     /// ranks have stopped (the nodes running them watch the record). Any node can cancel
     /// any job: the decision is the record's, never a node's memory.
-    pub async fn cancel(&self, id_or_name: &str) -> Result<Job, JobError> {
+    /// Cancels a job; with `if_match`, only while its record is at that revision (its
+    /// `ETag`), else [`JobError::PreconditionFailed`].
+    pub async fn cancel(&self, id_or_name: &str, if_match: Option<u64>) -> Result<Job, JobError> {
         let job = self.get(id_or_name).await?;
+        let moved = |now: u64| {
+            JobError::PreconditionFailed(format!(
+                "job {} is at revision {now}, not {} (If-Match): it changed since you read it; read it again",
+                job.id,
+                if_match.unwrap_or_default()
+            ))
+        };
+        if if_match.is_some_and(|r| r != job.revision) {
+            return Err(moved(job.revision));
+        }
         if job.phase.is_terminal() {
             return Err(JobError::Conflict(format!(
                 "job {} has already ended ({})",
@@ -698,10 +1114,16 @@ impl JobManager {
                 job.phase.as_str()
             )));
         }
-        let job = self
-            .update(&job.id, |j| {
+        let mut seen = job.revision;
+        let updated = self
+            .update_if(&job.id, vec![], |j| {
+                // With If-Match, the compare-and-swap is on that very revision.
+                if if_match.is_some_and(|r| r != j.revision) {
+                    seen = j.revision;
+                    return false;
+                }
                 if j.phase.is_terminal() {
-                    return;
+                    return true;
                 }
                 j.cancel_requested = true;
                 if j.phase == JobPhase::Pending {
@@ -709,8 +1131,13 @@ impl JobManager {
                     j.placement.clear();
                     j.status.finished_at = Some(now_rfc3339());
                 }
+                true
             })
-            .await?;
+            .await;
+        let job = match updated {
+            Err(JobError::Stale) => return Err(moved(seen)),
+            r => r?,
+        };
         if job.phase == JobPhase::Cancelled {
             self.metrics.job_ended(&job);
         }
@@ -727,8 +1154,14 @@ impl JobManager {
     /// store still holds of its generations, and its claim on its output directory. Its
     /// outputs stay on disk. The record goes last, so a deletion cut short (the store went
     /// away) leaves a job that a second DELETE finishes.
-    pub async fn delete(&self, id_or_name: &str) -> Result<Job, JobError> {
+    pub async fn delete(&self, id_or_name: &str, if_match: Option<u64>) -> Result<Job, JobError> {
         let job = self.get(id_or_name).await?;
+        if let Some(r) = if_match.filter(|r| *r != job.revision) {
+            return Err(JobError::PreconditionFailed(format!(
+                "job {} is at revision {}, not {r} (If-Match): it changed since you read it; read it again",
+                job.id, job.revision
+            )));
+        }
         if !job.phase.is_terminal() {
             return Err(JobError::Conflict(format!(
                 "job {} is {}: only a job that has ended can be deleted (cancel it first)",
@@ -754,12 +1187,51 @@ impl JobManager {
                 self.store.delete(&claim).await?;
             }
         }
+        let active = self.keys.active_name(&job.name);
+        if let Some(kv) = self.store.get(&active).await? {
+            if kv.value == id.as_bytes() {
+                self.store.delete(&active).await?;
+            }
+        }
+        if let Some(k) = &job.idempotency_key {
+            self.store
+                .delete(&self.keys.idempotency(&key_digest(k)))
+                .await?;
+        }
         self.store
             .delete(&self.keys.job_name(&job.name, id))
             .await?;
         self.store.delete(&self.keys.job(id)).await?;
         tracing::info!(job = %id, name = %job.name, "deleted");
         Ok(job)
+    }
+
+    /// Deletes the jobs that have ended beyond what retention keeps: the newest
+    /// `keep_finished_jobs`, each for at most `finished_job_ttl_hours` after it ended
+    /// (`now_ms` is the time now). Run by the coordinator; returns how many went.
+    pub async fn prune(&self, jobs: &[Job], now_ms: u64) -> usize {
+        let doomed = prunable(
+            jobs,
+            self.config.keep_finished_jobs,
+            self.config.finished_job_ttl_hours,
+            now_ms,
+        );
+        let mut n = 0;
+        for id in &doomed {
+            match self.delete(id, None).await {
+                Ok(_) => n += 1,
+                Err(e) => tracing::warn!(job = %id, error = %e, "cannot prune a finished job"),
+            }
+        }
+        if n > 0 {
+            tracing::info!(
+                deleted = n,
+                keep = self.config.keep_finished_jobs,
+                ttl_hours = self.config.finished_job_ttl_hours,
+                "pruned finished jobs"
+            );
+        }
+        n
     }
 
     /// Appends an event to a job's log. Failures are logged, not returned: an event that

@@ -155,6 +155,155 @@ impl Dataset {
     }
 }
 
+/// What a data set's headers say, read without decoding it (a dry run's checks).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    /// (C, H, W) of one image, as training would see it.
+    pub shape: (i64, i64, i64),
+    pub samples: usize,
+    /// An ImageFolder's class names.
+    pub classes: Option<Vec<String>>,
+}
+
+/// Reads what `load` would load from `path` as far as headers go: a safetensors file's
+/// header (names, dtypes, shapes), or an ImageFolder's class directories and the size of
+/// its first image. Errors are the ones `load` would give (`data.normalize` aside).
+pub fn probe(path: &Path, field: &str, spec: &DataSpec, labelled: bool) -> Result<Probe> {
+    let probe = if path.is_dir() {
+        probe_image_folder(path, field, spec)?
+    } else {
+        probe_safetensors(path, field, labelled)?
+    };
+    if probe.samples == 0 {
+        bail!("{field}: {} holds no samples", path.display());
+    }
+    Ok(probe)
+}
+
+fn probe_safetensors(path: &Path, field: &str, labelled: bool) -> Result<Probe> {
+    use std::io::Read;
+    let unreadable = || {
+        format!(
+            "{field}: cannot read {} as safetensors (expected tensors `images` and `labels`)",
+            path.display()
+        )
+    };
+    let mut f = std::fs::File::open(path).with_context(unreadable)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).with_context(unreadable)?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        bail!("{}: a header of {len} bytes", unreadable());
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).with_context(unreadable)?;
+    let header: serde_json::Value = serde_json::from_slice(&header).with_context(unreadable)?;
+    let tensor = |name: &str| -> Option<(String, Vec<i64>)> {
+        let t = header.get(name)?;
+        let dtype = t.get("dtype")?.as_str()?.to_string();
+        let shape = t
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .map(|d| d.as_i64())
+            .collect::<Option<Vec<i64>>>()?;
+        Some((dtype, shape))
+    };
+    let Some((dtype, shape)) = tensor("images") else {
+        bail!(
+            "{field}: {} must hold tensors named `images` (N,C,H,W){}",
+            path.display(),
+            if labelled { " and `labels` (N)" } else { "" }
+        );
+    };
+    let shape3 = match shape.as_slice() {
+        [_, c, h, w] => (*c, *h, *w),
+        [_, h, w] => (1, *h, *w),
+        _ => bail!(
+            "{field}: `images` must have shape (N,C,H,W) or (N,H,W), got {} dimensions {shape:?}",
+            shape.len()
+        ),
+    };
+    if !matches!(dtype.as_str(), "U8" | "F32" | "F64" | "F16" | "BF16") {
+        bail!("{field}: `images` must be uint8 or float32, got {dtype}");
+    }
+    let n = shape[0];
+    match tensor("labels") {
+        Some((dtype, shape)) => {
+            if shape != [n] {
+                bail!("{field}: `labels` must have shape ({n},), got {shape:?}");
+            }
+            if !matches!(dtype.as_str(), "I64" | "I32" | "I16" | "I8" | "U8") {
+                bail!("{field}: `labels` must be integers (int64), got {dtype}");
+            }
+        }
+        None if labelled => bail!(
+            "{field}: {} must hold tensors named `images` (N,C,H,W) and `labels` (N)",
+            path.display()
+        ),
+        None => {}
+    }
+    Ok(Probe {
+        shape: shape3,
+        samples: n.max(0) as usize,
+        classes: None,
+    })
+}
+
+fn probe_image_folder(dir: &Path, field: &str, spec: &DataSpec) -> Result<Probe> {
+    let channels = i64::from(spec.channels.unwrap_or(3));
+    let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(dir)
+        .with_context(|| format!("{field}: cannot read directory {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .collect();
+    for e in &entries {
+        super::confine::no_link(e).with_context(|| field.to_string())?;
+    }
+    let mut classes: Vec<String> = entries
+        .iter()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    classes.sort();
+    if classes.is_empty() {
+        bail!(
+            "{field}: {} is an ImageFolder with no class sub-directories",
+            dir.display()
+        );
+    }
+    let (mut samples, mut first) = (0usize, None);
+    for class in &classes {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join(class))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                    matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")
+                })
+            })
+            .collect();
+        files.sort();
+        samples += files.len();
+        if first.is_none() {
+            first = files.into_iter().next();
+        }
+    }
+    let (h, w) = match (spec.image_size, &first) {
+        (Some(s), _) => (i64::from(s), i64::from(s)),
+        (None, Some(f)) => {
+            let (w, h) = image::image_dimensions(f)
+                .with_context(|| format!("{field}: cannot decode image {}", f.display()))?;
+            (i64::from(h), i64::from(w))
+        }
+        (None, None) => (0, 0),
+    };
+    Ok(Probe {
+        shape: (channels, h, w),
+        samples,
+        classes: Some(classes),
+    })
+}
+
 fn load_safetensors(path: &Path, field: &str, labelled: bool) -> Result<Dataset> {
     let tensors = Tensor::read_safetensors(path).with_context(|| {
         format!(

@@ -3,6 +3,7 @@
 //! libtorch runs only here, never on the daemon's async threads.
 
 pub mod builtin;
+pub mod check;
 pub mod checkpoint;
 pub mod confine;
 pub mod control;
