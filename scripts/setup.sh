@@ -48,6 +48,15 @@ if [ "${FERRY_CHART_VENV:-1}" != 0 ] && { [ ! -x .venv-chart/bin/python ] || ! c
   cp scripts/requirements-chart.txt "$stamp"
 fi
 
+# A third venv for the API fuzzer (schemathesis) that a test runs against a live daemon.
+stamp=.venv-api/.ferry-requirements
+if [ ! -x .venv-api/bin/python ] || ! cmp -s scripts/requirements-api.txt "$stamp"; then
+  log "installing the API fuzzer (schemathesis) into .venv-api"
+  [ -x .venv-api/bin/python ] || python3 -m venv .venv-api
+  .venv-api/bin/pip install -q --disable-pip-version-check -r scripts/requirements-api.txt
+  cp scripts/requirements-api.txt "$stamp"
+fi
+
 log "building ferry (first build: ~5 minutes on 2 cores)"
 cargo build --workspace --quiet
 log "set-up done: binaries in target/debug (ferryd, ferryctl)"

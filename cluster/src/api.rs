@@ -6,6 +6,7 @@ use crate::spec::JobSpec;
 
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum JobPhase {
     /// Accepted, waiting for a slot (or for its resumption after a daemon restart).
     Pending,
@@ -47,6 +48,7 @@ impl JobPhase {
 
 /// Progress and outcome of a job. Optional fields are absent until known.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct JobStatus {
     /// Current epoch, 1-based (0 before training starts).
@@ -94,6 +96,7 @@ pub struct JobStatus {
 /// kept verbatim, so that a `ferryctl` older than its daemon still reads jobs whose specs
 /// use fields it does not know.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Job<S = JobSpec> {
     pub id: String,
     pub name: String,
@@ -131,6 +134,7 @@ pub struct Job<S = JobSpec> {
 
 /// Where one rank of a job's generation runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RankPlacement {
     /// The node's name.
     pub node: String,
@@ -144,6 +148,7 @@ pub struct RankPlacement {
 
 /// What a job event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// A phase change.
@@ -162,6 +167,7 @@ pub enum EventKind {
 
 /// One entry of a job's event log (`GET /v1/jobs/{id}/events`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobEvent {
     /// Increasing per job, from 1.
     pub seq: u64,
@@ -170,11 +176,13 @@ pub struct JobEvent {
     pub message: String,
     /// Structured details (numbers for progress, lists for init reports).
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub data: serde_json::Value,
 }
 
 /// A page of events.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EventPage {
     pub events: Vec<JobEvent>,
     /// Pass as `after` to get the events that follow.
@@ -185,6 +193,7 @@ pub struct EventPage {
 
 /// A list of jobs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobList<S = JobSpec> {
     pub jobs: Vec<Job<S>>,
     /// With `limit`: the token that fetches the next page (`?continue=`), absent on the
@@ -195,6 +204,7 @@ pub struct JobList<S = JobSpec> {
 
 /// A job without its spec: what `GET /v1/jobs?view=summary` lists.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobSummary {
     pub id: String,
     pub name: String,
@@ -238,6 +248,7 @@ impl From<&Job> for JobSummary {
 
 /// A page of job summaries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobSummaryList {
     pub jobs: Vec<JobSummary>,
     #[serde(rename = "continue", default, skip_serializing_if = "Option::is_none")]
@@ -247,6 +258,7 @@ pub struct JobSummaryList {
 /// What a dry run (`POST /v1/jobs?dryRun=true`) answers when every check passed; a spec
 /// with errors gets a 422 problem listing them all.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DryRun<S = JobSpec> {
     /// Always true here.
     pub valid: bool,
@@ -256,6 +268,7 @@ pub struct DryRun<S = JobSpec> {
 
 /// A ferry node as registered in the store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Node {
     pub name: String,
     /// `worker` (trains) or `teacher` (serves soft labels).
@@ -302,6 +315,7 @@ fn one() -> u32 {
 /// `keys.teacher(job, replica)` with a lease: if its process or its node dies, the record
 /// goes, and students stop being sent to it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TeacherRecord {
     pub job: String,
     pub replica: u32,
@@ -314,6 +328,7 @@ pub struct TeacherRecord {
 
 /// A list of nodes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeList {
     pub nodes: Vec<Node>,
     /// The node that coordinates the cluster now (none while an election is open).
@@ -323,6 +338,7 @@ pub struct NodeList {
 
 /// One field that is wrong, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FieldError {
     /// Dotted path into the spec, e.g. `train.optimizer.lr`.
     pub field: String,
@@ -331,6 +347,7 @@ pub struct FieldError {
 
 /// An RFC 9457 problem document (`application/problem+json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Problem {
     #[serde(rename = "type")]
     pub type_: String,

@@ -10,11 +10,16 @@ use crate::api::FieldError;
 
 /// A fine-tuning job as submitted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     /// DNS-label style name; jobs can be named by it in `ferryctl`. Unique among the jobs
     /// that have not ended. May be left out when `generate_name` is given.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)?$")
+    )]
     pub name: String,
     /// A prefix for a name the daemon makes unique by appending 5 random characters
     /// (as Kubernetes' `generateName`); for schedulers that submit many jobs of one kind.
@@ -48,6 +53,7 @@ pub struct JobSpec {
 /// `loss = alpha*CE(hard labels) + (1-alpha)*T^2*KL(teacher/T || student/T)`, per sample,
 /// averaged over the batch. Samples without a label (`data.unlabelled`) have no CE term.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DistillSpec {
     pub teacher: TeacherSpec,
@@ -56,10 +62,12 @@ pub struct DistillSpec {
     pub temperature: f64,
     /// Weight of the hard-label cross-entropy; `1 - alpha` weighs the distillation term.
     #[serde(default = "default_alpha")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0.0, maximum = 1.0))]
     pub alpha: f64,
     /// Soft labels travel and are cached as the k most likely classes (class, f16
     /// probability), renormalised over those k classes; 0 sends every class.
     #[serde(default = "default_top_k")]
+    #[cfg_attr(feature = "openapi", schema(maximum = 65535))]
     pub top_k: u32,
     /// When no teacher replica answers: `wait` (up to `wait_timeout_s`, then fail),
     /// `hard-labels` (train that step on hard labels only) or `fail`.
@@ -85,6 +93,7 @@ pub struct DistillSpec {
 
 /// The teacher model and how it is served.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TeacherSpec {
     pub arch: Arch,
@@ -93,12 +102,14 @@ pub struct TeacherSpec {
     pub path: Option<String>,
     /// Output classes of a built-in architecture.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub num_classes: Option<u32>,
     /// Weights (safetensors, by state_dict name) loaded into the teacher.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<String>,
     /// Teacher processes serving this job; students spread requests over them.
     #[serde(default = "one")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 16))]
     pub replicas: u32,
     /// Most samples one forward pass of the teacher takes: requests from all students are
     /// coalesced up to it. Default: 512 on CUDA; on CPU, one request per pass (a CPU pass
@@ -110,6 +121,7 @@ pub struct TeacherSpec {
     pub threads: Option<u32>,
     /// How often the daemon restarts a teacher replica that dies.
     #[serde(default = "default_teacher_restarts")]
+    #[cfg_attr(feature = "openapi", schema(maximum = 100))]
     pub max_restarts: u32,
 }
 
@@ -130,6 +142,7 @@ impl TeacherSpec {
 
 /// What a student does when no teacher replica answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum OnTeacherFailure {
     #[default]
@@ -140,6 +153,7 @@ pub enum OnTeacherFailure {
 
 /// How students ask for soft labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum DistillMode {
     /// By sample index: the teacher reads the same data set.
@@ -177,13 +191,16 @@ fn one() -> u32 {
 /// Restarts after a failure: the job goes back to Pending and resumes from its newest
 /// checkpoint, at most `max_restarts` times; then it fails.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct RestartPolicy {
+    #[cfg_attr(feature = "openapi", schema(maximum = 100))]
     pub max_restarts: u32,
 }
 
 /// Model architectures ferry can train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     /// A TorchScript module exported from PyTorch (`model.path`).
@@ -207,6 +224,7 @@ impl Arch {
 
 /// The model section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub arch: Arch,
@@ -215,6 +233,7 @@ pub struct ModelSpec {
     pub path: Option<String>,
     /// Output classes of a built-in architecture.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub num_classes: Option<u32>,
     /// Parameter transfer: a safetensors file whose tensors (parameters and buffers) are
     /// loaded by name; tensors whose shape differs are skipped and reported.
@@ -237,6 +256,7 @@ pub struct ModelSpec {
 
 /// How frozen modules' BatchNorm layers run (`model.freeze_bn`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum FreezeBn {
     #[default]
@@ -252,6 +272,7 @@ impl FreezeBn {
 
 /// The data section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
     pub train: DataSource,
@@ -263,9 +284,11 @@ pub struct DataSpec {
     pub unlabelled: Option<DataSource>,
     /// Side length ImageFolder images are resized to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 4096))]
     pub image_size: Option<u32>,
     /// Channels of ImageFolder images: 1 (grayscale) or 3 (RGB, the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 3))]
     pub channels: Option<u32>,
     /// Shuffle the training set every epoch (seeded by `train.seed`); default true.
     #[serde(default = "yes")]
@@ -277,6 +300,7 @@ pub struct DataSpec {
 
 /// A data set: a `.safetensors` file (`images`, `labels`) or an ImageFolder directory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DataSource {
     pub path: String,
@@ -284,6 +308,7 @@ pub struct DataSource {
 
 /// `(x - mean) / std` per channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Normalize {
     pub mean: Vec<f64>,
@@ -292,10 +317,13 @@ pub struct Normalize {
 
 /// The train section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSpec {
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub epochs: u32,
     /// Per rank.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub batch_size: u32,
     pub optimizer: OptimizerSpec,
     pub lr_schedule: LrScheduleSpec,
@@ -303,6 +331,7 @@ pub struct TrainSpec {
     /// 0: checkpoint only at the end of each epoch.
     pub checkpoint_every_steps: u64,
     /// How many checkpoints to keep (the newest); at least 1.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub keep_checkpoints: u32,
     /// Stop after this many steps in all (for smoke tests); default: all epochs.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -322,6 +351,7 @@ pub struct TrainSpec {
 
 /// How gradients travel between hosts (`train.grad_compression`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum GradCompression {
     #[default]
@@ -332,6 +362,7 @@ pub enum GradCompression {
 
 /// When a CPU rank all-reduces gradient buckets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum OverlapGradSync {
     /// During backward, unless every rank is on this host and their threads already fill
@@ -346,6 +377,7 @@ pub enum OverlapGradSync {
 
 /// Numeric precision of forward passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
@@ -375,6 +407,7 @@ impl Default for TrainSpec {
 
 /// Optimizers, with PyTorch's semantics (`torch.optim.SGD`, `torch.optim.AdamW`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerName {
     Sgd,
@@ -383,9 +416,11 @@ pub enum OptimizerName {
 
 /// The optimizer and its hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct OptimizerSpec {
     pub name: OptimizerName,
+    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0.0))]
     pub lr: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub momentum: Option<f64>,
@@ -415,6 +450,7 @@ impl Default for OptimizerSpec {
 
 /// Learning-rate schedules. All start with an optional linear warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum LrScheduleName {
     Constant,
@@ -424,6 +460,7 @@ pub enum LrScheduleName {
 
 /// The learning-rate schedule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LrScheduleSpec {
     pub name: LrScheduleName,
@@ -453,6 +490,7 @@ impl Default for LrScheduleSpec {
 
 /// Devices a job can run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Device {
     #[default]
@@ -462,9 +500,11 @@ pub enum Device {
 
 /// The resources section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct Resources {
     /// Data-parallel ranks (processes).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub ranks: u32,
     pub device: Device,
     /// Intra-op threads per rank (default: the daemon's `worker_threads`).
@@ -511,6 +551,7 @@ impl Resources {
 
 /// The output section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct OutputSpec {
     /// Directory for checkpoints, final weights and `metrics.jsonl`, relative to the outputs root.
@@ -1264,6 +1305,81 @@ output:
 
     fn errors(text: &str) -> Vec<FieldError> {
         JobSpec::parse(text).expect_err("spec should be rejected").0
+    }
+
+    #[test]
+    fn every_error_of_a_spec_that_does_not_parse_comes_back_at_once() {
+        // Unknown fields at two levels, a wrong type, a wrong enum value, and a value that
+        // parses but is out of range: five errors, in YAML and in JSON.
+        let bad = GOOD
+            .replace("  seed: 0", "  seed: 0\n  bogus: 1\n  precision: fp8")
+            .replace("  batch_size: 32", "  batch_size: lots")
+            .replace("  epochs: 20", "  epochs: 0")
+            .replace("resources:", "extra: 1\nresources:");
+        let fields = |e: Vec<FieldError>| {
+            let mut f: Vec<String> = e.into_iter().map(|e| e.field).collect();
+            f.sort();
+            f
+        };
+        let want = [
+            "extra",
+            "train.batch_size",
+            "train.bogus",
+            "train.epochs",
+            "train.precision",
+        ];
+        assert_eq!(fields(errors(&bad)), want);
+        let doc: serde_json::Value = serde_yaml_ng::from_str(&bad).unwrap();
+        assert_eq!(fields(errors(&doc.to_string())), want);
+        // A required field missing is reported once, and nothing its absence causes.
+        let e = errors(
+            &GOOD
+                .replace("  path: models/student.pt\n", "")
+                .replace("  epochs: 20", "  epochs: x"),
+        );
+        assert_eq!(
+            fields(e),
+            ["train.epochs"],
+            "model.path is checked once types pass"
+        );
+        let e = errors(
+            &GOOD
+                .replace("output:\n  dir: runs/digits-target\n", "")
+                .replace("  seed: 0", "  seed: -1"),
+        );
+        assert_eq!(fields(e), ["output", "train.seed"]);
+        // A syntax error: that one alone (there is no document to read on).
+        assert_eq!(errors("name: [a\nmodel: {").len(), 1);
+    }
+
+    #[test]
+    fn generate_name_and_labels_are_checked() {
+        let gen = GOOD.replace("name: digits-target", "generate_name: sweep-");
+        let s = JobSpec::parse(&gen).unwrap();
+        assert_eq!(
+            (s.name.as_str(), s.generate_name.as_deref()),
+            ("", Some("sweep-"))
+        );
+        let both = GOOD.replace("name: digits-target", "name: a\ngenerate_name: b-");
+        assert_eq!(errors(&both)[0].field, "generate_name");
+        let none = GOOD.replace("name: digits-target\n", "");
+        assert_eq!(errors(&none)[0].field, "name");
+        assert_eq!(
+            errors(&GOOD.replace("name: digits-target", "generate_name: Bad_"))[0].field,
+            "generate_name"
+        );
+        let labelled = GOOD.replace(
+            "name: digits-target",
+            "name: a\nlabels: {team: vision, ferry.dev/tier: gold, empty: ''}",
+        );
+        assert_eq!(JobSpec::parse(&labelled).unwrap().labels.len(), 3);
+        for bad in ["'-x': a", "a: 'b c'", "'Bad Prefix/x': a", "a: -lead"] {
+            let spec = GOOD.replace(
+                "name: digits-target",
+                &format!("name: a\nlabels: {{{bad}}}"),
+            );
+            assert!(errors(&spec)[0].field.starts_with("labels."), "{bad}");
+        }
     }
 
     #[test]

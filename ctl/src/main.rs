@@ -639,10 +639,15 @@ fn follow(c: &Client, id: &str, reattach: Duration) -> Result<Job> {
         }
     };
     let mut after = 0;
+    // Why the coordinator says the job waits (its newest "waiting" event).
+    let mut waiting: Option<String> = None;
     loop {
         let path = format!("/v1/jobs/{}/events?after={after}&wait=10", segment(id));
         let page: EventPage = reattaching(c, reattach, || c.get(&path))?;
         for e in &page.events {
+            if e.message.starts_with("waiting") {
+                waiting = Some(e.message.clone());
+            }
             // Progress shows in the bar; checkpoints are in `ferryctl logs`.
             if !matches!(e.kind, EventKind::Progress | EventKind::Checkpoint) {
                 say(format!("{}  {}", output::short_time(&e.time), e.message));
@@ -655,10 +660,11 @@ fn follow(c: &Client, id: &str, reattach: Duration) -> Result<Job> {
         if job.phase == JobPhase::Pending {
             // Not "0/1 steps": why it waits.
             let ahead = queued_ahead(c, &job.id).unwrap_or(0);
+            let why = waiting.as_deref().unwrap_or("next to be placed");
             bar.set_message(match ahead {
-                0 => "Pending: next to be placed (waiting for free ranks or nodes)".to_string(),
+                0 => format!("Pending: {why}"),
                 n => format!(
-                    "Pending: queued behind {n} job{}",
+                    "Pending: queued behind {n} job{} ({why})",
                     if n == 1 { "" } else { "s" }
                 ),
             });

@@ -267,14 +267,21 @@ pub fn describe(
     }
     job(j, &Format::Table)?;
     if let Some(n) = queued_behind {
+        // The coordinator's newest word on why (free GPUs, ranks, nodes).
+        let why = events
+            .iter()
+            .rev()
+            .find(|e| e.message.starts_with("waiting"))
+            .map_or("next to be placed (see `ferryctl nodes`)", |e| {
+                e.message.as_str()
+            });
         println!(
             "{:<14}{}",
-            "waiting:",
+            "pending:",
             match n {
-                0 => "next to be placed (waiting for free ranks or nodes; see `ferryctl nodes`)"
-                    .to_string(),
+                0 => why.to_string(),
                 n => format!(
-                    "queued behind {n} Pending job{}",
+                    "queued behind {n} Pending job{}; {why}",
                     if n == 1 { "" } else { "s" }
                 ),
             }
@@ -451,4 +458,30 @@ pub fn nodes(list: &NodeList, fmt: &Format) -> Result<()> {
         println!("* coordinates the cluster");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::jsonpath;
+    use serde_json::json;
+
+    #[test]
+    fn jsonpath_templates_select_as_kubectl_does() {
+        let doc = json!({"jobs": [{"id": "a", "status": {"step": 3}}, {"id": "b", "status": {"step": 7}}]});
+        assert_eq!(jsonpath(&doc, "{.jobs[*].id}").unwrap(), "a b");
+        assert_eq!(jsonpath(&doc, "{.jobs[0].status.step}").unwrap(), "3");
+        assert_eq!(jsonpath(&doc, "{.jobs[-1].id}").unwrap(), "b");
+        assert_eq!(
+            jsonpath(&doc, "{$.jobs[1].status}").unwrap(),
+            r#"{"step":7}"#
+        );
+        assert_eq!(
+            jsonpath(&doc, "ids: {.jobs[*].id}\\n").unwrap(),
+            "ids: a b\n"
+        );
+        assert_eq!(jsonpath(&doc, "{.nothing}").unwrap(), "");
+        for bad in ["{.jobs[x]}", "{.jobs", "{..id}", "{jobs}", "a}"] {
+            assert!(jsonpath(&doc, bad).is_err(), "{bad}");
+        }
+    }
 }

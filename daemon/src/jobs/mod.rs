@@ -1417,3 +1417,56 @@ impl JobManager {
         self.local_done.notify_waiters();
     }
 }
+
+#[cfg(test)]
+mod retention_tests {
+    use super::*;
+
+    fn job(id: &str, phase: JobPhase, finished_ms: Option<u64>) -> Job {
+        let spec = JobSpec::parse(
+            "name: a\nmodel: {arch: mlp, num_classes: 2}\ndata: {train: {path: t}}\noutput: {dir: o}\n",
+        )
+        .unwrap();
+        Job {
+            id: id.into(),
+            name: "a".into(),
+            phase,
+            spec,
+            status: JobStatus {
+                finished_at: finished_ms.map(ferry_cluster::time::rfc3339_millis),
+                ..Default::default()
+            },
+            created_at: ferry_cluster::time::rfc3339_millis(0),
+            node: None,
+            cancel_requested: false,
+            generation: 0,
+            placement: vec![],
+            teacher_placement: vec![],
+            idempotency_key: None,
+            revision: 0,
+        }
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_finished_jobs_and_never_a_running_one() {
+        let hour = 3_600_000;
+        let now = 100 * hour;
+        let jobs = vec![
+            job("j1", JobPhase::Succeeded, Some(now - 50 * hour)),
+            job("j2", JobPhase::Running, None),
+            job("j3", JobPhase::Failed, Some(now - 2 * hour)),
+            job("j4", JobPhase::Cancelled, Some(now - hour)),
+            job("j5", JobPhase::Pending, None),
+        ];
+        assert_eq!(prunable(&jobs, 2, 0.0, now), ["j1"]);
+        assert_eq!(prunable(&jobs, 1, 0.0, now), ["j3", "j1"]);
+        assert!(prunable(&jobs, 0, 0.0, now).is_empty(), "0 keeps all");
+        assert_eq!(
+            prunable(&jobs, 0, 24.0, now),
+            ["j1"],
+            "ended over a day ago"
+        );
+        assert_eq!(prunable(&jobs, 0, 1.5, now), ["j3", "j1"]);
+        assert!(prunable(&jobs, 10, 0.0, now).is_empty());
+    }
+}
