@@ -347,6 +347,15 @@ pub struct TrainSpec {
     /// Data-parallel jobs: gradients as they travel between hosts, `none` (f32) or rounded
     /// to `bf16` or `fp16` on the wire, half the bytes; sums are taken in f32 on CPU ranks.
     pub grad_compression: GradCompression,
+    /// Cross-entropy against targets smoothed by this much (`torch.nn.CrossEntropyLoss`'s
+    /// `label_smoothing`): `1 - e` on the label, `e / classes` everywhere. 0: hard labels.
+    #[cfg_attr(feature = "openapi", schema(minimum = 0.0, exclusive_maximum = 1.0))]
+    pub label_smoothing: f64,
+    /// Scales the (all-reduced) gradients so that their global L2 norm is at most this
+    /// (`torch.nn.utils.clip_grad_norm_`); none: no clipping.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0.0))]
+    pub clip_grad_norm: Option<f64>,
 }
 
 /// How gradients travel between hosts (`train.grad_compression`).
@@ -401,6 +410,8 @@ impl Default for TrainSpec {
             overlap_grad_sync: OverlapGradSync::Auto,
             precision: Precision::Fp32,
             grad_compression: GradCompression::None,
+            label_smoothing: 0.0,
+            clip_grad_norm: None,
         }
     }
 }
@@ -848,6 +859,20 @@ impl JobSpec {
             bad("resources.ranks", "must be at least 1".into());
         } else if self.resources.ranks > 256 {
             bad("resources.ranks", "must be at most 256".into());
+        }
+        if !(self.train.label_smoothing >= 0.0 && self.train.label_smoothing < 1.0) {
+            bad(
+                "train.label_smoothing",
+                format!("must be in [0, 1), got {}", self.train.label_smoothing),
+            );
+        }
+        if let Some(c) = self.train.clip_grad_norm {
+            if !(c.is_finite() && c > 0.0) {
+                bad(
+                    "train.clip_grad_norm",
+                    format!("must be a positive number, got {c}"),
+                );
+            }
         }
         if !(self.train.bucket_mb > 0.0 && self.train.bucket_mb <= 4096.0) {
             bad("train.bucket_mb", "must be in (0, 4096] megabytes".into());
@@ -1331,7 +1356,8 @@ output:
         assert_eq!(fields(errors(&bad)), want);
         let doc: serde_json::Value = serde_yaml_ng::from_str(&bad).unwrap();
         assert_eq!(fields(errors(&doc.to_string())), want);
-        // A required field missing is reported once, and nothing its absence causes.
+        // A wrong type and a value check elsewhere; a missing required section is reported
+        // once, and nothing its absence causes.
         let e = errors(
             &GOOD
                 .replace("  path: models/student.pt\n", "")
@@ -1339,8 +1365,8 @@ output:
         );
         assert_eq!(
             fields(e),
-            ["train.epochs"],
-            "model.path is checked once types pass"
+            ["model.path", "train.epochs"],
+            "a wrong type, then what validation finds in the rest"
         );
         let e = errors(
             &GOOD
@@ -1350,6 +1376,24 @@ output:
         assert_eq!(fields(e), ["output", "train.seed"]);
         // A syntax error: that one alone (there is no document to read on).
         assert_eq!(errors("name: [a\nmodel: {").len(), 1);
+    }
+
+    #[test]
+    fn label_smoothing_and_clipping_are_bounded() {
+        let with = |extra: &str| GOOD.replace("  seed: 0", &format!("  seed: 0\n{extra}"));
+        let s = JobSpec::parse(&with("  label_smoothing: 0.1\n  clip_grad_norm: 1.0")).unwrap();
+        assert_eq!(
+            (s.train.label_smoothing, s.train.clip_grad_norm),
+            (0.1, Some(1.0))
+        );
+        for (bad, field) in [
+            ("  label_smoothing: 1.0", "train.label_smoothing"),
+            ("  label_smoothing: -0.1", "train.label_smoothing"),
+            ("  clip_grad_norm: 0", "train.clip_grad_norm"),
+            ("  clip_grad_norm: -2", "train.clip_grad_norm"),
+        ] {
+            assert_eq!(errors(&with(bad))[0].field, field, "{bad}");
+        }
     }
 
     #[test]

@@ -344,23 +344,36 @@ fn ferry_matches_pytorch_sgd_and_adamw_step_for_step() {
     // runs op by op on both sides, except in the last case (model.jit_optimize: true against
     // the optimising executor): under bf16 autocast the two modes differ by ~1e-4, far over
     // the tolerance, so that case fails unless the spec's setting reaches the executor.
-    for (opt, yaml, precision, jit) in [
-        ("sgd", sgd, "fp32", "op-by-op"),
+    // Label smoothing and gradient clipping against cross_entropy(label_smoothing=) and
+    // clip_grad_norm_ (the reference fails unless clipping took effect).
+    for (opt, yaml, precision, jit, smoothing, clip) in [
+        ("sgd", sgd, "fp32", "op-by-op", "0", "0"),
         (
             "adamw",
             "{name: adamw, lr: 0.001, weight_decay: 0.01}",
             "fp32",
             "op-by-op",
+            "0",
+            "0",
         ),
-        ("sgd", sgd, "bf16", "op-by-op"),
-        ("sgd", sgd, "fp16", "op-by-op"),
-        ("sgd", sgd, "bf16", "optimize"),
+        ("sgd", sgd, "bf16", "op-by-op", "0", "0"),
+        ("sgd", sgd, "fp16", "op-by-op", "0", "0"),
+        ("sgd", sgd, "bf16", "optimize", "0", "0"),
+        ("sgd", sgd, "fp32", "op-by-op", "0.1", "0.05"),
     ] {
-        let name = format!("numerics-{opt}-{precision}-{jit}");
+        let name = format!(
+            "numerics-{opt}-{precision}-{jit}-{}",
+            smoothing.replace('.', "")
+        );
+        let extra = if clip == "0" {
+            String::new()
+        } else {
+            format!(", label_smoothing: {smoothing}, clip_grad_norm: {clip}")
+        };
         let optimize = jit == "optimize";
         let spec = format!(
             "name: {name}\nmodel: {{arch: torchscript, path: mlp.pt, jit_optimize: {optimize}}}\ndata: {{train: {{path: train.safetensors}}, shuffle: false}}\n\
-             train: {{epochs: 1, batch_size: 16, max_steps: 6, precision: {precision}, optimizer: {yaml}}}\noutput: {{dir: {name}}}\n"
+             train: {{epochs: 1, batch_size: 16, max_steps: 6, precision: {precision}, optimizer: {yaml}{extra}}}\noutput: {{dir: {name}}}\n"
         );
         let job = d.submit(&spec);
         let end = d.wait_terminal(&job.id, Duration::from_secs(60));
@@ -381,6 +394,8 @@ fn ferry_matches_pytorch_sgd_and_adamw_step_for_step() {
                 "16",
                 precision,
                 jit,
+                smoothing,
+                clip,
             ],
         );
         assert!(out.contains("max_abs_diff="), "{out}");
@@ -1226,7 +1241,10 @@ fn labels_summaries_gzip_etags_and_retention() {
             .map(|j| j["id"].as_str().unwrap().to_string())
             .collect()
     };
-    assert_eq!(ids("/v1/jobs?labelSelector=team=vision"), vec![a.id.clone()]);
+    assert_eq!(
+        ids("/v1/jobs?labelSelector=team=vision"),
+        vec![a.id.clone()]
+    );
     assert_eq!(
         ids("/v1/jobs?labelSelector=team!=vision"),
         [b.id.clone(), c.id.clone()]

@@ -96,6 +96,42 @@ fn device(d: SpecDevice) -> Result<Device> {
 }
 
 /// The `ferryd worker` entry point: rank `rank` of `world`.
+/// Cross-entropy with hard labels, smoothed by `smoothing` as PyTorch's
+/// `cross_entropy(..., label_smoothing=e)` (mean over the batch).
+fn hard_loss(logits: &Tensor, y: &Tensor, smoothing: f64) -> Tensor {
+    if smoothing == 0.0 {
+        return logits.cross_entropy_for_logits(y);
+    }
+    logits.cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, smoothing)
+}
+
+/// Scales every gradient so that their global L2 norm is at most `max`, as
+/// `torch.nn.utils.clip_grad_norm_`: by `max / (norm + 1e-6)` when that is below 1. The
+/// gradients are all-reduced already, so every rank computes the same norm.
+fn clip_grad_norm(params: &[(String, Tensor)], max: f64) {
+    let grads: Vec<Tensor> = params
+        .iter()
+        .map(|(_, p)| p.grad())
+        .filter(Tensor::defined)
+        .collect();
+    if grads.is_empty() {
+        return;
+    }
+    let norms: Vec<Tensor> = grads
+        .iter()
+        .map(|g| g.norm().to_kind(tch::Kind::Float))
+        .collect();
+    let total = Tensor::stack(&norms, 0).norm();
+    let coef = (Tensor::from(max as f32) / (total + 1e-6)).clamp_max(1.0);
+    tch::no_grad(|| {
+        for g in &grads {
+            let _ = g
+                .shallow_clone()
+                .g_mul_(&coef.to_kind(g.kind()).to_device(g.device()));
+        }
+    });
+}
+
 pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let mut plan: WorkerPlan = serde_json::from_slice(
         &std::fs::read(plan_path)
@@ -466,7 +502,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                     }
                     distill::loss(&logits, &y, targets.as_ref(), d.alpha, d.temperature)
                 }
-                _ => logits.cross_entropy_for_logits(&y),
+                _ => hard_loss(&logits, &y, spec.train.label_smoothing),
             };
             opt.zero_grad();
             // This rank's share of the global batch weighs its gradient, so the mean over
@@ -512,6 +548,9 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 None => false,
             };
             if !overflow {
+                if let Some(max) = spec.train.clip_grad_norm {
+                    clip_grad_norm(&trainable_params, max);
+                }
                 opt.step(lr)?;
             }
             if let Some(s) = scaler.as_mut() {
