@@ -1147,19 +1147,22 @@ fn a_dry_run_reports_every_error_at_once_and_submits_nothing() {
             .map(|e| e["field"].as_str().unwrap().to_string())
             .collect()
     };
+    // A dry run's 422: the fields in error, sorted.
+    let refused = |spec: &str| -> Vec<String> {
+        let (status, body) = d.post("/v1/jobs?dryRun=true", spec);
+        assert_eq!(status, 422, "{body}");
+        let mut got = fields(&body);
+        got.sort();
+        got
+    };
     // Three errors in the spec itself: an unknown field, a wrong type, a bad value.
     let spec = feature_extraction("dry").replace(
         "  epochs: 4\n  batch_size: 16\n",
         "  epochs: 0\n  optimiser: {}\n  batch_size: lots\n",
     );
-    let (status, body) = d.post("/v1/jobs?dryRun=true", &spec);
-    assert_eq!(status, 422, "{body}");
-    let mut got = fields(&body);
-    got.sort();
     assert_eq!(
-        got,
-        ["train.batch_size", "train.epochs", "train.optimiser"],
-        "{body}"
+        refused(&spec),
+        ["train.batch_size", "train.epochs", "train.optimiser"]
     );
     // Three errors only the model and the data show: a freeze prefix that matches no
     // parameter, a teacher's init file none of whose tensors fit it, normalisation for 3
@@ -1174,14 +1177,9 @@ fn a_dry_run_reports_every_error_at_once_and_submits_nothing() {
             "  channels: 1\n",
             "  channels: 1\n  normalize: {mean: [0.5, 0.5, 0.5], std: [0.2, 0.2, 0.2]}\n",
         );
-    let (status, body) = d.post("/v1/jobs?dryRun=true", &spec);
-    assert_eq!(status, 422, "{body}");
-    let mut got = fields(&body);
-    got.sort();
     assert_eq!(
-        got,
-        ["data.normalize", "distill.teacher.init", "model.freeze"],
-        "{body}"
+        refused(&spec),
+        ["data.normalize", "distill.teacher.init", "model.freeze"]
     );
     // A good spec: 200, the spec as it would run, and no job.
     let good = feature_extraction("dry");

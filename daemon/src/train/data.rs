@@ -250,8 +250,9 @@ fn probe_safetensors(path: &Path, field: &str, labelled: bool) -> Result<Probe> 
     })
 }
 
-fn probe_image_folder(dir: &Path, field: &str, spec: &DataSpec) -> Result<Probe> {
-    let channels = i64::from(spec.channels.unwrap_or(3));
+/// An ImageFolder's classes: its sub-directories, sorted. A member that is a link (a class
+/// directory or an image) is refused: it could point anywhere, out of the data root too.
+fn folder_classes(dir: &Path, field: &str) -> Result<Vec<String>> {
     let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(dir)
         .with_context(|| format!("{field}: cannot read directory {}", dir.display()))?
         .filter_map(|e| e.ok())
@@ -271,18 +272,37 @@ fn probe_image_folder(dir: &Path, field: &str, spec: &DataSpec) -> Result<Probe>
             dir.display()
         );
     }
+    Ok(classes)
+}
+
+/// The images (PNG, JPEG) of one class directory, sorted; links refused.
+fn class_images(class_dir: &Path, field: &str) -> Result<Vec<std::path::PathBuf>> {
+    let members: Vec<std::fs::DirEntry> = std::fs::read_dir(class_dir)
+        .with_context(|| format!("{field}: cannot read directory {}", class_dir.display()))?
+        .filter_map(|e| e.ok())
+        .collect();
+    for e in &members {
+        super::confine::no_link(e).with_context(|| field.to_string())?;
+    }
+    let mut files: Vec<_> = members
+        .iter()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn probe_image_folder(dir: &Path, field: &str, spec: &DataSpec) -> Result<Probe> {
+    let channels = i64::from(spec.channels.unwrap_or(3));
+    let classes = folder_classes(dir, field)?;
     let (mut samples, mut first) = (0usize, None);
     for class in &classes {
-        let mut files: Vec<_> = std::fs::read_dir(dir.join(class))?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| {
-                p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-                    matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")
-                })
-            })
-            .collect();
-        files.sort();
+        let files = class_images(&dir.join(class), field)?;
         samples += files.len();
         if first.is_none() {
             first = files.into_iter().next();
@@ -383,48 +403,12 @@ fn load_safetensors(path: &Path, field: &str, labelled: bool) -> Result<Dataset>
 
 fn load_image_folder(dir: &Path, field: &str, spec: &DataSpec) -> Result<Dataset> {
     let channels = spec.channels.unwrap_or(3) as usize;
-    // A member that is a link (a class directory or an image) is refused: it could point
-    // anywhere, out of the data root too.
-    let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(dir)
-        .with_context(|| format!("{field}: cannot read directory {}", dir.display()))?
-        .filter_map(|e| e.ok())
-        .collect();
-    for e in &entries {
-        super::confine::no_link(e).with_context(|| field.to_string())?;
-    }
-    let mut classes: Vec<String> = entries
-        .iter()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    classes.sort();
-    if classes.is_empty() {
-        bail!(
-            "{field}: {} is an ImageFolder with no class sub-directories",
-            dir.display()
-        );
-    }
+    let classes = folder_classes(dir, field)?;
     let mut pixels: Vec<u8> = Vec::new();
     let mut labels: Vec<i64> = Vec::new();
     let mut size: Option<(u32, u32)> = spec.image_size.map(|s| (s, s));
     for (idx, class) in classes.iter().enumerate() {
-        let members: Vec<std::fs::DirEntry> = std::fs::read_dir(dir.join(class))?
-            .filter_map(|e| e.ok())
-            .collect();
-        for e in &members {
-            super::confine::no_link(e).with_context(|| field.to_string())?;
-        }
-        let mut files: Vec<_> = members
-            .iter()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-                    matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")
-                })
-            })
-            .collect();
-        files.sort();
-        for f in files {
+        for f in class_images(&dir.join(class), field)? {
             let img = image::open(&f)
                 .with_context(|| format!("{field}: cannot decode image {}", f.display()))?;
             let (w, h) = *size.get_or_insert((img.width(), img.height()));
