@@ -629,6 +629,7 @@ impl JobSpec {
             let de = serde_yaml_ng::Deserializer::from_str(text);
             serde_path_to_error::deserialize(de)
                 .map_err(|e| field_error(&e.path().to_string(), &e.into_inner().to_string()))
+                .and_then(|spec| yaml_nulls(text).map(|()| spec))
         };
         let spec = match parsed {
             Ok(spec) => spec,
@@ -1089,6 +1090,23 @@ pub fn check_dns_label(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// YAML hands a string field the text `null` for a null (`dir: null`, `dir: ~`, `dir:`), so
+/// the spec would name a directory "null": read as a plain document, a null where a string
+/// goes is the error it is. (Numbers and booleans where a string goes stay accepted as their
+/// text, as YAML users write `tier: 1`.)
+fn yaml_nulls(text: &str) -> Result<(), FieldError> {
+    let Ok(doc) = serde_yaml_ng::from_str::<serde_json::Value>(text) else {
+        return Ok(());
+    };
+    match serde_path_to_error::deserialize::<_, JobSpec>(&doc) {
+        Err(e) if e.inner().to_string().starts_with("invalid type: null") => Err(field_error(
+            &e.path().to_string(),
+            &e.into_inner().to_string(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Every error of a spec that does not parse, the first (`first`, with its line and
 /// column) included: the text is read as a plain document, and each field in error is
 /// noted and taken out until the rest parses, so that one request reports them all. Errors
@@ -1376,6 +1394,16 @@ output:
         assert_eq!(fields(e), ["output", "train.seed"]);
         // A syntax error: that one alone (there is no document to read on).
         assert_eq!(errors("name: [a\nmodel: {").len(), 1);
+    }
+
+    #[test]
+    fn a_yaml_null_is_not_the_string_null() {
+        for null in ["null", "~", ""] {
+            let e = errors(&GOOD.replace("  dir: runs/digits-target", &format!("  dir: {null}")));
+            assert_eq!(e[0].field, "output.dir", "{null}: {e:?}");
+        }
+        let labelled = GOOD.replace("name: digits-target", "name: a\nlabels: {tier: 1}");
+        assert_eq!(JobSpec::parse(&labelled).unwrap().labels["tier"], "1");
     }
 
     #[test]

@@ -33,6 +33,8 @@ fn schemathesis_finds_nothing_wrong_with_the_live_api() {
         .arg("--report-dir")
         .arg(report.path())
         .env("SCHEMATHESIS_HOOKS", "")
+        // Its caches land in its working directory: the temporary one, not the tree.
+        .current_dir(report.path())
         .output()
         .expect("schemathesis runs");
     let text = format!(

@@ -117,8 +117,8 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 #[utoipa::path(post, path = "/v1/jobs", operation_id = "submitJob", summary = "Submit a job (or check it: dryRun)",
     description = "A job's model is code: submitting a TorchScript model runs it as ferryd's user (or rank_user) on the nodes the job is placed on, confined by rank_sandbox where it applies (docs/security.md). Names are unique among jobs that have not ended. With Idempotency-Key, the same key and spec within a day return the first job (200, Idempotent-Replayed: true).",
     params(SubmitQuery, ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$", description = "1-255 visible ASCII characters; the same key and spec make one job")),
-    request_body(description = "The job spec (v1), as YAML or JSON", content(
-        (JobSpec = "application/json"), (JobSpec = "application/yaml"))),
+    request_body(description = "The job spec (v1) as JSON, or the same document as YAML (application/yaml, text/yaml; not listed here because YAML reads a number or a boolean where a string goes as its text, which JSON Schema calls a wrong type)", content(
+        (JobSpec = "application/json"))),
     responses(
         (status = 201, description = "The job, Pending", body = Job,
             headers(("Location" = String, description = "The job's URL"), ("ETag" = String, description = "The record's revision"))),
