@@ -136,6 +136,11 @@ pub fn prunable(jobs: &[Job], keep: usize, ttl_hours: f64, now_ms: u64) -> Vec<S
         .collect()
 }
 
+/// The daemon's variables that a process running a model (a rank, a teacher, a dry run's
+/// check) never sees: its secrets, and where its configuration is.
+pub(crate) const RANK_HIDDEN_VARIABLES: [&str; 3] =
+    ["FERRY_TOKEN", "FERRY_ETCD_PASSWORD", "FERRY_CONFIG"];
+
 /// How long a dry run's model and data checks may take.
 const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -773,7 +778,7 @@ impl JobManager {
         if let Some((uid, gid)) = self.rank_ids {
             cmd.uid(uid).gid(gid);
         }
-        for secret in ["FERRY_TOKEN", "FERRY_ETCD_PASSWORD", "FERRY_CONFIG"] {
+        for secret in RANK_HIDDEN_VARIABLES {
             cmd.env_remove(secret);
         }
         cmd.arg("check")

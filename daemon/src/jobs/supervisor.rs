@@ -869,7 +869,7 @@ fn spawn_proc(
         cmd.uid(uid).gid(gid);
     }
     // The model runs in this process: it gets no secret of the daemon's.
-    for secret in ["FERRY_TOKEN", "FERRY_ETCD_PASSWORD", "FERRY_CONFIG"] {
+    for secret in super::RANK_HIDDEN_VARIABLES {
         cmd.env_remove(secret);
     }
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
