@@ -296,6 +296,166 @@ pub struct DataSpec {
     /// Per-channel normalisation applied after scaling pixels to [0, 1].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub normalize: Option<Normalize>,
+    /// Training-time augmentation: a preset (`imagenet`) or its fields. Every sample's view
+    /// is fixed by (`train.seed`, epoch, sample index).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augment: Option<AugmentSpec>,
+    /// Evaluation (and un-augmented training) images: shorter side resized to this, then
+    /// the centre `image_size` square cropped, as torchvision's `Resize(256)` +
+    /// `CenterCrop(224)`. Absent: images are stretched to `image_size` (or, with the
+    /// `imagenet` preset, `image_size / 0.875`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 8192))]
+    pub eval_resize: Option<u32>,
+    /// Threads that decode images for each rank; 0 (the default): the cores the rank runs on.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    #[cfg_attr(feature = "openapi", schema(maximum = 256))]
+    pub decode_threads: u32,
+    /// Batches each decode thread prepares ahead of the step that needs them (default 2):
+    /// memory is bounded by threads × (this + 1) batches, whatever the data set's size.
+    #[serde(default = "two", skip_serializing_if = "is_two")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 64))]
+    pub prefetch_batches: u32,
+    /// An image that cannot be decoded is left out of its batch (and counted) instead of
+    /// failing the job.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_bad: bool,
+}
+
+/// `data.augment`: a preset's name, or fields (with an optional preset they override).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(untagged)]
+pub enum AugmentSpec {
+    Preset(AugmentPreset),
+    Fields(Augment),
+}
+
+/// Augmentation presets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum AugmentPreset {
+    /// torchvision's ImageNet reference: `RandomResizedCrop(image_size)` (scale 0.08-1,
+    /// ratio 3/4-4/3) and a horizontal flip with probability 0.5; at evaluation
+    /// `Resize(image_size / 0.875)` + `CenterCrop(image_size)`.
+    Imagenet,
+    /// No augmentation.
+    None,
+}
+
+/// Augmentation fields.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Augment {
+    /// The preset these fields start from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<AugmentPreset>,
+    /// A random crop of a random share of the image's area (`scale`) and aspect ratio
+    /// (`ratio`, width / height), resized to `image_size`. Needs image files and `image_size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub random_resized_crop: Option<RandomResizedCrop>,
+    /// Probability of a horizontal flip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1))]
+    pub hflip: Option<f64>,
+    /// Random brightness, contrast and saturation factors, each uniform in `[1 - v, 1 + v]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub color_jitter: Option<ColorJitter>,
+}
+
+/// `data.augment.random_resized_crop`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RandomResizedCrop {
+    #[serde(default = "rrc_scale")]
+    pub scale: [f64; 2],
+    #[serde(default = "rrc_ratio")]
+    pub ratio: [f64; 2],
+}
+
+impl Default for RandomResizedCrop {
+    fn default() -> Self {
+        RandomResizedCrop {
+            scale: rrc_scale(),
+            ratio: rrc_ratio(),
+        }
+    }
+}
+
+fn rrc_scale() -> [f64; 2] {
+    [0.08, 1.0]
+}
+
+fn rrc_ratio() -> [f64; 2] {
+    [3.0 / 4.0, 4.0 / 3.0]
+}
+
+/// `data.augment.color_jitter`: how far each factor strays from 1.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields, default)]
+pub struct ColorJitter {
+    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
+    pub brightness: f64,
+    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
+    pub contrast: f64,
+    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
+    pub saturation: f64,
+}
+
+impl AugmentSpec {
+    /// The fields in effect, the preset's filled in where the spec leaves them out.
+    pub fn resolved(&self) -> Augment {
+        let (preset, mut a) = match self {
+            AugmentSpec::Preset(p) => (*p, Augment::default()),
+            AugmentSpec::Fields(a) => (a.preset.unwrap_or(AugmentPreset::None), a.clone()),
+        };
+        if preset == AugmentPreset::Imagenet {
+            a.random_resized_crop
+                .get_or_insert_with(RandomResizedCrop::default);
+            a.hflip.get_or_insert(0.5);
+        }
+        a.preset = Some(preset);
+        a
+    }
+}
+
+impl Augment {
+    /// Whether any field changes the images.
+    pub fn is_active(&self) -> bool {
+        self.random_resized_crop.is_some()
+            || self.hflip.is_some_and(|p| p > 0.0)
+            || self
+                .color_jitter
+                .as_ref()
+                .is_some_and(|j| j.brightness > 0.0 || j.contrast > 0.0 || j.saturation > 0.0)
+    }
+}
+
+impl DataSpec {
+    /// The augmentation in effect (all fields off without `augment`).
+    pub fn augmentation(&self) -> Augment {
+        self.augment
+            .as_ref()
+            .map(AugmentSpec::resolved)
+            .unwrap_or_default()
+    }
+
+    /// The shorter side evaluation images are resized to before the centre crop, if they are
+    /// cropped (else they are stretched to `image_size`).
+    pub fn eval_shorter_side(&self) -> Option<u32> {
+        if let Some(r) = self.eval_resize {
+            return Some(r);
+        }
+        let imagenet = self.augmentation().preset == Some(AugmentPreset::Imagenet);
+        match (imagenet, self.image_size) {
+            (true, Some(s)) => Some((f64::from(s) / 0.875).round() as u32),
+            _ => None,
+        }
+    }
 }
 
 /// A data set: a `.safetensors` file (`images`, `labels`) or an ImageFolder directory.
@@ -573,6 +733,18 @@ fn yes() -> bool {
     true
 }
 
+fn two() -> u32 {
+    2
+}
+
+fn is_two(v: &u32) -> bool {
+    *v == 2
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
 /// A spec that could not be parsed or is not valid; every entry names its field.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("invalid job spec: {}", .0.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; "))]
@@ -738,6 +910,68 @@ impl JobSpec {
             if n.std.iter().any(|s| !(*s > 0.0 && s.is_finite())) {
                 bad("data.normalize.std", "every value must be positive".into());
             }
+        }
+        let a = self.data.augmentation();
+        if let Some(r) = &a.random_resized_crop {
+            let [lo, hi] = r.scale;
+            if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
+                bad(
+                    "data.augment.random_resized_crop.scale",
+                    "must be [min, max] with 0 < min <= max <= 1 (shares of the image's area)"
+                        .into(),
+                );
+            }
+            let [lo, hi] = r.ratio;
+            if !(lo > 0.0 && lo <= hi && hi.is_finite()) {
+                bad(
+                    "data.augment.random_resized_crop.ratio",
+                    "must be [min, max] with 0 < min <= max (width / height)".into(),
+                );
+            }
+            if self.data.image_size.is_none() {
+                bad(
+                    "data.augment.random_resized_crop",
+                    "needs data.image_size (the side the crop is resized to)".into(),
+                );
+            }
+        }
+        if let Some(p) = a.hflip {
+            if !(0.0..=1.0).contains(&p) {
+                bad("data.augment.hflip", "must be a probability, 0 to 1".into());
+            }
+        }
+        if let Some(j) = &a.color_jitter {
+            for (f, v) in [
+                ("brightness", j.brightness),
+                ("contrast", j.contrast),
+                ("saturation", j.saturation),
+            ] {
+                if !(0.0..=1.0).contains(&v) {
+                    bad(
+                        &format!("data.augment.color_jitter.{f}"),
+                        "must be between 0 and 1 (the factor is drawn from [1 - v, 1 + v])".into(),
+                    );
+                }
+            }
+        }
+        if let Some(r) = self.data.eval_resize {
+            match self.data.image_size {
+                None => bad(
+                    "data.eval_resize",
+                    "needs data.image_size (the side of the centre crop)".into(),
+                ),
+                Some(s) if r < s || r > 8192 => bad(
+                    "data.eval_resize",
+                    format!("must be between data.image_size ({s}) and 8192"),
+                ),
+                _ => {}
+            }
+        }
+        if self.data.decode_threads > 256 {
+            bad("data.decode_threads", "must be at most 256".into());
+        }
+        if !(1..=64).contains(&self.data.prefetch_batches) {
+            bad("data.prefetch_batches", "must be between 1 and 64".into());
         }
 
         let t = &self.train;

@@ -72,6 +72,21 @@ enum Command {
         #[arg(long)]
         plan: PathBuf,
     },
+    /// Internal: measures the input pipeline on a data set (scripts/bench-input.sh).
+    #[command(hide = true)]
+    BenchInput {
+        /// The job spec's `data` section, as JSON.
+        #[arg(long)]
+        data: String,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Batches per measurement.
+        #[arg(long, default_value_t = 40)]
+        batches: usize,
+        /// Decode thread counts to measure, in turn.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+    },
     /// Internal: one replica of a job's distillation teacher, started by the daemon.
     #[command(hide = true)]
     Teacher {
@@ -124,6 +139,22 @@ fn main() {
     if let Some(Command::Check { plan }) = &cli.command {
         if let Err(e) = train::check::run_check(plan) {
             eprintln!("ferryd check: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if let Some(Command::BenchInput {
+        data,
+        batch,
+        batches,
+        threads,
+    }) = &cli.command
+    {
+        let run = serde_json::from_str(data)
+            .map_err(anyhow::Error::from)
+            .and_then(|d| train::pipeline::bench(&d, *batch, *batches, threads));
+        if let Err(e) = run {
+            eprintln!("ferryd bench-input: {e:#}");
             std::process::exit(1);
         }
         return;

@@ -1,93 +1,255 @@
-//! Data sets: a safetensors file (`images` N×C×H×W, uint8 or float32; `labels` N, int64)
-//! or an ImageFolder directory (one sub-directory per class, sorted names give indices).
-//! Everything is held in memory as float32 in [0, 1], then normalised.
+//! Data sets, read a batch at a time: nothing but the index (paths, offsets, labels) is held
+//! for the whole set.
+//!
+//! Three forms:
+//! - a safetensors file (`images` N×C×H×W or N×H×W, uint8 or float; `labels` N, integers),
+//!   read per sample at its offset (the page cache holds it, the rank does not);
+//! - an ImageFolder directory: one sub-directory per class (sorted names give indices;
+//!   images may sit deeper inside a class, as torchvision walks them), or for unlabelled
+//!   data a flat directory of images;
+//! - WebDataset shards: a `.tar` file, or a directory of them, holding `KEY.jpg` (or `.png`)
+//!   and `KEY.cls` (the class index as text) per sample. Their index is built once and
+//!   cached beside the job's other node-local files.
+//!
+//! Images are decoded per batch by the [`super::pipeline`]'s threads, cropped and resized
+//! there ([`Transform`]), and kept as uint8 until the batch is on its device.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{bail, Context, Result};
 use ferry_cluster::spec::DataSpec;
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-/// An in-memory labelled data set.
+use super::transform::{Draw, Transform, View};
+
+/// The largest image file or tar member read (a bigger one is refused, not read).
+const MAX_IMAGE_BYTES: u64 = 64 << 20;
+
+/// A labelled data set, read on demand.
 pub struct Dataset {
-    /// N×C×H×W float32.
-    pub images: Tensor,
-    /// N int64.
-    pub labels: Tensor,
-    /// Class names of an ImageFolder (None for safetensors).
+    parts: Vec<Part>,
+    labels: Vec<i64>,
+    /// Class names of an ImageFolder (None otherwise).
     pub classes: Option<Vec<String>>,
+    /// (C, H, W) of one image as the model sees it.
+    shape: (i64, i64, i64),
+    pub transform: Transform,
+    channels: u32,
+    skip_bad: bool,
+    /// Samples read from their files so far (tests; per-rank counts).
+    pub opened: AtomicU64,
+}
+
+/// A run of samples from one source (the training set is `data.train` then `data.unlabelled`).
+struct Part {
+    start: usize,
+    len: usize,
+    field: &'static str,
+    source: Source,
+}
+
+enum Source {
+    /// ImageFolder images.
+    Files(Vec<PathBuf>),
+    /// WebDataset members: (shard, offset, length) of each sample's image.
+    Tar {
+        shards: Vec<(PathBuf, File)>,
+        members: Vec<(u32, u64, u64)>,
+    },
+    /// A safetensors file's `images`.
+    Tensors {
+        path: PathBuf,
+        file: File,
+        offset: u64,
+        kind: Kind,
+        chw: (i64, i64, i64),
+    },
+}
+
+/// One batch, decoded: uint8 (or, from float data, float) N×C×H×W on the CPU.
+pub struct Batch {
+    pub images: Tensor,
+    pub labels: Vec<i64>,
+    pub draws: Vec<Draw>,
+    /// Positions (in the requested indices) of the samples in the batch: all of them unless
+    /// `data.skip_bad` left some out.
+    pub kept: Vec<usize>,
+    /// What was left out and why.
+    pub skipped: Vec<String>,
+}
+
+impl Batch {
+    /// The images as float in [0, 1] on `device`, flipped, jittered and normalised, and the
+    /// labels there. CUDA gets the uint8 batch, through pinned memory, without blocking.
+    pub fn to_device(&self, transform: &Transform, device: tch::Device) -> (Tensor, Tensor) {
+        let x = if device.is_cuda() {
+            self.images
+                .pin_memory(device)
+                .to_device_(device, self.images.kind(), true, false)
+        } else {
+            self.images.shallow_clone()
+        };
+        let x = match x.kind() {
+            Kind::Uint8 => x.to_kind(Kind::Float) / 255.0,
+            Kind::Float => x,
+            _ => x.to_kind(Kind::Float),
+        };
+        let y = Tensor::from_slice(&self.labels).to_device(device);
+        (transform.finish(x, &self.draws), y)
+    }
 }
 
 impl Dataset {
     /// Whether it holds no sample.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.labels.is_empty()
     }
 
     /// Number of samples.
     pub fn len(&self) -> usize {
-        self.labels.size()[0] as usize
+        self.labels.len()
     }
 
-    /// (C, H, W) of one image.
+    /// (C, H, W) of one image as the model sees it.
     pub fn shape(&self) -> (i64, i64, i64) {
-        let s = self.images.size();
-        (s[1], s[2], s[3])
+        self.shape
+    }
+
+    /// The labels (-1: unlabelled).
+    pub fn labels(&self) -> &[i64] {
+        &self.labels
     }
 
     /// The largest label plus one.
     pub fn label_count(&self) -> i64 {
-        if self.is_empty() {
-            0
-        } else {
-            self.labels.max().int64_value(&[]) + 1
-        }
+        self.labels.iter().copied().max().map_or(0, |m| m + 1)
     }
 
-    /// Loads `path` (the `field` of the spec, for messages) per the data spec.
-    pub fn load(path: &Path, field: &str, spec: &DataSpec) -> Result<Dataset> {
-        Self::load_with(path, field, spec, true)
+    /// Samples with a label (>= 0).
+    pub fn labelled(&self) -> usize {
+        self.labels.iter().filter(|&&l| l >= 0).count()
     }
 
-    /// Loads a data set whose labels are optional: every sample gets label -1 (unlabelled
-    /// images, learned from a teacher). An ImageFolder's class directories are ignored.
-    pub fn load_unlabelled(path: &Path, field: &str, spec: &DataSpec) -> Result<Dataset> {
-        let mut ds = Self::load_with(path, field, spec, false)?;
-        ds.labels = Tensor::full([ds.len() as i64], -1, (Kind::Int64, tch::Device::Cpu));
-        ds.classes = None;
-        Ok(ds)
+    /// Loads the index of `path` (the `field` of the spec, for messages). `cache`: where a
+    /// WebDataset index is kept between runs.
+    pub fn load(
+        path: &Path,
+        field: &'static str,
+        spec: &DataSpec,
+        seed: u64,
+        cache: Option<&Path>,
+    ) -> Result<Dataset> {
+        let (part, labels, classes) = index(path, field, spec, true, cache, true)?;
+        Self::from_parts(spec, seed, vec![(part, labels)], classes)
     }
 
     /// The training set of a job: `data.train`, followed by `data.unlabelled` (label -1)
     /// when there is one. Students and teachers index samples in this order.
-    pub fn load_training(spec: &DataSpec) -> Result<Dataset> {
-        let train = Dataset::load(Path::new(&spec.train.path), "data.train", spec)?;
-        let Some(u) = &spec.unlabelled else {
-            return Ok(train);
-        };
-        let pool = Dataset::load_unlabelled(Path::new(&u.path), "data.unlabelled", spec)?;
-        if pool.shape() != train.shape() {
-            bail!(
-                "data.unlabelled images are {:?} but data.train images are {:?} (C,H,W); set data.image_size",
-                pool.shape(),
-                train.shape()
-            );
+    pub fn load_training(spec: &DataSpec, seed: u64, cache: Option<&Path>) -> Result<Dataset> {
+        let (train, labels, classes) = index(
+            Path::new(&spec.train.path),
+            "data.train",
+            spec,
+            true,
+            cache,
+            true,
+        )?;
+        let mut parts = vec![(train, labels)];
+        if let Some(u) = &spec.unlabelled {
+            let (pool, labels, _) = index(
+                Path::new(&u.path),
+                "data.unlabelled",
+                spec,
+                false,
+                cache,
+                true,
+            )?;
+            let n = labels.len();
+            parts.push((pool, vec![-1; n]));
         }
-        if train.len() + pool.len() > u32::MAX as usize {
-            bail!("data.train and data.unlabelled together exceed 2^32 samples");
+        Self::from_parts(spec, seed, parts, classes)
+    }
+
+    fn from_parts(
+        spec: &DataSpec,
+        seed: u64,
+        sources: Vec<(Indexed, Vec<i64>)>,
+        classes: Option<Vec<String>>,
+    ) -> Result<Dataset> {
+        let channels = spec.channels.unwrap_or(3);
+        let transform = Transform::new(spec, seed);
+        let mut shape = None;
+        let mut parts = Vec::new();
+        let mut all = Vec::new();
+        for (ix, labels) in sources {
+            if labels.is_empty() {
+                bail!("{}: {} holds no samples", ix.field, ix.path.display());
+            }
+            let s = match (&ix.source, spec.image_size) {
+                (Source::Tensors { chw, .. }, _) => {
+                    if transform.augment.random_resized_crop.is_some() {
+                        bail!("{}: data.augment.random_resized_crop needs image files (ImageFolder or WebDataset shards), not a safetensors tensor; leave it out (flips and colour jitter work on tensors)", ix.field);
+                    }
+                    *chw
+                }
+                (_, Some(s)) => (i64::from(channels), i64::from(s), i64::from(s)),
+                (_, None) => {
+                    let (w, h) = ix.first_size;
+                    (i64::from(channels), i64::from(h), i64::from(w))
+                }
+            };
+            match shape {
+                None => shape = Some(s),
+                Some(t) if t != s => bail!(
+                    "{} images are {s:?} but data.train images are {t:?} (C,H,W); set data.image_size",
+                    ix.field
+                ),
+                _ => {}
+            }
+            if all.len() + labels.len() > u32::MAX as usize {
+                bail!("data.train and data.unlabelled together exceed 2^32 samples");
+            }
+            parts.push(Part {
+                start: all.len(),
+                len: labels.len(),
+                field: ix.field,
+                source: ix.source,
+            });
+            all.extend(labels);
+        }
+        let shape = shape.unwrap_or((i64::from(channels), 0, 0));
+        if let Some(n) = &spec.normalize {
+            if n.mean.len() != shape.0 as usize {
+                bail!(
+                    "data.normalize: {} mean values for {}-channel images from {}",
+                    n.mean.len(),
+                    shape.0,
+                    parts.first().map_or("data.train", |p| p.field)
+                );
+            }
         }
         Ok(Dataset {
-            images: Tensor::cat(&[train.images, pool.images], 0),
-            labels: Tensor::cat(&[train.labels, pool.labels], 0),
-            classes: train.classes,
+            parts,
+            labels: all,
+            classes,
+            shape,
+            transform,
+            channels,
+            skip_bad: spec.skip_bad,
+            opened: AtomicU64::new(0),
         })
     }
 
     /// This validation set, labelled as `train` labels its classes. ImageFolder classes are
     /// matched by name: a class the training set lacks is refused (the model was never
     /// trained on it), one the validation set lacks is simply absent. Without class names on
-    /// the training side (safetensors), the validation labels must stay within the ones the
-    /// training labels reach.
+    /// the training side (safetensors, shards), the validation labels must stay within the
+    /// ones the training labels reach.
     pub fn matched_to(mut self, train: &Dataset, field: &str) -> Result<Dataset> {
         match (&self.classes, &train.classes) {
             (Some(mine), Some(theirs)) => {
@@ -102,7 +264,9 @@ impl Dataset {
                         })
                     })
                     .collect::<Result<_>>()?;
-                self.labels = Tensor::from_slice(&index).index_select(0, &self.labels);
+                for l in &mut self.labels {
+                    *l = index[*l as usize];
+                }
             }
             _ => {
                 let (trained, labels) = (train.label_count(), self.label_count());
@@ -115,44 +279,470 @@ impl Dataset {
                 }
             }
         }
+        if self.shape != train.shape {
+            bail!(
+                "{field} images are {:?} but data.train images are {:?} (C,H,W); set data.image_size",
+                self.shape,
+                train.shape
+            );
+        }
         Ok(self)
     }
 
-    /// Samples with a label (>= 0).
-    pub fn labelled(&self) -> usize {
-        self.labels.ge(0).sum(Kind::Int64).int64_value(&[]) as usize
+    /// Decodes the samples `indices` in `view` into one batch. With `data.skip_bad`, an
+    /// unreadable image is left out (and said in `skipped`); without, it fails the batch
+    /// with its path.
+    pub fn batch(&self, indices: &[u32], view: View) -> Result<Batch> {
+        let mut out = Batch {
+            images: Tensor::new(),
+            labels: Vec::with_capacity(indices.len()),
+            draws: Vec::with_capacity(indices.len()),
+            kept: Vec::with_capacity(indices.len()),
+            skipped: Vec::new(),
+        };
+        let mut images = Vec::with_capacity(indices.len());
+        for (pos, &i) in indices.iter().enumerate() {
+            match self.sample(i, view) {
+                Ok((t, d)) => {
+                    images.push(t);
+                    out.draws.push(d);
+                    out.labels.push(self.labels[i as usize]);
+                    out.kept.push(pos);
+                }
+                Err(e) if self.skip_bad && !is_fatal(&e) => out.skipped.push(format!("{e:#}")),
+                Err(e) => return Err(e),
+            }
+        }
+        if images.is_empty() {
+            bail!(
+                "every sample of a batch is unreadable (data.skip_bad): {}",
+                out.skipped.join("; ")
+            );
+        }
+        out.images = if images.iter().all(|t| t.kind() == Kind::Uint8) {
+            Tensor::stack(&images, 0)
+        } else {
+            let floats: Vec<Tensor> = images
+                .iter()
+                .map(|t| match t.kind() {
+                    Kind::Uint8 => t.to_kind(Kind::Float) / 255.0,
+                    _ => t.to_kind(Kind::Float),
+                })
+                .collect();
+            Tensor::stack(&floats, 0)
+        };
+        Ok(out)
     }
 
-    fn load_with(path: &Path, field: &str, spec: &DataSpec, labelled: bool) -> Result<Dataset> {
-        let mut ds = if path.is_dir() {
-            load_image_folder(path, field, spec)?
-        } else {
-            load_safetensors(path, field, labelled)?
-        };
-        if ds.is_empty() {
-            bail!("{field}: {} holds no samples", path.display());
-        }
-        if labelled && ds.labels.min().int64_value(&[]) < 0 {
-            bail!("{field}: labels must be class indices >= 0");
-        }
-        if let Some(n) = &spec.normalize {
-            let c = ds.shape().0 as usize;
-            if n.mean.len() != c {
-                bail!(
-                    "data.normalize: {} mean values for {c}-channel images from {field}",
-                    n.mean.len()
-                );
+    /// Sample `i` in `view`: C×H×W (uint8, or float from float data) and its draw.
+    fn sample(&self, i: u32, view: View) -> Result<(Tensor, Draw)> {
+        let at = self
+            .parts
+            .partition_point(|p| p.start + p.len <= i as usize);
+        let part = &self.parts[at];
+        let local = i as usize - part.start;
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        let (c, h, w) = self.shape;
+        match &part.source {
+            Source::Tensors {
+                path,
+                file,
+                offset,
+                kind,
+                chw,
+            } => {
+                let bytes = (chw.0 * chw.1 * chw.2) as usize * kind.elt_size_in_bytes();
+                let mut buf = vec![0u8; bytes];
+                file.read_exact_at(&mut buf, offset + (local * bytes) as u64)
+                    .map_err(|e| fatal(e.into()))
+                    .with_context(|| format!("{}: cannot read {}", part.field, path.display()))?;
+                let t = Tensor::from_data_size(&buf, &[chw.0, chw.1, chw.2], *kind);
+                let (d, _) = self.transform.draw(view, i, (chw.2 as u32, chw.1 as u32));
+                Ok((t, d))
             }
-            let mean = Tensor::from_slice(&n.mean)
-                .to_kind(Kind::Float)
-                .view([1, c as i64, 1, 1]);
-            let std = Tensor::from_slice(&n.std)
-                .to_kind(Kind::Float)
-                .view([1, c as i64, 1, 1]);
-            ds.images = (ds.images - mean) / std;
+            Source::Files(paths) => {
+                let p = &paths[local];
+                let read = || -> Result<Vec<u8>> {
+                    let len = std::fs::metadata(p)?.len();
+                    if len > MAX_IMAGE_BYTES {
+                        bail!("{len} bytes, more than an image may have ({MAX_IMAGE_BYTES})");
+                    }
+                    Ok(std::fs::read(p)?)
+                };
+                let bytes = read().with_context(|| {
+                    format!("{}: cannot read image {}", part.field, p.display())
+                })?;
+                self.decode(&bytes, i, view, (c, h, w))
+                    .with_context(|| format!("{}: image {}", part.field, p.display()))
+            }
+            Source::Tar { shards, members } => {
+                let (shard, offset, len) = members[local];
+                let (path, file) = &shards[shard as usize];
+                let mut bytes = vec![0u8; len as usize];
+                file.read_exact_at(&mut bytes, offset).with_context(|| {
+                    format!(
+                        "{}: cannot read sample {local} of {}",
+                        part.field,
+                        path.display()
+                    )
+                })?;
+                self.decode(&bytes, i, view, (c, h, w)).with_context(|| {
+                    format!(
+                        "{}: the image at byte {offset} of {}",
+                        part.field,
+                        path.display()
+                    )
+                })
+            }
         }
-        Ok(ds)
     }
+
+    /// Decodes an image file's bytes, then crops and resizes it to `(c, h, w)`.
+    fn decode(
+        &self,
+        bytes: &[u8],
+        i: u32,
+        view: View,
+        (c, h, w): (i64, i64, i64),
+    ) -> Result<(Tensor, Draw)> {
+        let img = image::load_from_memory(bytes).context("cannot decode it")?;
+        let size = (img.width(), img.height());
+        let (d, out) = self.transform.draw(view, i, size);
+        if out != (w as u32, h as u32) {
+            bail!(
+                "it is {}x{}, others {w}x{h}; set data.image_size to resize",
+                size.0,
+                size.1
+            );
+        }
+        let (pixels, kind) = if self.channels == 1 {
+            (
+                img.into_luma8().into_raw(),
+                fast_image_resize::PixelType::U8,
+            )
+        } else {
+            (
+                img.into_rgb8().into_raw(),
+                fast_image_resize::PixelType::U8x3,
+            )
+        };
+        let pixels = if d.crop.is_none() && out == size {
+            pixels
+        } else {
+            resize(pixels, kind, size, d.crop, out)?
+        };
+        let t = Tensor::from_slice(&pixels)
+            .view([h, w, c])
+            .permute([2, 0, 1]);
+        Ok((t, d))
+    }
+}
+
+/// Bilinear (antialiased when shrinking, as PIL's) resize of `crop` (all of it if None).
+fn resize(
+    pixels: Vec<u8>,
+    kind: fast_image_resize::PixelType,
+    (w, h): (u32, u32),
+    crop: Option<[f64; 4]>,
+    (ow, oh): (u32, u32),
+) -> Result<Vec<u8>> {
+    use fast_image_resize::images::Image;
+    use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
+    let src = Image::from_vec_u8(w, h, pixels, kind)?;
+    let mut dst = Image::new(ow, oh, kind);
+    let mut options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    if let Some([l, t, cw, ch]) = crop {
+        options = options.crop(l, t, cw, ch);
+    }
+    Resizer::new().resize(&src, &mut dst, &options)?;
+    Ok(dst.into_vec())
+}
+
+/// An error no `skip_bad` hides: the data set itself, not one image, is unreadable.
+#[derive(Debug)]
+struct Fatal;
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the data file cannot be read")
+    }
+}
+
+impl std::error::Error for Fatal {}
+
+fn fatal(e: anyhow::Error) -> anyhow::Error {
+    e.context(Fatal)
+}
+
+fn is_fatal(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Fatal>())
+}
+
+/// A source's index.
+struct Indexed {
+    path: PathBuf,
+    field: &'static str,
+    source: Source,
+    /// The first image's (width, height) (images only).
+    first_size: (u32, u32),
+}
+
+/// Lists `path`: its samples, their labels and (ImageFolder) the class names.
+fn index(
+    path: &Path,
+    field: &'static str,
+    spec: &DataSpec,
+    labelled: bool,
+    cache: Option<&Path>,
+    scan: bool,
+) -> Result<(Indexed, Vec<i64>, Option<Vec<String>>)> {
+    let shards = shards(path, field)?;
+    let (source, labels, classes, first) = if !shards.is_empty() {
+        let (source, labels, first) = index_shards(shards, field, labelled, cache)?;
+        (source, labels, None, first)
+    } else if path.is_dir() {
+        let (files, labels, classes) = folder_files(path, field, labelled)?;
+        let first = match files.first() {
+            Some(f) if spec.image_size.is_none() => image::image_dimensions(f)
+                .with_context(|| format!("{field}: cannot decode image {}", f.display()))?,
+            _ => (0, 0),
+        };
+        (Source::Files(files), labels, classes, first)
+    } else {
+        let (source, labels) = index_safetensors(path, field, labelled, scan)?;
+        (source, labels, None, (0, 0))
+    };
+    if labelled && labels.iter().any(|&l| l < 0) {
+        bail!("{field}: labels must be class indices >= 0");
+    }
+    Ok((
+        Indexed {
+            path: path.to_path_buf(),
+            field,
+            source,
+            first_size: first,
+        },
+        labels,
+        classes,
+    ))
+}
+
+/// The WebDataset shards `path` names: itself if it is a `.tar` file, or the `.tar` files of
+/// a directory that has no sub-directories. Empty: not shards.
+fn shards(path: &Path, field: &str) -> Result<Vec<PathBuf>> {
+    let is_tar = |p: &Path| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("tar"));
+    if path.is_file() {
+        return Ok(if is_tar(path) {
+            vec![path.to_path_buf()]
+        } else {
+            Vec::new()
+        });
+    }
+    if !path.is_dir() {
+        return Ok(Vec::new());
+    }
+    let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(path)
+        .with_context(|| format!("{field}: cannot read directory {}", path.display()))?
+        .filter_map(|e| e.ok())
+        .collect();
+    if entries
+        .iter()
+        .any(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+    {
+        return Ok(Vec::new());
+    }
+    let mut tars = Vec::new();
+    for e in &entries {
+        if is_tar(&e.path()) {
+            super::confine::no_link(e).with_context(|| field.to_string())?;
+            tars.push(e.path());
+        }
+    }
+    tars.sort();
+    Ok(tars)
+}
+
+/// What the index of one shard holds, as cached.
+#[derive(Serialize, Deserialize)]
+struct ShardIndex {
+    /// (offset, length, label) of each sample's image, in the shard's order.
+    samples: Vec<(u64, u64, i64)>,
+    first_size: (u32, u32),
+}
+
+fn index_shards(
+    shards: Vec<PathBuf>,
+    field: &str,
+    labelled: bool,
+    cache: Option<&Path>,
+) -> Result<(Source, Vec<i64>, (u32, u32))> {
+    let (mut members, mut labels, mut first) = (Vec::new(), Vec::new(), None);
+    let mut open = Vec::new();
+    for (k, shard) in shards.into_iter().enumerate() {
+        let file = File::open(&shard)
+            .with_context(|| format!("{field}: cannot open {}", shard.display()))?;
+        let ix = cached_shard_index(&shard, &file, field, labelled, cache)?;
+        for &(offset, len, label) in &ix.samples {
+            members.push((k as u32, offset, len));
+            labels.push(label);
+        }
+        if !ix.samples.is_empty() {
+            first.get_or_insert(ix.first_size);
+        }
+        open.push((shard, file));
+    }
+    Ok((
+        Source::Tar {
+            shards: open,
+            members,
+        },
+        labels,
+        first.unwrap_or((0, 0)),
+    ))
+}
+
+/// A shard's index from the cache when the shard has not changed (same size and mtime),
+/// else built and cached.
+fn cached_shard_index(
+    shard: &Path,
+    file: &File,
+    field: &str,
+    labelled: bool,
+    cache: Option<&Path>,
+) -> Result<ShardIndex> {
+    use sha2::Digest;
+    let meta = file.metadata()?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let key = format!(
+        "{}\0{}\0{mtime}\0{labelled}",
+        std::fs::canonicalize(shard)
+            .unwrap_or_else(|_| shard.to_path_buf())
+            .display(),
+        meta.len()
+    );
+    let hash = sha2::Sha256::digest(key.as_bytes());
+    let name = format!(
+        ".shard-index-{}.json",
+        hash.iter()
+            .take(12)
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    let cached = cache.map(|d| d.join(name));
+    if let Some(p) = &cached {
+        if let Some(ix) = std::fs::read(p)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ShardIndex>(&b).ok())
+        {
+            return Ok(ix);
+        }
+    }
+    let ix = build_shard_index(shard, file, field, labelled)?;
+    if let Some(p) = &cached {
+        // A cache that cannot be written costs the next run a rebuild, nothing more.
+        let tmp = p.with_extension("tmp");
+        if std::fs::write(&tmp, serde_json::to_vec(&ix)?).is_ok() {
+            let _ = std::fs::rename(&tmp, p);
+        }
+    }
+    Ok(ix)
+}
+
+/// Reads a shard's member headers (not its images): each sample's image member and its
+/// `.cls` label, grouped by key (the name up to its first dot), in first-seen order.
+fn build_shard_index(shard: &Path, file: &File, field: &str, labelled: bool) -> Result<ShardIndex> {
+    use std::io::Read;
+    let at = |what: String| format!("{field}: {} {what}", shard.display());
+    let mut archive = tar::Archive::new(file);
+    let mut keys: HashMap<String, usize> = HashMap::new();
+    let mut samples: Vec<(String, Option<(u64, u64)>, Option<i64>)> = Vec::new();
+    for entry in archive
+        .entries_with_seek()
+        .with_context(|| at("is not a tar archive".into()))?
+    {
+        let mut e = entry.with_context(|| at("is damaged".into()))?;
+        if e.header().entry_type() != tar::EntryType::Regular {
+            continue;
+        }
+        let name = e
+            .path()
+            .with_context(|| at("has a bad member name".into()))?;
+        let name = name.to_string_lossy().into_owned();
+        let (dir, base) = name.rsplit_once('/').unwrap_or(("", &name));
+        let Some((stem, ext)) = base.split_once('.') else {
+            continue;
+        };
+        let key = match dir {
+            "" => stem.to_string(),
+            d => format!("{d}/{stem}"),
+        };
+        let ext = ext.to_ascii_lowercase();
+        let slot = *keys.entry(key.clone()).or_insert_with(|| {
+            samples.push((key, None, None));
+            samples.len() - 1
+        });
+        match ext.as_str() {
+            "jpg" | "jpeg" | "png" => {
+                if e.size() > MAX_IMAGE_BYTES {
+                    bail!(at(format!(
+                        "member {name} is {} bytes, more than an image may have",
+                        e.size()
+                    )));
+                }
+                samples[slot].1 = Some((e.raw_file_position(), e.size()));
+            }
+            "cls" => {
+                let mut text = String::new();
+                e.by_ref()
+                    .take(64)
+                    .read_to_string(&mut text)
+                    .with_context(|| at(format!("member {name} is not text")))?;
+                let label = text
+                    .trim()
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|l| *l >= 0)
+                    .with_context(|| {
+                        at(format!(
+                            "member {name} holds `{}`, not a class index",
+                            text.trim()
+                        ))
+                    })?;
+                samples[slot].2 = Some(label);
+            }
+            _ => {}
+        }
+    }
+    let mut out = ShardIndex {
+        samples: Vec::with_capacity(samples.len()),
+        first_size: (0, 0),
+    };
+    for (key, image, label) in samples {
+        let Some((offset, len)) = image else {
+            bail!(at(format!("sample `{key}` has no .jpg or .png member")));
+        };
+        let label = match (label, labelled) {
+            (Some(l), _) => l,
+            (None, false) => -1,
+            (None, true) => bail!(at(format!(
+                "sample `{key}` has no .cls member (its class index); every labelled sample needs one"
+            ))),
+        };
+        if out.samples.is_empty() {
+            let mut head = vec![0u8; len.min(1 << 20) as usize];
+            let n = file.read_at(&mut head, offset)?;
+            out.first_size = image::ImageReader::new(std::io::Cursor::new(&head[..n]))
+                .with_guessed_format()?
+                .into_dimensions()
+                .with_context(|| at(format!("sample `{key}`: cannot decode its image")))?;
+        }
+        out.samples.push((offset, len, label));
+    }
+    Ok(out)
 }
 
 /// What a data set's headers say, read without decoding it (a dry run's checks).
@@ -166,21 +756,30 @@ pub struct Probe {
 }
 
 /// Reads what `load` would load from `path` as far as headers go: a safetensors file's
-/// header (names, dtypes, shapes), or an ImageFolder's class directories and the size of
-/// its first image. Errors are the ones `load` would give (`data.normalize` aside).
-pub fn probe(path: &Path, field: &str, spec: &DataSpec, labelled: bool) -> Result<Probe> {
-    let probe = if path.is_dir() {
-        probe_image_folder(path, field, spec)?
-    } else {
-        probe_safetensors(path, field, labelled)?
+/// header (names, dtypes, shapes), an ImageFolder's class directories and the size of its
+/// first image, or shards' member headers. Errors are the ones `load` would give, but for
+/// `data.normalize` (the caller checks it) and non-finite float pixels (not read).
+pub fn probe(path: &Path, field: &'static str, spec: &DataSpec, labelled: bool) -> Result<Probe> {
+    let (ix, labels, classes) = index(path, field, spec, labelled, None, false)?;
+    let spec = DataSpec {
+        normalize: None,
+        ..spec.clone()
     };
-    if probe.samples == 0 {
-        bail!("{field}: {} holds no samples", path.display());
-    }
-    Ok(probe)
+    let ds = Dataset::from_parts(&spec, 0, vec![(ix, labels)], classes)?;
+    Ok(Probe {
+        shape: ds.shape,
+        samples: ds.len(),
+        classes: ds.classes,
+    })
 }
 
-fn probe_safetensors(path: &Path, field: &str, labelled: bool) -> Result<Probe> {
+/// A safetensors file's `images` (where they lie) and `labels` (read).
+fn index_safetensors(
+    path: &Path,
+    field: &str,
+    labelled: bool,
+    scan: bool,
+) -> Result<(Source, Vec<i64>)> {
     use std::io::Read;
     let unreadable = || {
         format!(
@@ -188,66 +787,168 @@ fn probe_safetensors(path: &Path, field: &str, labelled: bool) -> Result<Probe> 
             path.display()
         )
     };
-    let mut f = std::fs::File::open(path).with_context(unreadable)?;
+    let mut f = File::open(path).with_context(unreadable)?;
+    let file_len = f.metadata().with_context(unreadable)?.len();
     let mut len = [0u8; 8];
     f.read_exact(&mut len).with_context(unreadable)?;
     let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
+    if len > 100 << 20 || 8 + len > file_len {
         bail!("{}: a header of {len} bytes", unreadable());
     }
     let mut header = vec![0u8; len as usize];
     f.read_exact(&mut header).with_context(unreadable)?;
     let header: serde_json::Value = serde_json::from_slice(&header).with_context(unreadable)?;
-    let tensor = |name: &str| -> Option<(String, Vec<i64>)> {
-        let t = header.get(name)?;
-        let dtype = t.get("dtype")?.as_str()?.to_string();
-        let shape = t
-            .get("shape")?
-            .as_array()?
-            .iter()
-            .map(|d| d.as_i64())
-            .collect::<Option<Vec<i64>>>()?;
-        Some((dtype, shape))
+    let data_start = 8 + len;
+    // (kind, shape, absolute byte range) of a tensor, checked against the file.
+    let tensor = |name: &str| -> Result<Option<(Kind, Vec<i64>, u64, u64)>> {
+        let Some(t) = header.get(name) else {
+            return Ok(None);
+        };
+        let parsed = (|| {
+            let dtype = t.get("dtype")?.as_str()?;
+            let shape = t
+                .get("shape")?
+                .as_array()?
+                .iter()
+                .map(|d| d.as_i64().filter(|d| *d >= 0))
+                .collect::<Option<Vec<i64>>>()?;
+            let offs = t.get("data_offsets")?.as_array()?;
+            let (a, b) = (offs.first()?.as_u64()?, offs.get(1)?.as_u64()?);
+            Some((dtype.to_string(), shape, a, b))
+        })();
+        let Some((dtype, shape, a, b)) = parsed else {
+            bail!("{}: tensor `{name}` has a bad header entry", unreadable());
+        };
+        let kind = match dtype.as_str() {
+            "U8" => Kind::Uint8,
+            "I8" => Kind::Int8,
+            "I16" => Kind::Int16,
+            "I32" => Kind::Int,
+            "I64" => Kind::Int64,
+            "F16" => Kind::Half,
+            "BF16" => Kind::BFloat16,
+            "F32" => Kind::Float,
+            "F64" => Kind::Double,
+            _ => bail!("{field}: `{name}` has dtype {dtype}, which ferry does not read"),
+        };
+        let numel = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+        let bytes = numel.and_then(|n| n.checked_mul(kind.elt_size_in_bytes() as u64));
+        if bytes != Some(b.wrapping_sub(a)) || a > b || data_start + b > file_len {
+            bail!(
+                "{}: tensor `{name}` ({dtype} {shape:?}) does not fit its bytes in the file (truncated?)",
+                unreadable()
+            );
+        }
+        Ok(Some((kind, shape, data_start + a, data_start + b)))
     };
-    let Some((dtype, shape)) = tensor("images") else {
+    let Some((kind, shape, start, end)) = tensor("images")? else {
         bail!(
             "{field}: {} must hold tensors named `images` (N,C,H,W){}",
             path.display(),
             if labelled { " and `labels` (N)" } else { "" }
         );
     };
-    let shape3 = match shape.as_slice() {
-        [_, c, h, w] => (*c, *h, *w),
-        [_, h, w] => (1, *h, *w),
+    let (n, chw) = match shape.as_slice() {
+        [n, c, h, w] => (*n, (*c, *h, *w)),
+        [n, h, w] => (*n, (1, *h, *w)),
         _ => bail!(
             "{field}: `images` must have shape (N,C,H,W) or (N,H,W), got {} dimensions {shape:?}",
             shape.len()
         ),
     };
-    if !matches!(dtype.as_str(), "U8" | "F32" | "F64" | "F16" | "BF16") {
-        bail!("{field}: `images` must be uint8 or float32, got {dtype}");
+    if !matches!(
+        kind,
+        Kind::Uint8 | Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+    ) {
+        bail!("{field}: `images` must be uint8 or float32, got {kind:?}");
     }
-    let n = shape[0];
-    match tensor("labels") {
-        Some((dtype, shape)) => {
-            if shape != [n] {
-                bail!("{field}: `labels` must have shape ({n},), got {shape:?}");
+    if scan && kind != Kind::Uint8 {
+        check_finite(&f, start, end, kind)
+            .with_context(|| format!("{field}: {}", path.display()))?;
+    }
+    let labels = match tensor("labels")? {
+        Some((lk, lshape, a, b)) => {
+            if lshape != [n] {
+                bail!("{field}: `labels` must have shape ({n},), got {lshape:?}");
             }
-            if !matches!(dtype.as_str(), "I64" | "I32" | "I16" | "I8" | "U8") {
-                bail!("{field}: `labels` must be integers (int64), got {dtype}");
+            if !matches!(
+                lk,
+                Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
+            ) {
+                bail!("{field}: `labels` must be integers (int64), got {lk:?}");
             }
+            let mut buf = vec![0u8; (b - a) as usize];
+            f.read_exact_at(&mut buf, a).with_context(unreadable)?;
+            let t = Tensor::from_data_size(&buf, &[n], lk).to_kind(Kind::Int64);
+            Vec::<i64>::try_from(&t)?
         }
         None if labelled => bail!(
             "{field}: {} must hold tensors named `images` (N,C,H,W) and `labels` (N)",
             path.display()
         ),
-        None => {}
+        None => vec![-1; n as usize],
+    };
+    Ok((
+        Source::Tensors {
+            path: path.to_path_buf(),
+            file: f,
+            offset: start,
+            kind,
+            chw,
+        },
+        labels,
+    ))
+}
+
+/// Fails if float pixels hold NaN or infinity (they make every loss NaN, and look like a
+/// bad lr). Reads the tensor once, a chunk at a time.
+fn check_finite(f: &File, start: u64, end: u64, kind: Kind) -> Result<()> {
+    let elt = kind.elt_size_in_bytes() as u64;
+    let chunk = (16u64 << 20) / elt * elt;
+    let mut bad = 0i64;
+    let mut at = start;
+    let mut buf = Vec::new();
+    while at < end {
+        let n = chunk.min(end - at);
+        buf.resize(n as usize, 0);
+        f.read_exact_at(&mut buf, at)?;
+        let t = Tensor::from_data_size(&buf, &[(n / elt) as i64], kind);
+        bad += t.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]);
+        at += n;
     }
-    Ok(Probe {
-        shape: shape3,
-        samples: n.max(0) as usize,
-        classes: None,
-    })
+    if bad > 0 {
+        bail!("holds {bad} NaN or infinite pixel values; fix the data (they make every loss NaN)");
+    }
+    Ok(())
+}
+
+/// An ImageFolder's images and labels. Labelled: one sub-directory per class (sorted),
+/// images found at any depth below it. Unlabelled: the same, or a flat directory of images.
+fn folder_files(
+    dir: &Path,
+    field: &str,
+    labelled: bool,
+) -> Result<(Vec<PathBuf>, Vec<i64>, Option<Vec<String>>)> {
+    let flat = !std::fs::read_dir(dir)
+        .with_context(|| format!("{field}: cannot read directory {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_type().is_ok_and(|t| t.is_dir()));
+    if flat && !labelled {
+        let files = class_images(dir, field)?;
+        let n = files.len();
+        return Ok((files, vec![-1; n], None));
+    }
+    let classes = folder_classes(dir, field)?;
+    let (mut files, mut labels) = (Vec::new(), Vec::new());
+    for (k, class) in classes.iter().enumerate() {
+        let found = class_images(&dir.join(class), field)?;
+        labels.extend(std::iter::repeat_n(
+            if labelled { k as i64 } else { -1 },
+            found.len(),
+        ));
+        files.extend(found);
+    }
+    Ok((files, labels, labelled.then_some(classes)))
 }
 
 /// An ImageFolder's classes: its sub-directories, sorted. A member that is a link (a class
@@ -275,256 +976,32 @@ fn folder_classes(dir: &Path, field: &str) -> Result<Vec<String>> {
     Ok(classes)
 }
 
-/// The images (PNG, JPEG) of one class directory, sorted; links refused.
-fn class_images(class_dir: &Path, field: &str) -> Result<Vec<std::path::PathBuf>> {
-    let members: Vec<std::fs::DirEntry> = std::fs::read_dir(class_dir)
-        .with_context(|| format!("{field}: cannot read directory {}", class_dir.display()))?
-        .filter_map(|e| e.ok())
-        .collect();
-    for e in &members {
-        super::confine::no_link(e).with_context(|| field.to_string())?;
+/// The images (PNG, JPEG) in a directory and the directories below it, sorted by path;
+/// links refused.
+fn class_images(class_dir: &Path, field: &str) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut dirs = vec![class_dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let members: Vec<std::fs::DirEntry> = std::fs::read_dir(&d)
+            .with_context(|| format!("{field}: cannot read directory {}", d.display()))?
+            .filter_map(|e| e.ok())
+            .collect();
+        for e in &members {
+            super::confine::no_link(e).with_context(|| field.to_string())?;
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(e.path());
+            }
+        }
+        files.extend(members.iter().map(|e| e.path()).filter(|p| {
+            p.is_file()
+                && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                    matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")
+                })
+        }));
     }
-    let mut files: Vec<_> = members
-        .iter()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
-        })
-        .collect();
     files.sort();
     Ok(files)
 }
 
-fn probe_image_folder(dir: &Path, field: &str, spec: &DataSpec) -> Result<Probe> {
-    let channels = i64::from(spec.channels.unwrap_or(3));
-    let classes = folder_classes(dir, field)?;
-    let (mut samples, mut first) = (0usize, None);
-    for class in &classes {
-        let files = class_images(&dir.join(class), field)?;
-        samples += files.len();
-        if first.is_none() {
-            first = files.into_iter().next();
-        }
-    }
-    let (h, w) = match (spec.image_size, &first) {
-        (Some(s), _) => (i64::from(s), i64::from(s)),
-        (None, Some(f)) => {
-            let (w, h) = image::image_dimensions(f)
-                .with_context(|| format!("{field}: cannot decode image {}", f.display()))?;
-            (i64::from(h), i64::from(w))
-        }
-        (None, None) => (0, 0),
-    };
-    Ok(Probe {
-        shape: (channels, h, w),
-        samples,
-        classes: Some(classes),
-    })
-}
-
-fn load_safetensors(path: &Path, field: &str, labelled: bool) -> Result<Dataset> {
-    let tensors = Tensor::read_safetensors(path).with_context(|| {
-        format!(
-            "{field}: cannot read {} as safetensors (expected tensors `images` and `labels`)",
-            path.display()
-        )
-    })?;
-    let mut images = None;
-    let mut labels = None;
-    for (name, t) in tensors {
-        match name.as_str() {
-            "images" => images = Some(t),
-            "labels" => labels = Some(t),
-            _ => {}
-        }
-    }
-    let labels = match (labels, &images) {
-        (Some(l), _) => Some(l),
-        (None, Some(i)) if !labelled => Some(Tensor::zeros(
-            [i.size()[0]],
-            (Kind::Int64, tch::Device::Cpu),
-        )),
-        _ => None,
-    };
-    let (Some(images), Some(labels)) = (images, labels) else {
-        bail!(
-            "{field}: {} must hold tensors named `images` (N,C,H,W){}",
-            path.display(),
-            if labelled { " and `labels` (N)" } else { "" }
-        );
-    };
-    let images = match images.dim() {
-        4 => images,
-        3 => images.unsqueeze(1),
-        d => bail!(
-            "{field}: `images` must have shape (N,C,H,W) or (N,H,W), got {d} dimensions {:?}",
-            images.size()
-        ),
-    };
-    let images = match images.kind() {
-        Kind::Uint8 => images.to_kind(Kind::Float) / 255.0,
-        Kind::Float => images,
-        Kind::Double | Kind::Half | Kind::BFloat16 => images.to_kind(Kind::Float),
-        k => bail!("{field}: `images` must be uint8 or float32, got {k:?}"),
-    };
-    // NaN or infinite pixels would make the loss NaN at once, and look like a bad lr.
-    let bad = images
-        .isfinite()
-        .logical_not()
-        .sum(Kind::Int64)
-        .int64_value(&[]);
-    if bad > 0 {
-        bail!(
-            "{field}: {} holds {bad} NaN or infinite pixel values; fix the data (they make every loss NaN)",
-            path.display()
-        );
-    }
-    if labels.dim() != 1 || labels.size()[0] != images.size()[0] {
-        bail!(
-            "{field}: `labels` must have shape ({},), got {:?}",
-            images.size()[0],
-            labels.size()
-        );
-    }
-    let labels = match labels.kind() {
-        Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8 => {
-            labels.to_kind(Kind::Int64)
-        }
-        k => bail!("{field}: `labels` must be integers (int64), got {k:?}"),
-    };
-    Ok(Dataset {
-        images: images.contiguous(),
-        labels,
-        classes: None,
-    })
-}
-
-fn load_image_folder(dir: &Path, field: &str, spec: &DataSpec) -> Result<Dataset> {
-    let channels = spec.channels.unwrap_or(3) as usize;
-    let classes = folder_classes(dir, field)?;
-    let mut pixels: Vec<u8> = Vec::new();
-    let mut labels: Vec<i64> = Vec::new();
-    let mut size: Option<(u32, u32)> = spec.image_size.map(|s| (s, s));
-    for (idx, class) in classes.iter().enumerate() {
-        for f in class_images(&dir.join(class), field)? {
-            let img = image::open(&f)
-                .with_context(|| format!("{field}: cannot decode image {}", f.display()))?;
-            let (w, h) = *size.get_or_insert((img.width(), img.height()));
-            let img = if (img.width(), img.height()) != (w, h) {
-                if spec.image_size.is_none() {
-                    bail!(
-                        "{field}: {} is {}x{}, others {w}x{h}; set data.image_size to resize",
-                        f.display(),
-                        img.width(),
-                        img.height()
-                    );
-                }
-                img.resize_exact(w, h, image::imageops::FilterType::Triangle)
-            } else {
-                img
-            };
-            if channels == 1 {
-                pixels.extend_from_slice(img.to_luma8().as_raw());
-            } else {
-                pixels.extend_from_slice(img.to_rgb8().as_raw());
-            }
-            labels.push(idx as i64);
-        }
-    }
-    let (w, h) = size.unwrap_or((0, 0));
-    let n = labels.len() as i64;
-    let images = Tensor::from_slice(&pixels)
-        .view([n, h as i64, w as i64, channels as i64])
-        .permute([0, 3, 1, 2])
-        .to_kind(Kind::Float)
-        / 255.0;
-    Ok(Dataset {
-        images: images.contiguous(),
-        labels: Tensor::from_slice(&labels),
-        classes: Some(classes),
-    })
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use ferry_cluster::fuzz::{mutate, Rng};
-
-    fn spec() -> DataSpec {
-        serde_json::from_value(serde_json::json!({"train": {"path": "x"}, "channels": 1})).unwrap()
-    }
-
-    fn folder(root: &Path, classes: &[&str]) -> Dataset {
-        for (i, c) in classes.iter().enumerate() {
-            std::fs::create_dir_all(root.join(c)).unwrap();
-            image::GrayImage::from_pixel(2, 2, image::Luma([i as u8]))
-                .save(root.join(c).join("x.png"))
-                .unwrap();
-        }
-        load_image_folder(root, "data.x", &spec()).unwrap()
-    }
-
-    #[test]
-    fn validation_classes_are_matched_to_the_training_classes_by_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let train = folder(&dir.path().join("train"), &["ant", "bee", "cat"]);
-        // Without "bee", "cat" is still class 2 (not 1, as its own sorted index would be).
-        let val = folder(&dir.path().join("val"), &["ant", "cat"])
-            .matched_to(&train, "data.val")
-            .unwrap();
-        assert_eq!(Vec::<i64>::try_from(&val.labels).unwrap(), vec![0, 2]);
-        let e = folder(&dir.path().join("bad"), &["ant", "dog"])
-            .matched_to(&train, "data.val")
-            .err()
-            .unwrap();
-        assert!(
-            format!("{e:#}")
-                .contains("class `dog` is not one of data.train's classes (ant, bee, cat)"),
-            "{e:#}"
-        );
-        // Labels without names: within the training labels' range.
-        let mut numbered = folder(&dir.path().join("n"), &["0", "1"]);
-        numbered.classes = None;
-        let wide = folder(&dir.path().join("w"), &["a", "b", "c", "d"]);
-        assert!(wide.matched_to(&numbered, "data.val").is_err());
-    }
-
-    /// Damaged safetensors files and images fail with an error naming the field, never a
-    /// panic or an abort (which would take the test process, and a rank, down).
-    #[test]
-    fn damaged_data_files_fail_with_an_error_never_a_crash() {
-        let dir = tempfile::tempdir().unwrap();
-        let st = dir.path().join("d.safetensors");
-        let images = Tensor::zeros([4, 1, 4, 4], (Kind::Uint8, tch::Device::Cpu));
-        let labels = Tensor::from_slice(&[0i64, 1, 0, 1]);
-        Tensor::write_safetensors(&[("images", images), ("labels", labels)], &st).unwrap();
-        let good_st = std::fs::read(&st).unwrap();
-        let folder = dir.path().join("folder");
-        std::fs::create_dir_all(folder.join("c0")).unwrap();
-        let png = folder.join("c0/x.png");
-        image::GrayImage::from_pixel(4, 4, image::Luma([9u8]))
-            .save(&png)
-            .unwrap();
-        let good_png = std::fs::read(&png).unwrap();
-        assert!(load_safetensors(&st, "data.train", true).is_ok());
-        assert!(load_image_folder(&folder, "data.train", &spec()).is_ok());
-        let mut rng = Rng(0x5eed_0003);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-        let (mut n, mut refused) = (0, 0);
-        while std::time::Instant::now() < deadline {
-            std::fs::write(&st, mutate(&mut rng, &good_st)).unwrap();
-            std::fs::write(&png, mutate(&mut rng, &good_png)).unwrap();
-            let r = std::panic::catch_unwind(|| {
-                let a = load_safetensors(&st, "data.train", true).is_err();
-                let b = load_image_folder(&folder, "data.train", &spec()).is_err();
-                usize::from(a) + usize::from(b)
-            });
-            refused += r.unwrap_or_else(|_| panic!("input {n} panicked a reader"));
-            n += 1;
-        }
-        eprintln!("{n} pairs of damaged files, {refused} refused");
-        assert!(n > 20 && refused > 0);
-    }
-}
+mod tests;

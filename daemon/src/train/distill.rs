@@ -29,6 +29,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::data::Dataset;
 use super::model::Model;
+use super::pipeline::batch_now;
+use super::transform::View;
 use crate::protocol::{DistillProgress, WorkerMessage, WorkerPlan};
 
 /// The soft-label cache the ranks of a job on one node share, in the node's scratch dir
@@ -70,8 +72,8 @@ pub fn loss(
 pub struct Student {
     client: Client,
     spec: DistillSpec,
-    /// The training images on the CPU (tensor mode sends them).
-    images: Tensor,
+    /// The training set (tensor mode sends its images, as the student sees them).
+    data: Arc<Dataset>,
     started: Instant,
 }
 
@@ -80,11 +82,18 @@ impl Student {
     pub fn connect(
         spec: &DistillSpec,
         teachers: Directory,
-        train: &Dataset,
+        train: &Arc<Dataset>,
         scratch: &Path,
     ) -> Result<Student> {
-        // One cache file for the job's ranks on this node.
-        let cache = spec.cache.then(|| (train.len(), scratch.join(CACHE_FILE)));
+        // One cache file for the job's ranks on this node, keyed by sample: with
+        // augmentation every epoch has another view of a sample, so there is none.
+        let augments = train.transform.augments();
+        let cache = (spec.cache && !augments).then(|| (train.len(), scratch.join(CACHE_FILE)));
+        if spec.cache && augments {
+            super::emit(&WorkerMessage::Log {
+                message: "distill.cache is off: data.augment gives every epoch its own view of each sample, so soft labels are fetched for every step".to_string(),
+            });
+        }
         let client = Client::new(
             ClientConfig {
                 deadline: Duration::from_millis(spec.deadline_ms),
@@ -98,21 +107,27 @@ impl Student {
         Ok(Student {
             client,
             spec: spec.clone(),
-            images: train.images.shallow_clone(),
+            data: train.clone(),
             started: Instant::now(),
         })
     }
 
-    /// Asks for step `key`'s soft labels ahead of time.
-    pub fn prefetch(&mut self, key: u64, indices: &[u32]) {
-        let src = source(self.spec.mode, &self.images);
+    /// Asks for step `key`'s soft labels (of `indices` in `view`) ahead of time.
+    pub fn prefetch(&mut self, key: u64, indices: &[u32], view: View) {
+        let src = source(self.spec.mode, &self.data, view);
         self.client.prefetch(key, indices, &src);
     }
 
-    /// Step `key`'s distillation targets (`n × classes` on `device`), or None for a step on
-    /// hard labels.
-    pub fn targets(&mut self, key: u64, indices: &[u32], device: Device) -> Result<Option<Tensor>> {
-        let src = source(self.spec.mode, &self.images);
+    /// Step `key`'s distillation targets (`n × classes` on `device`, a row per index), or
+    /// None for a step on hard labels.
+    pub fn targets(
+        &mut self,
+        key: u64,
+        indices: &[u32],
+        view: View,
+        device: Device,
+    ) -> Result<Option<Tensor>> {
+        let src = source(self.spec.mode, &self.data, view);
         let Some(labels) = self.client.take(key, indices, &src)? else {
             return Ok(None);
         };
@@ -149,26 +164,51 @@ impl Student {
     }
 }
 
-/// What a request carries: the indices, or (tensor mode) the images themselves.
-fn source(mode: DistillMode, images: &Tensor) -> impl Fn(&[u32]) -> Inputs + '_ {
+/// What a request carries: the indices and the view (the teacher decodes them as the
+/// student does), or (tensor mode) the images themselves, decoded here.
+fn source(mode: DistillMode, data: &Dataset, view: View) -> impl Fn(&[u32]) -> Inputs + '_ {
+    let view = if data.transform.augments() {
+        view
+    } else {
+        View::Eval
+    };
     move |idx: &[u32]| match mode {
         DistillMode::Index => Inputs::Indices {
-            aug_seed: 0,
+            aug_seed: view.aug_seed(),
             indices: idx.to_vec(),
         },
         DistillMode::Tensor => {
-            let sel: Vec<i64> = idx.iter().map(|&i| i64::from(i)).collect();
-            let x = images
-                .index_select(0, &Tensor::from_slice(&sel))
-                .contiguous();
-            let s = x.size();
-            let data = Vec::<f32>::try_from(x.flatten(0, -1)).unwrap_or_default();
+            // A sample that cannot be read (skip_bad) is sent as zeros: its row is dropped
+            // with it on the student's side.
+            let (c, h, w) = data.shape();
+            let x = match data.batch(idx, view) {
+                Ok(b) => full_rows(&b, idx.len(), &data.transform, Device::Cpu),
+                Err(_) => Tensor::zeros([idx.len() as i64, c, h, w], (Kind::Float, Device::Cpu)),
+            };
+            let data = Vec::<f32>::try_from(x.contiguous().flatten(0, -1)).unwrap_or_default();
             Inputs::Tensor {
-                shape: [s[1] as u32, s[2] as u32, s[3] as u32],
+                shape: [c as u32, h as u32, w as u32],
                 data,
             }
         }
     }
+}
+
+/// A batch's images with a row for every index asked for: zeros where a sample was left out.
+fn full_rows(
+    b: &super::data::Batch,
+    n: usize,
+    transform: &super::transform::Transform,
+    device: Device,
+) -> Tensor {
+    let (x, _) = b.to_device(transform, device);
+    if b.kept.len() == n {
+        return x;
+    }
+    let s = x.size();
+    let full = Tensor::zeros([n as i64, s[1], s[2], s[3]], (Kind::Float, device));
+    let kept: Vec<i64> = b.kept.iter().map(|&p| p as i64).collect();
+    full.index_copy(0, &Tensor::from_slice(&kept).to_device(device), &x)
 }
 
 /// Decodes soft labels into a dense `n × classes` tensor.
@@ -191,6 +231,8 @@ struct TeacherModel {
     model: Option<Model>,
     /// Index mode: the job's training set (train, then unlabelled).
     data: Option<Dataset>,
+    /// Threads that decode a request's images.
+    decode_threads: usize,
     spec: DistillSpec,
     device: Device,
     precision: Precision,
@@ -200,7 +242,7 @@ impl TeacherModel {
     /// The request's images as a tensor, or why it cannot be served.
     fn inputs(&mut self, inp: &Inputs) -> Result<Tensor, String> {
         match inp {
-            Inputs::Indices { indices, .. } => {
+            Inputs::Indices { indices, aug_seed } => {
                 let data = self.data.as_ref().ok_or(
                     "this teacher serves tensor requests (distill.mode: tensor), not indices",
                 )?;
@@ -210,8 +252,10 @@ impl TeacherModel {
                         "sample {bad} is out of range: the teacher's data set has {n} samples; do students and teacher read the same data?"
                     ));
                 }
-                let sel: Vec<i64> = indices.iter().map(|&i| i64::from(i)).collect();
-                Ok(data.images.index_select(0, &Tensor::from_slice(&sel)))
+                let view = View::from_aug_seed(*aug_seed);
+                let b = batch_now(data, indices, view, self.decode_threads)
+                    .map_err(|e| format!("{e:#}"))?;
+                Ok(full_rows(&b, indices.len(), &data.transform, Device::Cpu))
             }
             Inputs::Tensor { shape, data } => {
                 let [c, h, w] = shape.map(i64::from);
@@ -368,7 +412,11 @@ pub fn run_teacher(plan_path: &Path, replica: u32, emit: impl Fn(&WorkerMessage)
     super::torchscript::jit_optimize(false);
     let device = super::device(spec.resources.device)?;
     let data = match d.mode {
-        DistillMode::Index => Some(Dataset::load_training(&spec.data)?),
+        DistillMode::Index => Some(Dataset::load_training(
+            &spec.data,
+            spec.train.seed,
+            (!plan.scratch_dir.is_empty()).then_some(scratch.as_path()),
+        )?),
         DistillMode::Tensor => None,
     };
     // A built-in teacher needs the input shape: without data (tensor mode) it is built
@@ -424,6 +472,10 @@ pub fn run_teacher(plan_path: &Path, replica: u32, emit: impl Fn(&WorkerMessage)
     let mut teacher = TeacherModel {
         model,
         data,
+        decode_threads: super::pipeline::decode_threads(
+            spec.data.decode_threads,
+            d.teacher.threads.unwrap_or(plan.threads),
+        ),
         spec: d.clone(),
         device,
         precision: spec.train.precision,

@@ -13,14 +13,17 @@ pub mod distill;
 pub mod model;
 pub mod optim;
 pub mod overlap;
+pub mod pipeline;
 pub mod sampler;
 pub mod sandbox;
 pub mod scaler;
 pub mod torchscript;
+pub mod transform;
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -34,7 +37,9 @@ use data::Dataset;
 use dist::Dist;
 use model::Model;
 use optim::Optimizer;
+use pipeline::{Loader, Planned};
 use sampler::Sampler;
+use transform::View;
 
 /// Where protocol lines go: the pipe the daemon gave this process (`FERRY_PROTOCOL_FD`),
 /// or stdout when started by hand.
@@ -190,7 +195,11 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     std::fs::create_dir_all(&scratch)
         .with_context(|| format!("cannot create {}", scratch.display()))?;
 
-    let train_set = Dataset::load_training(&spec.data)?;
+    let train_set = Arc::new(Dataset::load_training(
+        &spec.data,
+        spec.train.seed,
+        Some(&scratch),
+    )?);
     if spec.data.unlabelled.is_some() {
         let labelled = train_set.labelled();
         say(&WorkerMessage::Log {
@@ -202,13 +211,19 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     }
     let val_set = match &spec.data.val {
         Some(v) => Some(
-            Dataset::load(Path::new(&v.path), "data.val", &spec.data)?
-                .matched_to(&train_set, "data.val")?,
+            Dataset::load(
+                Path::new(&v.path),
+                "data.val",
+                &spec.data,
+                spec.train.seed,
+                Some(&scratch),
+            )?
+            .matched_to(&train_set, "data.val")?,
         ),
         None => None,
     };
     for (field, ds) in [
-        ("data.train", Some(&train_set)),
+        ("data.train", Some(&*train_set)),
         ("data.val", val_set.as_ref()),
     ] {
         if let Some(classes) = ds.and_then(|d| d.classes.as_ref()) {
@@ -217,11 +232,15 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             });
         }
     }
-    if let Some(v) = &val_set {
-        if v.shape() != train_set.shape() {
-            bail!("data.val images are {:?} but data.train images are {:?} (C,H,W); set data.image_size", v.shape(), train_set.shape());
-        }
-    }
+    let val_set = val_set.map(Arc::new);
+    let decode_threads = pipeline::decode_threads(spec.data.decode_threads, plan.threads);
+    let depth = spec.data.prefetch_batches as usize;
+    say(&WorkerMessage::Log {
+        message: format!(
+            "input: {decode_threads} decode threads, {depth} batches ahead each; {}",
+            describe_views(&spec.data)
+        ),
+    });
     // TorchScript graphs run op by op, as eager PyTorch runs them, unless the spec asks for
     // the executor's optimisation (profiling runs, then fused kernels): measured on CPU and on
     // an H200, op by op warms up faster and trains no slower (docs/benchmarks.md).
@@ -372,8 +391,6 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         start_step: step,
     });
 
-    let images = train_set.images.to_device(device);
-    let labels = train_set.labels.to_device(device);
     let classes_needed = train_set.label_count();
     let mut metrics: Box<dyn Write> = if leader {
         Box::new(std::io::BufWriter::new(
@@ -407,6 +424,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         ..Default::default()
     };
     let mut val_accuracy = None;
+    let mut skipped_samples = 0u64;
     let prefetch = spec.distill.as_ref().map_or(0, |d| d.prefetch as usize);
 
     // Ends the rank with error `$e`, saving the state it holds at the cursor (see `Rescue`).
@@ -425,10 +443,18 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     control.stop.set_polled();
     'epochs: while epoch < spec.train.epochs && step < total_steps {
         let order = sampler.order(epoch);
-        // The epoch's order goes to the device once: a copy per step would wait for the GPU
-        // to finish the previous step (a blocking copy synchronises the stream).
-        let order_i64: Vec<i64> = order.iter().map(|&i| i64::from(i)).collect();
-        let order_on_device = Tensor::from_slice(&order_i64).to_device(device);
+        // This rank's batches for the rest of the epoch (and no further than the job goes):
+        // the decode threads read those samples and no others.
+        let view = View::Train { epoch };
+        let batches: Vec<Planned> = (consumed..sampler.len)
+            .step_by(sampler.global_batch())
+            .take((total_steps - step) as usize)
+            .map(|c| Planned {
+                indices: sampler.batch(&order, c, rank).to_vec(),
+                view,
+            })
+            .collect();
+        let mut loader = Loader::start(train_set.clone(), batches, decode_threads, depth);
         let next_order =
             (prefetch > 0 && epoch + 1 < spec.train.epochs).then(|| sampler.order(epoch + 1));
         model.set_train(true)?;
@@ -466,18 +492,35 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                         st.prefetch(
                             step + j as u64,
                             sampler.batch(&order, consumed + j * gb, rank),
+                            view,
                         );
                     } else if let Some(next) = &next_order {
                         let at = (j - left) * gb;
                         if at < sampler.len {
-                            st.prefetch(step + j as u64, sampler.batch(next, at, rank));
+                            st.prefetch(
+                                step + j as u64,
+                                sampler.batch(next, at, rank),
+                                View::Train { epoch: epoch + 1 },
+                            );
                         }
                     }
                 }
             }
-            let idx = order_on_device.narrow(0, span.start as i64, span.len() as i64);
-            let x = images.index_select(0, &idx);
-            let y = labels.index_select(0, &idx);
+            let batch = match loader.next_batch() {
+                Some(Ok(b)) => b,
+                Some(Err(e)) => rescue!(e),
+                None => bail!("the input pipeline ran out of batches at step {step}"),
+            };
+            debug_assert_eq!(batch.kept.len() + batch.skipped.len(), span.len());
+            for why in &batch.skipped {
+                skipped_samples += 1;
+                if skipped_samples <= 20 {
+                    say(&WorkerMessage::Log {
+                        message: format!("data.skip_bad: left out {why}"),
+                    });
+                }
+            }
+            let (x, y) = batch.to_device(&train_set.transform, device);
             let lr = optim::learning_rate(&spec.train, step, total_steps);
             let mut parts = clock.lap();
             parts.data_s = parts.taken;
@@ -489,8 +532,13 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             let loss = match (student.as_mut(), &spec.distill) {
                 (Some(st), Some(d)) => {
                     parts.compute_s += clock.lap().taken;
-                    let targets = st.targets(step, mine, device)?;
+                    let mut targets = st.targets(step, mine, view, device)?;
                     parts.teacher_s = clock.lap().taken;
+                    if batch.kept.len() < mine.len() {
+                        let kept: Vec<i64> = batch.kept.iter().map(|&p| p as i64).collect();
+                        let kept = Tensor::from_slice(&kept).to_device(device);
+                        targets = targets.map(|t| t.index_select(0, &kept));
+                    }
                     if let Some(t) = &targets {
                         if t.size()[1] != logits.size()[1] {
                             bail!(
@@ -508,7 +556,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             // This rank's share of the global batch weighs its gradient, so the mean over
             // ranks equals the gradient of the whole batch even when shares differ.
             let global = sampler.step_size(consumed);
-            dist.begin_step(idx.size()[0] as f64 / global as f64);
+            dist.begin_step(batch.kept.len() as f64 / global as f64);
             match &scaler {
                 Some(s) => s.scale(&loss).backward(),
                 None => loss.backward(),
@@ -648,7 +696,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             let evaluated = evaluate(
                 &model,
                 v,
-                spec.train.batch_size as i64 * 2,
+                (spec.train.batch_size as usize * 2, decode_threads, depth),
                 device,
                 &mut dist,
             );
@@ -688,6 +736,13 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     metrics.flush()?;
     train_time += sync_device(device);
     model.set_train(false)?;
+    if skipped_samples > 0 {
+        say(&WorkerMessage::Log {
+            message: format!(
+                "data.skip_bad: rank {rank} left out {skipped_samples} unreadable samples in all"
+            ),
+        });
+    }
     if !leader {
         return Ok(());
     }
@@ -725,6 +780,41 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         samples_per_sec: sps,
     });
     Ok(())
+}
+
+/// What the input pipeline does to training and evaluation images, for the log.
+fn describe_views(d: &ferry_cluster::spec::DataSpec) -> String {
+    let a = d.augmentation();
+    let mut train = Vec::new();
+    if let Some(r) = &a.random_resized_crop {
+        train.push(format!(
+            "random resized crop (scale {:?}, ratio {:.3}-{:.3})",
+            r.scale, r.ratio[0], r.ratio[1]
+        ));
+    }
+    if let Some(p) = a.hflip.filter(|p| *p > 0.0) {
+        train.push(format!("horizontal flip p={p}"));
+    }
+    if let Some(j) = a.color_jitter.as_ref().filter(|_| a.is_active()) {
+        train.push(format!(
+            "colour jitter (brightness {}, contrast {}, saturation {})",
+            j.brightness, j.contrast, j.saturation
+        ));
+    }
+    let eval = match (d.eval_shorter_side(), d.image_size) {
+        (Some(r), Some(s)) => format!("shorter side to {r}, centre {s}x{s}"),
+        (None, Some(s)) => format!("stretched to {s}x{s}"),
+        _ => "as stored".to_string(),
+    };
+    let train = if train.is_empty() {
+        "no augmentation".to_string()
+    } else {
+        format!(
+            "training views: {}, seeded by (train.seed, epoch, sample)",
+            train.join(", ")
+        )
+    };
+    format!("{train}; plain views: {eval}")
 }
 
 /// Waits for the device's queued work; returns how long that took (zero on the CPU).
@@ -960,22 +1050,27 @@ fn write_state(
 /// `world`-th sample; the sums are added across ranks.
 fn evaluate(
     model: &Model,
-    ds: &Dataset,
-    batch: i64,
+    ds: &Arc<Dataset>,
+    (batch, threads, depth): (usize, usize, usize),
     device: Device,
     dist: &mut Dist,
 ) -> Result<(f64, f64)> {
-    let (world, rank) = (dist.world as i64, dist.rank as i64);
-    let mine = Tensor::arange_start_step(rank, ds.len() as i64, world, (Kind::Int64, Device::Cpu));
-    let n = mine.size()[0];
-    let (loss_sum, correct) = tch::no_grad(|| -> Result<(f64, i64)> {
-        let (mut loss_sum, mut correct) = (0.0, 0i64);
-        let mut start = 0;
-        while start < n {
-            let len = batch.min(n - start);
-            let idx = mine.narrow(0, start, len);
-            let x = ds.images.index_select(0, &idx).to_device(device);
-            let y = ds.labels.index_select(0, &idx).to_device(device);
+    let mine: Vec<u32> = (dist.rank as u32..ds.len() as u32)
+        .step_by(dist.world)
+        .collect();
+    let plan = mine
+        .chunks(batch.max(1))
+        .map(|c| Planned {
+            indices: c.to_vec(),
+            view: View::Eval,
+        })
+        .collect();
+    let mut loader = Loader::start(ds.clone(), plan, threads, depth);
+    let (loss_sum, correct, n) = tch::no_grad(|| -> Result<(f64, i64, i64)> {
+        let (mut loss_sum, mut correct, mut n) = (0.0, 0i64, 0i64);
+        while let Some(b) = loader.next_batch() {
+            let (x, y) = b?.to_device(&ds.transform, device);
+            let len = y.size()[0];
             let logits = model.forward(&x, false)?;
             loss_sum += logits.cross_entropy_for_logits(&y).double_value(&[]) * len as f64;
             correct += logits
@@ -983,9 +1078,9 @@ fn evaluate(
                 .eq_tensor(&y)
                 .sum(Kind::Int64)
                 .int64_value(&[]);
-            start += len;
+            n += len;
         }
-        Ok((loss_sum, correct))
+        Ok((loss_sum, correct, n))
     })?;
     let mut sums = [loss_sum as f32, correct as f32, n as f32];
     dist.sum(&mut sums)?;
