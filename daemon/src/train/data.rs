@@ -405,8 +405,8 @@ impl Dataset {
         view: View,
         (c, h, w): (i64, i64, i64),
     ) -> Result<(Tensor, Draw)> {
-        let img = image::load_from_memory(bytes).context("cannot decode it")?;
-        let size = (img.width(), img.height());
+        let img = ferry_decode::decode(bytes, self.channels).context("cannot decode it")?;
+        let size = (img.width, img.height);
         let (d, out) = self.transform.draw(view, i, size);
         if out != (w as u32, h as u32) {
             bail!(
@@ -415,47 +415,16 @@ impl Dataset {
                 size.1
             );
         }
-        let (pixels, kind) = if self.channels == 1 {
-            (
-                img.into_luma8().into_raw(),
-                fast_image_resize::PixelType::U8,
-            )
+        let img = if d.crop.is_none() && out == size {
+            img
         } else {
-            (
-                img.into_rgb8().into_raw(),
-                fast_image_resize::PixelType::U8x3,
-            )
+            ferry_decode::resize(img, d.crop, out.0, out.1)?
         };
-        let pixels = if d.crop.is_none() && out == size {
-            pixels
-        } else {
-            resize(pixels, kind, size, d.crop, out)?
-        };
-        let t = Tensor::from_slice(&pixels)
+        let t = Tensor::from_slice(&img.data)
             .view([h, w, c])
             .permute([2, 0, 1]);
         Ok((t, d))
     }
-}
-
-/// Bilinear (antialiased when shrinking, as PIL's) resize of `crop` (all of it if None).
-fn resize(
-    pixels: Vec<u8>,
-    kind: fast_image_resize::PixelType,
-    (w, h): (u32, u32),
-    crop: Option<[f64; 4]>,
-    (ow, oh): (u32, u32),
-) -> Result<Vec<u8>> {
-    use fast_image_resize::images::Image;
-    use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
-    let src = Image::from_vec_u8(w, h, pixels, kind)?;
-    let mut dst = Image::new(ow, oh, kind);
-    let mut options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-    if let Some([l, t, cw, ch]) = crop {
-        options = options.crop(l, t, cw, ch);
-    }
-    Resizer::new().resize(&src, &mut dst, &options)?;
-    Ok(dst.into_vec())
 }
 
 /// An error no `skip_bad` hides: the data set itself, not one image, is unreadable.
@@ -735,9 +704,7 @@ fn build_shard_index(shard: &Path, file: &File, field: &str, labelled: bool) -> 
         if out.samples.is_empty() {
             let mut head = vec![0u8; len.min(1 << 20) as usize];
             let n = file.read_at(&mut head, offset)?;
-            out.first_size = image::ImageReader::new(std::io::Cursor::new(&head[..n]))
-                .with_guessed_format()?
-                .into_dimensions()
+            out.first_size = ferry_decode::dimensions(&head[..n])
                 .with_context(|| at(format!("sample `{key}`: cannot decode its image")))?;
         }
         out.samples.push((offset, len, label));
