@@ -1318,3 +1318,66 @@ fn labels_summaries_gzip_etags_and_retention() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// The feature-extraction job, its training set read from WebDataset shards (PNG members, so
+/// lossless) on two ranks with two decode threads each: the same accuracy as from the
+/// safetensors file, one damaged member left out and named, the shards' index cached in
+/// the job's scratch dir.
+#[test]
+fn a_job_trains_from_webdataset_shards_on_two_ranks_and_skips_a_bad_image() {
+    let data = tempfile::tempdir().unwrap();
+    let py = run_python(
+        "make_shards.py",
+        &[
+            fixtures().join("data/train.safetensors").to_str().unwrap(),
+            data.path().join("shards").to_str().unwrap(),
+        ],
+    );
+    assert!(py.contains("ok"), "{py}");
+    let val = data.path().join("val");
+    for e in std::fs::read_dir(fixtures().join("data/val"))
+        .unwrap()
+        .flatten()
+    {
+        std::fs::create_dir_all(val.join(e.file_name())).unwrap();
+        for f in std::fs::read_dir(e.path()).unwrap().flatten() {
+            std::fs::copy(f.path(), val.join(e.file_name()).join(f.file_name())).unwrap();
+        }
+    }
+    let d = Daemon::start_env(&[("FERRY_ROOTS__DATA", data.path().to_str().unwrap())]);
+    let spec = feature_extraction("shards")
+        .replace("train: {path: train.safetensors}", "train: {path: shards}")
+        .replace(
+            "  channels: 1\n",
+            "  channels: 1\n  skip_bad: true\n  decode_threads: 2\n",
+        )
+        + "resources: {ranks: 2, threads: 1}\n";
+    let j = d.submit(&spec);
+    let end = d.wait_terminal(&j.id, Duration::from_secs(300));
+    assert_eq!(
+        end.phase,
+        JobPhase::Succeeded,
+        "{:?}\n{}",
+        end.status,
+        d.log()
+    );
+    let acc = end.status.val_accuracy.unwrap();
+    assert!(
+        acc >= 0.9,
+        "val accuracy {acc} (0.9 from the same data as safetensors)"
+    );
+    let events = d.events(&j.id).events;
+    let said = |what: &str| events.iter().any(|e| e.message.contains(what));
+    assert!(
+        said("input: 2 decode threads, 2 batches ahead each"),
+        "{events:?}"
+    );
+    assert!(said("left out data.train: the image at byte"), "{events:?}");
+    assert!(said("unreadable samples in all"), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains("left out") && e.message.contains("000001.tar")),
+        "the damaged member's shard is named: {events:?}"
+    );
+}

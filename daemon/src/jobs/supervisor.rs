@@ -607,6 +607,8 @@ async fn attempt(m: &JobManager, job: &Job, session: SessionInfo) -> anyhow::Res
                             }
                             handle(m, job, session, msg).await;
                         }
+                        // Other ranks report what only they saw (a skipped image in their shard).
+                        Ok(WorkerMessage::Log { message }) => m.event_for(session, &job.id, EventKind::Log, message, json!({"rank": rank})).await,
                         Ok(_) => {}
                         Err(_) => m.event_for(session, &job.id, EventKind::Log, format!("unreadable protocol line: {l}"), json!({"rank": rank})).await,
                     },

@@ -293,6 +293,9 @@ impl Dataset {
     /// unreadable image is left out (and said in `skipped`); without, it fails the batch
     /// with its path.
     pub fn batch(&self, indices: &[u32], view: View) -> Result<Batch> {
+        if let Some(b) = self.tensor_batch(indices, view)? {
+            return Ok(b);
+        }
         let mut out = Batch {
             images: Tensor::new(),
             labels: Vec::with_capacity(indices.len()),
@@ -332,6 +335,58 @@ impl Dataset {
             Tensor::stack(&floats, 0)
         };
         Ok(out)
+    }
+
+    /// A batch wholly from one safetensors file: each sample read straight into its place
+    /// in one buffer (no tensor per sample). None if the samples come from elsewhere.
+    fn tensor_batch(&self, indices: &[u32], view: View) -> Result<Option<Batch>> {
+        let Some(&first) = indices.first() else {
+            return Ok(None);
+        };
+        let at = self
+            .parts
+            .partition_point(|p| p.start + p.len <= first as usize);
+        let part = &self.parts[at];
+        let Source::Tensors {
+            path,
+            file,
+            offset,
+            kind,
+            chw,
+        } = &part.source
+        else {
+            return Ok(None);
+        };
+        let range = part.start..part.start + part.len;
+        if !indices.iter().all(|&i| range.contains(&(i as usize))) {
+            return Ok(None);
+        }
+        let bytes = (chw.0 * chw.1 * chw.2) as usize * kind.elt_size_in_bytes();
+        let mut buf = vec![0u8; bytes * indices.len()];
+        for (slot, &i) in buf.chunks_exact_mut(bytes).zip(indices) {
+            let local = (i as usize - part.start) as u64;
+            file.read_exact_at(slot, offset + local * bytes as u64)
+                .with_context(|| format!("{}: cannot read {}", part.field, path.display()))?;
+        }
+        self.opened
+            .fetch_add(indices.len() as u64, Ordering::Relaxed);
+        let n = indices.len() as i64;
+        let images = Tensor::from_data_size(&buf, &[n, chw.0, chw.1, chw.2], *kind);
+        let images = match kind {
+            Kind::Uint8 | Kind::Float => images,
+            _ => images.to_kind(Kind::Float),
+        };
+        let size = (chw.2 as u32, chw.1 as u32);
+        Ok(Some(Batch {
+            images,
+            labels: indices.iter().map(|&i| self.labels[i as usize]).collect(),
+            draws: indices
+                .iter()
+                .map(|&i| self.transform.draw(view, i, size).0)
+                .collect(),
+            kept: (0..indices.len()).collect(),
+            skipped: Vec::new(),
+        }))
     }
 
     /// Sample `i` in `view`: C×H×W (uint8, or float from float data) and its draw.
@@ -628,7 +683,9 @@ fn build_shard_index(shard: &Path, file: &File, field: &str, labelled: bool) -> 
     let at = |what: String| format!("{field}: {} {what}", shard.display());
     let mut archive = tar::Archive::new(file);
     let mut keys: HashMap<String, usize> = HashMap::new();
-    let mut samples: Vec<(String, Option<(u64, u64)>, Option<i64>)> = Vec::new();
+    // Per key: its image member (offset, length) and its label, as they are found.
+    type Found = (String, Option<(u64, u64)>, Option<i64>);
+    let mut samples: Vec<Found> = Vec::new();
     for entry in archive
         .entries_with_seek()
         .with_context(|| at("is not a tar archive".into()))?
@@ -767,7 +824,8 @@ fn index_safetensors(
     let header: serde_json::Value = serde_json::from_slice(&header).with_context(unreadable)?;
     let data_start = 8 + len;
     // (kind, shape, absolute byte range) of a tensor, checked against the file.
-    let tensor = |name: &str| -> Result<Option<(Kind, Vec<i64>, u64, u64)>> {
+    type Entry = (Kind, Vec<i64>, u64, u64);
+    let tensor = |name: &str| -> Result<Option<Entry>> {
         let Some(t) = header.get(name) else {
             return Ok(None);
         };
@@ -889,13 +947,12 @@ fn check_finite(f: &File, start: u64, end: u64, kind: Kind) -> Result<()> {
     Ok(())
 }
 
+/// An ImageFolder's files, their labels and its class names.
+type Listing = (Vec<PathBuf>, Vec<i64>, Option<Vec<String>>);
+
 /// An ImageFolder's images and labels. Labelled: one sub-directory per class (sorted),
 /// images found at any depth below it. Unlabelled: the same, or a flat directory of images.
-fn folder_files(
-    dir: &Path,
-    field: &str,
-    labelled: bool,
-) -> Result<(Vec<PathBuf>, Vec<i64>, Option<Vec<String>>)> {
+fn folder_files(dir: &Path, field: &str, labelled: bool) -> Result<Listing> {
     let flat = !std::fs::read_dir(dir)
         .with_context(|| format!("{field}: cannot read directory {}", dir.display()))?
         .filter_map(|e| e.ok())

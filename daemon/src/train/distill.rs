@@ -89,11 +89,6 @@ impl Student {
         // augmentation every epoch has another view of a sample, so there is none.
         let augments = train.transform.augments();
         let cache = (spec.cache && !augments).then(|| (train.len(), scratch.join(CACHE_FILE)));
-        if spec.cache && augments {
-            super::emit(&WorkerMessage::Log {
-                message: "distill.cache is off: data.augment gives every epoch its own view of each sample, so soft labels are fetched for every step".to_string(),
-            });
-        }
         let client = Client::new(
             ClientConfig {
                 deadline: Duration::from_millis(spec.deadline_ms),

@@ -195,11 +195,20 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     std::fs::create_dir_all(&scratch)
         .with_context(|| format!("cannot create {}", scratch.display()))?;
 
+    let listed = Instant::now();
     let train_set = Arc::new(Dataset::load_training(
         &spec.data,
         spec.train.seed,
         Some(&scratch),
     )?);
+    say(&WorkerMessage::Log {
+        message: format!(
+            "training set: {} samples of {:?} (C,H,W), indexed in {:.2} s; images are decoded per batch",
+            train_set.len(),
+            train_set.shape(),
+            listed.elapsed().as_secs_f64()
+        ),
+    });
     if spec.data.unlabelled.is_some() {
         let labelled = train_set.labelled();
         say(&WorkerMessage::Log {
@@ -364,6 +373,11 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let (trainable, frozen) = model.parameter_counts();
     let mut student = match &spec.distill {
         Some(d) => {
+            if d.cache && train_set.transform.augments() {
+                say(&WorkerMessage::Log {
+                    message: "distill.cache is off: data.augment gives every epoch its own view of each sample, so soft labels are fetched for every step".to_string(),
+                });
+            }
             say(&WorkerMessage::Log {
                 message: format!(
                     "waiting for a teacher replica (up to {} s)",
@@ -515,8 +529,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             for why in &batch.skipped {
                 skipped_samples += 1;
                 if skipped_samples <= 20 {
-                    say(&WorkerMessage::Log {
-                        message: format!("data.skip_bad: left out {why}"),
+                    emit(&WorkerMessage::Log {
+                        message: format!("data.skip_bad: rank {rank} left out {why}"),
                     });
                 }
             }
@@ -737,7 +751,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     train_time += sync_device(device);
     model.set_train(false)?;
     if skipped_samples > 0 {
-        say(&WorkerMessage::Log {
+        emit(&WorkerMessage::Log {
             message: format!(
                 "data.skip_bad: rank {rank} left out {skipped_samples} unreadable samples in all"
             ),

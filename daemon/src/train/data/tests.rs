@@ -345,3 +345,28 @@ fn damaged_data_files_fail_with_an_error_never_a_crash() {
     eprintln!("{n} triples of damaged files, {refused} refused");
     assert!(n > 20 && refused > 0);
 }
+
+/// A teacher in index mode decodes a student's batch from its indices and `aug_seed` alone,
+/// with its own threads: the same pixels as the student's view.
+#[test]
+fn a_teacher_recomputes_the_students_augmented_view_from_indices_and_aug_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    rgb_folder(dir.path(), 12, 3);
+    let s = spec(serde_json::json!({
+        "channels": 3, "image_size": 12, "augment": "imagenet",
+        "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    }));
+    let student = load(dir.path(), &s).unwrap();
+    let teacher = load(dir.path(), &s).unwrap();
+    let idx = [7u32, 2, 11, 0, 5];
+    let view = View::Train { epoch: 4 };
+    let (a, _) = student
+        .batch(&idx, view)
+        .unwrap()
+        .to_device(&student.transform, tch::Device::Cpu);
+    let sent = View::from_aug_seed(view.aug_seed());
+    let b = crate::train::pipeline::batch_now(&teacher, &idx, sent, 3).unwrap();
+    let (b, _) = b.to_device(&teacher.transform, tch::Device::Cpu);
+    assert!(a.equal(&b));
+    assert_eq!(View::from_aug_seed(0), View::Eval);
+}
