@@ -95,7 +95,13 @@ impl Batch {
             self.images.shallow_clone()
         };
         let x = match x.kind() {
-            Kind::Uint8 => x.to_kind(Kind::Float) / 255.0,
+            Kind::Uint8 => {
+                let mut f = x.to_kind(Kind::Float);
+                let _ = f.g_div_scalar_(255.0);
+                f
+            }
+            // The float work is in place: never on the batch's own tensor.
+            Kind::Float if !device.is_cuda() && transform.changes(&self.draws) => x.copy(),
             Kind::Float => x,
             _ => x.to_kind(Kind::Float),
         };

@@ -158,7 +158,14 @@ impl Transform {
         }
     }
 
-    /// Flip, jitter and normalise a batch (`n×C×H×W`, float in [0, 1]).
+    /// Whether [`Transform::finish`] changes a batch with these draws.
+    pub fn changes(&self, draws: &[Draw]) -> bool {
+        self.normalize.is_some() || draws.iter().any(|d| d.flip || d.jitter != [1.0; 3])
+    }
+
+    /// Flip, jitter and normalise a batch (`n×C×H×W`, float in [0, 1]), in place: one
+    /// batch-sized buffer per step, whatever the augmentation (the temporaries are a third
+    /// of it or less).
     pub fn finish(&self, mut x: Tensor, draws: &[Draw]) -> Tensor {
         let device = x.device();
         let flips: Vec<i64> = (0..draws.len() as i64)
@@ -167,17 +174,18 @@ impl Transform {
         if !flips.is_empty() {
             let idx = Tensor::from_slice(&flips).to_device(device);
             let flipped = x.index_select(0, &idx).flip([3]);
-            x = x.index_copy(0, &idx, &flipped);
+            let _ = x.index_copy_(0, &idx, &flipped);
         }
         if draws.iter().any(|d| d.jitter != [1.0; 3]) {
-            x = jitter(x, draws);
+            jitter(&mut x, draws);
         }
         if let Some((mean, std)) = &self.normalize {
             let c = x.size()[1];
             let shape = [1, c, 1, 1];
             let mean = Tensor::from_slice(mean).to_kind(Kind::Float).view(shape);
             let std = Tensor::from_slice(std).to_kind(Kind::Float).view(shape);
-            x = (x - mean.to_device(device)) / std.to_device(device);
+            let _ = x.g_sub_(&mean.to_device(device));
+            let _ = x.g_div_(&std.to_device(device));
         }
         x
     }
@@ -217,35 +225,38 @@ fn random_resized_crop(
 }
 
 /// Brightness, contrast, saturation, in that order, as torchvision's functional ops do
-/// them (blend with black, with the grey mean, with the greyscale image; clamp to [0, 1]).
-fn jitter(x: Tensor, draws: &[Draw]) -> Tensor {
+/// them (blend with black, with the grey mean, with the greyscale image; clamp to [0, 1]),
+/// in place.
+fn jitter(x: &mut Tensor, draws: &[Draw]) {
     let (n, c) = (x.size()[0], x.size()[1]);
     let device = x.device();
     let factor = |k: usize| {
         let v: Vec<f32> = draws.iter().map(|d| d.jitter[k]).collect();
         Tensor::from_slice(&v).view([n, 1, 1, 1]).to_device(device)
     };
+    // ITU-R 601-2 luma, as torchvision's rgb_to_grayscale: n×1×H×W.
     let grey = |x: &Tensor| -> Tensor {
         if c == 3 {
-            let w = Tensor::from_slice(&[0.299f32, 0.587, 0.114])
-                .view([1, 3, 1, 1])
-                .to_device(device);
-            (x * w).sum_dim_intlist([1i64].as_slice(), true, Kind::Float)
+            x.narrow(1, 0, 1) * 0.299 + x.narrow(1, 1, 1) * 0.587 + x.narrow(1, 2, 1) * 0.114
         } else {
             x.shallow_clone()
         }
     };
-    let blend = |x: &Tensor, other: &Tensor, f: &Tensor| -> Tensor {
-        (x * f + other * (f.ones_like() - f)).clamp(0.0, 1.0)
+    // x <- clamp(f x + (1 - f) other, 0, 1)
+    let blend = |x: &mut Tensor, other: &Tensor, f: &Tensor| {
+        let rest = other * (f.ones_like() - f);
+        let _ = x.g_mul_(f);
+        let _ = x.g_add_(&rest);
+        let _ = x.clamp_(0.0, 1.0);
     };
-    let mut x = (&x * factor(0)).clamp(0.0, 1.0);
-    let mean = grey(&x).mean_dim([1i64, 2, 3].as_slice(), true, Kind::Float);
-    x = blend(&x, &mean, &factor(1));
+    let _ = x.g_mul_(&factor(0));
+    let _ = x.clamp_(0.0, 1.0);
+    let mean = grey(x).mean_dim([1i64, 2, 3].as_slice(), true, Kind::Float);
+    blend(x, &mean, &factor(1));
     if c == 3 {
-        let g = grey(&x);
-        x = blend(&x, &g, &factor(2));
+        let g = grey(x);
+        blend(x, &g, &factor(2));
     }
-    x
 }
 
 #[cfg(test)]
@@ -325,7 +336,8 @@ mod tests {
             jitter: [1.2, 0.8, 0.5],
             ..Draw::default()
         };
-        let y = jitter(x.shallow_clone(), &[d]);
+        let mut y = x.copy();
+        jitter(&mut y, &[d]);
         // By hand: brightness, then contrast against the grey mean, then saturation.
         let b = (&x * 1.2).clamp(0.0, 1.0);
         let w = Tensor::from_slice(&[0.299f32, 0.587, 0.114]).view([1, 3, 1, 1]);
