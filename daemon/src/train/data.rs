@@ -95,15 +95,10 @@ impl Batch {
             self.images.shallow_clone()
         };
         let x = match x.kind() {
-            Kind::Uint8 => {
-                let mut f = x.to_kind(Kind::Float);
-                let _ = f.g_div_scalar_(255.0);
-                f
-            }
             // The float work is in place: never on the batch's own tensor.
             Kind::Float if !device.is_cuda() && transform.changes(&self.draws) => x.copy(),
             Kind::Float => x,
-            _ => x.to_kind(Kind::Float),
+            _ => unit_float(&x),
         };
         let y = Tensor::from_slice(&self.labels).to_device(device);
         (transform.finish(x, &self.draws), y)
@@ -328,18 +323,7 @@ impl Dataset {
                 out.skipped.join("; ")
             );
         }
-        out.images = if images.iter().all(|t| t.kind() == Kind::Uint8) {
-            Tensor::stack(&images, 0)
-        } else {
-            let floats: Vec<Tensor> = images
-                .iter()
-                .map(|t| match t.kind() {
-                    Kind::Uint8 => t.to_kind(Kind::Float) / 255.0,
-                    _ => t.to_kind(Kind::Float),
-                })
-                .collect();
-            Tensor::stack(&floats, 0)
-        };
+        out.images = join_pixels(&images, true);
         Ok(out)
     }
 
@@ -485,6 +469,32 @@ impl Dataset {
             .view([h, w, c])
             .permute([2, 0, 1]);
         Ok((t, d))
+    }
+}
+
+/// Pixels as float: uint8 scaled to [0, 1], other kinds converted.
+fn unit_float(t: &Tensor) -> Tensor {
+    let mut f = t.to_kind(Kind::Float);
+    if t.kind() == Kind::Uint8 {
+        let _ = f.g_div_scalar_(255.0);
+    }
+    f
+}
+
+/// Samples (`stack`) or batches (else, `cat`) joined along dimension 0: uint8 while every
+/// part is, float in [0, 1] otherwise.
+pub(crate) fn join_pixels(parts: &[Tensor], stack: bool) -> Tensor {
+    let floats: Vec<Tensor>;
+    let parts = if parts.iter().all(|t| t.kind() == Kind::Uint8) {
+        parts
+    } else {
+        floats = parts.iter().map(unit_float).collect();
+        &floats
+    };
+    if stack {
+        Tensor::stack(parts, 0)
+    } else {
+        Tensor::cat(parts, 0)
     }
 }
 

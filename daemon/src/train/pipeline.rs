@@ -126,18 +126,7 @@ pub fn batch_now(data: &Dataset, indices: &[u32], view: View, threads: usize) ->
         }
     }
     let mut out = out.ok_or_else(|| anyhow!("an empty batch"))?;
-    let kind = images
-        .iter()
-        .map(|t| t.kind())
-        .find(|&k| k != tch::Kind::Uint8);
-    if let Some(k) = kind {
-        for t in &mut images {
-            if t.kind() == tch::Kind::Uint8 {
-                *t = t.to_kind(k) / 255.0;
-            }
-        }
-    }
-    out.images = tch::Tensor::cat(&images, 0);
+    out.images = super::data::join_pixels(&images, false);
     Ok(out)
 }
 
