@@ -6,7 +6,8 @@
 # training benchmark: ferry against a plain PyTorch eager loop on ResNet-50, batch 128,
 # synthetic 224x224 images, same precision, alternating (the peer eager, as the goal says, and
 # once per precision the same TorchScript file under the JIT; ferry once more with
-# model.jit_optimize: true). Results go to
+# model.jit_optimize: true), and the input pipeline end to end (ResNet-50 from a folder of
+# JPEGs on local disk, against pre-decoded tensors and against DataLoader). Results go to
 # $OUT: summary.txt as it runs, doctor.txt, ferryd.log and details.tgz (the jobs' records and
 # metrics, the peer's log) at the end; few files, since the device tool returns at most 8.
 # Every step has its own time limit (STEP_LIMIT seconds), so one hang costs one step only.
@@ -169,6 +170,34 @@ for p in $PRECISIONS; do
   r="$(JIT_OPTIMIZE=true ferry_job "bench-jit-$p" "$p")"
   say "  $p: ferry $(ferry_show "$r")"
 done
+
+# The input pipeline end to end: the same model trained from a folder of JPEGs on local disk,
+# decoded and augmented per batch (augment: imagenet) by the decode threads the machine's
+# cores allow, against the same job from pre-decoded uint8 tensors and against PyTorch's
+# DataLoader (as many worker processes, pin_memory) with the same transforms. The goal: the
+# GPU never waits on input (ferry's data part <= 5% of the step) and ferry >= DataLoader.
+E2E_PRECISION="${E2E_PRECISION:-$([ -n "${FERRY_GPU_DRY:-}" ] && echo fp32 || echo bf16)}"
+E2E_MODEL="$([ -n "${FERRY_GPU_DRY:-}" ] && echo resnet18 || echo resnet50)"
+E2E_IMAGES="${E2E_IMAGES:-$([ -n "${FERRY_GPU_DRY:-}" ] && echo 256 || echo 4096)}"
+E2E_WORKERS="${E2E_WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}"
+say "== input end to end: $E2E_MODEL at $SIZE px, batch $BATCH, $E2E_PRECISION, $EPOCHS epochs of $E2E_IMAGES JPEGs, $E2E_WORKERS decode threads / workers"
+say "   samples/s as 'all epochs / after the first', then the share of step time spent waiting for input"
+if timeout "$STEP_LIMIT" "$PY" scripts/bench_input_data.py "$WORK/e2e/data/jpegs" "$E2E_IMAGES" >>"$DET/e2e.txt" 2>&1 &&
+   timeout "$STEP_LIMIT" "$PY" bench/input_e2e.py prepare "$WORK/e2e" "$WORK/e2e/data/jpegs" "$E2E_MODEL" "$SIZE" >>"$DET/e2e.txt" 2>&1; then
+  for form in jpeg tensors; do
+    name="e2e-$form"
+    "$PY" bench/input_e2e.py spec "$name" "$form" e2e "$E2E_MODEL" "$DEVICE" "$SIZE" "$EPOCHS" "$BATCH" "$E2E_PRECISION" "$THREADS" "$E2E_WORKERS" >"$WORK/$name.yaml"
+    r="$(FERRY_JOB_LIMIT="$STEP_LIMIT" job_samples_per_sec "$BIN" "$WORK/$name.yaml" "$name")" &&
+      r="$("$PY" bench/input_e2e.py rates "$WORK/runs/$name/metrics.jsonl")"
+    "$BIN/ferryctl" logs "$name" >"$DET/$name.events.txt" 2>&1
+    "$BIN/ferryctl" cancel "$name" >/dev/null 2>&1
+    say "  ferry from $form: $r"
+  done
+  r="$(timeout "$STEP_LIMIT" "$PY" bench/input_e2e.py torch "$WORK/e2e" "$WORK/e2e/data/jpegs" "$E2E_MODEL" "$DEVICE" "$SIZE" "$EPOCHS" "$BATCH" "$E2E_PRECISION" "$THREADS" "$E2E_WORKERS" 2>>"$DET/e2e.txt" || echo FAILED)"
+  say "  pytorch DataLoader from JPEGs: $r"
+else
+  say "  preparing the JPEGs failed: see e2e.txt in details.tgz"
+fi
 
 # One GPU cannot hold two NCCL ranks: a job that asks for more ranks than the node has GPUs
 # must fail at once with a reason that says so, not hang or crash.

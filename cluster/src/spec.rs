@@ -4,6 +4,8 @@
 //! [`JobSpec::validate`] then checks the values. Paths stay as the user wrote them: the
 //! daemon resolves them against its configured roots (see [`crate::paths`]).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::api::FieldError;
@@ -104,9 +106,10 @@ pub struct TeacherSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub num_classes: Option<u32>,
-    /// Weights (safetensors, by state_dict name) loaded into the teacher.
+    /// Weights (safetensors, by state_dict name) loaded into the teacher: a path, or
+    /// `{path, include, exclude, rename}` as `model.init`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub init: Option<String>,
+    pub init: Option<InitSpec>,
     /// Teacher processes serving this job; students spread requests over them.
     #[serde(default = "one")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 16))]
@@ -133,6 +136,7 @@ impl TeacherSpec {
             path: self.path.clone(),
             num_classes: self.num_classes,
             init: self.init.clone(),
+            reset: Vec::new(),
             freeze: Vec::new(),
             freeze_bn: FreezeBn::Eval,
             jit_optimize: false,
@@ -236,9 +240,14 @@ pub struct ModelSpec {
     #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub num_classes: Option<u32>,
     /// Parameter transfer: a safetensors file whose tensors (parameters and buffers) are
-    /// loaded by name; tensors whose shape differs are skipped and reported.
+    /// loaded by name; tensors whose shape differs are skipped and reported. A path, or
+    /// `{path, include, exclude, rename}` to choose which tensors are transferred.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub init: Option<String>,
+    pub init: Option<InitSpec>,
+    /// Parameter-name prefixes re-initialised after `init` (PyTorch's default
+    /// initialisation for their shapes): a new head on a model that came with one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reset: Vec<String>,
     /// Feature extraction: parameter-name prefixes that stay frozen.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub freeze: Vec<String>,
@@ -252,6 +261,87 @@ pub struct ModelSpec {
     /// does (the default).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub jit_optimize: bool,
+}
+
+/// `model.init`: a safetensors file, and which of its tensors are transferred.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(untagged)]
+pub enum InitSpec {
+    /// Every tensor that matches the model by name and shape.
+    Path(String),
+    Select(InitSelect),
+}
+
+/// `model.init` with a choice of tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct InitSelect {
+    /// The safetensors file (a PyTorch `state_dict`), relative to the models root.
+    pub path: String,
+    /// Prefix renames applied to the file's tensor names first, longest prefix first:
+    /// `{"module.": ""}` strips DataParallel's prefix, `{"backbone.": "features."}` maps a
+    /// backbone onto the model's names.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rename: BTreeMap<String, String>,
+    /// Only tensors (by their renamed names) under these prefixes are loaded; empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<String>,
+    /// Tensors under these prefixes are not loaded (a head from another task).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+}
+
+impl InitSpec {
+    /// The file.
+    pub fn path(&self) -> &str {
+        match self {
+            InitSpec::Path(p) => p,
+            InitSpec::Select(s) => &s.path,
+        }
+    }
+
+    /// The file, to resolve it in place.
+    pub fn path_mut(&mut self) -> &mut String {
+        match self {
+            InitSpec::Path(p) => p,
+            InitSpec::Select(s) => &mut s.path,
+        }
+    }
+
+    /// A file tensor's name after `rename` (the longest matching prefix is replaced).
+    pub fn rename(&self, name: &str) -> String {
+        let InitSpec::Select(s) = self else {
+            return name.to_string();
+        };
+        s.rename
+            .iter()
+            .filter(|(from, _)| name.starts_with(from.as_str()))
+            .max_by_key(|(from, _)| from.len())
+            .map_or_else(
+                || name.to_string(),
+                |(from, to)| format!("{to}{}", &name[from.len()..]),
+            )
+    }
+
+    /// Whether a (renamed) tensor is loaded: under an `include` prefix (when there are any)
+    /// and under no `exclude` prefix.
+    pub fn keeps(&self, renamed: &str) -> bool {
+        let InitSpec::Select(s) = self else {
+            return true;
+        };
+        (s.include.is_empty() || s.include.iter().any(|p| under(renamed, p)))
+            && !s.exclude.iter().any(|p| under(renamed, p))
+    }
+}
+
+/// Whether the tensor `name` is under the module prefix `prefix`: the name itself, or a
+/// name below it (`features` covers `features.0.weight`, not `features_extra.weight`).
+pub fn under(name: &str, prefix: &str) -> bool {
+    name == prefix
+        || (name.starts_with(prefix)
+            && (prefix.ends_with('.') || name.as_bytes().get(prefix.len()) == Some(&b'.')))
 }
 
 /// How frozen modules' BatchNorm layers run (`model.freeze_bn`).
@@ -278,6 +368,10 @@ pub struct DataSpec {
     pub train: DataSource,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val: Option<DataSource>,
+    /// A held-out test set, evaluated once after training with the chosen model (the best
+    /// epoch's with `train.best`, else the last); its results go to `eval.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<DataSource>,
     /// Images without labels (safetensors with `images` only, or a directory of images),
     /// learned from the teacher's soft labels alone; needs `distill`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -516,6 +610,119 @@ pub struct TrainSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0.0))]
     pub clip_grad_norm: Option<f64>,
+    /// Learning-rate multipliers and weight decay by parameter-name prefix, as PyTorch's
+    /// optimizer parameter groups: a parameter belongs to the first group whose prefix
+    /// covers it, and the others to the optimizer's own settings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub param_groups: Vec<ParamGroupSpec>,
+    /// Keeps the best epoch's model by a validation metric, beside the last one
+    /// (`model_best.safetensors`, and `model_best.pt` for TorchScript). Needs `data.val`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestSpec>,
+    /// Ends training when the `best` metric (val_accuracy by default) has not improved for
+    /// `patience` epochs. Needs `data.val`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stop: Option<EarlyStopSpec>,
+}
+
+/// `train.best`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BestSpec {
+    #[serde(default)]
+    pub metric: BestMetric,
+    /// `max` or `min`; default: max for accuracy, min for loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<BestMode>,
+}
+
+/// The validation metric that chooses the best epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum BestMetric {
+    #[default]
+    ValAccuracy,
+    ValLoss,
+}
+
+/// Whether larger or smaller is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum BestMode {
+    Max,
+    Min,
+}
+
+impl BestSpec {
+    /// The metric's name as metrics.jsonl and events spell it.
+    pub fn metric_name(&self) -> &'static str {
+        match self.metric {
+            BestMetric::ValAccuracy => "val_accuracy",
+            BestMetric::ValLoss => "val_loss",
+        }
+    }
+
+    /// Whether `new` beats `old` by more than `min_delta`.
+    pub fn improves(&self, new: f64, old: Option<f64>, min_delta: f64) -> bool {
+        let max = self.mode.unwrap_or(match self.metric {
+            BestMetric::ValAccuracy => BestMode::Max,
+            BestMetric::ValLoss => BestMode::Min,
+        }) == BestMode::Max;
+        match old {
+            None => new.is_finite(),
+            Some(old) if max => new > old + min_delta,
+            Some(old) => new < old - min_delta,
+        }
+    }
+}
+
+impl Default for BestSpec {
+    fn default() -> Self {
+        BestSpec {
+            metric: BestMetric::ValAccuracy,
+            mode: None,
+        }
+    }
+}
+
+/// `train.early_stop`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopSpec {
+    /// Epochs without improvement before training ends.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    pub patience: u32,
+    /// An improvement smaller than this does not count.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0.0))]
+    pub min_delta: f64,
+}
+
+/// One parameter group (`train.param_groups`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ParamGroupSpec {
+    /// The parameters under this module prefix (`features` covers `features.0.weight`).
+    pub prefix: String,
+    /// Their learning rate is the schedule's times this (0.1: a backbone learning ten
+    /// times slower than a new head).
+    #[serde(default = "one_f64")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0.0))]
+    pub lr_mult: f64,
+    /// Their weight decay, instead of the optimizer's (and of `norm_weight_decay` and
+    /// `bias_weight_decay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0.0))]
+    pub weight_decay: Option<f64>,
+}
+
+fn one_f64() -> f64 {
+    1.0
 }
 
 /// How gradients travel between hosts (`train.grad_compression`).
@@ -572,6 +779,9 @@ impl Default for TrainSpec {
             grad_compression: GradCompression::None,
             label_smoothing: 0.0,
             clip_grad_norm: None,
+            param_groups: Vec::new(),
+            best: None,
+            early_stop: None,
         }
     }
 }
@@ -603,6 +813,17 @@ pub struct OptimizerSpec {
     pub betas: Option<[f64; 2]>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eps: Option<f64>,
+    /// Weight decay of normalisation layers' parameters (those of a module whose weight is
+    /// one-dimensional: BatchNorm, LayerNorm, GroupNorm), as torchvision's
+    /// `--norm-weight-decay`; 0 is the usual choice. None: the optimizer's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0.0))]
+    pub norm_weight_decay: Option<f64>,
+    /// Weight decay of the other biases, as torchvision's `--bias-weight-decay`. None: the
+    /// optimizer's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0.0))]
+    pub bias_weight_decay: Option<f64>,
 }
 
 impl Default for OptimizerSpec {
@@ -615,6 +836,8 @@ impl Default for OptimizerSpec {
             weight_decay: None,
             betas: None,
             eps: None,
+            norm_weight_decay: None,
+            bias_weight_decay: None,
         }
     }
 }
@@ -868,6 +1091,7 @@ impl JobSpec {
         if let Some(p) = &m.init {
             check_init(&mut bad, "model.init", p);
         }
+        check_prefixes(&mut bad, "model.reset", &m.reset);
         if m.jit_optimize && m.arch != Arch::Torchscript {
             bad(
                 "model.jit_optimize",
@@ -884,6 +1108,9 @@ impl JobSpec {
         }
 
         check_path(&mut bad, "data.train.path", &self.data.train.path);
+        if let Some(v) = &self.data.test {
+            check_path(&mut bad, "data.test.path", &v.path);
+        }
         if let Some(v) = &self.data.val {
             check_path(&mut bad, "data.val.path", &v.path);
         }
@@ -1002,12 +1229,57 @@ impl JobSpec {
                 format!("{} would make the first step diverge; learning rates are at most 100 (usually 1e-5 to 1)", o.lr),
             );
         }
-        if let Some(wd) = o.weight_decay {
-            if !(wd >= 0.0 && wd.is_finite()) {
+        for (field, wd) in [
+            ("train.optimizer.weight_decay", o.weight_decay),
+            ("train.optimizer.norm_weight_decay", o.norm_weight_decay),
+            ("train.optimizer.bias_weight_decay", o.bias_weight_decay),
+        ] {
+            if wd.is_some_and(|wd| !(wd >= 0.0 && wd.is_finite())) {
+                bad(field, "must be zero or positive".into());
+            }
+        }
+        if self.data.val.is_none() {
+            for (field, set) in [
+                ("train.best", self.train.best.is_some()),
+                ("train.early_stop", self.train.early_stop.is_some()),
+            ] {
+                if set {
+                    bad(
+                        field,
+                        "needs a validation set (data.val) to measure epochs by".into(),
+                    );
+                }
+            }
+        }
+        if let Some(e) = &self.train.early_stop {
+            if e.patience == 0 {
                 bad(
-                    "train.optimizer.weight_decay",
+                    "train.early_stop.patience",
+                    "must be at least 1 epoch".into(),
+                );
+            }
+            if !(e.min_delta >= 0.0 && e.min_delta.is_finite()) {
+                bad(
+                    "train.early_stop.min_delta",
                     "must be zero or positive".into(),
                 );
+            }
+        }
+        for (i, g) in self.train.param_groups.iter().enumerate() {
+            let at = |f: &str| format!("train.param_groups[{i}].{f}");
+            if g.prefix.trim().is_empty() {
+                bad(&at("prefix"), "must not be empty".into());
+            }
+            if !(g.lr_mult >= 0.0 && g.lr_mult.is_finite()) {
+                bad(
+                    &at("lr_mult"),
+                    format!("must be zero or positive, got {}", g.lr_mult),
+                );
+            }
+            if g.weight_decay
+                .is_some_and(|wd| !(wd >= 0.0 && wd.is_finite()))
+            {
+                bad(&at("weight_decay"), "must be zero or positive".into());
             }
         }
         match o.name {
@@ -1269,10 +1541,39 @@ fn check_model(
     }
 }
 
-fn check_init(bad: &mut impl FnMut(&str, String), field: &str, p: &str) {
-    check_path(bad, field, p);
+fn check_init(bad: &mut impl FnMut(&str, String), field: &str, init: &InitSpec) {
+    let p = init.path();
+    let at = match init {
+        InitSpec::Path(_) => field.to_string(),
+        InitSpec::Select(_) => format!("{field}.path"),
+    };
+    check_path(bad, &at, p);
     if !p.ends_with(".safetensors") {
-        bad(field, "must be a .safetensors file (export with safetensors.torch.save_file(model.state_dict(), ...))".into());
+        let hint = if p.ends_with(".pth") || p.ends_with(".pt") || p.ends_with(".bin") {
+            "a PyTorch pickle is code, and ferry does not run it: convert it once with \
+             safetensors.torch.save_file(torch.load(p, weights_only=True), \"model.safetensors\")"
+        } else {
+            "export it with safetensors.torch.save_file(model.state_dict(), ...)"
+        };
+        bad(&at, format!("must be a .safetensors file; {hint}"));
+    }
+    if let InitSpec::Select(s) = init {
+        check_prefixes(bad, &format!("{field}.include"), &s.include);
+        check_prefixes(bad, &format!("{field}.exclude"), &s.exclude);
+        for from in s.rename.keys() {
+            if from.is_empty() {
+                bad(&format!("{field}.rename"), "a prefix to rename must not be empty (to add a prefix to every name, rename the names' first part)".into());
+            }
+        }
+    }
+}
+
+/// Module prefixes (`model.reset`, `include`, `exclude`): not empty.
+fn check_prefixes(bad: &mut impl FnMut(&str, String), field: &str, prefixes: &[String]) {
+    for (i, p) in prefixes.iter().enumerate() {
+        if p.trim().is_empty() {
+            bad(&format!("{field}[{i}]"), "must not be empty".into());
+        }
     }
 }
 
@@ -1582,6 +1883,56 @@ output:
 
     fn errors(text: &str) -> Vec<FieldError> {
         JobSpec::parse(text).expect_err("spec should be rejected").0
+    }
+
+    #[test]
+    fn model_init_chooses_tensors_by_prefix_after_renames_and_refuses_pickles() {
+        let spec = JobSpec::parse(&GOOD.replace(
+            "  init: models/source.safetensors",
+            "  init: {path: models/source.safetensors, rename: {\"module.\": \"\", \"module.backbone.\": \"features.\"}, exclude: [classifier]}\n  reset: [features.7]",
+        ))
+        .unwrap();
+        let init = spec.model.init.as_ref().unwrap();
+        assert_eq!(init.path(), "models/source.safetensors");
+        assert_eq!(spec.model.reset, ["features.7"]);
+        // The longest matching prefix wins; names outside every prefix stay.
+        assert_eq!(init.rename("module.backbone.0.weight"), "features.0.weight");
+        assert_eq!(init.rename("module.classifier.bias"), "classifier.bias");
+        assert_eq!(init.rename("other.weight"), "other.weight");
+        assert!(init.keeps("features.0.weight"));
+        assert!(!init.keeps("classifier.bias"));
+        // Prefixes are module boundaries.
+        assert!(under("features.0.weight", "features") && under("features.0.weight", "features."));
+        assert!(!under("features_extra.weight", "features"));
+        assert!(under("fc", "fc") && !under("fc2.weight", "fc"));
+        // A plain path keeps everything; the spec round-trips as written.
+        let plain = JobSpec::parse(GOOD).unwrap();
+        assert!(plain.model.init.as_ref().unwrap().keeps("anything"));
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(JobSpec::parse(&json).unwrap(), spec);
+        // A pickle is refused with the one-line conversion; unknown keys and empty prefixes too.
+        let e = errors(&GOOD.replace("models/source.safetensors", "models/source.pth"));
+        assert_eq!(e[0].field, "model.init");
+        assert!(
+            e[0].message.contains("a PyTorch pickle is code")
+                && e[0].message.contains("weights_only=True"),
+            "{e:?}"
+        );
+        let e = errors(&GOOD.replace(
+            "  init: models/source.safetensors",
+            "  init: {path: a.bin, include: ['']}\n  reset: ['']",
+        ));
+        let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["model.init.path", "model.init.include[0]", "model.reset[0]"],
+            "{e:?}"
+        );
+        assert!(JobSpec::parse(&GOOD.replace(
+            "  init: models/source.safetensors",
+            "  init: {path: a.safetensors, exclud: [fc]}"
+        ))
+        .is_err());
     }
 
     #[test]

@@ -614,6 +614,18 @@ fn exit_code(job: &Job) -> i32 {
     }
 }
 
+/// The bar's message for a `preparing` event: its message, and how far it is when the
+/// total is known.
+fn preparing_line(message: &str, p: &serde_json::Value) -> String {
+    let done = p.get("done").and_then(serde_json::Value::as_u64);
+    match (done, p.get("total").and_then(serde_json::Value::as_u64)) {
+        (Some(d), Some(t)) if t > 0 => {
+            format!("Preparing: {message} ({:.0}%)", d as f64 * 100.0 / t as f64)
+        }
+        _ => format!("Preparing: {message}"),
+    }
+}
+
 /// Follows a job until it ends: a progress bar on a terminal, event lines otherwise.
 /// When ferryd goes away meanwhile, it tries again for `reattach` and then goes on.
 fn follow(c: &Client, id: &str, reattach: Duration) -> Result<Job> {
@@ -641,12 +653,19 @@ fn follow(c: &Client, id: &str, reattach: Duration) -> Result<Job> {
     let mut after = 0;
     // Why the coordinator says the job waits (its newest "waiting" event).
     let mut waiting: Option<String> = None;
+    // How the ranks' preparation (indexing the data) is going, before training starts.
+    let mut preparing: Option<String> = None;
     loop {
         let path = format!("/v1/jobs/{}/events?after={after}&wait=10", segment(id));
         let page: EventPage = reattaching(c, reattach, || c.get(&path))?;
         for e in &page.events {
             if e.message.starts_with("waiting") {
                 waiting = Some(e.message.clone());
+            }
+            if let Some(p) = e.data.get("preparing") {
+                // Shown in the bar, not as lines: there may be many.
+                preparing = Some(preparing_line(&e.message, p));
+                continue;
             }
             // Progress shows in the bar; checkpoints are in `ferryctl logs`.
             if !matches!(e.kind, EventKind::Progress | EventKind::Checkpoint) {
@@ -669,6 +688,13 @@ fn follow(c: &Client, id: &str, reattach: Duration) -> Result<Job> {
                 ),
             });
             continue;
+        }
+        if let (Some(p), 0) = (&preparing, s.total_steps) {
+            if !job.phase.is_terminal() {
+                // Not "0/1 steps" while the data is indexed.
+                bar.set_message(p.clone());
+                continue;
+            }
         }
         bar.set_length(s.total_steps.max(1));
         bar.set_position(s.step);

@@ -195,12 +195,22 @@ pub enum WorkerMessage {
     },
     /// Free-form information worth an event.
     Log { message: String },
+    /// Before training: how a long preparation (indexing the data set) is going.
+    Preparing {
+        message: String,
+        done: u64,
+        /// What `done` counts up to, when it is known.
+        total: Option<u64>,
+    },
     /// The outcome of `model.init`.
     Init {
         loaded: usize,
         missing: Vec<String>,
         unexpected: Vec<String>,
         skipped_shape: Vec<String>,
+        /// File tensors left out by `model.init`'s include/exclude.
+        #[serde(default)]
+        excluded: Vec<String>,
         frozen: usize,
     },
     Progress {

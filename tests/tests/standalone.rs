@@ -136,6 +136,116 @@ fn a_job_submitted_with_ferryctl_succeeds_with_a_sane_accuracy() {
     assert!(String::from_utf8_lossy(&nodes.stdout).contains("mode: standalone"));
 }
 
+/// `train.best` keeps the best epoch's model beside the last one, `train.early_stop` ends
+/// the job on a plateau, `model.init`'s `exclude` leaves the source's head out, and the test
+/// set is evaluated once with the best model into eval.json.
+#[test]
+fn the_best_epoch_is_kept_and_a_plateau_ends_the_job_early() {
+    let d = Daemon::start();
+    let spec = feature_extraction("best")
+        .replace(
+            "  val: {path: val}\n",
+            "  val: {path: val}\n  test: {path: val}\n",
+        )
+        .replace(
+            "init: cnn3_init.safetensors",
+            "init: {path: cnn3_init.safetensors, exclude: [classifier]}",
+        )
+        .replace(
+            "  epochs: 4\n",
+            "  epochs: 40\n  best: {metric: val_accuracy}\n  early_stop: {patience: 2}\n",
+        );
+    let job = d.submit(&spec);
+    let end = d.wait_terminal(&job.id, Duration::from_secs(300));
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    let events = d.events(&job.id).events;
+    let said = |start: &str| {
+        events
+            .iter()
+            .find(|e| e.message.starts_with(start))
+            .map(|e| e.message.clone())
+            .unwrap_or_else(|| panic!("no event starting with {start:?}: {events:?}"))
+    };
+    assert!(
+        said("init:").contains("2 excluded (classifier.bias, classifier.weight)"),
+        "{}",
+        said("init:")
+    );
+    let stop = said("early stop after epoch ");
+    let stopped: u32 = stop["early stop after epoch ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(stopped < 40, "{stop}");
+    let out = d.out().join("best");
+    let best: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model_best.json")).unwrap()).unwrap();
+    let best_epoch = best["epoch"].as_u64().unwrap() as u32;
+    assert_eq!(stopped - best_epoch, 2, "{stop}; {best}");
+    // The record is the first epoch with the highest validation accuracy.
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let accs: Vec<(u32, f64)> = metrics
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some((v["epoch"].as_u64()? as u32, v["val_accuracy"].as_f64()?))
+        })
+        .collect();
+    assert_eq!(
+        accs.len() as u32,
+        stopped,
+        "one evaluation per epoch trained"
+    );
+    let top = accs.iter().map(|a| a.1).fold(f64::MIN, f64::max);
+    let first_top = accs.iter().find(|a| a.1 == top).unwrap().0;
+    assert_eq!(
+        (first_top, top),
+        (best_epoch, best["value"].as_f64().unwrap())
+    );
+    for f in [
+        "model_best.safetensors",
+        "model_best.pt",
+        "model.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    assert!(said("final model (model.*): epoch ").contains(&format!("best: epoch {best_epoch}")));
+    // eval.json: the final model on the validation set, the best on the test set (here the
+    // same images, so its accuracy is the best epoch's validation accuracy, exactly).
+    let eval: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("eval.json")).unwrap()).unwrap();
+    let (val, test) = (&eval["val"], &eval["test"]);
+    assert_eq!(val["model"], format!("final (epoch {stopped})"));
+    assert_eq!(test["model"], format!("best (epoch {best_epoch})"));
+    assert_eq!(test["top1"].as_f64().unwrap(), top);
+    assert!(said("test set: top-1 ").contains(&format!("with the best (epoch {best_epoch}) model")));
+    for split in [val, test] {
+        let (top1, top5) = (
+            split["top1"].as_f64().unwrap(),
+            split["top5"].as_f64().unwrap(),
+        );
+        assert!(top5 >= top1 && top5 <= 1.0, "{split}");
+        let m: Vec<Vec<u64>> =
+            serde_json::from_value(split["confusion"]["matrix"].clone()).unwrap();
+        let n: u64 = m.iter().flatten().sum();
+        assert_eq!(n, split["samples"].as_u64().unwrap());
+        let diag: u64 = (0..m.len()).map(|k| m[k][k]).sum();
+        assert!((diag as f64 / n as f64 - top1).abs() < 1e-9, "{split}");
+        let per_class = split["per_class"].as_array().unwrap();
+        assert_eq!(per_class.len(), m.len());
+        for (k, c) in per_class.iter().enumerate() {
+            assert_eq!(c["samples"].as_u64().unwrap(), m[k].iter().sum::<u64>());
+        }
+    }
+    assert_eq!(
+        val["confusion"]["columns"].as_array().unwrap().len(),
+        5,
+        "4 classes and (other output)"
+    );
+}
+
 #[test]
 fn a_bad_spec_gets_a_4xx_naming_the_field() {
     let d = Daemon::start();
@@ -345,31 +455,58 @@ fn ferry_matches_pytorch_sgd_and_adamw_step_for_step() {
     // the optimising executor): under bf16 autocast the two modes differ by ~1e-4, far over
     // the tolerance, so that case fails unless the spec's setting reaches the executor.
     // Label smoothing and gradient clipping against cross_entropy(label_smoothing=) and
-    // clip_grad_norm_ (the reference fails unless clipping took effect).
-    for (opt, yaml, precision, jit, smoothing, clip) in [
-        ("sgd", sgd, "fp32", "op-by-op", "0", "0"),
+    // clip_grad_norm_ (the reference fails unless clipping took effect). Parameter groups
+    // (the backbone at a tenth of the lr, biases without weight decay) against torch.optim's
+    // parameter groups.
+    let adamw = "{name: adamw, lr: 0.001, weight_decay: 0.01}";
+    let grouped = |o: &str| o.replace('}', ", bias_weight_decay: 0}");
+    for (opt, yaml, precision, jit, smoothing, clip, groups) in [
+        ("sgd", sgd.to_string(), "fp32", "op-by-op", "0", "0", ""),
+        ("adamw", adamw.to_string(), "fp32", "op-by-op", "0", "0", ""),
+        ("sgd", sgd.to_string(), "bf16", "op-by-op", "0", "0", ""),
+        ("sgd", sgd.to_string(), "fp16", "op-by-op", "0", "0", ""),
+        ("sgd", sgd.to_string(), "bf16", "optimize", "0", "0", ""),
         (
-            "adamw",
-            "{name: adamw, lr: 0.001, weight_decay: 0.01}",
+            "sgd",
+            sgd.to_string(),
+            "fp32",
+            "op-by-op",
+            "0.1",
+            "0.05",
+            "",
+        ),
+        (
+            "sgd",
+            grouped(sgd),
             "fp32",
             "op-by-op",
             "0",
             "0",
+            "features:0.1",
         ),
-        ("sgd", sgd, "bf16", "op-by-op", "0", "0"),
-        ("sgd", sgd, "fp16", "op-by-op", "0", "0"),
-        ("sgd", sgd, "bf16", "optimize", "0", "0"),
-        ("sgd", sgd, "fp32", "op-by-op", "0.1", "0.05"),
+        (
+            "adamw",
+            grouped(adamw),
+            "fp32",
+            "op-by-op",
+            "0",
+            "0",
+            "features:0.1",
+        ),
     ] {
         let name = format!(
-            "numerics-{opt}-{precision}-{jit}-{}",
-            smoothing.replace('.', "")
+            "numerics-{opt}-{precision}-{jit}-{}{}",
+            smoothing.replace('.', ""),
+            if groups.is_empty() { "" } else { "-groups" }
         );
-        let extra = if clip == "0" {
+        let mut extra = if clip == "0" {
             String::new()
         } else {
             format!(", label_smoothing: {smoothing}, clip_grad_norm: {clip}")
         };
+        if let Some((prefix, mult)) = groups.split_once(':') {
+            extra += &format!(", param_groups: [{{prefix: {prefix}, lr_mult: {mult}}}]");
+        }
         let optimize = jit == "optimize";
         let spec = format!(
             "name: {name}\nmodel: {{arch: torchscript, path: mlp.pt, jit_optimize: {optimize}}}\ndata: {{train: {{path: train.safetensors}}, shuffle: false}}\n\
@@ -396,6 +533,7 @@ fn ferry_matches_pytorch_sgd_and_adamw_step_for_step() {
                 jit,
                 smoothing,
                 clip,
+                groups,
             ],
         );
         assert!(out.contains("max_abs_diff="), "{out}");

@@ -349,7 +349,7 @@ impl JobManager {
             fix("model.path", RootKind::Models, p, true);
         }
         if let Some(p) = out.model.init.as_mut() {
-            fix("model.init", RootKind::Models, p, true);
+            fix("model.init", RootKind::Models, p.path_mut(), true);
         }
         fix(
             "data.train.path",
@@ -357,6 +357,9 @@ impl JobManager {
             &mut out.data.train.path,
             true,
         );
+        if let Some(v) = out.data.test.as_mut() {
+            fix("data.test.path", RootKind::Data, &mut v.path, true);
+        }
         if let Some(v) = out.data.val.as_mut() {
             fix("data.val.path", RootKind::Data, &mut v.path, true);
         }
@@ -368,7 +371,7 @@ impl JobManager {
                 fix("distill.teacher.path", RootKind::Models, p, true);
             }
             if let Some(p) = t.init.as_mut() {
-                fix("distill.teacher.init", RootKind::Models, p, true);
+                fix("distill.teacher.init", RootKind::Models, p.path_mut(), true);
             }
         }
         fix("output.dir", RootKind::Outputs, &mut out.output.dir, false);

@@ -1140,15 +1140,30 @@ async fn handle(m: &JobManager, job: &Job, session: SessionInfo, msg: WorkerMess
             ref missing,
             ref unexpected,
             ref skipped_shape,
+            ref excluded,
             frozen,
         } => {
-            let text = format!(
-                "init: {loaded} tensors loaded, {} missing, {} unexpected, {} skipped for shape ({}); {frozen} parameters frozen",
+            let mut text = format!(
+                "init: {loaded} tensors loaded, {} missing, {} unexpected, {} skipped for shape ({})",
                 missing.len(),
                 unexpected.len(),
                 skipped_shape.len(),
                 skipped_shape.join(", ")
             );
+            if !excluded.is_empty() {
+                text += &format!(
+                    ", {} excluded ({}{})",
+                    excluded.len(),
+                    excluded
+                        .iter()
+                        .take(6)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if excluded.len() > 6 { ", ..." } else { "" }
+                );
+            }
+            text += &format!("; {frozen} parameters frozen");
             m.event_for(
                 session,
                 id,
@@ -1258,6 +1273,20 @@ async fn handle(m: &JobManager, job: &Job, session: SessionInfo, msg: WorkerMess
         WorkerMessage::Log { message } => {
             m.event_for(session, id, EventKind::Log, message, json!({"rank": 0}))
                 .await
+        }
+        WorkerMessage::Preparing {
+            message,
+            done,
+            total,
+        } => {
+            m.event_for(
+                session,
+                id,
+                EventKind::Log,
+                message,
+                json!({"rank": 0, "preparing": {"done": done, "total": total}}),
+            )
+            .await
         }
         WorkerMessage::Done { .. }
         | WorkerMessage::Rescued { .. }

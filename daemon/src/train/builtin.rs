@@ -275,6 +275,7 @@ mod tests {
             path: None,
             num_classes: Some(5),
             init: None,
+            reset: Vec::new(),
             freeze: freeze.iter().map(|s| s.to_string()).collect(),
             freeze_bn,
             jit_optimize: false,

@@ -11,11 +11,12 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use ferry_cluster::api::FieldError;
-use ferry_cluster::spec::{Arch, JobSpec, ModelSpec};
+use ferry_cluster::spec::{Arch, JobSpec, ModelSpec, TrainSpec};
 use tch::{Device, Kind, Tensor};
 
 use super::data::{probe, Probe};
 use super::model::Model;
+use super::optim::Optimizer;
 use crate::protocol::WorkerPlan;
 
 /// Runs the checks of the plan at `plan_path`; the errors, as JSON, go to stdout.
@@ -44,9 +45,11 @@ fn error_at(fallback: &str, e: &anyhow::Error) -> FieldError {
     let known = [
         "data.train.path",
         "data.val.path",
+        "data.test.path",
         "data.unlabelled.path",
         "data.train",
         "data.val",
+        "data.test",
         "data.unlabelled",
         "data.normalize",
         "model.path",
@@ -82,6 +85,11 @@ pub fn check(spec: &JobSpec) -> Vec<FieldError> {
             .map_err(|e| errs.push(error_at("data.val.path", &e)))
             .ok()
     });
+    let test = data.test.as_ref().and_then(|v| {
+        probe(Path::new(&v.path), "data.test", data, true)
+            .map_err(|e| errs.push(error_at("data.test.path", &e)))
+            .ok()
+    });
     let pool = data.unlabelled.as_ref().and_then(|u| {
         probe(Path::new(&u.path), "data.unlabelled", data, false)
             .map_err(|e| errs.push(error_at("data.unlabelled.path", &e)))
@@ -101,7 +109,11 @@ pub fn check(spec: &JobSpec) -> Vec<FieldError> {
             });
         }
     }
-    for (field, other) in [("data.val", &val), ("data.unlabelled", &pool)] {
+    for (field, other) in [
+        ("data.val", &val),
+        ("data.test", &test),
+        ("data.unlabelled", &pool),
+    ] {
         if let Some(o) = other {
             if o.shape != train.shape {
                 errs.push(FieldError {
@@ -114,13 +126,16 @@ pub fn check(spec: &JobSpec) -> Vec<FieldError> {
             }
         }
     }
-    if let (Some(v), Some(t)) = (
-        val.as_ref().and_then(|v| v.classes.as_ref()),
-        &train.classes,
-    ) {
+    for (field, split) in [("data.val", &val), ("data.test", &test)] {
+        let (Some(v), Some(t)) = (
+            split.as_ref().and_then(|v| v.classes.as_ref()),
+            &train.classes,
+        ) else {
+            continue;
+        };
         for c in v.iter().filter(|c| !t.contains(c)) {
             errs.push(FieldError {
-                field: "data.val".into(),
+                field: field.into(),
                 message: format!(
                     "class `{c}` is not one of data.train's classes ({}): the model is not trained on it",
                     t.join(", ")
@@ -128,7 +143,7 @@ pub fn check(spec: &JobSpec) -> Vec<FieldError> {
             });
         }
     }
-    check_model(&mut errs, "model", &spec.model, &train, true);
+    check_model(&mut errs, "model", &spec.model, &train, Some(&spec.train));
     if let Some(d) = &spec.distill {
         let t = &d.teacher;
         let teacher = ModelSpec {
@@ -136,17 +151,26 @@ pub fn check(spec: &JobSpec) -> Vec<FieldError> {
             path: t.path.clone(),
             num_classes: t.num_classes,
             init: t.init.clone(),
+            reset: Vec::new(),
             freeze: Vec::new(),
             freeze_bn: Default::default(),
             jit_optimize: false,
         };
-        check_model(&mut errs, "distill.teacher", &teacher, &train, false);
+        check_model(&mut errs, "distill.teacher", &teacher, &train, None);
     }
     errs
 }
 
 /// Builds `m` for `train`'s images and runs a batch of two through it.
-fn check_model(errs: &mut Vec<FieldError>, at: &str, m: &ModelSpec, train: &Probe, freeze: bool) {
+/// `student`: the job's training section, for a student model (its freeze and parameter
+/// groups are checked); None for a teacher.
+fn check_model(
+    errs: &mut Vec<FieldError>,
+    at: &str,
+    m: &ModelSpec,
+    train: &Probe,
+    student: Option<&TrainSpec>,
+) {
     let path_field = format!("{at}.path");
     let mut model = match Model::build(
         m,
@@ -180,13 +204,28 @@ fn check_model(errs: &mut Vec<FieldError>, at: &str, m: &ModelSpec, train: &Prob
         }
     };
     if let Some(init) = &m.init {
-        if let Err(e) = model.load_init(Path::new(init)) {
+        if let Err(e) = model.load_init(init) {
             errs.push(at_field("init", e));
         }
     }
-    if freeze {
+    if !m.reset.is_empty() {
+        if let Err(e) = model.reset(&m.reset) {
+            errs.push(at_field("reset", e));
+        }
+    }
+    if let Some(t) = student {
         if let Err(e) = model.freeze(&m.freeze) {
             errs.push(at_field("freeze", e));
+        }
+        if let Err(e) = Optimizer::with_groups(&t.optimizer, &t.param_groups, model.trainable()) {
+            let message = format!("{e:#}");
+            let (field, message) = message
+                .split_once(": ")
+                .unwrap_or(("train.param_groups", &message));
+            errs.push(FieldError {
+                field: field.to_string(),
+                message: message.to_string(),
+            });
         }
     }
     let (c, h, w) = train.shape;

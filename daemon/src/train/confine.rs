@@ -51,6 +51,9 @@ pub fn pin_plan(plan: &mut WorkerPlan, output: bool) -> Result<Pins> {
         false,
         &mut pins,
     )?;
+    if let Some(v) = spec.data.test.as_mut() {
+        pin(&roots.data, &mut v.path, "data.test.path", false, &mut pins)?;
+    }
     if let Some(v) = spec.data.val.as_mut() {
         pin(&roots.data, &mut v.path, "data.val.path", false, &mut pins)?;
     }
@@ -67,14 +70,20 @@ pub fn pin_plan(plan: &mut WorkerPlan, output: bool) -> Result<Pins> {
         pin(&roots.models, p, "model.path", false, &mut pins)?;
     }
     if let Some(p) = spec.model.init.as_mut() {
-        pin(&roots.models, p, "model.init", false, &mut pins)?;
+        pin(&roots.models, p.path_mut(), "model.init", false, &mut pins)?;
     }
     if let Some(d) = spec.distill.as_mut() {
         if let Some(p) = d.teacher.path.as_mut() {
             pin(&roots.models, p, "distill.teacher.path", false, &mut pins)?;
         }
         if let Some(p) = d.teacher.init.as_mut() {
-            pin(&roots.models, p, "distill.teacher.init", false, &mut pins)?;
+            pin(
+                &roots.models,
+                p.path_mut(),
+                "distill.teacher.init",
+                false,
+                &mut pins,
+            )?;
         }
     }
     if output {

@@ -14,11 +14,13 @@
 //! Images are decoded per batch by the [`super::pipeline`]'s threads, cropped and resized
 //! there ([`Transform`]), and kept as uint8 until the batch is on its device.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ferry_cluster::spec::DataSpec;
@@ -29,6 +31,48 @@ use super::transform::{Draw, Transform, View};
 
 /// The largest image file or tar member read (a bigger one is refused, not read).
 const MAX_IMAGE_BYTES: u64 = 64 << 20;
+
+/// How a data set's index is built: where shard indexes are cached, and who hears how a long
+/// build or scan is going (a line at most every few seconds: nothing for a quick one).
+pub struct Indexing<'a> {
+    /// A node-local directory for shard indexes (the job's scratch dir); None: not cached.
+    pub cache: Option<&'a Path>,
+    report: Option<&'a dyn Fn(String, u64, Option<u64>)>,
+    every: Duration,
+    last: Cell<Instant>,
+}
+
+impl<'a> Indexing<'a> {
+    /// Reports go to `report(message, done, total)`, at most one per `every`, the first after
+    /// `every` has passed.
+    pub fn new(
+        cache: Option<&'a Path>,
+        report: Option<&'a dyn Fn(String, u64, Option<u64>)>,
+        every: Duration,
+    ) -> Indexing<'a> {
+        Indexing {
+            cache,
+            report,
+            every,
+            last: Cell::new(Instant::now()),
+        }
+    }
+
+    /// Cached in `cache`, not reported.
+    pub fn cached(cache: Option<&'a Path>) -> Indexing<'a> {
+        Indexing::new(cache, None, Duration::ZERO)
+    }
+
+    /// `done` of `total` (when known): reported if it is time; `what` is built only then.
+    fn tick(&self, done: u64, total: Option<u64>, what: impl FnOnce() -> String) {
+        let Some(report) = self.report else { return };
+        if self.last.get().elapsed() < self.every {
+            return;
+        }
+        self.last.set(Instant::now());
+        report(what(), done, total);
+    }
+}
 
 /// A labelled data set, read on demand.
 pub struct Dataset {
@@ -143,33 +187,27 @@ impl Dataset {
         field: &'static str,
         spec: &DataSpec,
         seed: u64,
-        cache: Option<&Path>,
+        ix: &Indexing,
     ) -> Result<Dataset> {
-        let (part, labels, classes) = index(path, field, spec, true, cache, true)?;
+        let (part, labels, classes) = index(path, field, spec, true, ix, true)?;
         Self::from_parts(spec, seed, vec![(part, labels)], classes)
     }
 
     /// The training set of a job: `data.train`, followed by `data.unlabelled` (label -1)
     /// when there is one. Students and teachers index samples in this order.
-    pub fn load_training(spec: &DataSpec, seed: u64, cache: Option<&Path>) -> Result<Dataset> {
+    pub fn load_training(spec: &DataSpec, seed: u64, ix: &Indexing) -> Result<Dataset> {
         let (train, labels, classes) = index(
             Path::new(&spec.train.path),
             "data.train",
             spec,
             true,
-            cache,
+            ix,
             true,
         )?;
         let mut parts = vec![(train, labels)];
         if let Some(u) = &spec.unlabelled {
-            let (pool, labels, _) = index(
-                Path::new(&u.path),
-                "data.unlabelled",
-                spec,
-                false,
-                cache,
-                true,
-            )?;
+            let (pool, labels, _) =
+                index(Path::new(&u.path), "data.unlabelled", spec, false, ix, true)?;
             let n = labels.len();
             parts.push((pool, vec![-1; n]));
         }
@@ -533,15 +571,15 @@ fn index(
     field: &'static str,
     spec: &DataSpec,
     labelled: bool,
-    cache: Option<&Path>,
+    ix: &Indexing,
     scan: bool,
 ) -> Result<(Indexed, Vec<i64>, Option<Vec<String>>)> {
     let shards = shards(path, field)?;
     let (source, labels, classes, first) = if !shards.is_empty() {
-        let (source, labels, first) = index_shards(shards, field, labelled, cache)?;
+        let (source, labels, first) = index_shards(shards, field, labelled, ix)?;
         (source, labels, None, first)
     } else if path.is_dir() {
-        let (files, labels, classes) = folder_files(path, field, labelled)?;
+        let (files, labels, classes) = folder_files(path, field, labelled, ix)?;
         let first = match files.first() {
             Some(f) if spec.image_size.is_none() => image::image_dimensions(f)
                 .with_context(|| format!("{field}: cannot decode image {}", f.display()))?,
@@ -549,7 +587,7 @@ fn index(
         };
         (Source::Files(files), labels, classes, first)
     } else {
-        let (source, labels) = index_safetensors(path, field, labelled, scan)?;
+        let (source, labels) = index_safetensors(path, field, labelled, scan, ix)?;
         (source, labels, None, (0, 0))
     };
     if labelled && labels.iter().any(|&l| l < 0) {
@@ -614,20 +652,27 @@ fn index_shards(
     shards: Vec<PathBuf>,
     field: &str,
     labelled: bool,
-    cache: Option<&Path>,
+    ix: &Indexing,
 ) -> Result<(Source, Vec<i64>, (u32, u32))> {
     let (mut members, mut labels, mut first) = (Vec::new(), Vec::new(), None);
     let mut open = Vec::new();
+    let total = shards.len() as u64;
     for (k, shard) in shards.into_iter().enumerate() {
+        ix.tick(k as u64, Some(total), || {
+            format!(
+                "indexing {field}: {k} of {total} shards read, {} samples so far",
+                members.len()
+            )
+        });
         let file = File::open(&shard)
             .with_context(|| format!("{field}: cannot open {}", shard.display()))?;
-        let ix = cached_shard_index(&shard, &file, field, labelled, cache)?;
-        for &(offset, len, label) in &ix.samples {
+        let listed = cached_shard_index(&shard, &file, field, labelled, ix.cache)?;
+        for &(offset, len, label) in &listed.samples {
             members.push((k as u32, offset, len));
             labels.push(label);
         }
-        if !ix.samples.is_empty() {
-            first.get_or_insert(ix.first_size);
+        if !listed.samples.is_empty() {
+            first.get_or_insert(listed.first_size);
         }
         open.push((shard, file));
     }
@@ -800,7 +845,7 @@ pub struct Probe {
 /// first image, or shards' member headers. Errors are the ones `load` would give, but for
 /// `data.normalize` (the caller checks it) and non-finite float pixels (not read).
 pub fn probe(path: &Path, field: &'static str, spec: &DataSpec, labelled: bool) -> Result<Probe> {
-    let (ix, labels, classes) = index(path, field, spec, labelled, None, false)?;
+    let (ix, labels, classes) = index(path, field, spec, labelled, &Indexing::cached(None), false)?;
     let spec = DataSpec {
         normalize: None,
         ..spec.clone()
@@ -819,6 +864,7 @@ fn index_safetensors(
     field: &str,
     labelled: bool,
     scan: bool,
+    ix: &Indexing,
 ) -> Result<(Source, Vec<i64>)> {
     use std::io::Read;
     let unreadable = || {
@@ -904,8 +950,16 @@ fn index_safetensors(
         bail!("{field}: `images` must be uint8 or float32, got {kind:?}");
     }
     if scan && kind != Kind::Uint8 {
-        check_finite(&f, start, end, kind)
-            .with_context(|| format!("{field}: {}", path.display()))?;
+        check_finite(&f, start, end, kind, |done, total| {
+            ix.tick(done, Some(total), || {
+                format!(
+                    "checking {field} for NaN and infinity: {} of {} MB read",
+                    done >> 20,
+                    total >> 20
+                )
+            })
+        })
+        .with_context(|| format!("{field}: {}", path.display()))?;
     }
     let labels = match tensor("labels")? {
         Some((lk, lshape, a, b)) => {
@@ -943,13 +997,20 @@ fn index_safetensors(
 
 /// Fails if float pixels hold NaN or infinity (they make every loss NaN, and look like a
 /// bad lr). Reads the tensor once, a chunk at a time.
-fn check_finite(f: &File, start: u64, end: u64, kind: Kind) -> Result<()> {
+fn check_finite(
+    f: &File,
+    start: u64,
+    end: u64,
+    kind: Kind,
+    progress: impl Fn(u64, u64),
+) -> Result<()> {
     let elt = kind.elt_size_in_bytes() as u64;
     let chunk = (16u64 << 20) / elt * elt;
     let mut bad = 0i64;
     let mut at = start;
     let mut buf = Vec::new();
     while at < end {
+        progress(at - start, end - start);
         let n = chunk.min(end - at);
         buf.resize(n as usize, 0);
         f.read_exact_at(&mut buf, at)?;
@@ -968,20 +1029,20 @@ type Listing = (Vec<PathBuf>, Vec<i64>, Option<Vec<String>>);
 
 /// An ImageFolder's images and labels. Labelled: one sub-directory per class (sorted),
 /// images found at any depth below it. Unlabelled: the same, or a flat directory of images.
-fn folder_files(dir: &Path, field: &str, labelled: bool) -> Result<Listing> {
+fn folder_files(dir: &Path, field: &str, labelled: bool, ix: &Indexing) -> Result<Listing> {
     let flat = !std::fs::read_dir(dir)
         .with_context(|| format!("{field}: cannot read directory {}", dir.display()))?
         .filter_map(|e| e.ok())
         .any(|e| e.file_type().is_ok_and(|t| t.is_dir()));
     if flat && !labelled {
-        let files = class_images(dir, field)?;
+        let files = class_images(dir, field, ix, 0)?;
         let n = files.len();
         return Ok((files, vec![-1; n], None));
     }
     let classes = folder_classes(dir, field)?;
     let (mut files, mut labels) = (Vec::new(), Vec::new());
     for (k, class) in classes.iter().enumerate() {
-        let found = class_images(&dir.join(class), field)?;
+        let found = class_images(&dir.join(class), field, ix, files.len())?;
         labels.extend(std::iter::repeat_n(
             if labelled { k as i64 } else { -1 },
             found.len(),
@@ -1018,10 +1079,20 @@ fn folder_classes(dir: &Path, field: &str) -> Result<Vec<String>> {
 
 /// The images (PNG, JPEG) in a directory and the directories below it, sorted by path;
 /// links refused.
-fn class_images(class_dir: &Path, field: &str) -> Result<Vec<PathBuf>> {
+/// `before`: images listed before this directory (for progress reports).
+fn class_images(
+    class_dir: &Path,
+    field: &str,
+    ix: &Indexing,
+    before: usize,
+) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut dirs = vec![class_dir.to_path_buf()];
     while let Some(d) = dirs.pop() {
+        let n = before + files.len();
+        ix.tick(n as u64, None, || {
+            format!("indexing {field}: {n} images listed so far")
+        });
         let members: Vec<std::fs::DirEntry> = std::fs::read_dir(&d)
             .with_context(|| format!("{field}: cannot read directory {}", d.display()))?
             .filter_map(|e| e.ok())

@@ -360,9 +360,7 @@ fn build_teacher(
     let t = &spec.teacher;
     let mut model = Model::build(&t.model(), t.path.as_deref().map(Path::new), shape, device)?;
     if let Some(init) = &spec.teacher.init {
-        let r = model
-            .load_init(Path::new(init))
-            .context("distill.teacher.init")?;
+        let r = model.load_init(init).context("distill.teacher.init")?;
         if !r.missing.is_empty() || !r.skipped_shape.is_empty() {
             bail!(
                 "distill.teacher.init leaves the teacher partly untrained: missing {:?}, skipped for shape {:?}",
@@ -410,7 +408,9 @@ pub fn run_teacher(plan_path: &Path, replica: u32, emit: impl Fn(&WorkerMessage)
         DistillMode::Index => Some(Dataset::load_training(
             &spec.data,
             spec.train.seed,
-            (!plan.scratch_dir.is_empty()).then_some(scratch.as_path()),
+            &super::data::Indexing::cached(
+                (!plan.scratch_dir.is_empty()).then_some(scratch.as_path()),
+            ),
         )?),
         DistillMode::Tensor => None,
     };

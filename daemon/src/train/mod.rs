@@ -33,6 +33,9 @@ use ferry_cluster::spec::GradCompression;
 use tch::{Device, Kind, Tensor};
 
 use crate::protocol::{StepTiming, WorkerMessage, WorkerPlan};
+
+/// How often rank 0 reports an index build that is still running.
+const PREPARING_EVERY: Duration = Duration::from_secs(3);
 use data::Dataset;
 use dist::Dist;
 use model::Model;
@@ -195,11 +198,21 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     std::fs::create_dir_all(&scratch)
         .with_context(|| format!("cannot create {}", scratch.display()))?;
 
+    // Indexing a large set (listing a folder, reading shards' headers, scanning float
+    // pixels) is reported while it runs, by rank 0, every few seconds.
+    let preparing = |message: String, done: u64, total: Option<u64>| {
+        say(&WorkerMessage::Preparing {
+            message,
+            done,
+            total,
+        })
+    };
+    let indexing = data::Indexing::new(Some(&scratch), Some(&preparing), PREPARING_EVERY);
     let listed = Instant::now();
     let train_set = Arc::new(Dataset::load_training(
         &spec.data,
         spec.train.seed,
-        Some(&scratch),
+        &indexing,
     )?);
     say(&WorkerMessage::Log {
         message: format!(
@@ -225,7 +238,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 "data.val",
                 &spec.data,
                 spec.train.seed,
-                Some(&scratch),
+                &indexing,
             )?
             .matched_to(&train_set, "data.val")?,
         ),
@@ -261,14 +274,30 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         train_set.shape(),
         device,
     )?;
-    if let Some(init) = &spec.model.init {
-        let r = model.load_init(Path::new(init))?;
+    let init = spec
+        .model
+        .init
+        .as_ref()
+        .map(|i| model.load_init(i))
+        .transpose()?;
+    if !spec.model.reset.is_empty() {
+        let reset = model.reset(&spec.model.reset)?;
+        say(&WorkerMessage::Log {
+            message: format!(
+                "model.reset: {} tensors under {} re-initialised",
+                reset.len(),
+                spec.model.reset.join(", ")
+            ),
+        });
+    }
+    if let Some(r) = init {
         let frozen = model.freeze(&spec.model.freeze)?;
         say(&WorkerMessage::Init {
             loaded: r.loaded.len(),
             missing: r.missing,
             unexpected: r.unexpected,
             skipped_shape: r.skipped_shape,
+            excluded: r.excluded,
             frozen: frozen.len(),
         });
     } else if !spec.model.freeze.is_empty() {
@@ -283,7 +312,16 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     model.set_precision(spec.train.precision);
     let mut scaler = (spec.train.precision == ferry_cluster::spec::Precision::Fp16)
         .then(scaler::GradScaler::default);
-    let mut opt = Optimizer::new(&spec.train.optimizer, model.trainable());
+    let mut opt = Optimizer::with_groups(
+        &spec.train.optimizer,
+        &spec.train.param_groups,
+        model.trainable(),
+    )?;
+    if let Some(groups) = opt.groups_summary() {
+        say(&WorkerMessage::Log {
+            message: format!("optimizer parameter groups: {groups}"),
+        });
+    }
     let sampler = Sampler {
         len: train_set.len(),
         batch: spec.train.batch_size as usize,
@@ -439,6 +477,21 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     };
     let mut val_accuracy = None;
     let mut skipped_samples = 0u64;
+    // train.best / train.early_stop: rank 0 keeps the record of the best epoch (in
+    // model_best.json beside the outputs, read back on a resume) and decides when to stop;
+    // the other ranks follow its decision.
+    let best_by = spec.train.best.or(spec
+        .train
+        .early_stop
+        .map(|_| ferry_cluster::spec::BestSpec::default()));
+    let mut best = match (best_by, leader) {
+        (Some(_), true) => BestRecord::read(&out_dir, step),
+        _ => None,
+    };
+    let mut stopped_early = None;
+    // The newest validation (epoch, result), for eval.json.
+    let mut last_eval: Option<(u32, Evaluation)> = None;
+    let classes = class_count(&train_set);
     let prefetch = spec.distill.as_ref().map_or(0, |d| d.prefetch as usize);
 
     // Ends the rank with error `$e`, saving the state it holds at the cursor (see `Rescue`).
@@ -654,10 +707,19 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                     samples: window.1,
                     distill: distill.clone(),
                 });
+                // Rank 0's mean seconds per timed step, by part (as the metric
+                // ferry_rank_step_seconds): where the window's steps went.
+                let timed = f64::from(timing.timed_steps.max(1));
+                let step_seconds: serde_json::Map<String, serde_json::Value> =
+                    crate::metrics::STEP_PARTS
+                        .iter()
+                        .zip(timing.parts())
+                        .map(|(part, s)| (part.to_string(), serde_json::json!(s / timed)))
+                        .collect();
                 writeln!(
                     metrics,
                     "{}",
-                    serde_json::json!({"step": step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr, "samples_per_sec": sps, "distill": distill.as_ref().map(|d| crate::protocol::DistillProgress { request_seconds: Vec::new(), ..d.clone() }), "generation": plan.generation, "time": unix_time()})
+                    serde_json::json!({"step": step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr, "samples_per_sec": sps, "step_seconds": step_seconds, "distill": distill.as_ref().map(|d| crate::protocol::DistillProgress { request_seconds: Vec::new(), ..d.clone() }), "generation": plan.generation, "time": unix_time()})
                 )?;
                 last_loss = Some(mean_loss);
                 emit(&WorkerMessage::Timing(std::mem::replace(
@@ -712,13 +774,15 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 v,
                 (spec.train.batch_size as usize * 2, decode_threads, depth),
                 device,
-                &mut dist,
+                classes,
+                Some(&mut dist),
             );
-            let (vloss, acc) = match evaluated {
+            let ev = match evaluated {
                 Ok(r) => r,
                 // The epoch's steps are done; a resume from here evaluates and goes on.
                 Err(e) => rescue!(e),
             };
+            let (vloss, acc) = (ev.loss, ev.top1);
             say(&WorkerMessage::Eval {
                 epoch: epoch + 1,
                 step,
@@ -728,9 +792,60 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             writeln!(
                 metrics,
                 "{}",
-                serde_json::json!({"step": step, "epoch": epoch + 1, "val_loss": vloss, "val_accuracy": acc})
+                serde_json::json!({"step": step, "epoch": epoch + 1, "val_loss": vloss, "val_accuracy": acc, "val_top5": ev.top5})
             )?;
             val_accuracy = Some(acc);
+            last_eval = Some((epoch + 1, ev));
+            if let Some(by) = best_by {
+                let value = match by.metric {
+                    ferry_cluster::spec::BestMetric::ValAccuracy => acc,
+                    ferry_cluster::spec::BestMetric::ValLoss => vloss,
+                };
+                let mut stop = 0f32;
+                if leader {
+                    let min_delta = spec.train.early_stop.map_or(0.0, |e| e.min_delta);
+                    if by.improves(value, best.as_ref().map(|b| b.value), min_delta) {
+                        let record = BestRecord {
+                            epoch: epoch + 1,
+                            step,
+                            metric: by.metric_name().to_string(),
+                            value,
+                        };
+                        let saved = match spec.train.best {
+                            Some(_) => model.save_as(&out_dir, "model_best")?,
+                            None => Vec::new(),
+                        };
+                        record.write(&out_dir)?;
+                        say(&WorkerMessage::Log {
+                            message: format!(
+                                "best so far: epoch {} ({} {value:.4}){}",
+                                epoch + 1,
+                                record.metric,
+                                if saved.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!("; saved as {}", saved.join(", "))
+                                }
+                            ),
+                        });
+                        best = Some(record);
+                    }
+                    if let (Some(es), Some(b)) = (spec.train.early_stop, &best) {
+                        let since = epoch + 1 - b.epoch.min(epoch + 1);
+                        if since >= es.patience && epoch + 1 < spec.train.epochs {
+                            stop = 1.0;
+                        }
+                    }
+                }
+                // Every rank ends with rank 0, after this epoch's checkpoint.
+                let mut decided = [stop];
+                if let Err(e) = dist.sum(&mut decided) {
+                    rescue!(e);
+                }
+                if decided[0] > 0.0 {
+                    stopped_early = Some(epoch + 1);
+                }
+            }
         }
         metrics.flush()?;
         epoch += 1;
@@ -746,6 +861,21 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 spec.train.keep_checkpoints,
             )?;
         }
+        if let Some(at) = stopped_early {
+            let (patience, b) = (
+                spec.train.early_stop.map_or(0, |e| e.patience),
+                best.as_ref(),
+            );
+            say(&WorkerMessage::Log {
+                message: format!(
+                    "early stop after epoch {at} of {}: {} has not improved for {patience} epochs (best: epoch {})",
+                    spec.train.epochs,
+                    best_by.map_or("val_accuracy", |b| b.metric_name()),
+                    b.map_or(0, |b| b.epoch)
+                ),
+            });
+            break 'epochs;
+        }
     }
     metrics.flush()?;
     train_time += sync_device(device);
@@ -760,6 +890,13 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     if !leader {
         return Ok(());
     }
+    // Memory is bounded by the input queue, not by the data set: the number says so.
+    let rss = pipeline::max_rss_mb();
+    writeln!(metrics, "{}", serde_json::json!({ "max_rss_mb": rss }))?;
+    metrics.flush()?;
+    say(&WorkerMessage::Log {
+        message: format!("rank 0: peak resident memory {rss:.0} MB"),
+    });
     if let Some(st) = &student {
         st.remove_cache(&scratch);
     }
@@ -787,13 +924,140 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             ),
         });
     }
-    let files = model.save_final(&out_dir)?;
+    let mut files = model.save_final(&out_dir)?;
+    // eval.json: the last validation of the final model, and the test set, evaluated once
+    // (by this rank alone) with the best epoch's model when there is one, else the final.
+    let names = train_set.classes.as_deref();
+    let mut report = serde_json::Map::new();
+    if let Some((at, ev)) = &last_eval {
+        report.insert(
+            "val".into(),
+            ev.to_json(&format!("final (epoch {at})"), names),
+        );
+    }
+    if let Some(t) = &spec.data.test {
+        let test_set = Arc::new(
+            Dataset::load(
+                Path::new(&t.path),
+                "data.test",
+                &spec.data,
+                spec.train.seed,
+                &indexing,
+            )?
+            .matched_to(&train_set, "data.test")?,
+        );
+        let chosen = match (&best, spec.train.best.is_some()) {
+            (Some(b), true) => {
+                let weights = out_dir.join("model_best.safetensors");
+                let state = Tensor::read_safetensors(&weights)
+                    .with_context(|| format!("cannot read {}", weights.display()))?;
+                model.load_state(state)?;
+                format!("best (epoch {})", b.epoch)
+            }
+            _ => format!("final (epoch {epoch})"),
+        };
+        let ev = evaluate(
+            &model,
+            &test_set,
+            (spec.train.batch_size as usize * 2, decode_threads, depth),
+            device,
+            classes,
+            None,
+        )?;
+        say(&WorkerMessage::Log {
+            message: format!(
+                "test set: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} over {} samples, with the {chosen} model",
+                ev.top1 * 100.0,
+                ev.top5 * 100.0,
+                ev.loss,
+                ev.samples
+            ),
+        });
+        writeln!(
+            metrics,
+            "{}",
+            serde_json::json!({"test_loss": ev.loss, "test_accuracy": ev.top1, "test_top5": ev.top5, "model": chosen})
+        )?;
+        metrics.flush()?;
+        report.insert("test".into(), ev.to_json(&chosen, names));
+    }
+    if !report.is_empty() {
+        let path = out_dir.join("eval.json");
+        write_file(&path, &serde_json::to_vec_pretty(&report)?)?;
+        files.push(path.display().to_string());
+    }
+    if let Some(b) = &best {
+        writeln!(metrics, "{}", serde_json::json!({ "best": b }))?;
+        metrics.flush()?;
+        let kept = spec.train.best.is_some();
+        say(&WorkerMessage::Log {
+            message: format!(
+                "final model (model.*): epoch {epoch}; best: epoch {} ({} {:.4}){}",
+                b.epoch,
+                b.metric,
+                b.value,
+                if kept { " in model_best.*" } else { "" }
+            ),
+        });
+        if kept {
+            files.extend(
+                ["model_best.safetensors", "model_best.pt", "model_best.json"]
+                    .iter()
+                    .map(|f| out_dir.join(f))
+                    .filter(|p| p.exists())
+                    .map(|p| p.display().to_string()),
+            );
+        }
+    }
     let sps = train_samples as f64 / train_time.as_secs_f64().max(1e-9);
     say(&WorkerMessage::Done {
         files,
         samples_per_sec: sps,
     });
     Ok(())
+}
+
+/// The best epoch so far by `train.best`'s metric (`model_best.json` in the output dir).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BestRecord {
+    /// 1-based, as events count epochs.
+    epoch: u32,
+    step: u64,
+    metric: String,
+    value: f64,
+}
+
+impl BestRecord {
+    const FILE: &'static str = "model_best.json";
+
+    /// The record a resumed job starts from: none past the step it resumes at (a record
+    /// from steps that will be trained again would be of another run).
+    fn read(dir: &Path, resumed_at: u64) -> Option<BestRecord> {
+        let b: BestRecord =
+            serde_json::from_slice(&std::fs::read(dir.join(Self::FILE)).ok()?).ok()?;
+        (b.step <= resumed_at && resumed_at > 0).then_some(b)
+    }
+
+    fn write(&self, dir: &Path) -> Result<()> {
+        write_file(&dir.join(Self::FILE), &serde_json::to_vec_pretty(self)?)
+    }
+}
+
+/// Writes `bytes` to `path` through a fresh file renamed into place: a link put where the
+/// file goes is replaced, never written through.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// What the input pipeline does to training and evaluation images, for the log.
@@ -1060,18 +1324,90 @@ fn write_state(
     }
 }
 
-/// Mean loss and accuracy over a data set, in evaluation mode. Each rank evaluates every
-/// `world`-th sample; the sums are added across ranks.
+/// Above this many classes no confusion matrix is kept (it would be classes² numbers).
+const MAX_CONFUSION_CLASSES: usize = 1000;
+
+/// What one evaluation found, summed over the ranks that shared it.
+struct Evaluation {
+    samples: u64,
+    loss: f64,
+    top1: f64,
+    top5: f64,
+    /// Rows: the true class; columns: the predicted class, then one column for predictions
+    /// outside the data's classes (a model with more outputs). None above
+    /// `MAX_CONFUSION_CLASSES`.
+    confusion: Option<Vec<Vec<u64>>>,
+}
+
+impl Evaluation {
+    /// The record `eval.json` holds for a split: the model it evaluated, top-1 and top-5,
+    /// per-class accuracy and the confusion matrix, classes named when the data names them.
+    fn to_json(&self, model: &str, names: Option<&[String]>) -> serde_json::Value {
+        let name = |k: usize| {
+            names
+                .and_then(|n| n.get(k))
+                .cloned()
+                .unwrap_or(k.to_string())
+        };
+        let per_class: Vec<serde_json::Value> = self
+            .confusion
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(k, row)| {
+                let n: u64 = row.iter().sum();
+                serde_json::json!({
+                    "class": name(k),
+                    "samples": n,
+                    "accuracy": (n > 0).then(|| row[k] as f64 / n as f64),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "model": model,
+            "samples": self.samples,
+            "loss": self.loss,
+            "top1": self.top1,
+            "top5": self.top5,
+            "per_class": per_class,
+            "confusion": self.confusion.as_ref().map(|m| serde_json::json!({
+                "rows": "true class",
+                "columns": (0..m.len()).map(name).chain(std::iter::once("(other output)".to_string())).collect::<Vec<_>>(),
+                "matrix": m,
+            })),
+        })
+    }
+}
+
+/// The number of classes a data set's labels come from: its ImageFolder classes, else the
+/// largest label + 1.
+fn class_count(ds: &Dataset) -> usize {
+    ds.classes.as_ref().map_or_else(
+        || {
+            ds.labels()
+                .iter()
+                .copied()
+                .max()
+                .map_or(0, |m| (m + 1).max(0) as usize)
+        },
+        Vec::len,
+    )
+}
+
+/// Loss, top-1 and top-5 accuracy and the confusion matrix over a data set of `classes`
+/// classes, in evaluation mode. With `dist`, each rank evaluates every `world`-th sample
+/// and the sums are added across ranks (a collective: every rank calls it); without, this
+/// process evaluates every sample.
 fn evaluate(
     model: &Model,
     ds: &Arc<Dataset>,
     (batch, threads, depth): (usize, usize, usize),
     device: Device,
-    dist: &mut Dist,
-) -> Result<(f64, f64)> {
-    let mine: Vec<u32> = (dist.rank as u32..ds.len() as u32)
-        .step_by(dist.world)
-        .collect();
+    classes: usize,
+    mut dist: Option<&mut Dist>,
+) -> Result<Evaluation> {
+    let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank, d.world));
+    let mine: Vec<u32> = (rank as u32..ds.len() as u32).step_by(world).collect();
     let plan = mine
         .chunks(batch.max(1))
         .map(|c| Planned {
@@ -1080,24 +1416,52 @@ fn evaluate(
         })
         .collect();
     let mut loader = Loader::start(ds.clone(), plan, threads, depth);
-    let (loss_sum, correct, n) = tch::no_grad(|| -> Result<(f64, i64, i64)> {
-        let (mut loss_sum, mut correct, mut n) = (0.0, 0i64, 0i64);
+    let keep = classes > 0 && classes <= MAX_CONFUSION_CLASSES;
+    let width = classes as i64 + 1;
+    let cells = if keep { classes as i64 * width } else { 0 };
+    let (sums, confusion) = tch::no_grad(|| -> Result<([f64; 4], Tensor)> {
+        let mut sums = [0f64; 4];
+        let mut confusion = Tensor::zeros([cells], (Kind::Int64, device));
         while let Some(b) = loader.next_batch() {
             let (x, y) = b?.to_device(&ds.transform, device);
             let len = y.size()[0];
             let logits = model.forward(&x, false)?;
-            loss_sum += logits.cross_entropy_for_logits(&y).double_value(&[]) * len as f64;
-            correct += logits
-                .argmax(1, false)
-                .eq_tensor(&y)
-                .sum(Kind::Int64)
-                .int64_value(&[]);
-            n += len;
+            let k = logits.size()[1].min(5);
+            let (_, top) = logits.topk(k, 1, true, true);
+            let hit = top.eq_tensor(&y.unsqueeze(1));
+            let pred = top.select(1, 0);
+            sums[0] += logits.cross_entropy_for_logits(&y).double_value(&[]) * len as f64;
+            sums[1] += hit.select(1, 0).sum(Kind::Int64).int64_value(&[]) as f64;
+            sums[2] += hit.any_dim(1, false).sum(Kind::Int64).int64_value(&[]) as f64;
+            sums[3] += len as f64;
+            if keep {
+                let col = pred.clamp_max(classes as i64);
+                let cell = &y * width + col;
+                confusion += cell.bincount::<Tensor>(None, cells);
+            }
         }
-        Ok((loss_sum, correct, n))
+        Ok((sums, confusion))
     })?;
-    let mut sums = [loss_sum as f32, correct as f32, n as f32];
-    dist.sum(&mut sums)?;
-    let total = f64::from(sums[2]).max(1.0);
-    Ok((f64::from(sums[0]) / total, f64::from(sums[1]) / total))
+    let mut flat: Vec<f32> = sums.iter().map(|v| *v as f32).collect();
+    flat.extend(
+        Vec::<i64>::try_from(&confusion.to_device(Device::Cpu))?
+            .iter()
+            .map(|&c| c as f32),
+    );
+    if let Some(d) = dist.as_mut() {
+        d.sum(&mut flat)?;
+    }
+    let n = f64::from(flat[3]).max(1.0);
+    Ok(Evaluation {
+        samples: flat[3] as u64,
+        loss: f64::from(flat[0]) / n,
+        top1: f64::from(flat[1]) / n,
+        top5: f64::from(flat[2]) / n,
+        confusion: keep.then(|| {
+            flat[4..]
+                .chunks(width as usize)
+                .map(|row| row.iter().map(|&c| c as u64).collect())
+                .collect()
+        }),
+    })
 }

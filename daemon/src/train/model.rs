@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use ferry_cluster::spec::{Arch, FreezeBn, ModelSpec, Precision};
+use ferry_cluster::spec::{under, Arch, FreezeBn, InitSpec, ModelSpec, Precision};
 use serde::Serialize;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
@@ -49,6 +49,8 @@ pub struct InitReport {
     pub unexpected: Vec<String>,
     /// In both with different shapes (a new head is the usual case): left as initialised.
     pub skipped_shape: Vec<String>,
+    /// In the file, left out by `include`/`exclude` (by their names in the file).
+    pub excluded: Vec<String>,
 }
 
 /// Input shape (C, H, W) of the data, needed to build built-in architectures.
@@ -218,13 +220,56 @@ impl Model {
     }
 
     /// Loads tensors by name from a safetensors file (parameter transfer): shapes must
-    /// match; everything else is reported, not an error.
-    pub fn load_init(&mut self, path: &Path) -> Result<InitReport> {
+    /// match; everything else is reported, not an error. `init` renames the file's tensors
+    /// and chooses which are loaded; a rename, include or exclude prefix that matches no
+    /// tensor of the file is an error (a typo would otherwise load everything, or nothing).
+    pub fn load_init(&mut self, init: &InitSpec) -> Result<InitReport> {
+        let path = Path::new(init.path());
         let file = Tensor::read_safetensors(path).with_context(|| {
             format!("model.init: cannot read {} as safetensors", path.display())
         })?;
-        let mut by_name: HashMap<String, Tensor> = file.into_iter().collect();
         let mut report = InitReport::default();
+        // Every file tensor's name in the file and after rename.
+        let mut names = Vec::new();
+        let mut by_name: HashMap<String, Tensor> = HashMap::new();
+        for (name, t) in file {
+            let target = init.rename(&name);
+            names.push((name.clone(), target.clone()));
+            if !init.keeps(&target) {
+                report.excluded.push(name);
+            } else if by_name.insert(target.clone(), t).is_some() {
+                bail!(
+                    "model.init.rename: two tensors of {} are renamed to `{target}`",
+                    path.display()
+                );
+            }
+        }
+        if let InitSpec::Select(sel) = init {
+            let some = |names: &mut dyn Iterator<Item = &String>| {
+                names.take(8).cloned().collect::<Vec<_>>().join(", ")
+            };
+            for from in sel.rename.keys() {
+                if !names.iter().any(|(n, _)| n.starts_with(from.as_str())) {
+                    bail!(
+                        "model.init.rename: no tensor of {} starts with `{from}`; its names start with: {}",
+                        path.display(),
+                        some(&mut names.iter().map(|(n, _)| n))
+                    );
+                }
+            }
+            for (field, prefixes) in [("include", &sel.include), ("exclude", &sel.exclude)] {
+                for p in prefixes {
+                    if !names.iter().any(|(_, r)| under(r, p)) {
+                        bail!(
+                            "model.init.{field}: `{p}` matches no tensor of {} (names after rename); they start with: {}",
+                            path.display(),
+                            some(&mut names.iter().map(|(_, r)| r))
+                        );
+                    }
+                }
+            }
+        }
+        report.excluded.sort();
         tch::no_grad(|| -> Result<()> {
             for (name, t) in self.params.iter().chain(self.buffers.iter()) {
                 match by_name.remove(name) {
@@ -256,6 +301,74 @@ impl Model {
         Ok(report)
     }
 
+    /// Re-initialises every parameter and buffer under `prefixes` as PyTorch initialises a
+    /// new `Linear`, `Conv*`, `BatchNorm*` or `LayerNorm` of its shape: weights of 2 or more
+    /// dimensions uniform in ±1/sqrt(fan_in) (`kaiming_uniform_(a=sqrt(5))`), their biases
+    /// uniform in the same bound, 1-D weights (norm layers) 1, their biases 0, running
+    /// statistics 0 and 1. Every prefix must match; returns the names reset.
+    pub fn reset(&mut self, prefixes: &[String]) -> Result<Vec<String>> {
+        let names: Vec<String> = self.state().map(|(n, _)| n.clone()).collect();
+        for p in prefixes {
+            if !names.iter().any(|n| under(n, p)) {
+                bail!(
+                    "model.reset: `{p}` matches no tensor of the model; its names start with: {}",
+                    names
+                        .iter()
+                        .take(12)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+        let shapes: HashMap<String, Vec<i64>> =
+            self.state().map(|(n, t)| (n.clone(), t.size())).collect();
+        let fan_in = |size: &[i64]| size[1..].iter().product::<i64>().max(1) as f64;
+        let mut reset = Vec::new();
+        tch::no_grad(|| -> Result<()> {
+            for (name, t) in self.params.iter().chain(self.buffers.iter()) {
+                if !prefixes.iter().any(|p| under(name, p)) {
+                    continue;
+                }
+                let (module, leaf) = name.rsplit_once('.').unwrap_or(("", name));
+                let mut t = t.shallow_clone();
+                let weight = shapes
+                    .get(&format!("{module}.weight"))
+                    .filter(|s| s.len() >= 2);
+                match (leaf, t.dim()) {
+                    ("weight", d) if d >= 2 => {
+                        let b = 1.0 / fan_in(&t.size()).sqrt();
+                        let _ = t.uniform_(-b, b);
+                    }
+                    ("weight", _) => {
+                        let _ = t.fill_(1.0);
+                    }
+                    ("bias", _) => match weight {
+                        Some(w) => {
+                            let b = 1.0 / fan_in(w).sqrt();
+                            let _ = t.uniform_(-b, b);
+                        }
+                        None => {
+                            let _ = t.zero_();
+                        }
+                    },
+                    ("running_mean" | "num_batches_tracked", _) => {
+                        let _ = t.zero_();
+                    }
+                    ("running_var", _) => {
+                        let _ = t.fill_(1.0);
+                    }
+                    _ => bail!(
+                        "model.reset: cannot tell how PyTorch initialises `{name}` (only weights, biases and BatchNorm statistics are reset); name a narrower prefix"
+                    ),
+                }
+                reset.push(name.clone());
+            }
+            Ok(())
+        })?;
+        Ok(reset)
+    }
+
     /// Copies a full state (a checkpoint) into the model; every tensor must be present.
     pub fn load_state(&mut self, tensors: Vec<(String, Tensor)>) -> Result<()> {
         let mut by_name: HashMap<String, Tensor> = tensors.into_iter().collect();
@@ -282,30 +395,38 @@ impl Model {
     /// Each file is written into a directory this call makes fresh, then renamed into place:
     /// a link put where a file goes is replaced, never written through.
     pub fn save_final(&self, dir: &Path) -> Result<Vec<String>> {
-        let tmp = dir.join(format!(".ferry-final-{}", std::process::id()));
+        self.save_as(dir, "model")
+    }
+
+    /// Writes `STEM.safetensors` (and, for TorchScript, `STEM.pt`) to `dir`, as
+    /// [`Model::save_final`] does.
+    pub fn save_as(&self, dir: &Path, stem: &str) -> Result<Vec<String>> {
+        let tmp = dir.join(format!(".ferry-{stem}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        let r = self.save_final_into(&tmp, dir);
+        let r = self.save_into(&tmp, dir, stem);
         let _ = std::fs::remove_dir_all(&tmp);
         r
     }
 
-    fn save_final_into(&self, tmp: &Path, dir: &Path) -> Result<Vec<String>> {
+    fn save_into(&self, tmp: &Path, dir: &Path, stem: &str) -> Result<Vec<String>> {
         let mut files = Vec::new();
         let named: Vec<(&str, Tensor)> = self
             .state()
             .map(|(n, t)| (n.as_str(), t.to_device(Device::Cpu).contiguous()))
             .collect();
-        let weights = dir.join("model.safetensors");
-        Tensor::write_safetensors(&named, tmp.join("model.safetensors"))
+        let file = format!("{stem}.safetensors");
+        let weights = dir.join(&file);
+        Tensor::write_safetensors(&named, tmp.join(&file))
             .with_context(|| format!("cannot write {}", weights.display()))?;
-        std::fs::rename(tmp.join("model.safetensors"), &weights)
+        std::fs::rename(tmp.join(&file), &weights)
             .with_context(|| format!("cannot write {}", weights.display()))?;
         files.push(weights.display().to_string());
         if let Net::Script(m) = &self.net {
-            let ts = dir.join("model.pt");
-            m.save(&tmp.join("model.pt"))?;
-            std::fs::rename(tmp.join("model.pt"), &ts)
+            let file = format!("{stem}.pt");
+            let ts = dir.join(&file);
+            m.save(&tmp.join(&file))?;
+            std::fs::rename(tmp.join(&file), &ts)
                 .with_context(|| format!("cannot write {}", ts.display()))?;
             files.push(ts.display().to_string());
         }
@@ -318,4 +439,162 @@ fn natural_key(s: &str) -> Vec<(u64, String)> {
     s.split('.')
         .map(|part| (part.parse::<u64>().unwrap_or(u64::MAX), part.to_string()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_cluster::spec::InitSelect;
+
+    fn built(arch: Arch) -> Model {
+        let spec = ModelSpec {
+            arch,
+            path: None,
+            num_classes: Some(5),
+            init: None,
+            reset: Vec::new(),
+            freeze: Vec::new(),
+            freeze_bn: FreezeBn::Eval,
+            jit_optimize: false,
+        };
+        Model::build(&spec, None, (3, 8, 8), Device::Cpu).unwrap()
+    }
+
+    fn value(m: &Model, name: &str) -> Tensor {
+        m.state().find(|(n, _)| n == name).unwrap().1.copy()
+    }
+
+    /// A checkpoint saved from a DataParallel model (names under `module.`) with a
+    /// same-shaped head from another task: the head is left out and reported, the rest is
+    /// loaded under the stripped names, and a prefix that matches nothing is refused.
+    #[test]
+    fn init_include_exclude_and_rename_choose_what_is_transferred() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("source.safetensors");
+        let source = built(Arch::Mlp);
+        let named: Vec<(String, Tensor)> = source
+            .state()
+            .enumerate()
+            .map(|(i, (n, t))| (format!("module.{n}"), t.ones_like() * (i + 2) as f64))
+            .collect();
+        Tensor::write_safetensors(&named, &file).unwrap();
+        let select = |include: &[&str], exclude: &[&str], rename: &[(&str, &str)]| {
+            InitSpec::Select(InitSelect {
+                path: file.to_string_lossy().into_owned(),
+                include: include.iter().map(|s| s.to_string()).collect(),
+                exclude: exclude.iter().map(|s| s.to_string()).collect(),
+                rename: rename
+                    .iter()
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .collect(),
+            })
+        };
+        let mut m = built(Arch::Mlp);
+        let head_before = value(&m, "classifier.weight");
+        let r = m
+            .load_init(&select(&[], &["classifier"], &[("module.", "")]))
+            .unwrap();
+        assert_eq!(
+            r.excluded,
+            ["module.classifier.bias", "module.classifier.weight"]
+        );
+        assert_eq!(r.loaded.len(), 4, "{r:?}");
+        assert!(
+            r.missing.iter().all(|n| n.starts_with("classifier.")),
+            "{r:?}"
+        );
+        assert!(
+            r.unexpected.is_empty() && r.skipped_shape.is_empty(),
+            "{r:?}"
+        );
+        assert!(
+            value(&m, "classifier.weight").equal(&head_before),
+            "the head is not loaded"
+        );
+        for (i, (n, _)) in named.iter().enumerate() {
+            if !n.starts_with("module.classifier.") {
+                let loaded = value(&m, n.strip_prefix("module.").unwrap());
+                assert_eq!(
+                    loaded.mean(Kind::Float).double_value(&[]),
+                    (i + 2) as f64,
+                    "{n}"
+                );
+            }
+        }
+        // include: only the first layer.
+        let r = built(Arch::Mlp)
+            .load_init(&select(&["features.0"], &[], &[("module.", "")]))
+            .unwrap();
+        let mut loaded = r.loaded.clone();
+        loaded.sort();
+        assert_eq!(loaded, ["features.0.bias", "features.0.weight"]);
+        // Without the rename nothing matches by name: refused, as before.
+        assert!(built(Arch::Mlp).load_init(&select(&[], &[], &[])).is_err());
+        // Typos are refused with the names there are.
+        for (bad, says) in [
+            (
+                select(&["feature"], &[], &[("module.", "")]),
+                "model.init.include: `feature` matches no tensor",
+            ),
+            (
+                select(&[], &["head"], &[("module.", "")]),
+                "model.init.exclude: `head` matches no tensor",
+            ),
+            (
+                select(&[], &[], &[("model.", "")]),
+                "model.init.rename: no tensor of",
+            ),
+        ] {
+            let e = format!("{:#}", built(Arch::Mlp).load_init(&bad).err().unwrap());
+            assert!(e.contains(says) && e.contains("features.0.weight"), "{e}");
+        }
+    }
+
+    /// `model.reset` re-draws Linear/Conv weights and biases in PyTorch's bounds
+    /// (±1/sqrt(fan_in)) and sets norm layers and their statistics as a new module has them.
+    #[test]
+    fn reset_reinitialises_as_pytorch_initialises_a_new_module() {
+        let mut m = built(Arch::Cnn);
+        tch::no_grad(|| {
+            for (_, t) in m.params.iter().chain(m.buffers.iter()) {
+                let _ = t.shallow_clone().fill_(7.0);
+            }
+        });
+        let reset = m
+            .reset(&["classifier".into(), "features.1".into()])
+            .unwrap();
+        assert_eq!(reset.len(), 6, "{reset:?}");
+        // classifier: Linear(64, 5): bound 1/8.
+        for n in ["classifier.weight", "classifier.bias"] {
+            let t = value(&m, n);
+            let (lo, hi) = (t.min().double_value(&[]), t.max().double_value(&[]));
+            assert!(
+                lo >= -0.125 && hi <= 0.125 && hi - lo > 0.01,
+                "{n}: {lo} {hi}"
+            );
+        }
+        // features.1: BatchNorm2d(32).
+        for (n, v) in [
+            ("weight", 1.0),
+            ("bias", 0.0),
+            ("running_mean", 0.0),
+            ("running_var", 1.0),
+        ] {
+            let t = value(&m, &format!("features.1.{n}"));
+            assert!(t.eq(v).all().int64_value(&[]) == 1, "features.1.{n}");
+        }
+        // features.0: Conv2d(3, 32, 3) untouched.
+        assert!(
+            value(&m, "features.0.weight")
+                .eq(7.0)
+                .all()
+                .int64_value(&[])
+                == 1
+        );
+        let e = m.reset(&["head".into()]).err().unwrap().to_string();
+        assert!(
+            e.contains("model.reset: `head` matches no tensor") && e.contains("classifier.weight"),
+            "{e}"
+        );
+    }
 }

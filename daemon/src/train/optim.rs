@@ -4,8 +4,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use anyhow::{Context, Result};
-use ferry_cluster::spec::{LrScheduleName, OptimizerName, OptimizerSpec, TrainSpec};
+use anyhow::{bail, Context, Result};
+use ferry_cluster::spec::{
+    under, LrScheduleName, OptimizerName, OptimizerSpec, ParamGroupSpec, TrainSpec,
+};
 use tch::Tensor;
 
 use super::torchscript;
@@ -30,6 +32,11 @@ pub struct Optimizer {
     /// AdamW: the steps each parameter has taken (its bias correction), counted, as
     /// PyTorch counts them, only when it had a gradient.
     param_steps: Vec<u64>,
+    /// Each parameter's learning-rate multiplier and weight decay (its parameter group).
+    lr_mult: Vec<f64>,
+    decay: Vec<f64>,
+    /// What the groups hold, for the log (None: one group).
+    groups_summary: Option<String>,
     /// Optimizer steps taken.
     pub steps: u64,
 }
@@ -46,14 +53,94 @@ impl Optimizer {
             .filter(|(_, p)| p.numel() == 0 || seen.insert(p.data_ptr() as usize))
             .collect();
         let n = params.len();
+        let decay = spec.weight_decay.unwrap_or(match spec.name {
+            OptimizerName::Sgd => 0.0,
+            OptimizerName::Adamw => 0.01,
+        });
         Optimizer {
             spec: spec.clone(),
             params,
             state1: (0..n).map(|_| None).collect(),
             state2: (0..n).map(|_| None).collect(),
             param_steps: vec![0; n],
+            lr_mult: vec![1.0; n],
+            decay: vec![decay; n],
+            groups_summary: None,
             steps: 0,
         }
+    }
+
+    /// An optimizer with parameter groups (`train.param_groups`) and the optimizer's
+    /// `norm_weight_decay`/`bias_weight_decay`: a parameter takes the first group whose
+    /// prefix covers it; its weight decay is its group's, else (a normalisation layer's
+    /// parameter, a bias) the norm or bias decay, else the optimizer's. A group that covers
+    /// no trainable parameter is an error.
+    pub fn with_groups(
+        spec: &OptimizerSpec,
+        groups: &[ParamGroupSpec],
+        params: Vec<(String, Tensor)>,
+    ) -> Result<Self> {
+        let mut opt = Optimizer::new(spec, params);
+        if groups.is_empty() && spec.norm_weight_decay.is_none() && spec.bias_weight_decay.is_none()
+        {
+            return Ok(opt);
+        }
+        // Normalisation layers: modules whose weight is one-dimensional.
+        let norms: HashSet<&str> = opt
+            .params
+            .iter()
+            .filter(|(n, t)| n.ends_with(".weight") && t.dim() == 1)
+            .map(|(n, _)| &n[..n.len() - ".weight".len()])
+            .collect();
+        let mut counts = vec![0usize; groups.len()];
+        let (mut norm_n, mut bias_n) = (0, 0);
+        for (i, (name, _)) in opt.params.iter().enumerate() {
+            let (module, leaf) = name.rsplit_once('.').unwrap_or(("", name));
+            let group = groups.iter().position(|g| under(name, &g.prefix));
+            if let Some(k) = group {
+                counts[k] += 1;
+                opt.lr_mult[i] = groups[k].lr_mult;
+            }
+            let special = if norms.contains(module) {
+                spec.norm_weight_decay.inspect(|_| norm_n += 1)
+            } else if leaf == "bias" {
+                spec.bias_weight_decay.inspect(|_| bias_n += 1)
+            } else {
+                None
+            };
+            if let Some(wd) = group.and_then(|k| groups[k].weight_decay).or(special) {
+                opt.decay[i] = wd;
+            }
+        }
+        let mut parts = Vec::new();
+        for (k, (g, n)) in groups.iter().zip(&counts).enumerate() {
+            if *n == 0 {
+                bail!(
+                    "train.param_groups[{k}].prefix: `{}` covers no trainable parameter (an earlier group or model.freeze may hold them); trainable parameters start with: {}",
+                    g.prefix,
+                    opt.params.iter().take(12).map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                );
+            }
+            let wd = g
+                .weight_decay
+                .map_or(String::new(), |w| format!(", weight decay {w}"));
+            parts.push(format!("{} ({n} tensors, lr x{}{wd})", g.prefix, g.lr_mult));
+        }
+        if let Some(w) = spec.norm_weight_decay {
+            parts.push(format!(
+                "weight decay {w} on {norm_n} normalisation tensors"
+            ));
+        }
+        if let Some(w) = spec.bias_weight_decay {
+            parts.push(format!("weight decay {w} on {bias_n} other biases"));
+        }
+        opt.groups_summary = Some(parts.join("; "));
+        Ok(opt)
+    }
+
+    /// The parameter groups, for the log; None when there is one.
+    pub fn groups_summary(&self) -> Option<&str> {
+        self.groups_summary.as_deref()
     }
 
     /// Drops the gradients of the parameters (PyTorch's default `set_to_none=True`).
@@ -72,9 +159,10 @@ impl Optimizer {
         let s = &self.spec;
         let adam = s.name == OptimizerName::Adamw;
         let momentum = s.momentum.unwrap_or(0.0);
-        // The parameters that have a gradient, grouped by their step count (AdamW's bias
-        // correction depends on it; SGD's update does not, so SGD has one group).
-        let mut groups: BTreeMap<u64, Group> = BTreeMap::new();
+        // The parameters that have a gradient, grouped by their parameter group (learning
+        // rate multiplier, weight decay) and step count (AdamW's bias correction depends on
+        // it; SGD's update does not).
+        let mut groups: BTreeMap<(u64, u64, u64), Group> = BTreeMap::new();
         for (i, (_, p)) in self.params.iter().enumerate() {
             let g = p.grad();
             if !g.defined() {
@@ -86,7 +174,8 @@ impl Optimizer {
             } else {
                 0
             };
-            let group = groups.entry(t).or_default();
+            let key = (t, self.lr_mult[i].to_bits(), self.decay[i].to_bits());
+            let group = groups.entry(key).or_default();
             // State starts at zero: SGD's first buffer is then 0 * momentum + d = d, exactly
             // PyTorch's clone of d; Adam's moments start at zero in PyTorch too.
             if adam || momentum != 0.0 {
@@ -100,7 +189,8 @@ impl Optimizer {
             group.params.push(p.shallow_clone());
             group.grads.push(g);
         }
-        for (t, g) in groups {
+        for ((t, mult, decay), g) in groups {
+            let (lr, weight_decay) = (lr * f64::from_bits(mult), f64::from_bits(decay));
             match s.name {
                 OptimizerName::Sgd => torchscript::sgd_step(
                     &g.params,
@@ -108,7 +198,7 @@ impl Optimizer {
                     &g.first,
                     lr,
                     momentum,
-                    s.weight_decay.unwrap_or(0.0),
+                    weight_decay,
                     s.nesterov == Some(true),
                 )?,
                 OptimizerName::Adamw => {
@@ -123,7 +213,7 @@ impl Optimizer {
                             lr,
                             betas,
                             eps: s.eps.unwrap_or(1e-8),
-                            weight_decay: s.weight_decay.unwrap_or(0.01),
+                            weight_decay,
                             bc1: 1.0 - betas[0].powf(t as f64),
                             bc2: 1.0 - betas[1].powf(t as f64),
                         },
@@ -442,6 +532,105 @@ mod tests {
                     }
             );
         }
+    }
+
+    /// Parameter groups: each parameter steps as PyTorch steps a parameter group with the
+    /// group's lr and weight decay; normalisation layers and biases take their own decay.
+    #[test]
+    fn param_groups_step_each_parameter_with_its_groups_lr_and_decay() {
+        let shapes: [(&str, Vec<i64>); 5] = [
+            ("features.0.weight", vec![4, 3]),
+            ("features.1.weight", vec![4]),
+            ("features.1.bias", vec![4]),
+            ("classifier.weight", vec![2, 4]),
+            ("classifier.bias", vec![2]),
+        ];
+        // (lr multiplier, weight decay) each parameter must get.
+        let expected = [(0.1, 0.01), (0.1, 0.0), (0.1, 0.0), (1.0, 0.01), (1.0, 0.0)];
+        let groups = [ParamGroupSpec {
+            prefix: "features".into(),
+            lr_mult: 0.1,
+            weight_decay: None,
+        }];
+        for name in [OptimizerName::Sgd, OptimizerName::Adamw] {
+            let spec = OptimizerSpec {
+                name,
+                lr: 0.05,
+                momentum: (name == OptimizerName::Sgd).then_some(0.9),
+                weight_decay: Some(0.01),
+                norm_weight_decay: Some(0.0),
+                bias_weight_decay: Some(0.0),
+                ..Default::default()
+            };
+            tch::manual_seed(3);
+            let init: Vec<Tensor> = shapes
+                .iter()
+                .map(|(_, s)| Tensor::randn(s.as_slice(), (tch::Kind::Float, tch::Device::Cpu)))
+                .collect();
+            let fresh = || -> Vec<Tensor> {
+                init.iter()
+                    .map(|t| t.copy().set_requires_grad(true))
+                    .collect()
+            };
+            let (ours, theirs) = (fresh(), fresh());
+            let named = shapes
+                .iter()
+                .zip(&ours)
+                .map(|((n, _), p)| (n.to_string(), p.shallow_clone()))
+                .collect();
+            let mut opt = Optimizer::with_groups(&spec, &groups, named).unwrap();
+            let summary = opt.groups_summary().unwrap().to_string();
+            assert!(
+                summary.contains("features (3 tensors, lr x0.1)")
+                    && summary.contains("0 on 2 normalisation tensors")
+                    && summary.contains("0 on 1 other biases"),
+                "{summary}"
+            );
+            let mut state: Vec<[Option<Tensor>; 2]> =
+                (0..init.len()).map(|_| [None, None]).collect();
+            let mut steps = vec![0; init.len()];
+            for _ in 0..3 {
+                for ps in [&ours, &theirs] {
+                    for p in ps.iter() {
+                        super::torchscript::clear_grad(&mut p.shallow_clone());
+                    }
+                    ps.iter()
+                        .map(|p| (p * p).sum(tch::Kind::Float) + p.sum(tch::Kind::Float))
+                        .fold(
+                            Tensor::zeros([], (tch::Kind::Float, tch::Device::Cpu)),
+                            |a, b| a + b,
+                        )
+                        .backward();
+                }
+                opt.step(spec.lr).unwrap();
+                for (i, (mult, wd)) in expected.iter().enumerate() {
+                    let own = OptimizerSpec {
+                        lr: spec.lr * mult,
+                        weight_decay: Some(*wd),
+                        ..spec.clone()
+                    };
+                    reference_step(&own, &theirs[i..=i], &mut state[i..=i], &mut steps[i..=i]);
+                }
+                for ((a, b), (n, _)) in ours.iter().zip(&theirs).zip(&shapes) {
+                    let diff = (a - b).abs().max().double_value(&[]);
+                    assert!(diff < 1e-6, "{name:?} {n}: {a} vs {b}");
+                }
+            }
+        }
+        // A group that covers nothing trainable is refused with the names there are.
+        let p = vec![(
+            "fc.weight".to_string(),
+            Tensor::zeros([2, 2], (tch::Kind::Float, tch::Device::Cpu)),
+        )];
+        let e = Optimizer::with_groups(&OptimizerSpec::default(), &groups, p)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("train.param_groups[0].prefix: `features` covers no trainable parameter")
+                && e.contains("fc.weight"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -140,7 +140,11 @@ pub fn bench(
 ) -> Result<()> {
     // The batch's float work runs on this thread alone, as a DataLoader's main process.
     tch::set_num_threads(1);
-    let ds = Arc::new(Dataset::load_training(data, 0, None)?);
+    let ds = Arc::new(Dataset::load_training(
+        data,
+        0,
+        &super::data::Indexing::cached(None),
+    )?);
     let sampler = super::sampler::Sampler {
         len: ds.len(),
         batch,

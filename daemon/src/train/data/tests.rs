@@ -13,7 +13,7 @@ fn spec(extra: serde_json::Value) -> DataSpec {
 }
 
 fn load(path: &Path, spec: &DataSpec) -> Result<Dataset> {
-    Dataset::load(path, "data.x", spec, 7, None)
+    Dataset::load(path, "data.x", spec, 7, &Indexing::cached(None))
 }
 
 /// A class folder per name, one 2×2 grey PNG each, valued by class index.
@@ -76,18 +76,11 @@ fn validation_classes_are_matched_to_the_training_classes_by_name() {
     assert!(wide.matched_to(&numbered, "data.val").is_err());
 }
 
-#[test]
-fn webdataset_shards_decode_to_the_same_tensors_as_the_folder_form() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("folder");
-    let files = rgb_folder(&root, 30, 3);
-    // Two shards in the WebDataset layout, samples in the folder's (sorted) order.
-    let shards = dir.path().join("shards");
-    std::fs::create_dir_all(&shards).unwrap();
-    let mut sorted = files.clone();
-    sorted.sort();
-    for (k, chunk) in sorted.chunks(17).enumerate() {
-        let f = File::create(shards.join(format!("{k:06}.tar"))).unwrap();
+/// WebDataset shards of `per` samples each in `dir`, from (image file, class) pairs in order.
+fn write_shards(dir: &Path, samples: &[(PathBuf, usize)], per: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (k, chunk) in samples.chunks(per).enumerate() {
+        let f = File::create(dir.join(format!("{k:06}.tar"))).unwrap();
         let mut b = tar::Builder::new(f);
         for (j, (p, c)) in chunk.iter().enumerate() {
             let key = format!("s{k}_{j:04}");
@@ -102,10 +95,84 @@ fn webdataset_shards_decode_to_the_same_tensors_as_the_folder_form() {
         }
         b.finish().unwrap();
     }
+}
+
+#[test]
+fn a_long_index_build_reports_how_far_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("folder");
+    let mut files = rgb_folder(&root, 12, 3);
+    files.sort();
+    write_shards(&dir.path().join("shards"), &files, 4);
+    let st = dir.path().join("f.safetensors");
+    let images = Tensor::zeros([64, 3, 128, 128], (Kind::Float, tch::Device::Cpu));
+    let labels = Tensor::zeros([64], (Kind::Int64, tch::Device::Cpu));
+    Tensor::write_safetensors(&[("images", &images), ("labels", &labels)], &st).unwrap();
+    let s = spec(serde_json::json!({"channels": 3, "image_size": 24}));
+    let heard = std::sync::Mutex::new(Vec::new());
+    let report =
+        |m: String, done: u64, total: Option<u64>| heard.lock().unwrap().push((m, done, total));
+    let reports = |path: &Path| {
+        heard.lock().unwrap().clear();
+        let ix = Indexing::new(None, Some(&report), Duration::ZERO);
+        Dataset::load(path, "data.x", &s, 7, &ix).unwrap();
+        std::mem::take(&mut *heard.lock().unwrap())
+    };
+    // A folder: images listed so far, once per directory, counting up.
+    let r = reports(&root);
+    assert_eq!(r.len(), 3, "{r:?}");
+    assert_eq!(r.iter().map(|x| x.1).collect::<Vec<_>>(), [0, 4, 8]);
+    assert!(
+        r[2].0.contains("indexing data.x: 8 images listed so far"),
+        "{r:?}"
+    );
+    assert!(r.iter().all(|x| x.2.is_none()));
+    // Shards: how many of how many.
+    let r = reports(&dir.path().join("shards"));
+    assert_eq!(
+        r.iter().map(|x| (x.1, x.2)).collect::<Vec<_>>(),
+        [(0, Some(3)), (1, Some(3)), (2, Some(3))]
+    );
+    assert!(
+        r[2].0.contains("2 of 3 shards read, 8 samples so far"),
+        "{r:?}"
+    );
+    // Float pixels are scanned 16 MB at a time: 12 MB here, one report at the start.
+    let r = reports(&st);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].2, Some(64 * 3 * 128 * 128 * 4));
+    assert!(
+        r[0].0
+            .contains("checking data.x for NaN and infinity: 0 of 12 MB read"),
+        "{r:?}"
+    );
+    // Reports are at most one per interval: none for a quick build.
+    let ix = Indexing::new(None, Some(&report), Duration::from_secs(3600));
+    Dataset::load(&root, "data.x", &s, 7, &ix).unwrap();
+    assert!(heard.lock().unwrap().is_empty());
+}
+
+#[test]
+fn webdataset_shards_decode_to_the_same_tensors_as_the_folder_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("folder");
+    let files = rgb_folder(&root, 30, 3);
+    // Two shards in the WebDataset layout, samples in the folder's (sorted) order.
+    let shards = dir.path().join("shards");
+    let mut sorted = files.clone();
+    sorted.sort();
+    write_shards(&shards, &sorted, 17);
     let s = spec(serde_json::json!({"channels": 3, "image_size": 24}));
     let a = load(&root, &s).unwrap();
     let cache = tempfile::tempdir().unwrap();
-    let b = Dataset::load(&shards, "data.x", &s, 7, Some(cache.path())).unwrap();
+    let b = Dataset::load(
+        &shards,
+        "data.x",
+        &s,
+        7,
+        &Indexing::cached(Some(cache.path())),
+    )
+    .unwrap();
     assert_eq!(a.len(), 30);
     assert_eq!(b.len(), 30);
     let (xa, la) = all(&a, View::Eval);
@@ -116,7 +183,14 @@ fn webdataset_shards_decode_to_the_same_tensors_as_the_folder_form() {
     // The index was cached, and the cached one reads the same.
     let cached = std::fs::read_dir(cache.path()).unwrap().count();
     assert_eq!(cached, 2, "one index per shard");
-    let c = Dataset::load(&shards, "data.x", &s, 7, Some(cache.path())).unwrap();
+    let c = Dataset::load(
+        &shards,
+        "data.x",
+        &s,
+        7,
+        &Indexing::cached(Some(cache.path())),
+    )
+    .unwrap();
     assert!(all(&c, View::Eval).0.equal(&xb));
     // A sample without its label is refused with its key.
     let bad = dir.path().join("bad.tar");
