@@ -41,6 +41,23 @@ def prepare(d, model, n, size):
                "labels": torch.randint(0, classes, (n,), generator=g)}, f"{d}/data/synthetic.safetensors")
 
 
+def train_step(m, opt, xb, yb, dtype, scaler):
+    """One step as a user writes it: forward under autocast to `dtype` (None: fp32), the
+    loss in fp32, zero_grad(set_to_none=True), backward and step (through `scaler` for fp16)."""
+    dev = xb.device
+    with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = m(xb)
+    loss = torch.nn.functional.cross_entropy(out.float(), yb)
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
 def eager_model(model):
     if model == "resnet50":
         import torchvision
@@ -70,17 +87,7 @@ def run(d, model, device, epochs, batch, precision, threads, mode="eager"):
         for i in range(0, n, batch):
             idx = torch.arange(i, min(i + batch, n), device=dev)
             xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = m(xb)
-            loss = torch.nn.functional.cross_entropy(out.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+            train_step(m, opt, xb, yb, dtype, scaler)
             seen += len(idx)
         if dev.type == "cuda":
             torch.cuda.synchronize()

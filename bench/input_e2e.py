@@ -28,6 +28,8 @@ import time
 import torch
 from safetensors.torch import save_file
 
+from gpu_throughput import train_step
+
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -82,17 +84,7 @@ def run(d, jpegs, model, device, size, epochs, batch, precision, threads, worker
                 break
             xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
             wait += time.perf_counter() - w0
-            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = m(xb)
-            loss = torch.nn.functional.cross_entropy(out.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+            train_step(m, opt, xb, yb, dtype, scaler)
             seen += len(yb)
         if dev.type == "cuda":
             torch.cuda.synchronize()

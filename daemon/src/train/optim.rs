@@ -382,6 +382,23 @@ mod tests {
         );
     }
 
+    /// Random initial values of the given shapes (seeded), and two trainable copies of them:
+    /// one for the optimizer under test, one for the reference.
+    fn random_params(shapes: &[Vec<i64>], seed: i64) -> (Vec<Tensor>, Vec<Tensor>, Vec<Tensor>) {
+        tch::manual_seed(seed);
+        let init: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| Tensor::randn(s.as_slice(), (tch::Kind::Float, tch::Device::Cpu)))
+            .collect();
+        let fresh = || -> Vec<Tensor> {
+            init.iter()
+                .map(|t| t.copy().set_requires_grad(true))
+                .collect()
+        };
+        let (a, b) = (fresh(), fresh());
+        (init, a, b)
+    }
+
     /// The per-parameter update rules of `torch.optim.SGD` and `torch.optim.AdamW`, written
     /// out one tensor at a time: what the multi-tensor step must equal.
     fn reference_step(
@@ -471,17 +488,8 @@ mod tests {
             },
         ];
         for spec in &specs {
-            tch::manual_seed(7);
-            let init: Vec<Tensor> = [vec![5, 3], vec![3], vec![4], vec![2, 2]]
-                .iter()
-                .map(|s| Tensor::randn(s.as_slice(), (tch::Kind::Float, tch::Device::Cpu)))
-                .collect();
-            let fresh = || -> Vec<Tensor> {
-                init.iter()
-                    .map(|t| t.copy().set_requires_grad(true))
-                    .collect()
-            };
-            let (ours, theirs) = (fresh(), fresh());
+            let shapes = [vec![5, 3], vec![3], vec![4], vec![2, 2]];
+            let (init, ours, theirs) = random_params(&shapes, 7);
             let named = ours
                 .iter()
                 .enumerate()
@@ -562,17 +570,8 @@ mod tests {
                 bias_weight_decay: Some(0.0),
                 ..Default::default()
             };
-            tch::manual_seed(3);
-            let init: Vec<Tensor> = shapes
-                .iter()
-                .map(|(_, s)| Tensor::randn(s.as_slice(), (tch::Kind::Float, tch::Device::Cpu)))
-                .collect();
-            let fresh = || -> Vec<Tensor> {
-                init.iter()
-                    .map(|t| t.copy().set_requires_grad(true))
-                    .collect()
-            };
-            let (ours, theirs) = (fresh(), fresh());
+            let sizes: Vec<Vec<i64>> = shapes.iter().map(|(_, s)| s.clone()).collect();
+            let (init, ours, theirs) = random_params(&sizes, 3);
             let named = shapes
                 .iter()
                 .zip(&ours)
