@@ -231,19 +231,23 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             ),
         });
     }
-    let val_set = match &spec.data.val {
-        Some(v) => Some(
-            Dataset::load(
-                Path::new(&v.path),
-                "data.val",
-                &spec.data,
-                spec.train.seed,
-                &indexing,
-            )?
-            .matched_to(&train_set, "data.val")?,
-        ),
-        None => None,
+    // An evaluation split (data.val, data.test): its classes matched to the training set's.
+    let load_split = |field: &'static str, source: &ferry_cluster::spec::DataSource| {
+        Dataset::load(
+            Path::new(&source.path),
+            field,
+            &spec.data,
+            spec.train.seed,
+            &indexing,
+        )?
+        .matched_to(&train_set, field)
     };
+    let val_set = spec
+        .data
+        .val
+        .as_ref()
+        .map(|v| load_split("data.val", v))
+        .transpose()?;
     for (field, ds) in [
         ("data.train", Some(&*train_set)),
         ("data.val", val_set.as_ref()),
@@ -936,16 +940,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         );
     }
     if let Some(t) = &spec.data.test {
-        let test_set = Arc::new(
-            Dataset::load(
-                Path::new(&t.path),
-                "data.test",
-                &spec.data,
-                spec.train.seed,
-                &indexing,
-            )?
-            .matched_to(&train_set, "data.test")?,
-        );
+        let test_set = Arc::new(load_split("data.test", t)?);
         let chosen = match (&best, spec.train.best.is_some()) {
             (Some(b), true) => {
                 let weights = out_dir.join("model_best.safetensors");
