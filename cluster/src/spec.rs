@@ -139,6 +139,7 @@ impl TeacherSpec {
             reset: Vec::new(),
             freeze: Vec::new(),
             freeze_bn: FreezeBn::Eval,
+            unfreeze: Vec::new(),
             jit_optimize: false,
         }
     }
@@ -256,11 +257,39 @@ pub struct ModelSpec {
     /// running statistics; `train` lets them follow the model, updating the statistics.
     #[serde(default, skip_serializing_if = "FreezeBn::is_default")]
     pub freeze_bn: FreezeBn,
+    /// Gradual unfreezing: at the start of epoch `epoch` (counted from 0, as Lightning's
+    /// `unfreeze_backbone_at_epoch`), the parameters under `prefixes` (each under a
+    /// `model.freeze` prefix) start to train, with new optimizer state, and their modules
+    /// leave evaluation mode.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unfreeze: Vec<UnfreezeSpec>,
     /// TorchScript only: let the graph executor optimise (profiling runs, then autodiff
     /// subgraphs and fused kernels) instead of running the graph op by op, as PyTorch eager
     /// does (the default).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub jit_optimize: bool,
+}
+
+impl ModelSpec {
+    /// Every `model.unfreeze` prefix, in order.
+    pub fn unfreeze_prefixes(&self) -> Vec<String> {
+        self.unfreeze
+            .iter()
+            .flat_map(|u| u.prefixes.iter().cloned())
+            .collect()
+    }
+}
+
+/// One step of `model.unfreeze`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct UnfreezeSpec {
+    /// The epoch (from 0) at whose start they unfreeze: 3 means after three epochs.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    pub epoch: u32,
+    /// Parameter-name prefixes, each under one of `model.freeze`.
+    pub prefixes: Vec<String>,
 }
 
 /// `model.init`: a safetensors file, and which of its tensors are transferred.
@@ -574,7 +603,9 @@ pub struct Normalize {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSpec {
-    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    /// Passes over data.train; 0: no training, the model as given is evaluated on
+    /// data.val and data.test (into eval.json).
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 100000))]
     pub epochs: u32,
     /// Per rank.
     #[cfg_attr(feature = "openapi", schema(minimum = 1))]
@@ -623,6 +654,60 @@ pub struct TrainSpec {
     /// `patience` epochs. Needs `data.val`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stop: Option<EarlyStopSpec>,
+    /// Gradient accumulation: each optimizer step runs this many forward/backward passes of
+    /// `batch_size` samples (per rank) and steps once, exactly as one batch this many times
+    /// larger would (models without BatchNorm; BatchNorm normalises each micro-batch).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1024))]
+    #[serde(default = "one_u32", skip_serializing_if = "is_one")]
+    pub grad_accum_steps: u32,
+    /// Per-class weights of the cross-entropy (`torch.nn.CrossEntropyLoss(weight=)`): a
+    /// list, one per class, or `balanced`: `samples / (classes * samples of the class)`
+    /// from the training labels, as scikit-learn's `class_weight="balanced"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_weights: Option<ClassWeights>,
+    /// An exponential moving average of the weights (timm's `ModelEmaV2`): after every
+    /// optimizer step `ema = decay * ema + (1 - decay) * weights`, over parameters and
+    /// floating-point buffers, starting from the initial model. It is validated beside the
+    /// model and saved as `model_ema.safetensors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<EmaSpec>,
+}
+
+/// `train.class_weights`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(untagged)]
+pub enum ClassWeights {
+    /// `balanced`.
+    Rule(ClassWeightRule),
+    /// One non-negative weight per class, in class order.
+    Given(Vec<f64>),
+}
+
+/// The rule of `train.class_weights: balanced`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum ClassWeightRule {
+    Balanced,
+}
+
+/// `train.ema`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct EmaSpec {
+    /// The weight of the average at each step, in (0, 1): 0.999 averages over about
+    /// the last thousand steps.
+    pub decay: f64,
+}
+
+fn one_u32() -> u32 {
+    1
+}
+
+fn is_one(v: &u32) -> bool {
+    *v == 1
 }
 
 /// `train.best`.
@@ -782,6 +867,9 @@ impl Default for TrainSpec {
             param_groups: Vec::new(),
             best: None,
             early_stop: None,
+            grad_accum_steps: 1,
+            class_weights: None,
+            ema: None,
         }
     }
 }
@@ -1106,6 +1194,36 @@ impl JobSpec {
                 );
             }
         }
+        for (i, u) in m.unfreeze.iter().enumerate() {
+            let at = |f: &str| format!("model.unfreeze[{i}].{f}");
+            if u.epoch == 0 {
+                bad(&at("epoch"), "must be at least 1: what trains from the first epoch is not frozen (leave it out of model.freeze)".into());
+            } else if u.epoch >= self.train.epochs && self.train.epochs > 0 {
+                bad(
+                    &at("epoch"),
+                    format!(
+                        "epoch {} never starts: the job trains epochs 0 to {} (train.epochs: {})",
+                        u.epoch,
+                        self.train.epochs.saturating_sub(1),
+                        self.train.epochs
+                    ),
+                );
+            }
+            if u.prefixes.is_empty() {
+                bad(&at("prefixes"), "must name at least one prefix".into());
+            }
+            for (k, p) in u.prefixes.iter().enumerate() {
+                if !m.freeze.iter().any(|f| under(p, f)) {
+                    bad(
+                        &format!("model.unfreeze[{i}].prefixes[{k}]"),
+                        format!(
+                            "`{p}` is not under a model.freeze prefix ({}): only frozen parameters can unfreeze",
+                            if m.freeze.is_empty() { "there are none".to_string() } else { m.freeze.join(", ") }
+                        ),
+                    );
+                }
+            }
+        }
 
         check_path(&mut bad, "data.train.path", &self.data.train.path);
         if let Some(v) = &self.data.test {
@@ -1202,8 +1320,34 @@ impl JobSpec {
         }
 
         let t = &self.train;
-        if t.epochs == 0 || t.epochs > 100_000 {
-            bad("train.epochs", "must be between 1 and 100000".into());
+        if t.epochs > 100_000 {
+            bad("train.epochs", "must be between 0 and 100000".into());
+        } else if t.epochs == 0 {
+            // An evaluation-only job: the model as given, on data.val and data.test.
+            let needs = [
+                (
+                    self.data.val.is_none() && self.data.test.is_none(),
+                    "a data.val or data.test set to evaluate",
+                ),
+                (
+                    self.distill.is_some(),
+                    "no distill section (nothing trains)",
+                ),
+                (
+                    t.best.is_some() || t.early_stop.is_some(),
+                    "no train.best or train.early_stop (there are no epochs to choose from)",
+                ),
+                (!m.unfreeze.is_empty(), "no model.unfreeze"),
+                (t.ema.is_some(), "no train.ema"),
+            ];
+            for (wrong, what) in needs {
+                if wrong {
+                    bad(
+                        "train.epochs",
+                        format!("0 evaluates the model without training, which needs {what}"),
+                    );
+                }
+            }
         }
         if t.batch_size == 0 || t.batch_size > 65_536 {
             bad("train.batch_size", "must be between 1 and 65536".into());
@@ -1372,6 +1516,37 @@ impl JobSpec {
                 "train.label_smoothing",
                 format!("must be in [0, 1), got {}", self.train.label_smoothing),
             );
+        }
+        if !(1..=1024).contains(&self.train.grad_accum_steps) {
+            bad(
+                "train.grad_accum_steps",
+                "must be between 1 and 1024".into(),
+            );
+        }
+        if let Some(ClassWeights::Given(w)) = &self.train.class_weights {
+            if w.is_empty()
+                || w.iter().any(|w| !(w.is_finite() && *w >= 0.0))
+                || w.iter().all(|w| *w == 0.0)
+            {
+                bad(
+                    "train.class_weights",
+                    "must be `balanced` or a list of zero or positive weights, one per class, not all zero".into(),
+                );
+            }
+            if self.distill.is_some() {
+                bad(
+                    "train.class_weights",
+                    "does not apply to distillation (its loss has soft targets); remove it".into(),
+                );
+            }
+        }
+        if let Some(e) = &self.train.ema {
+            if !(e.decay > 0.0 && e.decay < 1.0) {
+                bad(
+                    "train.ema.decay",
+                    format!("must be in (0, 1), usually 0.99 to 0.9999; got {}", e.decay),
+                );
+            }
         }
         if let Some(c) = self.train.clip_grad_norm {
             if !(c.is_finite() && c > 0.0) {
@@ -1942,7 +2117,7 @@ output:
         let bad = GOOD
             .replace("  seed: 0", "  seed: 0\n  bogus: 1\n  precision: fp8")
             .replace("  batch_size: 32", "  batch_size: lots")
-            .replace("  epochs: 20", "  epochs: 0")
+            .replace("  epochs: 20", "  epochs: 200000")
             .replace("resources:", "extra: 1\nresources:");
         let fields = |e: Vec<FieldError>| {
             let mut f: Vec<String> = e.into_iter().map(|e| e.field).collect();
@@ -1989,6 +2164,63 @@ output:
         }
         let labelled = GOOD.replace("name: digits-target", "name: a\nlabels: {tier: 1}");
         assert_eq!(JobSpec::parse(&labelled).unwrap().labels["tier"], "1");
+    }
+
+    #[test]
+    fn unfreezing_accumulation_class_weights_and_ema_are_checked() {
+        let with = |extra: &str| GOOD.replace("  seed: 0", &format!("  seed: 0\n{extra}"));
+        let model = |extra: &str| {
+            GOOD.replace(
+                "  freeze: [features]",
+                &format!("  freeze: [features]\n{extra}"),
+            )
+        };
+        let s = JobSpec::parse(&model(
+            "  unfreeze: [{epoch: 3, prefixes: [features.6, features.7]}]",
+        ))
+        .unwrap();
+        assert_eq!(s.model.unfreeze_prefixes(), ["features.6", "features.7"]);
+        let s = JobSpec::parse(&with(
+            "  grad_accum_steps: 4\n  class_weights: balanced\n  ema: {decay: 0.999}",
+        ))
+        .unwrap();
+        assert_eq!(s.train.grad_accum_steps, 4);
+        assert_eq!(
+            s.train.class_weights,
+            Some(ClassWeights::Rule(ClassWeightRule::Balanced))
+        );
+        assert_eq!(s.train.ema, Some(EmaSpec { decay: 0.999 }));
+        let s = JobSpec::parse(&with("  class_weights: [1, 2.5]")).unwrap();
+        assert_eq!(
+            s.train.class_weights,
+            Some(ClassWeights::Given(vec![1.0, 2.5]))
+        );
+        for (bad, field) in [
+            (
+                model("  unfreeze: [{epoch: 0, prefixes: [features]}]"),
+                "model.unfreeze[0].epoch",
+            ),
+            (
+                model("  unfreeze: [{epoch: 20, prefixes: [features]}]"),
+                "model.unfreeze[0].epoch",
+            ),
+            (
+                model("  unfreeze: [{epoch: 2, prefixes: [classifier]}]"),
+                "model.unfreeze[0].prefixes[0]",
+            ),
+            (
+                model("  unfreeze: [{epoch: 2, prefixes: []}]"),
+                "model.unfreeze[0].prefixes",
+            ),
+            (with("  grad_accum_steps: 0"), "train.grad_accum_steps"),
+            (with("  class_weights: [0, 0]"), "train.class_weights"),
+            (with("  class_weights: [1, -1]"), "train.class_weights"),
+            (with("  ema: {decay: 1.0}"), "train.ema.decay"),
+        ] {
+            assert_eq!(errors(&bad)[0].field, field, "{bad}");
+        }
+        // A typo in the rule is not taken for a list.
+        assert!(JobSpec::parse(&with("  class_weights: balance")).is_err());
     }
 
     #[test]

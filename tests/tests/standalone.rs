@@ -541,6 +541,252 @@ fn ferry_matches_pytorch_sgd_and_adamw_step_for_step() {
     }
 }
 
+/// A job that unfreezes its backbone and averages its weights, resumed from a checkpoint
+/// after its daemon crashed, ends as PyTorch's uninterrupted loop does: the unfreezing is
+/// applied again at the resume, the optimizer state of the unfrozen part and the average
+/// come back from the checkpoint.
+#[test]
+fn a_resumed_job_unfreezes_and_averages_as_an_uninterrupted_one() {
+    let mut d = Daemon::start();
+    // 2000 samples / batch 8 = 250 steps per epoch; the backbone trains from step 250.
+    let spec = "name: resumed-recipe\nmodel: {arch: torchscript, path: cnn4.pt, freeze: [features], unfreeze: [{epoch: 1, prefixes: [features]}]}\n\
+                data: {train: {path: big.safetensors}, shuffle: false}\n\
+                train: {epochs: 6, batch_size: 8, checkpoint_every_steps: 100, optimizer: {name: adamw, lr: 0.001, weight_decay: 0.01}, ema: {decay: 0.99}}\n\
+                output: {dir: resumed-recipe}\n";
+    let job = d.submit(spec);
+    d.wait_for(&job.id, Duration::from_secs(120), "a checkpoint", |j| {
+        j.status.checkpoint.is_some() && j.status.step >= 400
+    });
+    d.crash_and_restart();
+    let end = d.wait_terminal(&job.id, Duration::from_secs(300));
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    assert_eq!((end.status.attempts, end.status.step), (2, 1500));
+    let events = d.events(&job.id).events;
+    let said = |start: &str| {
+        events
+            .iter()
+            .filter(|e| e.message.starts_with(start))
+            .count()
+    };
+    assert_eq!(said("training resumed at step"), 1, "{events:?}");
+    // Once in the first attempt, once again at the resume.
+    assert_eq!(said("model.unfreeze at epoch 1"), 2, "{events:?}");
+    assert_eq!(said("train.ema: weights averaged with decay 0.99 after every step, continued from the checkpoint"), 1, "{events:?}");
+    let f = fixtures();
+    let model = d.out().join("resumed-recipe/model.safetensors");
+    let out = run_python(
+        "sgd_reference.py",
+        &[
+            f.join("models/cnn4.pt").to_str().unwrap(),
+            f.join("data/big.safetensors").to_str().unwrap(),
+            model.to_str().unwrap(),
+            "adamw",
+            "1500",
+            "8",
+            "fp32",
+            "op-by-op",
+            "0",
+            "0",
+            "",
+            "unfreeze=features@250",
+            "ema=0.99",
+        ],
+    );
+    eprintln!("resumed against PyTorch: {}", out.trim());
+}
+
+/// `train.epochs: 0` evaluates the model as given, on two ranks, and writes no model: its
+/// accuracy and loss are PyTorch's on the same images.
+#[test]
+fn an_evaluation_only_job_scores_the_model_as_pytorch_does() {
+    let d = Daemon::start();
+    let spec = "name: eval-only\nmodel: {arch: torchscript, path: teacher4.pt}\n\
+                data: {train: {path: train.safetensors}, val: {path: val}, test: {path: val}, channels: 1}\n\
+                train: {epochs: 0, batch_size: 8}\nresources: {ranks: 2, threads: 1}\noutput: {dir: eval-only}\n";
+    let job = d.submit(spec);
+    let end = d.wait_terminal(&job.id, Duration::from_secs(120));
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    let out = d.out().join("eval-only");
+    assert!(
+        !out.join("model.safetensors").exists(),
+        "an evaluation writes no model"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("eval.json")).unwrap()).unwrap();
+    let f = fixtures();
+    let reference = run_python(
+        "eval_reference.py",
+        &[
+            f.join("models/teacher4.pt").to_str().unwrap(),
+            f.join("data/val").to_str().unwrap(),
+        ],
+    );
+    let value = |key: &str| -> f64 {
+        reference
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{reference}"))
+            .parse()
+            .unwrap()
+    };
+    for split in ["val", "test"] {
+        let r = &report[split];
+        assert_eq!(r["model"], "as given (train.epochs: 0)", "{report}");
+        let top1 = r["top1"].as_f64().unwrap_or_else(|| panic!("{report}"));
+        let loss = r["loss"].as_f64().unwrap();
+        assert!(
+            (top1 - value("top1")).abs() < 1e-9,
+            "{split}: {top1} against {reference}"
+        );
+        assert!(
+            (loss - value("loss")).abs() < 1e-4,
+            "{split}: {loss} against {reference}"
+        );
+    }
+}
+
+/// Gradient accumulation, gradual unfreezing, weight EMA and class weights, each against
+/// the same loop in PyTorch (tests/fixtures/sgd_reference.py), to 1e-5.
+#[test]
+fn accumulation_unfreezing_ema_and_class_weights_match_pytorch() {
+    let d = Daemon::start();
+    let sgd = "{name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}";
+    let adamw = "{name: adamw, lr: 0.001, weight_decay: 0.01}";
+    /// One job and its reference: the spec's extra train and model fields, ferry's batch per
+    /// rank and steps, and the reference's label smoothing and options (its batch is 16).
+    struct Case {
+        case: &'static str,
+        opt: &'static str,
+        train: &'static str,
+        model: &'static str,
+        resources: &'static str,
+        batch: u32,
+        steps: u32,
+        smoothing: &'static str,
+        options: &'static [&'static str],
+    }
+    let plain = Case {
+        case: "",
+        opt: sgd,
+        train: "",
+        model: "",
+        resources: "",
+        batch: 16,
+        steps: 6,
+        smoothing: "0",
+        options: &[],
+    };
+    let cases = [
+        // Two micro-batches of 8 are one batch of 16.
+        Case {
+            case: "accum",
+            train: "grad_accum_steps: 2",
+            batch: 8,
+            ..plain
+        },
+        // Across two ranks, with the all-reduce armed on the last micro-batch's backward:
+        // 2 ranks x 2 micro-batches of 4 are one batch of 16.
+        Case {
+            case: "accum-ranks",
+            train: "grad_accum_steps: 2, overlap_grad_sync: always",
+            resources: "resources: {ranks: 2, threads: 1}\n",
+            batch: 4,
+            ..plain
+        },
+        // The backbone frozen for the first epoch (25 steps of 16 of 400 samples), then
+        // trained: AdamW's per-parameter step counts start when it does, as in torch.optim.
+        Case {
+            case: "unfreeze",
+            opt: adamw,
+            model: "freeze: [features], unfreeze: [{epoch: 1, prefixes: [features]}]",
+            steps: 30,
+            options: &["unfreeze=features@25"],
+            ..plain
+        },
+        Case {
+            case: "ema",
+            train: "ema: {decay: 0.9}",
+            options: &["ema=0.9"],
+            ..plain
+        },
+        // Per-class weights with label smoothing, over accumulated micro-batches: each is
+        // divided by the whole batch's weight sum, so they add up to PyTorch's weighted mean.
+        Case {
+            case: "weights",
+            train: "class_weights: [1.0, 2.0, 0.5, 1.5], label_smoothing: 0.1, grad_accum_steps: 2",
+            batch: 8,
+            smoothing: "0.1",
+            options: &["weights=1.0,2.0,0.5,1.5"],
+            ..plain
+        },
+    ];
+    let f = fixtures();
+    for Case {
+        case,
+        opt,
+        train,
+        model,
+        resources,
+        batch,
+        steps,
+        smoothing,
+        options,
+    } in cases
+    {
+        let name = format!("recipe-{case}");
+        let model_extra = if model.is_empty() {
+            String::new()
+        } else {
+            format!(", {model}")
+        };
+        let train_extra = if train.is_empty() {
+            String::new()
+        } else {
+            format!(", {train}")
+        };
+        let spec = format!(
+            "name: {name}\nmodel: {{arch: torchscript, path: mlp.pt{model_extra}}}\ndata: {{train: {{path: train.safetensors}}, shuffle: false}}\n\
+             train: {{epochs: 2, batch_size: {batch}, max_steps: {steps}, optimizer: {opt}{train_extra}}}\n{resources}output: {{dir: {name}}}\n"
+        );
+        let job = d.submit(&spec);
+        let end = d.wait_terminal(&job.id, Duration::from_secs(120));
+        assert_eq!(end.phase, JobPhase::Succeeded, "{case}: {:?}", end.status);
+        let name_of = if opt == sgd { "sgd" } else { "adamw" };
+        let out_model = d.out().join(&name).join("model.safetensors");
+        let steps = steps.to_string();
+        let mut args = vec![
+            f.join("models/mlp.pt").to_str().unwrap().to_string(),
+            f.join("data/train.safetensors")
+                .to_str()
+                .unwrap()
+                .to_string(),
+            out_model.to_str().unwrap().to_string(),
+            name_of.to_string(),
+            steps,
+            "16".to_string(),
+            "fp32".to_string(),
+            "op-by-op".to_string(),
+            smoothing.to_string(),
+            "0".to_string(),
+            String::new(),
+        ];
+        args.extend(options.iter().map(|o| o.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run_python("sgd_reference.py", &args);
+        assert!(out.contains("max_abs_diff="), "{out}");
+        eprintln!("{case} against PyTorch: {}", out.trim());
+        if case == "unfreeze" {
+            let events = d.events(&job.id).events;
+            assert!(
+                events
+                    .iter()
+                    .any(|e| e.message.starts_with("model.unfreeze at epoch 1")),
+                "{events:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn the_api_requires_the_token_when_one_is_set() {
     let token = "0123456789abcdef0123456789abcdef";

@@ -19,11 +19,12 @@ use tch::{Kind, Tensor};
 pub struct Norms(Vec<(String, Arc<AtomicBool>)>);
 
 impl Norms {
-    /// Keeps every BatchNorm layer named `prefix` or under `prefix.` in evaluation mode.
-    pub fn freeze(&self, prefix: &str) {
-        for (name, frozen) in &self.0 {
-            if name == prefix || name.starts_with(&format!("{prefix}.")) {
-                frozen.store(true, Ordering::Relaxed);
+    /// Keeps every BatchNorm layer named `prefix` or under `prefix.` in evaluation mode
+    /// (`frozen`), or lets it follow the model's mode again.
+    pub fn set_frozen(&self, prefix: &str, frozen: bool) {
+        for (name, flag) in &self.0 {
+            if ferry_cluster::spec::under(name, prefix) {
+                flag.store(frozen, Ordering::Relaxed);
             }
         }
     }
@@ -278,6 +279,7 @@ mod tests {
             reset: Vec::new(),
             freeze: freeze.iter().map(|s| s.to_string()).collect(),
             freeze_bn,
+            unfreeze: Vec::new(),
             jit_optimize: false,
         }
     }
@@ -353,6 +355,24 @@ mod tests {
                 vec![frozen_moved, frozen_moved, true],
                 "{freeze_bn:?}"
             );
+            // model.unfreeze of part of the backbone: its BatchNorm follows the model again,
+            // the rest of the backbone keeps its statistics.
+            let names = m.unfreeze(&["layer3".to_string()]).unwrap();
+            assert!(names.iter().all(|n| n.starts_with("layer3.")) && !names.is_empty());
+            assert!(
+                m.unfreeze(&["layer3".to_string()]).is_err(),
+                "unfrozen twice"
+            );
+            let before: Vec<Tensor> = watched.iter().map(|n| stat(&m, n)).collect();
+            m.set_train(true).unwrap();
+            let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+            let _ = m.forward(&x, true).unwrap();
+            let moved: Vec<bool> = watched
+                .iter()
+                .zip(&before)
+                .map(|(n, b)| !stat(&m, n).equal(b))
+                .collect();
+            assert_eq!(moved, vec![frozen_moved, true, true], "{freeze_bn:?}");
         }
     }
 }

@@ -126,6 +126,21 @@ pub fn check(spec: &JobSpec) -> Vec<FieldError> {
             }
         }
     }
+    if let (Some(ferry_cluster::spec::ClassWeights::Given(w)), Some(t)) =
+        (&spec.train.class_weights, &train.classes)
+    {
+        if w.len() != t.len() {
+            errs.push(FieldError {
+                field: "train.class_weights".into(),
+                message: format!(
+                    "{} weights for data.train's {} classes ({}); give one per class, in this order",
+                    w.len(),
+                    t.len(),
+                    t.join(", ")
+                ),
+            });
+        }
+    }
     for (field, split) in [("data.val", &val), ("data.test", &test)] {
         let (Some(v), Some(t)) = (
             split.as_ref().and_then(|v| v.classes.as_ref()),
@@ -145,18 +160,13 @@ pub fn check(spec: &JobSpec) -> Vec<FieldError> {
     }
     check_model(&mut errs, "model", &spec.model, &train, Some(&spec.train));
     if let Some(d) = &spec.distill {
-        let t = &d.teacher;
-        let teacher = ModelSpec {
-            arch: t.arch,
-            path: t.path.clone(),
-            num_classes: t.num_classes,
-            init: t.init.clone(),
-            reset: Vec::new(),
-            freeze: Vec::new(),
-            freeze_bn: Default::default(),
-            jit_optimize: false,
-        };
-        check_model(&mut errs, "distill.teacher", &teacher, &train, None);
+        check_model(
+            &mut errs,
+            "distill.teacher",
+            &d.teacher.model(),
+            &train,
+            None,
+        );
     }
     errs
 }
@@ -198,7 +208,10 @@ fn check_model(
         FieldError {
             field: format!("{at}.{what}"),
             message: message
-                .strip_prefix(&format!("model.{what}: "))
+                .strip_prefix(&format!(
+                    "model.{}: ",
+                    what.split('[').next().unwrap_or(what)
+                ))
                 .unwrap_or(&message)
                 .to_string(),
         }
@@ -217,7 +230,15 @@ fn check_model(
         if let Err(e) = model.freeze(&m.freeze) {
             errs.push(at_field("freeze", e));
         }
-        if let Err(e) = Optimizer::with_groups(&t.optimizer, &t.param_groups, model.trainable()) {
+        let later = m.unfreeze_prefixes();
+        for (i, u) in m.unfreeze.iter().enumerate() {
+            if let Err(e) = model.unfreeze(&u.prefixes) {
+                errs.push(at_field(&format!("unfreeze[{i}]"), e));
+            }
+        }
+        if let Err(e) =
+            Optimizer::with_groups(&t.optimizer, &t.param_groups, model.trainable_with(&later))
+        {
             let message = format!("{e:#}");
             let (field, message) = message
                 .split_once(": ")

@@ -10,6 +10,7 @@ pub mod control;
 pub mod data;
 pub mod dist;
 pub mod distill;
+pub mod ema;
 pub mod model;
 pub mod optim;
 pub mod overlap;
@@ -103,14 +104,50 @@ fn device(d: SpecDevice) -> Result<Device> {
     }
 }
 
-/// The `ferryd worker` entry point: rank `rank` of `world`.
-/// Cross-entropy with hard labels, smoothed by `smoothing` as PyTorch's
-/// `cross_entropy(..., label_smoothing=e)` (mean over the batch).
-fn hard_loss(logits: &Tensor, y: &Tensor, smoothing: f64) -> Tensor {
-    if smoothing == 0.0 {
-        return logits.cross_entropy_for_logits(y);
-    }
-    logits.cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, smoothing)
+/// Cross-entropy with hard labels, smoothed by `smoothing` and weighted per class by
+/// `weight`, as PyTorch's `cross_entropy(..., weight=w, label_smoothing=e,
+/// reduction="sum")`: divided by `w[y].sum()` over a batch, it is the mean that
+/// `reduction="mean"` gives, so micro-batches divided by their whole batch's sum add up to
+/// the loss of that batch.
+fn hard_loss_sum(logits: &Tensor, y: &Tensor, smoothing: f64, weight: Option<&Tensor>) -> Tensor {
+    logits.cross_entropy_loss(y, weight, tch::Reduction::Sum, -100, smoothing)
+}
+
+/// `train.class_weights`, one weight per class of the training set (a class without
+/// samples weighs 1).
+fn class_weights(
+    spec: &ferry_cluster::spec::ClassWeights,
+    labels: &[i64],
+    classes: usize,
+) -> Result<Vec<f64>> {
+    use ferry_cluster::spec::ClassWeights;
+    let w = match spec {
+        ClassWeights::Given(w) if w.len() != classes => bail!(
+            "train.class_weights has {} weights but data.train has {classes} classes; give one per class, in class order",
+            w.len()
+        ),
+        ClassWeights::Given(w) => w.clone(),
+        ClassWeights::Rule(_) => {
+            let mut counts = vec![0u64; classes];
+            for &l in labels {
+                if let Some(c) = usize::try_from(l).ok().and_then(|l| counts.get_mut(l)) {
+                    *c += 1;
+                }
+            }
+            let n: u64 = counts.iter().sum();
+            counts
+                .iter()
+                .map(|&c| {
+                    if c == 0 {
+                        1.0
+                    } else {
+                        n as f64 / (classes as f64 * c as f64)
+                    }
+                })
+                .collect()
+        }
+    };
+    Ok(w)
 }
 
 /// Scales every gradient so that their global L2 norm is at most `max`, as
@@ -316,10 +353,11 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     model.set_precision(spec.train.precision);
     let mut scaler = (spec.train.precision == ferry_cluster::spec::Precision::Fp16)
         .then(scaler::GradScaler::default);
+    // The optimizer holds what trains now and what model.unfreeze will thaw.
     let mut opt = Optimizer::with_groups(
         &spec.train.optimizer,
         &spec.train.param_groups,
-        model.trainable(),
+        model.trainable_with(&spec.model.unfreeze_prefixes()),
     )?;
     if let Some(groups) = opt.groups_summary() {
         say(&WorkerMessage::Log {
@@ -328,7 +366,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     }
     let sampler = Sampler {
         len: train_set.len(),
-        batch: spec.train.batch_size as usize,
+        // A step takes grad_accum_steps micro-batches of batch_size from each rank.
+        batch: spec.train.batch_size as usize * spec.train.grad_accum_steps as usize,
         world,
         seed: spec.train.seed,
         shuffle: spec.data.shuffle,
@@ -381,7 +420,24 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     };
     // Every rank starts from rank 0's weights (initialisation, init file or checkpoint).
     dist.broadcast_state(model.state())?;
-    let trainable_params = model.trainable();
+    if let Some(e) = spec.train.ema {
+        let resumed = opt.start_ema(e.decay, model.state())?;
+        if let Some(avg) = opt.ema() {
+            dist.broadcast_state(avg.averages().iter())?;
+        }
+        say(&WorkerMessage::Log {
+            message: format!(
+                "train.ema: weights averaged with decay {} after every step{}",
+                e.decay,
+                if resumed {
+                    ", continued from the checkpoint"
+                } else {
+                    ", from the initial model"
+                }
+            ),
+        });
+    }
+    let mut trainable_params = model.trainable();
     let overlap = dist.overlaps(spec.train.overlap_grad_sync, plan.threads as usize);
     let wire = match spec.train.grad_compression {
         GradCompression::None => Wire::F32,
@@ -467,14 +523,40 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let mut checked_logits = false;
     let mut reported_overlap = false;
     // Bytes of gradient one step all-reduces (none in a job of one rank).
-    let grad_bytes: u64 = if dist.world > 1 {
-        trainable_params
-            .iter()
-            .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-            .sum()
-    } else {
-        0
+    let classes = class_count(&train_set);
+    let ring = dist.world > 1;
+    let bytes_of = |params: &[(String, Tensor)]| -> u64 {
+        if ring {
+            params
+                .iter()
+                .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+                .sum()
+        } else {
+            0
+        }
     };
+    let mut grad_bytes = bytes_of(&trainable_params);
+    // model.unfreeze steps taken so far (a resumed job takes those before its epoch at once).
+    let mut thawed = 0usize;
+    let weights = match &spec.train.class_weights {
+        Some(w) => {
+            let w = class_weights(w, train_set.labels(), classes)?;
+            say(&WorkerMessage::Log {
+                message: format!(
+                    "train.class_weights: {}",
+                    w.iter()
+                        .map(|v| format!("{v:.3}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+            let w: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+            Some(Tensor::from_slice(&w).to_device(device))
+        }
+        None => None,
+    };
+    let mut weight_tensor: Option<Tensor> = None;
+    let micro = spec.train.batch_size as i64;
     let mut timing = StepTiming {
         rank: rank as u32,
         ..Default::default()
@@ -495,7 +577,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let mut stopped_early = None;
     // The newest validation (epoch, result), for eval.json.
     let mut last_eval: Option<(u32, Evaluation)> = None;
-    let classes = class_count(&train_set);
+    let mut last_ema_eval: Option<(u32, Evaluation)> = None;
     let prefetch = spec.distill.as_ref().map_or(0, |d| d.prefetch as usize);
 
     // Ends the rank with error `$e`, saving the state it holds at the cursor (see `Rescue`).
@@ -513,6 +595,39 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     }
     control.stop.set_polled();
     'epochs: while epoch < spec.train.epochs && step < total_steps {
+        // model.unfreeze: what is due by this epoch starts to train (at once, for a job
+        // resumed past it), and the gradient buckets are planned again to take it.
+        let due: Vec<String> = spec
+            .model
+            .unfreeze
+            .iter()
+            .skip(thawed)
+            .take_while(|u| u.epoch <= epoch)
+            .flat_map(|u| u.prefixes.iter().cloned())
+            .collect();
+        if !due.is_empty() {
+            thawed += spec.model.unfreeze[thawed..]
+                .iter()
+                .take_while(|u| u.epoch <= epoch)
+                .count();
+            let names = model.unfreeze(&due)?;
+            trainable_params = model.trainable();
+            grad_bytes = bytes_of(&trainable_params);
+            dist.plan_buckets(
+                &trainable_params,
+                (spec.train.bucket_mb * 1e6) as usize,
+                overlap,
+                wire,
+            )?;
+            let (trainable, frozen) = model.parameter_counts();
+            say(&WorkerMessage::Log {
+                message: format!(
+                    "model.unfreeze at epoch {epoch}: {} parameter tensors under {} train from now on ({trainable} parameters train, {frozen} frozen)",
+                    names.len(),
+                    due.join(", ")
+                ),
+            });
+        }
         let order = sampler.order(epoch);
         // This rank's batches for the rest of the epoch (and no further than the job goes):
         // the decode threads read those samples and no others.
@@ -595,14 +710,8 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             let lr = optim::learning_rate(&spec.train, step, total_steps);
             let mut parts = clock.lap();
             parts.data_s = parts.taken;
-            let logits = model.forward(&x, true)?;
-            if !checked_logits {
-                check_logits(&logits, classes_needed)?;
-                checked_logits = true;
-            }
-            let loss = match (student.as_mut(), &spec.distill) {
-                (Some(st), Some(d)) => {
-                    parts.compute_s += clock.lap().taken;
+            let targets = match (student.as_mut(), &spec.distill) {
+                (Some(st), Some(_)) => {
                     let mut targets = st.targets(step, mine, view, device)?;
                     parts.teacher_s = clock.lap().taken;
                     if batch.kept.len() < mine.len() {
@@ -610,27 +719,84 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                         let kept = Tensor::from_slice(&kept).to_device(device);
                         targets = targets.map(|t| t.index_select(0, &kept));
                     }
-                    if let Some(t) = &targets {
-                        if t.size()[1] != logits.size()[1] {
-                            bail!(
-                                "the teacher has {} classes and the student {}; distillation needs the same classes",
-                                t.size()[1],
-                                logits.size()[1]
-                            );
-                        }
-                    }
-                    distill::loss(&logits, &y, targets.as_ref(), d.alpha, d.temperature)
+                    targets
                 }
-                _ => hard_loss(&logits, &y, spec.train.label_smoothing),
+                _ => None,
             };
             opt.zero_grad();
             // This rank's share of the global batch weighs its gradient, so the mean over
             // ranks equals the gradient of the whole batch even when shares differ.
             let global = sampler.step_size(consumed);
-            dist.begin_step(batch.kept.len() as f64 / global as f64);
-            match &scaler {
-                Some(s) => s.scale(&loss).backward(),
-                None => loss.backward(),
+            // train.grad_accum_steps: the share goes through forward and backward in
+            // micro-batches of batch_size, each loss divided by the whole share's size (or
+            // class weight), so that the gradients add up to the share's. Only the last
+            // backward arms the all-reduce.
+            let share = x.size()[0];
+            let chunks = (share.max(1) as u64).div_ceil(micro as u64) as i64;
+            let denominator = match &weights {
+                Some(w) if share > 0 => w
+                    .index_select(0, &y)
+                    .sum(Kind::Float)
+                    .clamp_min(f64::from(f32::MIN_POSITIVE)),
+                _ => Tensor::from(share.max(1) as f32),
+            };
+            let mut loss = Tensor::zeros([], (Kind::Float, device));
+            for k in 0..chunks {
+                let (at, len) = (k * micro, micro.min(share - k * micro));
+                let (xs, ys) = if chunks == 1 {
+                    (x.shallow_clone(), y.shallow_clone())
+                } else {
+                    (x.narrow(0, at, len), y.narrow(0, at, len))
+                };
+                let logits = model.forward(&xs, true)?;
+                if !checked_logits {
+                    check_logits(&logits, classes_needed)?;
+                    checked_logits = true;
+                    if let Some(w) = &weights {
+                        // Outputs past the training set's classes weigh 1.
+                        let extra = (logits.size()[1] - w.size()[0]).max(0);
+                        let ones = Tensor::ones([extra], (Kind::Float, device));
+                        weight_tensor = Some(Tensor::cat(&[w, &ones], 0));
+                    }
+                }
+                let part = match (&targets, &spec.distill) {
+                    (t, Some(d)) if student.is_some() => {
+                        let t = t.as_ref().map(|t| {
+                            if chunks == 1 {
+                                t.shallow_clone()
+                            } else {
+                                t.narrow(0, at, len)
+                            }
+                        });
+                        if let Some(t) = &t {
+                            if t.size()[1] != logits.size()[1] {
+                                bail!(
+                                    "the teacher has {} classes and the student {}; distillation needs the same classes",
+                                    t.size()[1],
+                                    logits.size()[1]
+                                );
+                            }
+                        }
+                        distill::loss(&logits, &ys, t.as_ref(), d.alpha, d.temperature)
+                            * (len.max(1) as f64 / share.max(1) as f64)
+                    }
+                    _ => {
+                        hard_loss_sum(
+                            &logits,
+                            &ys,
+                            spec.train.label_smoothing,
+                            weight_tensor.as_ref(),
+                        ) / &denominator
+                    }
+                };
+                if k + 1 == chunks {
+                    dist.begin_step(batch.kept.len() as f64 / global as f64);
+                }
+                match &scaler {
+                    Some(s) => s.scale(&part).backward(),
+                    None => part.backward(),
+                }
+                loss += part.detach();
             }
             parts.compute_s += clock.lap().taken;
             if let Err(e) = dist.sync_grads(&trainable_params) {
@@ -800,6 +966,36 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             )?;
             val_accuracy = Some(acc);
             last_eval = Some((epoch + 1, ev));
+            if let Some(avg) = opt.ema() {
+                let evaluated = avg.with_average(|| {
+                    evaluate(
+                        &model,
+                        v,
+                        (spec.train.batch_size as usize * 2, decode_threads, depth),
+                        device,
+                        classes,
+                        Some(&mut dist),
+                    )
+                });
+                let ev = match evaluated {
+                    Ok(r) => r,
+                    Err(e) => rescue!(e),
+                };
+                say(&WorkerMessage::Log {
+                    message: format!(
+                        "train.ema: epoch {}: val accuracy {:.2}%, loss {:.4} with the averaged weights",
+                        epoch + 1,
+                        ev.top1 * 100.0,
+                        ev.loss
+                    ),
+                });
+                writeln!(
+                    metrics,
+                    "{}",
+                    serde_json::json!({"step": step, "epoch": epoch + 1, "val_ema_loss": ev.loss, "val_ema_accuracy": ev.top1, "val_ema_top5": ev.top5})
+                )?;
+                last_ema_eval = Some((epoch + 1, ev));
+            }
             if let Some(by) = best_by {
                 let value = match by.metric {
                     ferry_cluster::spec::BestMetric::ValAccuracy => acc,
@@ -884,6 +1080,34 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     metrics.flush()?;
     train_time += sync_device(device);
     model.set_train(false)?;
+    // train.epochs: 0: the model as given, evaluated on data.val by every rank (and on
+    // data.test below).
+    let eval_only = spec.train.epochs == 0;
+    if let (true, Some(v)) = (eval_only, &val_set) {
+        let ev = evaluate(
+            &model,
+            v,
+            (spec.train.batch_size as usize * 2, decode_threads, depth),
+            device,
+            classes,
+            Some(&mut dist),
+        )?;
+        say(&WorkerMessage::Log {
+            message: format!(
+                "validation set: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} over {} samples, with the model as given (train.epochs: 0)",
+                ev.top1 * 100.0,
+                ev.top5 * 100.0,
+                ev.loss,
+                ev.samples
+            ),
+        });
+        writeln!(
+            metrics,
+            "{}",
+            serde_json::json!({"step": 0, "epoch": 0, "val_loss": ev.loss, "val_accuracy": ev.top1, "val_top5": ev.top5})
+        )?;
+        last_eval = Some((0, ev));
+    }
     if skipped_samples > 0 {
         emit(&WorkerMessage::Log {
             message: format!(
@@ -928,7 +1152,15 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             ),
         });
     }
-    let mut files = model.save_final(&out_dir)?;
+    // An evaluation-only job writes no model: it would be the one it was given.
+    let mut files = if eval_only {
+        Vec::new()
+    } else {
+        model.save_final(&out_dir)?
+    };
+    if let Some(avg) = opt.ema() {
+        files.extend(avg.with_average(|| model.save_as(&out_dir, "model_ema"))?);
+    }
     // eval.json: the last validation of the final model, and the test set, evaluated once
     // (by this rank alone) with the best epoch's model when there is one, else the final.
     let names = train_set.classes.as_deref();
@@ -936,7 +1168,20 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     if let Some((at, ev)) = &last_eval {
         report.insert(
             "val".into(),
-            ev.to_json(&format!("final (epoch {at})"), names),
+            ev.to_json(
+                &if eval_only {
+                    "as given (train.epochs: 0)".to_string()
+                } else {
+                    format!("final (epoch {at})")
+                },
+                names,
+            ),
+        );
+    }
+    if let Some((at, ev)) = &last_ema_eval {
+        report.insert(
+            "val_ema".into(),
+            ev.to_json(&format!("train.ema average (epoch {at})"), names),
         );
     }
     if let Some(t) = &spec.data.test {
@@ -949,6 +1194,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 model.load_state(state)?;
                 format!("best (epoch {})", b.epoch)
             }
+            _ if eval_only => "as given (train.epochs: 0)".to_string(),
             _ => format!("final (epoch {epoch})"),
         };
         let ev = evaluate(
@@ -1459,4 +1705,24 @@ fn evaluate(
                 .collect()
         }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_cluster::spec::{ClassWeightRule, ClassWeights};
+
+    #[test]
+    fn balanced_class_weights_are_scikit_learns() {
+        // 6 samples: 3 of class 0, 2 of class 1, 1 of class 2, none of class 3 (weighs 1);
+        // an unlabelled one (-1) does not count.
+        let labels = [0, 0, 0, 1, 1, 2, -1];
+        let w = class_weights(&ClassWeights::Rule(ClassWeightRule::Balanced), &labels, 4).unwrap();
+        let n = 6.0;
+        assert_eq!(w, [n / (4.0 * 3.0), n / (4.0 * 2.0), n / 4.0, 1.0]);
+        let given = ClassWeights::Given(vec![1.0, 2.0]);
+        assert_eq!(class_weights(&given, &labels, 2).unwrap(), [1.0, 2.0]);
+        let e = class_weights(&given, &labels, 4).unwrap_err().to_string();
+        assert!(e.contains("2 weights but data.train has 4 classes"), "{e}");
+    }
 }

@@ -33,6 +33,8 @@ pub struct Model {
     /// The `model.freeze` prefixes: those modules also stay in evaluation mode (unless
     /// `model.freeze_bn: train`).
     frozen_prefixes: Vec<String>,
+    /// The `model.unfreeze` prefixes applied so far: under a frozen prefix, they train.
+    thawed_prefixes: Vec<String>,
     frozen_eval: bool,
     device: Device,
     /// Forward passes run under autocast to this precision (weights stay fp32).
@@ -51,6 +53,38 @@ pub struct InitReport {
     pub skipped_shape: Vec<String>,
     /// In the file, left out by `include`/`exclude` (by their names in the file).
     pub excluded: Vec<String>,
+}
+
+/// The modules a TorchScript model keeps in evaluation mode while it trains, when some of
+/// the frozen part has unfrozen: the largest modules (of those that hold the tensors
+/// `names`) under a frozen prefix, not under an unfrozen one, and holding no unfrozen one.
+fn eval_modules<'a>(
+    names: impl Iterator<Item = &'a str>,
+    frozen: &[String],
+    thawed: &[String],
+) -> Vec<String> {
+    let mut modules: Vec<&str> = Vec::new();
+    for name in names {
+        let mut end = 0;
+        while let Some(dot) = name[end..].find('.') {
+            end += dot;
+            modules.push(&name[..end]);
+            end += 1;
+        }
+    }
+    modules.sort_unstable();
+    modules.dedup();
+    let eval = |m: &str| {
+        frozen.iter().any(|f| under(m, f)) && !thawed.iter().any(|t| under(m, t) || under(t, m))
+    };
+    let mut out: Vec<String> = Vec::new();
+    for m in modules {
+        // Sorted: a module comes after its parent, which already covers it.
+        if eval(m) && !out.last().is_some_and(|p| under(m, p)) {
+            out.push(m.to_string());
+        }
+    }
+    out
 }
 
 /// Input shape (C, H, W) of the data, needed to build built-in architectures.
@@ -113,6 +147,7 @@ impl Model {
             buffers,
             frozen,
             frozen_prefixes: Vec::new(),
+            thawed_prefixes: Vec::new(),
             frozen_eval: spec.freeze_bn == FreezeBn::Eval,
             device,
             precision: Precision::Fp32,
@@ -147,7 +182,18 @@ impl Model {
     /// modules stay in evaluation mode while the rest trains.
     pub fn set_train(&mut self, on: bool) -> Result<()> {
         match &mut self.net {
-            Net::Script(m) if self.frozen_eval => m.set_train(on, &self.frozen_prefixes),
+            Net::Script(m) if self.frozen_eval && self.thawed_prefixes.is_empty() => {
+                m.set_train(on, &self.frozen_prefixes)
+            }
+            Net::Script(m) if self.frozen_eval => {
+                let names = self
+                    .params
+                    .iter()
+                    .chain(&self.buffers)
+                    .map(|(n, _)| n.as_str());
+                let eval = eval_modules(names, &self.frozen_prefixes, &self.thawed_prefixes);
+                m.set_train(on, &eval)
+            }
             Net::Script(m) => m.set_train(on, &[]),
             // forward_t takes the mode per call; frozen BatchNorm layers hold their own.
             Net::Builtin { .. } => Ok(()),
@@ -167,6 +213,46 @@ impl Model {
             .filter(|(_, f)| !**f)
             .map(|((n, t), _)| (n.clone(), t.shallow_clone()))
             .collect()
+    }
+
+    /// The parameters that train now or once `later` (`model.unfreeze` prefixes) unfreeze:
+    /// what the optimizer holds. A frozen one has no gradient, so it gets no update and no
+    /// state until it trains, as in a torch.optim optimizer whose parameter has
+    /// `requires_grad` off.
+    pub fn trainable_with(&self, later: &[String]) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .zip(&self.frozen)
+            .filter(|((n, _), f)| !**f || later.iter().any(|p| under(n, p)))
+            .map(|((n, t), _)| (n.clone(), t.shallow_clone()))
+            .collect()
+    }
+
+    /// Unfreezes the frozen parameters under `prefixes` (`model.unfreeze`): they train from
+    /// now on, and their modules (BatchNorm included) follow the model's mode again. Every
+    /// prefix must cover a frozen parameter.
+    pub fn unfreeze(&mut self, prefixes: &[String]) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for prefix in prefixes {
+            let p = prefix.trim_end_matches('.');
+            let mut hit = false;
+            for (i, (name, t)) in self.params.iter().enumerate() {
+                if self.frozen[i] && under(name, p) {
+                    hit = true;
+                    self.frozen[i] = false;
+                    let _ = t.set_requires_grad(true);
+                    names.push(name.clone());
+                }
+            }
+            if !hit {
+                bail!("model.unfreeze: `{prefix}` covers no frozen parameter (an earlier step may have unfrozen it, or model.freeze does not cover it)");
+            }
+            if let Net::Builtin { norms, .. } = &self.net {
+                norms.set_frozen(p, false);
+            }
+            self.thawed_prefixes.push(p.to_string());
+        }
+        Ok(names)
     }
 
     /// Counts of (trainable parameters, frozen parameters) in elements.
@@ -190,7 +276,7 @@ impl Model {
             let p = prefix.trim_end_matches('.');
             self.frozen_prefixes.push(p.to_string());
             if let (Net::Builtin { norms, .. }, true) = (&self.net, self.frozen_eval) {
-                norms.freeze(p);
+                norms.set_frozen(p, true);
             }
             let mut hit = false;
             for (i, (name, t)) in self.params.iter().enumerate() {
@@ -455,6 +541,7 @@ mod tests {
             reset: Vec::new(),
             freeze: Vec::new(),
             freeze_bn: FreezeBn::Eval,
+            unfreeze: Vec::new(),
             jit_optimize: false,
         };
         Model::build(&spec, None, (3, 8, 8), Device::Cpu).unwrap()
@@ -467,6 +554,36 @@ mod tests {
     /// A checkpoint saved from a DataParallel model (names under `module.`) with a
     /// same-shaped head from another task: the head is left out and reported, the rest is
     /// loaded under the stripped names, and a prefix that matches nothing is refused.
+    #[test]
+    fn unfrozen_parts_of_a_frozen_module_leave_evaluation_mode() {
+        let names = [
+            "features.0.weight",
+            "features.1.running_mean",
+            "features.2.conv.0.weight",
+            "features.2.conv.1.running_mean",
+            "features.3.conv.1.running_mean",
+            "head.weight",
+        ];
+        let s = |v: &[&str]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let eval = eval_modules(names.into_iter(), &s(&["features"]), &s(&["features.2"]));
+        // `features` holds an unfrozen module: its frozen children go to eval one by one.
+        assert_eq!(eval, ["features.0", "features.1", "features.3"]);
+        let eval = eval_modules(
+            names.into_iter(),
+            &s(&["features"]),
+            &s(&["features.2.conv.1"]),
+        );
+        assert_eq!(
+            eval,
+            [
+                "features.0",
+                "features.1",
+                "features.2.conv.0",
+                "features.3"
+            ]
+        );
+    }
+
     #[test]
     fn init_include_exclude_and_rename_choose_what_is_transferred() {
         let dir = tempfile::tempdir().unwrap();

@@ -10,6 +10,7 @@ use ferry_cluster::spec::{
 };
 use tch::Tensor;
 
+use super::ema::{self, Ema};
 use super::torchscript;
 
 /// The parameters of one multi-tensor step, with their gradients and state.
@@ -39,6 +40,10 @@ pub struct Optimizer {
     groups_summary: Option<String>,
     /// Optimizer steps taken.
     pub steps: u64,
+    /// `train.ema`: the weights' average, moved after every step, saved with the state.
+    ema: Option<Ema>,
+    /// A checkpoint's average, read by `load_state` until `start_ema` takes it.
+    saved_ema: Vec<(String, Tensor)>,
 }
 
 impl Optimizer {
@@ -67,6 +72,8 @@ impl Optimizer {
             decay: vec![decay; n],
             groups_summary: None,
             steps: 0,
+            ema: None,
+            saved_ema: Vec::new(),
         }
     }
 
@@ -136,6 +143,24 @@ impl Optimizer {
         }
         opt.groups_summary = Some(parts.join("; "));
         Ok(opt)
+    }
+
+    /// Keeps an average of `state` (the model's tensors) with `decay` from now on
+    /// (`train.ema`), continuing a checkpoint's average if `load_state` read one.
+    pub fn start_ema<'a>(
+        &mut self,
+        decay: f64,
+        state: impl Iterator<Item = &'a (String, Tensor)>,
+    ) -> Result<bool> {
+        let resumed = !self.saved_ema.is_empty();
+        self.ema = Some(Ema::new(decay, state, &mut self.saved_ema)?);
+        self.saved_ema.clear();
+        Ok(resumed)
+    }
+
+    /// The weights' average (`train.ema`), if kept.
+    pub fn ema(&self) -> Option<&Ema> {
+        self.ema.as_ref()
     }
 
     /// The parameter groups, for the log; None when there is one.
@@ -221,6 +246,9 @@ impl Optimizer {
                 }
             }
         }
+        if let Some(e) = self.ema.as_mut() {
+            e.update()?;
+        }
         Ok(())
     }
 
@@ -249,11 +277,21 @@ impl Optimizer {
                 ));
             }
         }
+        if let Some(e) = &self.ema {
+            out.extend(e.state());
+        }
         out
     }
 
     /// Restores state written by [`Optimizer::state`].
     pub fn load_state(&mut self, tensors: Vec<(String, Tensor)>, steps: u64) -> Result<()> {
+        let (averages, tensors): (Vec<_>, Vec<_>) = tensors
+            .into_iter()
+            .partition(|(n, _)| n.starts_with(ema::PREFIX));
+        self.saved_ema = averages
+            .into_iter()
+            .map(|(n, t)| (n[ema::PREFIX.len()..].to_string(), t))
+            .collect();
         let mut by_name: HashMap<String, Tensor> = tensors.into_iter().collect();
         let (n1, n2) = self.state_names();
         let device = self.params.first().map(|(_, p)| p.device());
