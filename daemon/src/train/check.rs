@@ -236,9 +236,12 @@ fn check_model(
                 errs.push(at_field(&format!("unfreeze[{i}]"), e));
             }
         }
-        if let Err(e) =
-            Optimizer::with_groups(&t.optimizer, &t.param_groups, model.trainable_with(&later))
-        {
+        if let Err(e) = Optimizer::with_groups(
+            &t.optimizer,
+            &t.param_groups,
+            t.layer_decay.as_ref(),
+            model.trainable_with(&later),
+        ) {
             let message = format!("{e:#}");
             let (field, message) = message
                 .split_once(": ")

@@ -189,6 +189,9 @@ impl Dataset {
         seed: u64,
         ix: &Indexing,
     ) -> Result<Dataset> {
+        // A set loaded late (data.test, after training) is reported as a new one: nothing
+        // for its first few seconds either.
+        ix.last.set(Instant::now());
         let (part, labels, classes) = index(path, field, spec, true, ix, true)?;
         Self::from_parts(spec, seed, vec![(part, labels)], classes)
     }

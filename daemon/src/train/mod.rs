@@ -357,6 +357,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     let mut opt = Optimizer::with_groups(
         &spec.train.optimizer,
         &spec.train.param_groups,
+        spec.train.layer_decay.as_ref(),
         model.trainable_with(&spec.model.unfreeze_prefixes()),
     )?;
     if let Some(groups) = opt.groups_summary() {

@@ -37,6 +37,8 @@ pub struct Model {
     thawed_prefixes: Vec<String>,
     frozen_eval: bool,
     device: Device,
+    /// (C, H, W) of an input, for tracing a built-in architecture.
+    input: InputShape,
     /// Forward passes run under autocast to this precision (weights stay fp32).
     precision: Precision,
 }
@@ -150,6 +152,7 @@ impl Model {
             thawed_prefixes: Vec::new(),
             frozen_eval: spec.freeze_bn == FreezeBn::Eval,
             device,
+            input,
             precision: Precision::Fp32,
         })
     }
@@ -508,14 +511,30 @@ impl Model {
         std::fs::rename(tmp.join(&file), &weights)
             .with_context(|| format!("cannot write {}", weights.display()))?;
         files.push(weights.display().to_string());
-        if let Net::Script(m) = &self.net {
-            let file = format!("{stem}.pt");
-            let ts = dir.join(&file);
-            m.save(&tmp.join(&file))?;
-            std::fs::rename(tmp.join(&file), &ts)
-                .with_context(|| format!("cannot write {}", ts.display()))?;
-            files.push(ts.display().to_string());
+        let file = format!("{stem}.pt");
+        let ts = dir.join(&file);
+        match &self.net {
+            Net::Script(m) => m.save(&tmp.join(&file))?,
+            // A built-in architecture is traced in evaluation mode, its weights read through
+            // the module's attributes (its state_dict), for torch.jit.load: an inference graph
+            // (training it again in PyTorch starts from model.safetensors and torchvision's
+            // module of the same names).
+            Net::Builtin { module, .. } => {
+                let (c, h, w) = self.input;
+                let x = Tensor::zeros([1, c, h, w], (Kind::Float, self.device));
+                // The weights enter the graph through the module's attributes, detached.
+                let traced = tch::no_grad(|| {
+                    TorchScriptModule::trace(&self.params, &self.buffers, &x, |x| {
+                        module.forward_t(x, false)
+                    })
+                })
+                .context("cannot trace the built-in model for model.pt")?;
+                traced.save(&tmp.join(&file))?;
+            }
         }
+        std::fs::rename(tmp.join(&file), &ts)
+            .with_context(|| format!("cannot write {}", ts.display()))?;
+        files.push(ts.display().to_string());
         Ok(files)
     }
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::{bail, Context, Result};
 use ferry_cluster::spec::{
-    under, LrScheduleName, OptimizerName, OptimizerSpec, ParamGroupSpec, TrainSpec,
+    under, LayerDecaySpec, LrScheduleName, OptimizerName, OptimizerSpec, ParamGroupSpec, TrainSpec,
 };
 use tch::Tensor;
 
@@ -85,11 +85,32 @@ impl Optimizer {
     pub fn with_groups(
         spec: &OptimizerSpec,
         groups: &[ParamGroupSpec],
+        layer_decay: Option<&LayerDecaySpec>,
         params: Vec<(String, Tensor)>,
     ) -> Result<Self> {
         let mut opt = Optimizer::new(spec, params);
+        let mut parts = Vec::new();
+        if let Some(l) = layer_decay {
+            let names: Vec<&str> = opt.params.iter().map(|(n, _)| n.as_str()).collect();
+            let layers = expand_layers(&l.layers, &names)?;
+            let depth = layers.len() as i32;
+            for (i, (name, _)) in opt.params.iter().enumerate() {
+                if let Some(j) = layers.iter().position(|p| under(name, p)) {
+                    opt.lr_mult[i] *= l.rate.powi(depth - j as i32);
+                }
+            }
+            parts.push(format!(
+                "layer decay {} over {depth} layers ({} .. {}: lr x{:.4} .. x{:.4})",
+                l.rate,
+                layers[0],
+                layers[layers.len() - 1],
+                l.rate.powi(depth),
+                l.rate
+            ));
+        }
         if groups.is_empty() && spec.norm_weight_decay.is_none() && spec.bias_weight_decay.is_none()
         {
+            opt.groups_summary = (!parts.is_empty()).then(|| parts.join("; "));
             return Ok(opt);
         }
         // Normalisation layers: modules whose weight is one-dimensional.
@@ -106,7 +127,7 @@ impl Optimizer {
             let group = groups.iter().position(|g| under(name, &g.prefix));
             if let Some(k) = group {
                 counts[k] += 1;
-                opt.lr_mult[i] = groups[k].lr_mult;
+                opt.lr_mult[i] *= groups[k].lr_mult;
             }
             let special = if norms.contains(module) {
                 spec.norm_weight_decay.inspect(|_| norm_n += 1)
@@ -119,7 +140,6 @@ impl Optimizer {
                 opt.decay[i] = wd;
             }
         }
-        let mut parts = Vec::new();
         for (k, (g, n)) in groups.iter().zip(&counts).enumerate() {
             if *n == 0 {
                 bail!(
@@ -321,6 +341,41 @@ impl Optimizer {
         self.steps = steps;
         Ok(())
     }
+}
+
+/// `train.layer_decay.layers` as module prefixes in depth order: a prefix with numbered
+/// children (`features.0`, `features.1`, ...) stands for them, in numeric order. Every prefix
+/// must cover a parameter of `names`.
+fn expand_layers(prefixes: &[String], names: &[&str]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for p in prefixes {
+        let p = p.trim_end_matches('.');
+        if !names.iter().any(|n| under(n, p)) {
+            bail!(
+                "train.layer_decay.layers: `{p}` covers no trainable parameter; parameter names start with: {}",
+                names.iter().take(12).copied().collect::<Vec<_>>().join(", ")
+            );
+        }
+        let mut children: Vec<u64> = names
+            .iter()
+            .filter_map(|n| {
+                n.strip_prefix(p)?
+                    .strip_prefix('.')?
+                    .split('.')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        children.sort_unstable();
+        children.dedup();
+        if children.is_empty() {
+            out.push(p.to_string());
+        } else {
+            out.extend(children.iter().map(|k| format!("{p}.{k}")));
+        }
+    }
+    Ok(out)
 }
 
 /// The learning rate before optimizer step `step` (0-based) of `total`.
@@ -615,7 +670,7 @@ mod tests {
                 .zip(&ours)
                 .map(|((n, _), p)| (n.to_string(), p.shallow_clone()))
                 .collect();
-            let mut opt = Optimizer::with_groups(&spec, &groups, named).unwrap();
+            let mut opt = Optimizer::with_groups(&spec, &groups, None, named).unwrap();
             let summary = opt.groups_summary().unwrap().to_string();
             assert!(
                 summary.contains("features (3 tensors, lr x0.1)")
@@ -659,7 +714,7 @@ mod tests {
             "fc.weight".to_string(),
             Tensor::zeros([2, 2], (tch::Kind::Float, tch::Device::Cpu)),
         )];
-        let e = Optimizer::with_groups(&OptimizerSpec::default(), &groups, p)
+        let e = Optimizer::with_groups(&OptimizerSpec::default(), &groups, None, p)
             .err()
             .unwrap()
             .to_string();
@@ -755,6 +810,76 @@ mod tests {
         let mut c = Optimizer::new(&spec, named(&qs));
         c.load_state(old, 7).unwrap();
         assert_eq!(c.param_steps, [7, 7]);
+    }
+
+    #[test]
+    fn layer_decay_scales_each_layers_rate_by_its_depth() {
+        let names = [
+            "stem.weight",
+            "features.0.weight",
+            "features.1.conv.0.weight",
+            "features.10.weight",
+            "features.2.weight",
+            "head.weight",
+        ];
+        let params: Vec<(String, Tensor)> = names
+            .iter()
+            .map(|n| {
+                (
+                    n.to_string(),
+                    Tensor::zeros([2], (tch::Kind::Float, tch::Device::Cpu)),
+                )
+            })
+            .collect();
+        let decay = LayerDecaySpec {
+            rate: 0.5,
+            layers: vec!["stem".into(), "features".into()],
+        };
+        // Layers: stem, features.0, features.1, features.2, features.10 (numeric order): 5.
+        let groups = [ParamGroupSpec {
+            prefix: "head".into(),
+            lr_mult: 2.0,
+            weight_decay: None,
+        }];
+        let opt = Optimizer::with_groups(&OptimizerSpec::default(), &groups, Some(&decay), params)
+            .unwrap();
+        let by_name: Vec<(&str, f64)> = opt
+            .params
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .zip(opt.lr_mult.iter().copied())
+            .collect();
+        assert_eq!(
+            by_name,
+            [
+                ("stem.weight", 0.5f64.powi(5)),
+                ("features.0.weight", 0.5f64.powi(4)),
+                ("features.1.conv.0.weight", 0.5f64.powi(3)),
+                ("features.10.weight", 0.5),
+                ("features.2.weight", 0.5f64.powi(2)),
+                // Under no layer: the full rate, times its group's multiplier.
+                ("head.weight", 2.0),
+            ]
+        );
+        assert!(opt
+            .groups_summary()
+            .unwrap()
+            .contains("layer decay 0.5 over 5 layers"));
+        let typo = LayerDecaySpec {
+            rate: 0.5,
+            layers: vec!["backbone".into()],
+        };
+        let p = vec![(
+            "stem.weight".to_string(),
+            Tensor::zeros([2], (tch::Kind::Float, tch::Device::Cpu)),
+        )];
+        let e = Optimizer::with_groups(&OptimizerSpec::default(), &[], Some(&typo), p)
+            .err()
+            .unwrap();
+        assert!(
+            format!("{e}").contains("`backbone` covers no trainable parameter"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -37,6 +37,19 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> c_int;
     fn ferry_ts_save(m: *mut c_void, path: *const c_char, err: *mut *mut c_char) -> c_int;
+    fn ferry_trace_start(
+        names: *const *const c_char,
+        ts: *const *const torch_sys::C_tensor,
+        is_buffer: *const c_int,
+        n: c_int,
+        input: *const torch_sys::C_tensor,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn ferry_trace_end(
+        m: *mut c_void,
+        output: *const torch_sys::C_tensor,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn ferry_sgd_step(
         params: *const *const torch_sys::C_tensor,
         grads: *const *const torch_sys::C_tensor,
@@ -363,6 +376,67 @@ impl TorchScriptModule {
     }
 
     /// Saves the module (with its current weights) as TorchScript.
+    /// Traces `forward` (a built-in model's forward pass) on `input` into a TorchScript
+    /// module whose state_dict is `params` and `buffers`, under their names: what
+    /// torch.jit.trace makes of an nn.Module, for torch.jit.load.
+    pub fn trace(
+        params: &[(String, Tensor)],
+        buffers: &[(String, Tensor)],
+        input: &Tensor,
+        forward: impl FnOnce(&Tensor) -> Tensor,
+    ) -> Result<TorchScriptModule> {
+        let all: Vec<(&String, &Tensor, c_int)> = params
+            .iter()
+            .map(|(n, t)| (n, t, 0))
+            .chain(buffers.iter().map(|(n, t)| (n, t, 1)))
+            .collect();
+        let names: Vec<CString> = all
+            .iter()
+            .map(|(n, _, _)| CString::new(n.as_str()))
+            .collect::<Result<_, _>>()?;
+        let name_ptrs: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
+        let ts: Vec<*const torch_sys::C_tensor> = all.iter().map(|(_, t, _)| t.as_ptr()).collect();
+        let kinds: Vec<c_int> = all.iter().map(|(_, _, b)| *b).collect();
+        let mut err = std::ptr::null_mut();
+        // SAFETY: the arrays and tensors outlive the call; err receives an owned string.
+        let ptr = unsafe {
+            ferry_trace_start(
+                name_ptrs.as_ptr(),
+                ts.as_ptr(),
+                kinds.as_ptr(),
+                all.len() as c_int,
+                input.as_ptr(),
+                &mut err,
+            )
+        };
+        if let Some(e) = take_err(err) {
+            return Err(anyhow!("cannot start tracing the model: {e}"));
+        }
+        let module = TorchScriptModule { ptr };
+        // tch's layers unwrap libtorch's errors: a panic during the trace fails the trace.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| forward(input)));
+        let out = match out {
+            Ok(t) => t,
+            Err(_) => {
+                // Ends the tracer's state, with an empty output.
+                let empty = Tensor::zeros([0], (tch::Kind::Float, input.device()));
+                let mut e2 = std::ptr::null_mut();
+                // SAFETY: ptr is live.
+                unsafe { ferry_trace_end(module.ptr, empty.as_ptr(), &mut e2) };
+                let _ = take_err(e2);
+                return Err(anyhow!(
+                    "the model's forward pass panicked while it was traced"
+                ));
+            }
+        };
+        let mut err = std::ptr::null_mut();
+        // SAFETY: ptr is live; out outlives the call.
+        unsafe { ferry_trace_end(module.ptr, out.as_ptr(), &mut err) };
+        take_err(err).map_or(Ok(module), |e| {
+            Err(anyhow!("cannot finish tracing the model: {e}"))
+        })
+    }
+
     pub fn save(&self, path: &Path) -> Result<()> {
         let p = cpath(path)?;
         let mut err = std::ptr::null_mut();

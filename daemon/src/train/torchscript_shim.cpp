@@ -8,6 +8,9 @@
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
+#include <torch/csrc/jit/passes/fixup_trace_scope_blocks.h>
+#include <torch/csrc/jit/passes/normalize_ops.h>
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
 #include <torch/script.h>
 
@@ -241,6 +244,78 @@ int ferry_ts_named(void *m, int buffers, void *data, ferry_named_tensor_cb cb, c
     }
     return 0;
   } catch (const std::exception &e) {
+    *err = dup(e.what());
+    return -1;
+  }
+}
+
+// Starts tracing a built-in model: a module holding `tensors` under their state_dict names
+// (dotted names become nested submodules; `is_buffer` marks buffers), each read in the graph
+// through its attribute, as torch.jit.trace does for a module's parameters, so that the
+// saved module carries them as its state_dict instead of as constants. The caller runs
+// forward on `input`, then calls ferry_trace_end with the output. Returns the module.
+void *ferry_trace_start(const char *const *names, at::Tensor *const *ts, const int *is_buffer, int n,
+                        at::Tensor *input, char **err) {
+  torch::jit::Module *root = nullptr;
+  try {
+    if (torch::jit::tracer::isTracing()) throw std::invalid_argument("cannot nest tracing calls");
+    static int classes = 0;
+    auto fresh = [&]() { return torch::jit::Module("__torch__.ferry.M" + std::to_string(classes++)); };
+    root = new torch::jit::Module(fresh());
+    // Each tensor's module path, created on first use.
+    for (int i = 0; i < n; ++i) {
+      std::string name(names[i]);
+      torch::jit::Module mod = *root;
+      size_t start = 0, dot;
+      while ((dot = name.find('.', start)) != std::string::npos) {
+        std::string part = name.substr(start, dot - start);
+        if (!mod.hasattr(part)) mod.register_module(part, fresh());
+        mod = mod.attr(part).toModule();
+        start = dot + 1;
+      }
+      mod.register_parameter(name.substr(start), ts[i]->detach(), is_buffer[i] != 0);
+    }
+    auto state = std::make_shared<torch::jit::tracer::TracingState>();
+    torch::jit::tracer::setTracingState(state);
+    auto *self = state->graph->insertInput(0, "self")->setType(root->_ivalue()->type());
+    auto *x = state->graph->addInput("x");
+    x->setType(torch::jit::TensorType::get());
+    state->setValue(*input, x);
+    for (int i = 0; i < n; ++i) {
+      std::string name(names[i]);
+      torch::jit::Value *v = self;
+      size_t start = 0, dot;
+      while ((dot = name.find('.', start)) != std::string::npos) {
+        v = state->graph->insertGetAttr(v, name.substr(start, dot - start));
+        start = dot + 1;
+      }
+      v = state->graph->insertGetAttr(v, name.substr(start));
+      state->setValue(*ts[i], v);
+    }
+    return root;
+  } catch (const std::exception &e) {
+    torch::jit::tracer::abandon();
+    delete root;
+    *err = dup(e.what());
+    return nullptr;
+  }
+}
+
+// Ends the trace begun by ferry_trace_start: `output` becomes the result of `forward`.
+int ferry_trace_end(void *m, at::Tensor *output, char **err) {
+  try {
+    auto *mod = static_cast<torch::jit::Module *>(m);
+    auto state = torch::jit::tracer::getTracingState();
+    if (!state) throw std::invalid_argument("not tracing");
+    state->graph->registerOutput(state->getOutput(*output, 0));
+    torch::jit::FixupTraceScopeBlocks(state->graph, mod);
+    torch::jit::NormalizeOps(state->graph);
+    torch::jit::tracer::setTracingState(nullptr);
+    auto fn = mod->_ivalue()->compilation_unit()->create_function("forward", state->graph);
+    mod->type()->addMethod(fn);
+    return 0;
+  } catch (const std::exception &e) {
+    torch::jit::tracer::abandon();
     *err = dup(e.what());
     return -1;
   }
