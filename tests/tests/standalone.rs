@@ -595,6 +595,23 @@ fn a_resumed_job_unfreezes_and_averages_as_an_uninterrupted_one() {
     eprintln!("resumed against PyTorch: {}", out.trim());
 }
 
+/// (top-1, mean loss) of TorchScript file `model` on ImageFolder `folder`, as PyTorch
+/// computes them (tests/fixtures/eval_reference.py).
+fn pytorch_scores(model: &std::path::Path, folder: &std::path::Path) -> (f64, f64) {
+    let out = run_python(
+        "eval_reference.py",
+        &[model.to_str().unwrap(), folder.to_str().unwrap()],
+    );
+    let value = |key: &str| -> f64 {
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{out}"))
+            .parse()
+            .unwrap()
+    };
+    (value("top1"), value("loss"))
+}
+
 /// A built-in architecture's model.pt is its trained network traced for torch.jit.load: in
 /// PyTorch it scores the validation images exactly as ferry's last validation did.
 #[test]
@@ -609,33 +626,19 @@ fn a_built_in_model_loads_in_pytorch_and_scores_as_ferry_did() {
     let out = d.out().join("builtin-export");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("eval.json")).unwrap()).unwrap();
-    let reference = run_python(
-        "eval_reference.py",
-        &[
-            out.join("model.pt").to_str().unwrap(),
-            fixtures().join("data/val").to_str().unwrap(),
-        ],
-    );
-    let value = |key: &str| -> f64 {
-        reference
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("{reference}"))
-            .parse()
-            .unwrap()
-    };
     let (top1, loss) = (
         report["val"]["top1"].as_f64().unwrap(),
         report["val"]["loss"].as_f64().unwrap(),
     );
     assert!(top1 > 0.5, "it trained: {report}");
+    let (py_top1, py_loss) = pytorch_scores(&out.join("model.pt"), &fixtures().join("data/val"));
     assert!(
-        (top1 - value("top1")).abs() < 1e-9,
-        "{top1} against {reference}"
+        (top1 - py_top1).abs() < 1e-9,
+        "{top1} against PyTorch's {py_top1}"
     );
     assert!(
-        (loss - value("loss")).abs() < 1e-4,
-        "{loss} against {reference}"
+        (loss - py_loss).abs() < 1e-4,
+        "{loss} against PyTorch's {py_loss}"
     );
     // Its state_dict is model.safetensors, under the same names.
     let py = run_python(
@@ -667,33 +670,19 @@ fn an_evaluation_only_job_scores_the_model_as_pytorch_does() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("eval.json")).unwrap()).unwrap();
     let f = fixtures();
-    let reference = run_python(
-        "eval_reference.py",
-        &[
-            f.join("models/teacher4.pt").to_str().unwrap(),
-            f.join("data/val").to_str().unwrap(),
-        ],
-    );
-    let value = |key: &str| -> f64 {
-        reference
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("{reference}"))
-            .parse()
-            .unwrap()
-    };
+    let (py_top1, py_loss) = pytorch_scores(&f.join("models/teacher4.pt"), &f.join("data/val"));
     for split in ["val", "test"] {
         let r = &report[split];
         assert_eq!(r["model"], "as given (train.epochs: 0)", "{report}");
         let top1 = r["top1"].as_f64().unwrap_or_else(|| panic!("{report}"));
         let loss = r["loss"].as_f64().unwrap();
         assert!(
-            (top1 - value("top1")).abs() < 1e-9,
-            "{split}: {top1} against {reference}"
+            (top1 - py_top1).abs() < 1e-9,
+            "{split}: {top1} against PyTorch's {py_top1}"
         );
         assert!(
-            (loss - value("loss")).abs() < 1e-4,
-            "{split}: {loss} against {reference}"
+            (loss - py_loss).abs() < 1e-4,
+            "{split}: {loss} against PyTorch's {py_loss}"
         );
     }
 }

@@ -338,17 +338,21 @@ mod tests {
                 "layer3.1.bn2.running_var",
                 "layer4.1.bn2.running_mean",
             ];
-            let before: Vec<Tensor> = watched.iter().map(|n| stat(&m, n)).collect();
-            m.set_train(true).unwrap();
-            for _ in 0..3 {
-                let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
-                let _ = m.forward(&x, true).unwrap();
-            }
-            let moved: Vec<bool> = watched
-                .iter()
-                .zip(&before)
-                .map(|(n, b)| !stat(&m, n).equal(b))
-                .collect();
+            // Which watched statistics a few training steps move.
+            let moved_by_training = |m: &mut Model| -> Vec<bool> {
+                let before: Vec<Tensor> = watched.iter().map(|n| stat(m, n)).collect();
+                m.set_train(true).unwrap();
+                for _ in 0..3 {
+                    let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+                    let _ = m.forward(&x, true).unwrap();
+                }
+                watched
+                    .iter()
+                    .zip(&before)
+                    .map(|(n, b)| !stat(m, n).equal(b))
+                    .collect()
+            };
+            let moved = moved_by_training(&mut m);
             let frozen_moved = freeze_bn == FreezeBn::Train;
             assert_eq!(
                 moved,
@@ -363,16 +367,11 @@ mod tests {
                 m.unfreeze(&["layer3".to_string()]).is_err(),
                 "unfrozen twice"
             );
-            let before: Vec<Tensor> = watched.iter().map(|n| stat(&m, n)).collect();
-            m.set_train(true).unwrap();
-            let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
-            let _ = m.forward(&x, true).unwrap();
-            let moved: Vec<bool> = watched
-                .iter()
-                .zip(&before)
-                .map(|(n, b)| !stat(&m, n).equal(b))
-                .collect();
-            assert_eq!(moved, vec![frozen_moved, true, true], "{freeze_bn:?}");
+            assert_eq!(
+                moved_by_training(&mut m),
+                vec![frozen_moved, true, true],
+                "{freeze_bn:?}"
+            );
         }
     }
 }

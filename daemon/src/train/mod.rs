@@ -594,6 +594,9 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             ))
         };
     }
+    // Evaluation batches (twice the training batch: no gradients to keep), decode threads
+    // and queue depth.
+    let eval_input = (spec.train.batch_size as usize * 2, decode_threads, depth);
     control.stop.set_polled();
     'epochs: while epoch < spec.train.epochs && step < total_steps {
         // model.unfreeze: what is due by this epoch starts to train (at once, for a job
@@ -940,14 +943,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         )?;
         if let Some(v) = &val_set {
             model.set_train(false)?;
-            let evaluated = evaluate(
-                &model,
-                v,
-                (spec.train.batch_size as usize * 2, decode_threads, depth),
-                device,
-                classes,
-                Some(&mut dist),
-            );
+            let evaluated = evaluate(&model, v, eval_input, device, classes, Some(&mut dist));
             let ev = match evaluated {
                 Ok(r) => r,
                 // The epoch's steps are done; a resume from here evaluates and goes on.
@@ -969,14 +965,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             last_eval = Some((epoch + 1, ev));
             if let Some(avg) = opt.ema() {
                 let evaluated = avg.with_average(|| {
-                    evaluate(
-                        &model,
-                        v,
-                        (spec.train.batch_size as usize * 2, decode_threads, depth),
-                        device,
-                        classes,
-                        Some(&mut dist),
-                    )
+                    evaluate(&model, v, eval_input, device, classes, Some(&mut dist))
                 });
                 let ev = match evaluated {
                     Ok(r) => r,
@@ -1085,14 +1074,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     // data.test below).
     let eval_only = spec.train.epochs == 0;
     if let (true, Some(v)) = (eval_only, &val_set) {
-        let ev = evaluate(
-            &model,
-            v,
-            (spec.train.batch_size as usize * 2, decode_threads, depth),
-            device,
-            classes,
-            Some(&mut dist),
-        )?;
+        let ev = evaluate(&model, v, eval_input, device, classes, Some(&mut dist))?;
         say(&WorkerMessage::Log {
             message: format!(
                 "validation set: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} over {} samples, with the model as given (train.epochs: 0)",
@@ -1198,14 +1180,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             _ if eval_only => "as given (train.epochs: 0)".to_string(),
             _ => format!("final (epoch {epoch})"),
         };
-        let ev = evaluate(
-            &model,
-            &test_set,
-            (spec.train.batch_size as usize * 2, decode_threads, depth),
-            device,
-            classes,
-            None,
-        )?;
+        let ev = evaluate(&model, &test_set, eval_input, device, classes, None)?;
         say(&WorkerMessage::Log {
             message: format!(
                 "test set: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} over {} samples, with the {chosen} model",
