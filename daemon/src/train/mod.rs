@@ -1076,13 +1076,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
     if let (true, Some(v)) = (eval_only, &val_set) {
         let ev = evaluate(&model, v, eval_input, device, classes, Some(&mut dist))?;
         say(&WorkerMessage::Log {
-            message: format!(
-                "validation set: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} over {} samples, with the model as given (train.epochs: 0)",
-                ev.top1 * 100.0,
-                ev.top5 * 100.0,
-                ev.loss,
-                ev.samples
-            ),
+            message: ev.summary("validation", "the model as given (train.epochs: 0)"),
         });
         writeln!(
             metrics,
@@ -1182,13 +1176,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         };
         let ev = evaluate(&model, &test_set, eval_input, device, classes, None)?;
         say(&WorkerMessage::Log {
-            message: format!(
-                "test set: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} over {} samples, with the {chosen} model",
-                ev.top1 * 100.0,
-                ev.top5 * 100.0,
-                ev.loss,
-                ev.samples
-            ),
+            message: ev.summary("test", &format!("the {chosen} model")),
         });
         writeln!(
             metrics,
@@ -1559,6 +1547,17 @@ struct Evaluation {
 impl Evaluation {
     /// The record `eval.json` holds for a split: the model it evaluated, top-1 and top-5,
     /// per-class accuracy and the confusion matrix, classes named when the data names them.
+    /// A line for the job's events: `SET set: top-1 ..., with MODEL`.
+    fn summary(&self, set: &str, model: &str) -> String {
+        format!(
+            "{set} set: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} over {} samples, with {model}",
+            self.top1 * 100.0,
+            self.top5 * 100.0,
+            self.loss,
+            self.samples
+        )
+    }
+
     fn to_json(&self, model: &str, names: Option<&[String]>) -> serde_json::Value {
         let name = |k: usize| {
             names
