@@ -309,7 +309,7 @@ fn a_bad_spec_gets_a_4xx_naming_the_field() {
     // Nothing was created, and ferryctl says which field is wrong.
     assert_eq!(d.get("/v1/jobs").1["jobs"].as_array().unwrap().len(), 0);
     let f = d.dir.path().join("bad.yaml");
-    std::fs::write(&f, good.replace("epochs: 4", "epochs: 0")).unwrap();
+    std::fs::write(&f, good.replace("epochs: 4", "epochs: 200000")).unwrap();
     let out = d.ctl(&["submit", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(5), "a rejected request exits 5");
     assert!(
@@ -990,8 +990,8 @@ fn metrics_and_openapi_are_served() {
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{doc}");
     // Generated from the types: the spec's bounds and enums are there.
     assert_eq!(
-        doc.pointer("/components/schemas/TrainSpec/properties/epochs/minimum"),
-        Some(&serde_json::json!(1)),
+        doc.pointer("/components/schemas/TrainSpec/properties/epochs/maximum"),
+        Some(&serde_json::json!(100000)),
         "{doc}"
     );
     assert!(doc.pointer("/components/schemas/Precision").is_some());
@@ -1596,7 +1596,7 @@ fn a_dry_run_reports_every_error_at_once_and_submits_nothing() {
     // Three errors in the spec itself: an unknown field, a wrong type, a bad value.
     let spec = feature_extraction("dry").replace(
         "  epochs: 4\n  batch_size: 16\n",
-        "  epochs: 0\n  optimiser: {}\n  batch_size: lots\n",
+        "  epochs: 200000\n  optimiser: {}\n  batch_size: lots\n",
     );
     assert_eq!(
         refused(&spec),
