@@ -91,6 +91,41 @@ pub struct DistillSpec {
     /// need no teacher round trip. The ranks of a node share one cache.
     #[serde(default = "yes")]
     pub cache: bool,
+    /// Feature distillation: intermediate activations of the student matched to the
+    /// teacher's, each term added to the loss with its weight.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(max_items = 16))]
+    pub features: Vec<FeatureSpec>,
+}
+
+/// One feature-distillation term: the output of module `student` learns that of module
+/// `teacher` (modules by their PyTorch names, e.g. `layer3` or `features.6`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct FeatureSpec {
+    pub student: String,
+    pub teacher: String,
+    /// `mse`: mean squared error to the teacher's activation, through a hint layer (a 1x1
+    /// convolution or a linear map, trained with the student) when the widths differ;
+    /// `attention`: mean squared error between the two attention maps (channel mean of the
+    /// squared activation, L2-normalised per sample), whatever the widths.
+    #[serde(default)]
+    pub loss: FeatureLoss,
+    /// The term's weight in the loss.
+    #[serde(default = "one_f64")]
+    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0.0))]
+    pub weight: f64,
+}
+
+/// How a feature-distillation term compares activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum FeatureLoss {
+    #[default]
+    Mse,
+    Attention,
 }
 
 /// The teacher model and how it is served.
@@ -1681,10 +1716,10 @@ fn validate_distill(bad: &mut impl FnMut(&str, String), d: &DistillSpec, unlabel
     }
     if !(0.0..=1.0).contains(&d.alpha) {
         bad("distill.alpha", "must be in [0, 1]".into());
-    } else if d.alpha == 1.0 && unlabelled {
+    } else if d.alpha == 1.0 && unlabelled && d.features.is_empty() {
         bad(
             "distill.alpha",
-            "alpha 1 ignores the teacher, so data.unlabelled would teach nothing; lower alpha"
+            "alpha 1 ignores the teacher's soft labels, so data.unlabelled would teach nothing; lower alpha or add distill.features"
                 .into(),
         );
     }
@@ -1705,6 +1740,29 @@ fn validate_distill(bad: &mut impl FnMut(&str, String), d: &DistillSpec, unlabel
     }
     if d.prefetch > 1024 {
         bad("distill.prefetch", "must be at most 1024 steps".into());
+    }
+    if d.features.len() > 16 {
+        bad(
+            "distill.features",
+            "at most 16 feature terms are supported".into(),
+        );
+    }
+    for (i, f) in d.features.iter().enumerate() {
+        for (side, layer) in [("student", &f.student), ("teacher", &f.teacher)] {
+            if layer.is_empty() || layer.starts_with('.') || layer.ends_with('.') {
+                bad(
+                    &format!("distill.features[{i}].{side}"),
+                    "must name a module by its PyTorch name, such as `layer3` or `features.6`"
+                        .into(),
+                );
+            }
+        }
+        if !(f.weight > 0.0 && f.weight <= 1e6) {
+            bad(
+                &format!("distill.features[{i}].weight"),
+                "must be in (0, 1e6]".into(),
+            );
+        }
     }
 }
 

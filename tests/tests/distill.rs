@@ -167,6 +167,7 @@ fn the_distillation_loss_matches_pytorch() {
     let out = run_python(
         "distill_reference.py",
         &[
+            "check",
             &path("models/mlp.pt"),
             &path("models/teacher4.pt"),
             &path("data/few.safetensors"),
@@ -177,9 +178,7 @@ fn the_distillation_loss_matches_pytorch() {
                 .unwrap(),
             "6",
             "8",
-            "2",
-            "0.3",
-            "2.0",
+            "5",
         ],
     );
     eprintln!("distillation loss against PyTorch: {}", out.trim());
@@ -301,4 +300,173 @@ fn a_teacher_that_cannot_start_fails_the_job_with_its_reason() {
         reason.starts_with("teacher replica 0: ") && reason.contains("distill.teacher"),
         "{reason}"
     );
+}
+
+/// A feature-distillation job on the labelled images and the pool, in order, and its terms
+/// as `distill_features_reference.py` takes them.
+fn feature_job(name: &str, model: &str, terms: &[(&str, &str, &str, f64)]) -> (String, String) {
+    let yaml: Vec<String> = terms
+        .iter()
+        .map(|(s, t, l, w)| {
+            format!("    - {{student: {s}, teacher: {t}, loss: {l}, weight: {w}}}\n")
+        })
+        .collect();
+    let arg: Vec<String> = terms
+        .iter()
+        .map(|(s, t, l, w)| format!("{s}:{t}:{l}:{w}"))
+        .collect();
+    let spec = format!(
+        "name: {name}\nmodel: {model}\n\
+         data: {{train: {{path: few.safetensors}}, unlabelled: {{path: pool.safetensors}}, channels: 1, shuffle: false}}\n\
+         train: {{epochs: 1, max_steps: 6, batch_size: 8, seed: 5, optimizer: {{name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}}}}\n\
+         resources: {{threads: 1}}\n\
+         distill:\n  teacher: {{arch: torchscript, path: teacher4.pt, threads: 1}}\n  temperature: 2.0\n  alpha: 0.3\n  top_k: 2\n  features:\n{}\
+         output: {{dir: {name}}}\n",
+        yaml.concat()
+    );
+    (spec, arg.join(","))
+}
+
+#[test]
+fn feature_distillation_matches_pytorch_hint_and_attention_losses() {
+    let f = ferry_tests::fixtures();
+    let path = |p: &str| f.join(p).to_str().unwrap().to_string();
+    // The built-in student's initial weights, which the PyTorch side starts from too.
+    let init = f.join("models/cnn_student_init.safetensors");
+    if !init.exists() {
+        let tmp = f.join(format!("models/.cnn_student_init.{}", std::process::id()));
+        run_python("distill_reference.py", &["init", tmp.to_str().unwrap()]);
+        std::fs::rename(&tmp, &init).unwrap();
+    }
+    let d = Daemon::start();
+    // A built-in student: a 1×1-convolution hint (32 to 8 channels) and an attention term.
+    let builtin = feature_job(
+        "features-builtin",
+        "{arch: cnn, num_classes: 4, init: cnn_student_init.safetensors}",
+        &[
+            ("features.3", "features.3", "mse", 0.5),
+            ("features.6", "features.6", "attention", 100.0),
+        ],
+    );
+    // A TorchScript student: a linear hint (32 to 64 values).
+    let script = feature_job(
+        "features-script",
+        "{arch: torchscript, path: mlp.pt}",
+        &[("features", "features", "mse", 2.0)],
+    );
+    // The same on two ranks of 4 samples a step: the hint layer's gradient is all-reduced
+    // with the student's.
+    let two = (
+        script
+            .0
+            .replace("features-script", "features-2-ranks")
+            .replace("batch_size: 8", "batch_size: 4")
+            .replace(
+                "resources: {threads: 1}",
+                "resources: {threads: 1, ranks: 2}",
+            ),
+        script.1.clone(),
+    );
+    assert!(two.0.contains("ranks: 2"), "{}", two.0);
+    let jobs: Vec<Job> = [&builtin, &script, &two]
+        .iter()
+        .map(|(s, _)| d.submit(s))
+        .collect();
+    for j in &jobs {
+        let end = d.wait_terminal(&j.id, Duration::from_secs(120));
+        assert_eq!(
+            end.phase,
+            JobPhase::Succeeded,
+            "{:?}\n{:#?}",
+            end.status,
+            messages(&d, j)
+        );
+    }
+    // What each term compares, and what a sample costs on the wire: a top-2 soft label (8
+    // bytes), the teacher's 8×4×4 activation (256) and its 4×4 attention map (32) as f16.
+    let msgs = messages(&d, &jobs[0]);
+    for want in [
+        "distill.features[0]: the student's `features.3` gives 32×4×4 a sample, the teacher's `features.3` 8×4×4; mse loss, weight 0.5, through a hint layer (1×1 convolution from 32 to 8 channels)",
+        "distill.features[1]: the student's `features.6` gives 64×4×4 a sample, the teacher's `features.6` an attention map of 4×4; attention loss, weight 100",
+        "distillation record: 296 bytes a sample (soft label and activations as f16)",
+    ] {
+        assert!(msgs.iter().any(|m| m == want), "{want}\n{msgs:#?}");
+    }
+    let msgs = messages(&d, &jobs[1]);
+    let want = "distill.features[0]: the student's `features` gives 32 a sample, the teacher's `features` 64; mse loss, weight 2, through a hint layer (linear from 32 to 64 channels)";
+    assert!(msgs.iter().any(|m| m == want), "{want}\n{msgs:#?}");
+    for ((name, student), (_, terms)) in [
+        ("features-builtin", format!("cnn:{}", init.display())),
+        ("features-script", path("models/mlp.pt")),
+        ("features-2-ranks", path("models/mlp.pt")),
+    ]
+    .iter()
+    .zip([&builtin, &script, &two])
+    {
+        let out = run_python(
+            "distill_reference.py",
+            &[
+                "check",
+                student,
+                &path("models/teacher4.pt"),
+                &path("data/few.safetensors"),
+                &path("data/pool.safetensors"),
+                d.out()
+                    .join(format!("{name}/model.safetensors"))
+                    .to_str()
+                    .unwrap(),
+                "6",
+                "8",
+                "5",
+                terms,
+            ],
+        );
+        eprintln!(
+            "feature distillation ({name}) against PyTorch: {}",
+            out.trim()
+        );
+    }
+}
+
+#[test]
+fn a_feature_term_naming_a_missing_or_mismatched_layer_fails_with_the_layers_it_has() {
+    let d = Daemon::start();
+    let spec = |student: &str, teacher: &str, loss: &str| {
+        format!(
+            "name: bad-features-{}\n\
+             model: {{arch: cnn, num_classes: 4}}\n\
+             data: {{train: {{path: few.safetensors}}, channels: 1}}\n\
+             train: {{epochs: 1, batch_size: 8}}\nresources: {{threads: 1}}\n\
+             distill:\n  teacher: {{arch: torchscript, path: teacher4.pt, threads: 1}}\n  wait_timeout_s: 30\n  features: \
+             [{{student: {student}, teacher: {teacher}, loss: {loss}}}]\n\
+             output: {{dir: bad-features-{student}-{loss}}}\n",
+            student.replace('.', "-")
+        )
+    };
+    for (s, t, loss, want) in [
+        (
+            "features.9",
+            "features.3",
+            "mse",
+            "no module `features.9` in this built-in model; its modules are features.0",
+        ),
+        (
+            "features.2",
+            "features.6",
+            "mse",
+            "the student's `features.2` gives 32×8×8 a sample, the teacher's `features.6` 16×4×4; mse needs",
+        ),
+        (
+            "features.2",
+            "features.3",
+            "attention",
+            "attention needs activations of the same spatial size",
+        ),
+    ] {
+        let j = d.submit(&spec(s, t, loss));
+        let end = d.wait_terminal(&j.id, Duration::from_secs(120));
+        assert_eq!(end.phase, JobPhase::Failed, "{s} {t}");
+        let reason = end.status.failure.unwrap_or_default();
+        assert!(reason.contains(want), "{s} {t}: {reason}");
+    }
 }

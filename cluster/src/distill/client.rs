@@ -188,8 +188,8 @@ pub struct Client {
     next_id: u64,
     next_conn: u64,
     pending: HashMap<u64, Pending>,
-    /// (classes, k) of the teacher's answers, known after the first.
-    format: Option<(u32, u32)>,
+    /// (classes, k, feature shapes) of the teacher's answers, known after the first.
+    format: Option<(u32, u32, Vec<Vec<u32>>)>,
     cache: Option<Cache>,
     pub stats: ClientStats,
 }
@@ -362,11 +362,11 @@ impl Client {
 
     /// Keeps fresh soft labels: in the cache when there is one, else with the request.
     fn store(&mut self, p: &mut Pending, labels: SoftLabels) -> Result<(), ClientError> {
-        let fmt = (labels.classes, labels.k);
-        if self.format.is_some_and(|f| f != fmt) {
+        let fmt = (labels.classes, labels.k, labels.features.clone());
+        if self.format.as_ref().is_some_and(|f| *f != fmt) {
             return Err(ClientError(format!(
-                "teacher replicas disagree: soft labels of {} classes (top {}) after {:?}",
-                fmt.0, fmt.1, self.format
+                "teacher replicas disagree: soft labels of {} classes (top {}) with activations {:?} after {:?}",
+                fmt.0, fmt.1, fmt.2, self.format
             )));
         }
         self.format = Some(fmt);
@@ -395,14 +395,20 @@ impl Client {
         if let Some(got) = &p.got {
             return Ok(got.clone());
         }
-        let (classes, k) = self.format.ok_or_else(|| {
+        let (classes, k, features) = self.format.clone().ok_or_else(|| {
             ClientError("no soft labels received yet, but the cache claims some".into())
         })?;
+        let mut labels = SoftLabels {
+            classes,
+            k,
+            features,
+            records: Vec::new(),
+        };
         let cache = self
             .cache
             .as_ref()
             .ok_or_else(|| ClientError("soft labels expected in the cache".into()))?;
-        let mut records = Vec::with_capacity(p.indices.len() * super::record_len(classes, k));
+        let mut records = Vec::with_capacity(p.indices.len() * labels.record_len());
         for &i in &p.indices {
             let rec = cache
                 .get(i)
@@ -410,11 +416,8 @@ impl Client {
                 .ok_or_else(|| ClientError(format!("sample {i} vanished from the cache")))?;
             records.extend_from_slice(&rec);
         }
-        Ok(SoftLabels {
-            classes,
-            k,
-            records,
-        })
+        labels.records = records;
+        Ok(labels)
     }
 
     /// Sends `p`'s missing samples to the best replica; false when none takes it.
@@ -733,7 +736,7 @@ mod tests {
         let d = dense_targets(
             labels.classes,
             labels.k,
-            (0..labels.len()).map(|i| labels.record(i)),
+            (0..labels.len()).map(|i| labels.label(i)),
         )
         .unwrap();
         d.chunks(3)

@@ -23,8 +23,10 @@
 //! are little-endian. A body starts with `u8 version` (1), `u8 kind`, `u16 0`, `u64 id`:
 //! - kind 1, request by index: `u64 augmentation seed` (0: none), `u32 n`, `n × u32 index`.
 //! - kind 2, request by tensor: `u32 n`, `u32 c, h, w`, `n·c·h·w × f32` (the input images).
-//! - kind 3, soft labels: `u32 n`, `u32 classes`, `u32 k` (0: every class), then `n` records
-//!   (see [`record_len`]).
+//! - kind 3, soft labels: `u32 n`, `u32 classes`, `u32 k` (0: every class), `u32 f` (feature
+//!   activations per sample, `distill.features`), `f ×` (`u32 dims`, `dims × u32` extent: one
+//!   sample's shape), then `n` records: the soft label (see [`record_len`]), then each
+//!   feature's values as `f16`, row-major.
 //! - kind 4, error: `u32 length`, UTF-8 message.
 
 pub mod cache;
@@ -35,8 +37,12 @@ use std::io::{self, Read, Write};
 
 use half::f16;
 
-/// The protocol version every frame carries.
-pub const VERSION: u8 = 1;
+/// The protocol version every frame carries (2: soft labels carry feature activations).
+pub const VERSION: u8 = 2;
+/// Most feature activations a record carries, most dimensions of one, and most values.
+pub const MAX_FEATURES: usize = 16;
+const MAX_FEATURE_DIMS: usize = 8;
+const MAX_FEATURE_VALUES: usize = 1 << 24;
 /// Frames larger than this are refused (a corrupt length must not allocate gigabytes).
 pub const MAX_FRAME: usize = 512 << 20;
 
@@ -82,19 +88,73 @@ pub struct Request {
     pub inputs: Inputs,
 }
 
-/// Encoded soft labels of `n` samples: `n` records of [`record_len`] bytes each.
+/// Encoded soft labels of `n` samples: `n` records of [`SoftLabels::record_len`] bytes
+/// each, the soft label and then the sample's feature activations.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SoftLabels {
     pub classes: u32,
     /// Classes kept per sample; 0 means all of them.
     pub k: u32,
+    /// One sample's shape of each feature activation in a record (none without
+    /// `distill.features`).
+    pub features: Vec<Vec<u32>>,
     pub records: Vec<u8>,
 }
 
+/// Values in one sample's activation of shape `shape`.
+pub fn numel(shape: &[u32]) -> usize {
+    shape.iter().map(|&d| d as usize).product()
+}
+
 impl SoftLabels {
-    /// Bytes of one sample's record.
+    /// Bytes of one sample's record: the soft label and the activations as f16.
     pub fn record_len(&self) -> usize {
-        record_len(self.classes, self.k)
+        record_len(self.classes, self.k) + self.features.iter().map(|f| numel(f) * 2).sum::<usize>()
+    }
+
+    /// The soft-label part of record `i`.
+    pub fn label(&self, i: usize) -> &[u8] {
+        &self.record(i)[..record_len(self.classes, self.k)]
+    }
+
+    /// Feature `f` of every sample as f32, `n × numel`, row-major.
+    pub fn feature(&self, f: usize) -> Vec<f32> {
+        let start = record_len(self.classes, self.k)
+            + self.features[..f]
+                .iter()
+                .map(|s| numel(s) * 2)
+                .sum::<usize>();
+        let len = numel(&self.features[f]) * 2;
+        let mut out = Vec::with_capacity(self.len() * len / 2);
+        for i in 0..self.len() {
+            let rec = &self.record(i)[start..start + len];
+            out.extend(
+                rec.chunks_exact(2)
+                    .map(|v| f16::from_bits(u16::from_le_bytes([v[0], v[1]])).to_f32()),
+            );
+        }
+        out
+    }
+
+    /// Appends feature activations to every record: `values[f]` holds feature `f` of every
+    /// sample (`n × numel(shapes[f])`, row-major), stored as f16.
+    pub fn attach_features(&mut self, shapes: Vec<Vec<u32>>, values: &[Vec<f32>]) {
+        debug_assert_eq!(shapes.len(), values.len());
+        let n = self.len();
+        let label = self.record_len();
+        let mut records =
+            Vec::with_capacity(n * (label + shapes.iter().map(|s| numel(s) * 2).sum::<usize>()));
+        for i in 0..n {
+            records.extend_from_slice(&self.records[i * label..(i + 1) * label]);
+            for (shape, v) in shapes.iter().zip(values) {
+                let per = numel(shape);
+                for x in &v[i * per..(i + 1) * per] {
+                    records.extend_from_slice(&f16::from_f32(*x).to_bits().to_le_bytes());
+                }
+            }
+        }
+        self.features.extend(shapes);
+        self.records = records;
     }
 
     /// Samples held.
@@ -145,6 +205,7 @@ pub fn encode_topk(total_classes: u32, k: u32, classes: &[i64], probs: &[f32]) -
     SoftLabels {
         classes: total_classes,
         k,
+        features: Vec::new(),
         records,
     }
 }
@@ -158,11 +219,12 @@ pub fn encode_dense(classes: u32, probs: &[f32]) -> SoftLabels {
     SoftLabels {
         classes,
         k: 0,
+        features: Vec::new(),
         records,
     }
 }
 
-/// The distillation target of each record: a distribution over every class, `n × classes`
+/// The distillation target of each soft label (records' [`SoftLabels::label`] parts): a distribution over every class, `n × classes`
 /// row-major. Top-k labels are **renormalised over their k classes** (the other classes get
 /// probability 0); full labels are renormalised too, which only undoes f16 rounding. A
 /// record whose values sum to zero (or whose class is out of range) is an error.
@@ -250,6 +312,13 @@ impl Response {
                 b.extend_from_slice(&(l.len() as u32).to_le_bytes());
                 b.extend_from_slice(&l.classes.to_le_bytes());
                 b.extend_from_slice(&l.k.to_le_bytes());
+                b.extend_from_slice(&(l.features.len() as u32).to_le_bytes());
+                for shape in &l.features {
+                    b.extend_from_slice(&(shape.len() as u32).to_le_bytes());
+                    for d in shape {
+                        b.extend_from_slice(&d.to_le_bytes());
+                    }
+                }
                 b.extend_from_slice(&l.records);
             }
             Err(m) => {
@@ -393,17 +462,43 @@ pub fn read_response(r: &mut impl Read) -> io::Result<Option<Response>> {
             if classes == 0 || classes > u32::from(u16::MAX) + 1 || k > classes {
                 return Err(bad(&format!("soft labels with k {k} of {classes} classes")));
             }
-            let records = c
+            let count = c.u32()? as usize;
+            if count > MAX_FEATURES {
+                return Err(bad(&format!(
+                    "soft labels with {count} feature activations"
+                )));
+            }
+            let mut features = Vec::with_capacity(count);
+            for _ in 0..count {
+                let dims = c.u32()? as usize;
+                if dims > MAX_FEATURE_DIMS {
+                    return Err(bad(&format!("a feature activation of {dims} dimensions")));
+                }
+                let shape = (0..dims)
+                    .map(|_| c.u32())
+                    .collect::<io::Result<Vec<u32>>>()?;
+                let values = shape
+                    .iter()
+                    .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))
+                    .filter(|&v| (1..=MAX_FEATURE_VALUES).contains(&v));
+                if values.is_none() {
+                    return Err(bad(&format!("a feature activation of shape {shape:?}")));
+                }
+                features.push(shape);
+            }
+            let mut labels = SoftLabels {
+                classes,
+                k,
+                features,
+                records: Vec::new(),
+            };
+            labels.records = c
                 .take(
-                    n.checked_mul(record_len(classes, k))
+                    n.checked_mul(labels.record_len())
                         .ok_or_else(|| bad("bad count"))?,
                 )?
                 .to_vec();
-            Ok(SoftLabels {
-                classes,
-                k,
-                records,
-            })
+            Ok(labels)
         }
         KIND_ERROR => {
             let n = c.u32()? as usize;
@@ -493,6 +588,41 @@ mod tests {
     }
 
     #[test]
+    fn feature_activations_travel_with_the_soft_labels_as_f16() {
+        let mut labels = encode_topk(5, 1, &[3, 1], &[0.9, 0.8]);
+        // Two samples: a 2x1x2 activation and a 3-vector each.
+        let conv: Vec<f32> = (0..8).map(|v| v as f32 * 0.25 - 1.0).collect();
+        let vec: Vec<f32> = vec![1e-3, 2.0, -3.5, 100.0, 0.0, 7.25];
+        labels.attach_features(vec![vec![2, 1, 2], vec![3]], &[conv.clone(), vec.clone()]);
+        assert_eq!(labels.len(), 2);
+        assert_eq!(labels.record_len(), 4 + 4 * 2 + 3 * 2);
+        let resp = Response {
+            id: 3,
+            body: Ok(labels.clone()),
+        };
+        let frame = resp.encode();
+        let back = read_response(&mut frame.as_slice()).unwrap().unwrap();
+        assert_eq!(back, resp);
+        let back = back.body.unwrap();
+        assert_eq!(back.feature(0), conv, "exact in f16");
+        for (got, want) in back.feature(1).iter().zip(&vec) {
+            assert!((got - want).abs() <= want.abs() * 1e-3, "{got} {want}");
+        }
+        // The soft labels are where they were.
+        let dense = dense_targets(5, 1, (0..2).map(|i| back.label(i))).unwrap();
+        assert_eq!(dense[3], 1.0);
+        assert_eq!(dense[5 + 1], 1.0);
+        // A shape that claims more values than a frame may hold is refused.
+        let mut huge = frame.clone();
+        let at = 4 + 12 + 4 * 4 + 4; // the first shape's first extent
+        huge[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read_response(&mut huge.as_slice()).is_err());
+        for cut in 1..frame.len() {
+            assert!(read_response(&mut &frame[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
     fn dense_soft_labels_round_trip_within_f16_precision() {
         let probs = [0.1f32, 0.2, 0.7, 0.001, 0.999, 0.0];
         let labels = encode_dense(3, &probs);
@@ -522,10 +652,10 @@ mod tests {
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(read_request(&mut huge.as_slice()).is_err());
         // Another version.
-        let mut v2 = frame.clone();
-        v2[4] = 2;
-        let e = read_request(&mut v2.as_slice()).unwrap_err();
-        assert!(e.to_string().contains("version 2"), "{e}");
+        let mut v1 = frame.clone();
+        v1[4] = 1;
+        let e = read_request(&mut v1.as_slice()).unwrap_err();
+        assert!(e.to_string().contains("version 1"), "{e}");
         // A response read as a request.
         let resp = Response {
             id: 1,

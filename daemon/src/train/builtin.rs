@@ -11,8 +11,45 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tch::nn::{self, ModuleT};
+use tch::nn;
 use tch::{Kind, Tensor};
+
+/// The outputs of named modules, collected during a forward pass (feature distillation).
+pub struct Taps<'a> {
+    names: &'a [String],
+    pub got: Vec<Option<Tensor>>,
+}
+
+impl<'a> Taps<'a> {
+    /// Collects the outputs of the modules `names`.
+    pub fn new(names: &'a [String]) -> Taps<'a> {
+        Taps {
+            names,
+            got: names.iter().map(|_| None).collect(),
+        }
+    }
+
+    /// Records `t` as the output of module `name` if it is wanted.
+    fn put(&mut self, name: &str, t: &Tensor) {
+        for (i, n) in self.names.iter().enumerate() {
+            if n == name {
+                self.got[i] = Some(t.shallow_clone());
+            }
+        }
+    }
+
+    fn wanted(&self) -> bool {
+        !self.names.is_empty()
+    }
+}
+
+/// A built-in architecture: a forward pass that can report the outputs of its modules.
+pub trait Net: Send {
+    /// Logits for `x`; the outputs of the modules `taps` names are put in it.
+    fn forward_taps(&self, x: &Tensor, train: bool, taps: &mut Taps) -> Tensor;
+    /// The names of the modules whose outputs `forward_taps` can report, in forward order.
+    fn modules(&self) -> Vec<String>;
+}
 
 /// Every BatchNorm layer of a built-in model, by module name, with its "frozen" switch.
 #[derive(Default, Clone)]
@@ -154,29 +191,62 @@ impl Block {
 struct ResNet {
     conv1: nn::Conv2D,
     bn1: Bn,
-    blocks: Vec<Block>,
+    /// Each block with its module name (`layer2.1`) and whether it ends its layer.
+    blocks: Vec<(String, bool, Block)>,
     fc: nn::Linear,
 }
 
-impl std::fmt::Debug for ResNet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ResNet({} blocks)", self.blocks.len())
-    }
-}
-
-impl ModuleT for ResNet {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut x = self.bn1.t(&x.apply(&self.conv1), train).relu().max_pool2d(
-            [3, 3],
-            [2, 2],
-            [1, 1],
-            [1, 1],
-            false,
-        );
-        for b in &self.blocks {
-            x = b.t(&x, train);
+impl Net for ResNet {
+    fn forward_taps(&self, x: &Tensor, train: bool, taps: &mut Taps) -> Tensor {
+        let on = taps.wanted();
+        let mut x = x.apply(&self.conv1);
+        if on {
+            taps.put("conv1", &x);
         }
-        x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.fc)
+        x = self.bn1.t(&x, train);
+        if on {
+            taps.put("bn1", &x);
+        }
+        x = x.relu();
+        if on {
+            taps.put("relu", &x);
+        }
+        x = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        if on {
+            taps.put("maxpool", &x);
+        }
+        for (name, last, b) in &self.blocks {
+            x = b.t(&x, train);
+            if on {
+                taps.put(name, &x);
+                if *last {
+                    taps.put(name.split('.').next().unwrap_or_default(), &x);
+                }
+            }
+        }
+        let x = x.adaptive_avg_pool2d([1, 1]);
+        if on {
+            taps.put("avgpool", &x);
+        }
+        let x = x.flatten(1, -1).apply(&self.fc);
+        if on {
+            taps.put("fc", &x);
+        }
+        x
+    }
+
+    fn modules(&self) -> Vec<String> {
+        let mut m: Vec<String> = ["conv1", "bn1", "relu", "maxpool"]
+            .map(String::from)
+            .to_vec();
+        for (name, last, _) in &self.blocks {
+            m.push(name.clone());
+            if *last {
+                m.push(name.split('.').next().unwrap_or_default().to_string());
+            }
+        }
+        m.extend(["avgpool", "fc"].map(String::from));
+        m
     }
 }
 
@@ -197,11 +267,12 @@ fn resnet(p: &nn::Path, norms: &mut Norms, classes: i64, bottleneck: bool) -> Re
         for i in 0..n {
             let stride = if i == 0 && layer > 0 { 2 } else { 1 };
             let bp = &lp / i.to_string();
-            blocks.push(if bottleneck {
+            let block = if bottleneck {
                 Block::bottleneck(bp, norms, c_in, width, stride)
             } else {
                 Block::basic(bp, norms, c_in, width, stride)
-            });
+            };
+            blocks.push((format!("layer{}.{i}", layer + 1), i + 1 == n, block));
             c_in = width * expansion;
         }
     }
@@ -214,18 +285,66 @@ fn resnet(p: &nn::Path, norms: &mut Norms, classes: i64, bottleneck: bool) -> Re
 }
 
 /// torchvision's ResNet-18.
-pub fn resnet18(p: &nn::Path, norms: &mut Norms, classes: i64) -> impl ModuleT {
+pub fn resnet18(p: &nn::Path, norms: &mut Norms, classes: i64) -> impl Net {
     resnet(p, norms, classes, false)
 }
 
 /// torchvision's ResNet-50.
-pub fn resnet50(p: &nn::Path, norms: &mut Norms, classes: i64) -> impl ModuleT {
+pub fn resnet50(p: &nn::Path, norms: &mut Norms, classes: i64) -> impl Net {
     resnet(p, norms, classes, true)
 }
 
-/// A small CNN: conv-bn-relu-pool twice, global average pooling, a linear head.
-/// Names follow a PyTorch `nn.Sequential` (`features.0`, `features.1`, ..., `classifier`).
-pub fn cnn(p: &nn::Path, norms: &mut Norms, in_channels: i64, classes: i64) -> impl ModuleT {
+/// A small CNN: conv-bn-relu-pool, conv-bn-relu, global average pooling, a linear head.
+/// Names follow a PyTorch `nn.Sequential` (`features.0` to `features.6`, then `classifier`).
+struct Cnn {
+    c0: nn::Conv2D,
+    b1: Bn,
+    c4: nn::Conv2D,
+    b5: Bn,
+    head: nn::Linear,
+}
+
+impl Net for Cnn {
+    fn forward_taps(&self, x: &Tensor, train: bool, taps: &mut Taps) -> Tensor {
+        let on = taps.wanted();
+        let mut x = x.shallow_clone();
+        for i in 0..7 {
+            x = match i {
+                0 => x.apply(&self.c0),
+                1 => self.b1.t(&x, train),
+                4 => x.apply(&self.c4),
+                5 => self.b5.t(&x, train),
+                // An input too small to pool is not pooled.
+                3 if x.size()[2] < 2 || x.size()[3] < 2 => x,
+                3 => x.max_pool2d_default(2),
+                _ => x.relu(),
+            };
+            if on {
+                taps.put(&format!("features.{i}"), &x);
+            }
+        }
+        if on {
+            taps.put("features", &x);
+        }
+        let x = x
+            .adaptive_avg_pool2d([1, 1])
+            .flatten(1, -1)
+            .apply(&self.head);
+        if on {
+            taps.put("classifier", &x);
+        }
+        x
+    }
+
+    fn modules(&self) -> Vec<String> {
+        let mut m: Vec<String> = (0..7).map(|i| format!("features.{i}")).collect();
+        m.extend(["features", "classifier"].map(String::from));
+        m
+    }
+}
+
+/// The small CNN (see [`Cnn`]) for `in_channels`-channel images.
+pub fn cnn(p: &nn::Path, norms: &mut Norms, in_channels: i64, classes: i64) -> impl Net {
     let f = p / "features";
     let (c0, b1) = (
         conv(&f / "0", in_channels, 32, 3, 1, 1, true),
@@ -236,32 +355,62 @@ pub fn cnn(p: &nn::Path, norms: &mut Norms, in_channels: i64, classes: i64) -> i
         norms.batch_norm(&f / "5", 64),
     );
     let head = nn::linear(p / "classifier", 64, classes, Default::default());
-    nn::func_t(move |x, train| {
-        let x = b1.t(&x.apply(&c0), train).relu();
-        let x = if x.size()[2] >= 2 && x.size()[3] >= 2 {
-            x.max_pool2d_default(2)
-        } else {
-            x
-        };
-        let x = b5.t(&x.apply(&c4), train).relu();
-        x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&head)
-    })
+    Cnn {
+        c0,
+        b1,
+        c4,
+        b5,
+        head,
+    }
 }
 
-/// A small MLP on flattened inputs: 256 and 128 hidden units, ReLU.
-pub fn mlp(p: &nn::Path, inputs: i64, classes: i64) -> impl ModuleT {
-    let l0 = nn::linear(p / "features" / "0", inputs, 256, Default::default());
-    let l2 = nn::linear(p / "features" / "2", 256, 128, Default::default());
-    let head = nn::linear(p / "classifier", 128, classes, Default::default());
-    nn::func_t(move |x, _train| {
-        x.flatten(1, -1)
-            .to_kind(Kind::Float)
-            .apply(&l0)
-            .relu()
-            .apply(&l2)
-            .relu()
-            .apply(&head)
-    })
+/// A small MLP on flattened inputs: 256 and 128 hidden units, ReLU (`features.0` to
+/// `features.3`, then `classifier`).
+struct Mlp {
+    layers: [nn::Linear; 2],
+    head: nn::Linear,
+}
+
+impl Net for Mlp {
+    fn forward_taps(&self, x: &Tensor, _train: bool, taps: &mut Taps) -> Tensor {
+        let on = taps.wanted();
+        let mut x = x.flatten(1, -1).to_kind(Kind::Float);
+        for i in 0..4 {
+            x = if i % 2 == 0 {
+                x.apply(&self.layers[i / 2])
+            } else {
+                x.relu()
+            };
+            if on {
+                taps.put(&format!("features.{i}"), &x);
+            }
+        }
+        if on {
+            taps.put("features", &x);
+        }
+        let x = x.apply(&self.head);
+        if on {
+            taps.put("classifier", &x);
+        }
+        x
+    }
+
+    fn modules(&self) -> Vec<String> {
+        let mut m: Vec<String> = (0..4).map(|i| format!("features.{i}")).collect();
+        m.extend(["features", "classifier"].map(String::from));
+        m
+    }
+}
+
+/// The small MLP (see [`Mlp`]) for inputs of `inputs` values.
+pub fn mlp(p: &nn::Path, inputs: i64, classes: i64) -> impl Net {
+    Mlp {
+        layers: [
+            nn::linear(p / "features" / "0", inputs, 256, Default::default()),
+            nn::linear(p / "features" / "2", 256, 128, Default::default()),
+        ],
+        head: nn::linear(p / "classifier", 128, classes, Default::default()),
+    }
 }
 
 #[cfg(test)]
@@ -311,6 +460,42 @@ mod tests {
             theirs.sort();
             assert_eq!(ours, theirs, "{arch:?}");
         }
+    }
+
+    /// The outputs of named modules, as feature distillation takes them: a layer's is its
+    /// last block's, `fc`'s the logits, and asking for them changes nothing.
+    #[test]
+    fn taps_report_module_outputs_without_changing_the_forward_pass() {
+        let mut m = Model::build(
+            &spec(Arch::Resnet18, &[], FreezeBn::Eval),
+            None,
+            (3, 32, 32),
+            Device::Cpu,
+        )
+        .unwrap();
+        let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let plain = m.forward(&x, false).unwrap();
+        let names = ["maxpool", "layer3.1", "layer3", "avgpool", "fc"].map(String::from);
+        m.set_taps(&names).unwrap();
+        let (logits, taps) = m.forward_taps(&x, false).unwrap();
+        assert!(logits.equal(&plain));
+        let shapes: Vec<Vec<i64>> = taps.iter().map(Tensor::size).collect();
+        assert_eq!(
+            shapes,
+            [
+                vec![2, 64, 8, 8],
+                vec![2, 256, 2, 2],
+                vec![2, 256, 2, 2],
+                vec![2, 512, 1, 1],
+                vec![2, 5]
+            ]
+        );
+        assert!(taps[1].equal(&taps[2]) && taps[4].equal(&plain));
+        let e = m.set_taps(&["layer5".to_string()]).unwrap_err().to_string();
+        assert!(
+            e.contains("no module `layer5`") && e.contains("layer4.1"),
+            "{e}"
+        );
     }
 
     /// Frozen modules' BatchNorm statistics stay as they were while the rest trains (and

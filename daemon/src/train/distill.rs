@@ -13,6 +13,21 @@
 //! samples have no CE term. On a step with no soft labels (`on_teacher_failure:
 //! hard-labels`), `l_i = CE(s, y) * [y labelled]`, averaged over the `n` samples the same way.
 //! Dividing by the batch size (not the labelled count) keeps data-parallel averaging exact.
+//!
+//! # Feature distillation
+//! Each `distill.features` term adds `w * l_f,i` to `l_i`, where `l_f,i` compares the output
+//! `a` of the student's module with the output `b` of the teacher's (both per sample):
+//! - `mse`: `mean((h(a) - b)^2)` over the activation's values, where `h` is the hint layer
+//!   (a 1×1 convolution for `C×H×W` activations, a linear map for vectors, both with a bias)
+//!   when the channel counts differ, and the identity when they match. Hint layers are
+//!   initialised as PyTorch initialises a new `Conv2d`/`Linear` right after
+//!   `torch.manual_seed(train.seed)`, in the terms' order; they train with the student (and
+//!   are checkpointed with it) but are not part of the saved model.
+//! - `attention` (Zagoruyko & Komodakis): `mean((q(a) - q(b))^2)` over the spatial positions,
+//!   `q(x) = v / |v|` with `v` the channel mean of `x^2`, flattened; widths may differ.
+//!
+//! The teacher computes `b` (or `q(b)`, `H×W` values instead of `C×H×W`) and sends it with
+//! the soft label as f16: see [`ferry_cluster::distill`].
 
 use std::net::{IpAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -24,11 +39,11 @@ use anyhow::{bail, Context, Result};
 use ferry_cluster::distill::client::{Client, ClientConfig, Directory};
 use ferry_cluster::distill::server::{serve, ServerStats, Teacher};
 use ferry_cluster::distill::{dense_targets, encode_dense, encode_topk, Inputs, SoftLabels};
-use ferry_cluster::spec::{DistillMode, DistillSpec, Precision};
+use ferry_cluster::spec::{DistillMode, DistillSpec, FeatureLoss, Precision};
 use tch::{Device, Kind, Tensor};
 
 use super::data::Dataset;
-use super::model::Model;
+use super::model::{Model, AUX_PREFIX};
 use super::pipeline::batch_now;
 use super::transform::View;
 use crate::protocol::{DistillProgress, WorkerMessage, WorkerPlan};
@@ -68,6 +83,9 @@ pub fn loss(
     }
 }
 
+/// The step key of the request that learns the shapes of the teacher's activations.
+const PROBE_KEY: u64 = u64::MAX;
+
 /// A student rank's connection to the teacher service.
 pub struct Student {
     client: Client,
@@ -75,6 +93,45 @@ pub struct Student {
     /// The training set (tensor mode sends its images, as the student sees them).
     data: Arc<Dataset>,
     started: Instant,
+    /// Per `distill.features` term: its hint layer (weight, bias) where widths differ.
+    hints: Vec<Option<(Tensor, Tensor)>>,
+    /// Per term: one sample's shape of what the teacher sends.
+    teacher_shapes: Vec<Vec<i64>>,
+}
+
+/// What a step learns from the teacher: soft labels (`n × classes`) and, per
+/// `distill.features` term, the teacher's activation (`n × shape`).
+pub struct Targets {
+    pub soft: Tensor,
+    pub features: Vec<Tensor>,
+}
+
+impl Targets {
+    /// The rows `rows` (a batch that left samples out, a micro-batch).
+    pub fn rows(&self, f: impl Fn(&Tensor) -> Tensor) -> Targets {
+        Targets {
+            soft: f(&self.soft),
+            features: self.features.iter().map(&f).collect(),
+        }
+    }
+}
+
+/// The attention map of activations `x` (`n × C × ...`): the channel mean of `x^2`,
+/// flattened and L2-normalised per sample.
+pub fn attention_map(x: &Tensor) -> Tensor {
+    let v = x
+        .pow_tensor_scalar(2)
+        .mean_dim([1i64].as_slice(), false, Kind::Float)
+        .flatten(1, -1);
+    let norm = v
+        .norm_scalaropt_dim(2, [1i64].as_slice(), true)
+        .clamp_min(1e-12);
+    v / norm
+}
+
+/// `x` as `n × rest` (a sample's values in a row).
+fn rows_of(x: &Tensor) -> Tensor {
+    x.flatten(1, -1)
 }
 
 impl Student {
@@ -104,7 +161,176 @@ impl Student {
             spec: spec.clone(),
             data: train.clone(),
             started: Instant::now(),
+            hints: Vec::new(),
+            teacher_shapes: Vec::new(),
         })
+    }
+
+    /// Feature distillation: makes `model` report the student modules' outputs, learns the
+    /// shapes of the teacher's activations (one sample asked for), and adds the hint layers
+    /// where widths differ (seeded by `seed`, see the module docs) to the model's
+    /// parameters. Returns a line per term for the job's events.
+    pub fn attach_features(&mut self, model: &mut Model, seed: u64) -> Result<Vec<String>> {
+        let terms = self.spec.features.clone();
+        if terms.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<String> = terms.iter().map(|f| f.student.clone()).collect();
+        model
+            .set_taps(&names)
+            .context("distill.features: a student module")?;
+        let src = source(self.spec.mode, &self.data, View::Eval);
+        let labels = self
+            .client
+            .take(PROBE_KEY, &[0], &src)?
+            .context("distill.features: no teacher answered the first request, so the shapes of its activations are unknown; is the teacher up?")?;
+        if labels.features.len() != terms.len() {
+            bail!(
+                "the teacher sends {} feature activations and distill.features has {} terms; do students and teacher run the same spec?",
+                labels.features.len(),
+                terms.len()
+            );
+        }
+        // One sample's shape of each student module's output.
+        let (c, h, w) = self.data.shape();
+        let device = model.device();
+        model.set_train(false)?;
+        let (_, acts) = tch::no_grad(|| {
+            model.forward_taps(&Tensor::zeros([1, c, h, w], (Kind::Float, device)), false)
+        })?;
+        tch::manual_seed(seed as i64);
+        let mut lines = Vec::new();
+        let mut aux = Vec::new();
+        for (i, ((f, a), t)) in terms.iter().zip(&acts).zip(&labels.features).enumerate() {
+            let s_shape = a.size()[1..].to_vec();
+            let t_shape: Vec<i64> = t.iter().map(|&d| i64::from(d)).collect();
+            let dims = |v: &[i64]| {
+                v.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("×")
+            };
+            let what = format!(
+                "distill.features[{i}]: the student's `{}` gives {} a sample, the teacher's `{}` {}",
+                f.student,
+                dims(&s_shape),
+                f.teacher,
+                if f.loss == FeatureLoss::Attention {
+                    format!("an attention map of {}", dims(&t_shape))
+                } else {
+                    dims(&t_shape)
+                }
+            );
+            let hint = match f.loss {
+                FeatureLoss::Attention => {
+                    if s_shape.len() < 2 || s_shape[1..] != t_shape[..] {
+                        bail!("{what}; attention needs activations of the same spatial size (C×H×W with the same H×W); pick layers at the same resolution");
+                    }
+                    None
+                }
+                FeatureLoss::Mse => {
+                    let same_rest = s_shape.len() == t_shape.len() && s_shape[1..] == t_shape[1..];
+                    if !same_rest || !(s_shape.len() == 1 || s_shape.len() == 3) {
+                        bail!("{what}; mse needs vectors, or C×H×W activations of the same H×W (a hint layer maps the student's channels to the teacher's); pick layers at the same resolution");
+                    }
+                    (s_shape[0] != t_shape[0]).then(|| {
+                        let (cs, ct) = (s_shape[0], t_shape[0]);
+                        let shape: Vec<i64> = if s_shape.len() == 3 {
+                            vec![ct, cs, 1, 1]
+                        } else {
+                            vec![ct, cs]
+                        };
+                        // PyTorch's Conv2d/Linear initialisation: kaiming_uniform_(a=sqrt(5))
+                        // is uniform in ±1/sqrt(fan_in), and so is the bias.
+                        let b = 1.0 / (cs as f64).sqrt();
+                        let (weight, bias) = tch::no_grad(|| {
+                            let mut wt = Tensor::zeros(&shape[..], (Kind::Float, device));
+                            let _ = wt.uniform_(-b, b);
+                            let mut bs = Tensor::zeros([ct], (Kind::Float, device));
+                            let _ = bs.uniform_(-b, b);
+                            (wt.set_requires_grad(true), bs.set_requires_grad(true))
+                        });
+                        aux.push((
+                            format!("{AUX_PREFIX}hint{i}.weight"),
+                            weight.shallow_clone(),
+                        ));
+                        aux.push((format!("{AUX_PREFIX}hint{i}.bias"), bias.shallow_clone()));
+                        (weight, bias)
+                    })
+                }
+            };
+            lines.push(format!(
+                "{what}; {} loss, weight {}{}",
+                match f.loss {
+                    FeatureLoss::Mse => "mse",
+                    FeatureLoss::Attention => "attention",
+                },
+                f.weight,
+                match &hint {
+                    Some((w, _)) => format!(
+                        ", through a hint layer ({} from {} to {} channels)",
+                        if w.dim() == 4 {
+                            "1×1 convolution"
+                        } else {
+                            "linear"
+                        },
+                        s_shape[0],
+                        t_shape[0]
+                    ),
+                    None => String::new(),
+                }
+            ));
+            self.hints.push(hint);
+            self.teacher_shapes.push(t_shape);
+        }
+        lines.push(format!(
+            "distillation record: {} bytes a sample (soft label and activations as f16)",
+            labels.record_len()
+        ));
+        model.add_aux_params(aux);
+        Ok(lines)
+    }
+
+    /// The feature terms' part of the loss: `sum_i sum_f w_f * l_f,i / n` over the `n` rows
+    /// (see the module docs), for the student modules' outputs `acts` and the teacher's
+    /// `targets` (rows in the same order).
+    pub fn feature_loss(&self, acts: &[Tensor], targets: &[Tensor]) -> Tensor {
+        let n = acts.first().map_or(1, |a| a.size()[0].max(1)) as f64;
+        let mut total: Option<Tensor> = None;
+        for (((f, a), t), hint) in self
+            .spec
+            .features
+            .iter()
+            .zip(acts)
+            .zip(targets)
+            .zip(&self.hints)
+        {
+            let per_sample = match f.loss {
+                FeatureLoss::Mse => {
+                    let a = match hint {
+                        Some((w, b)) if w.dim() == 4 => {
+                            a.conv2d(w, Some(b), [1, 1], [0, 0], [1, 1], 1)
+                        }
+                        Some((w, b)) => a.linear(w, Some(b)),
+                        None => a.shallow_clone(),
+                    };
+                    (rows_of(&a) - rows_of(t)).pow_tensor_scalar(2).mean_dim(
+                        [1i64].as_slice(),
+                        false,
+                        Kind::Float,
+                    )
+                }
+                FeatureLoss::Attention => (attention_map(a) - rows_of(t))
+                    .pow_tensor_scalar(2)
+                    .mean_dim([1i64].as_slice(), false, Kind::Float),
+            };
+            let term = per_sample.sum(Kind::Float) * (f.weight / n);
+            total = Some(match total {
+                Some(t) => t + term,
+                None => term,
+            });
+        }
+        total.unwrap_or_else(|| Tensor::zeros([], (Kind::Float, Device::Cpu)))
     }
 
     /// Asks for step `key`'s soft labels (of `indices` in `view`) ahead of time.
@@ -113,20 +339,47 @@ impl Student {
         self.client.prefetch(key, indices, &src);
     }
 
-    /// Step `key`'s distillation targets (`n × classes` on `device`, a row per index), or
-    /// None for a step on hard labels.
+    /// Step `key`'s distillation targets (on `device`, a row per index), or None for a step
+    /// on hard labels.
     pub fn targets(
         &mut self,
         key: u64,
         indices: &[u32],
         view: View,
         device: Device,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<Option<Targets>> {
         let src = source(self.spec.mode, &self.data, view);
         let Some(labels) = self.client.take(key, indices, &src)? else {
             return Ok(None);
         };
-        Ok(Some(to_targets(&labels, device)?))
+        let soft = to_targets(&labels, device)?;
+        let mut features = Vec::with_capacity(self.teacher_shapes.len());
+        for (f, shape) in self.teacher_shapes.iter().enumerate() {
+            let got: Vec<i64> = labels
+                .features
+                .get(f)
+                .map_or(Vec::new(), |s| s.iter().map(|&d| i64::from(d)).collect());
+            if got != *shape {
+                bail!(
+                    "the teacher's activation {f} changed shape from {shape:?} to {got:?} a sample"
+                );
+            }
+            let values = labels.feature(f);
+            if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+                bail!(
+                    "the teacher's activation for distill.features[{f}] holds {bad} as f16 (its values must stay within ±65504): the teacher's `{}` overflows",
+                    self.spec.features[f].teacher
+                );
+            }
+            let mut dims = vec![labels.len() as i64];
+            dims.extend(shape);
+            features.push(
+                Tensor::from_slice(&values)
+                    .view(&dims[..])
+                    .to_device(device),
+            );
+        }
+        Ok(Some(Targets { soft, features }))
     }
 
     /// Removes the shared cache files (rank 0, when the job has succeeded), including any
@@ -212,7 +465,7 @@ fn to_targets(labels: &SoftLabels, device: Device) -> Result<Tensor> {
     let dense = dense_targets(
         labels.classes,
         labels.k,
-        (0..labels.len()).map(|i| labels.record(i)),
+        (0..labels.len()).map(|i| labels.label(i)),
     )
     .map_err(anyhow::Error::msg)
     .context("corrupt soft labels from the teacher")?;
@@ -303,6 +556,7 @@ impl Teacher for TeacherModel {
                     out[i] = Ok(SoftLabels {
                         classes: labels.classes,
                         k: labels.k,
+                        features: labels.features.clone(),
                         records: labels.records[off * rec..(off + n) * rec].to_vec(),
                     });
                     off += n;
@@ -325,7 +579,7 @@ impl TeacherModel {
             .model
             .as_ref()
             .context("the teacher model is not loaded")?;
-        let logits = tch::no_grad(|| model.forward(&x.to_device(self.device), false))?;
+        let (logits, acts) = tch::no_grad(|| model.forward_taps(&x.to_device(self.device), false))?;
         let s = logits.size();
         if s.len() != 2 {
             bail!("the teacher must return logits of shape (batch, classes), got {s:?}");
@@ -338,15 +592,42 @@ impl TeacherModel {
             .softmax(1, Kind::Float)
             .to_device(Device::Cpu);
         let k = i64::from(self.spec.top_k);
-        if k > 0 && k < classes {
+        let mut labels = if k > 0 && k < classes {
             let (vals, idx) = probs.topk(k, 1, true, true);
             let vals = Vec::<f32>::try_from(vals.contiguous().flatten(0, -1))?;
             let idx = Vec::<i64>::try_from(idx.contiguous().flatten(0, -1))?;
-            Ok(encode_topk(classes as u32, k as u32, &idx, &vals))
+            encode_topk(classes as u32, k as u32, &idx, &vals)
         } else {
             let p = Vec::<f32>::try_from(probs.contiguous().flatten(0, -1))?;
-            Ok(encode_dense(classes as u32, &p))
+            encode_dense(classes as u32, &p)
+        };
+        if !acts.is_empty() {
+            let mut shapes = Vec::with_capacity(acts.len());
+            let mut values = Vec::with_capacity(acts.len());
+            for (f, a) in self.spec.features.iter().zip(acts) {
+                let sent = match f.loss {
+                    FeatureLoss::Mse => a,
+                    FeatureLoss::Attention if a.dim() >= 3 => {
+                        // The map keeps the spatial shape: what the student checks.
+                        let spatial = a.size()[2..].to_vec();
+                        let mut dims = vec![a.size()[0]];
+                        dims.extend(spatial);
+                        attention_map(&a).view(&dims[..])
+                    }
+                    FeatureLoss::Attention => bail!(
+                        "distill.features: the teacher's `{}` gives {:?} a sample; attention needs a C×H×W activation",
+                        f.teacher,
+                        &a.size()[1..]
+                    ),
+                };
+                shapes.push(sent.size()[1..].iter().map(|&d| d as u32).collect());
+                values.push(Vec::<f32>::try_from(
+                    sent.to_device(Device::Cpu).contiguous().flatten(0, -1),
+                )?);
+            }
+            labels.attach_features(shapes, &values);
         }
+        Ok(labels)
     }
 }
 
@@ -368,6 +649,12 @@ fn build_teacher(
                 r.skipped_shape
             );
         }
+    }
+    if !spec.features.is_empty() {
+        let names: Vec<String> = spec.features.iter().map(|f| f.teacher.clone()).collect();
+        model
+            .set_taps(&names)
+            .context("distill.features: a teacher module")?;
     }
     model.set_train(false)?;
     model.set_precision(precision);

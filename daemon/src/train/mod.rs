@@ -350,6 +350,35 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
             ),
         });
     }
+    let mut student = match &spec.distill {
+        Some(d) => {
+            if d.cache && train_set.transform.augments() {
+                say(&WorkerMessage::Log {
+                    message: "distill.cache is off: data.augment gives every epoch its own view of each sample, so soft labels are fetched for every step".to_string(),
+                });
+            }
+            say(&WorkerMessage::Log {
+                message: format!(
+                    "waiting for a teacher replica (up to {} s)",
+                    d.wait_timeout_s
+                ),
+            });
+            Some(distill::Student::connect(
+                d,
+                control.teachers.clone(),
+                &train_set,
+                &scratch,
+            )?)
+        }
+        None => None,
+    };
+    // distill.features: the hint layers train with the model, so they come before the
+    // optimizer, the broadcast and the buckets (and a resumed job's checkpoint holds them).
+    if let Some(st) = student.as_mut() {
+        for message in st.attach_features(&mut model, spec.train.seed)? {
+            say(&WorkerMessage::Log { message });
+        }
+    }
     model.set_precision(spec.train.precision);
     let mut scaler = (spec.train.precision == ferry_cluster::spec::Precision::Fp16)
         .then(scaler::GradScaler::default);
@@ -470,28 +499,6 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
         say(&WorkerMessage::Log { message });
     }
     let (trainable, frozen) = model.parameter_counts();
-    let mut student = match &spec.distill {
-        Some(d) => {
-            if d.cache && train_set.transform.augments() {
-                say(&WorkerMessage::Log {
-                    message: "distill.cache is off: data.augment gives every epoch its own view of each sample, so soft labels are fetched for every step".to_string(),
-                });
-            }
-            say(&WorkerMessage::Log {
-                message: format!(
-                    "waiting for a teacher replica (up to {} s)",
-                    d.wait_timeout_s
-                ),
-            });
-            Some(distill::Student::connect(
-                d,
-                control.teachers.clone(),
-                &train_set,
-                &scratch,
-            )?)
-        }
-        None => None,
-    };
     say(&WorkerMessage::Started {
         total_steps,
         steps_per_epoch,
@@ -721,7 +728,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                     if batch.kept.len() < mine.len() {
                         let kept: Vec<i64> = batch.kept.iter().map(|&p| p as i64).collect();
                         let kept = Tensor::from_slice(&kept).to_device(device);
-                        targets = targets.map(|t| t.index_select(0, &kept));
+                        targets = targets.map(|t| t.rows(|x| x.index_select(0, &kept)));
                     }
                     targets
                 }
@@ -752,7 +759,7 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                 } else {
                     (x.narrow(0, at, len), y.narrow(0, at, len))
                 };
-                let logits = model.forward(&xs, true)?;
+                let (logits, acts) = model.forward_taps(&xs, true)?;
                 if !checked_logits {
                     check_logits(&logits, classes_needed)?;
                     checked_logits = true;
@@ -767,22 +774,34 @@ pub fn run_worker(plan_path: &Path, rank: usize, world: usize) -> Result<()> {
                     (t, Some(d)) if student.is_some() => {
                         let t = t.as_ref().map(|t| {
                             if chunks == 1 {
-                                t.shallow_clone()
+                                t.rows(Tensor::shallow_clone)
                             } else {
-                                t.narrow(0, at, len)
+                                t.rows(|x| x.narrow(0, at, len))
                             }
                         });
                         if let Some(t) = &t {
-                            if t.size()[1] != logits.size()[1] {
+                            if t.soft.size()[1] != logits.size()[1] {
                                 bail!(
                                     "the teacher has {} classes and the student {}; distillation needs the same classes",
-                                    t.size()[1],
+                                    t.soft.size()[1],
                                     logits.size()[1]
                                 );
                             }
                         }
-                        distill::loss(&logits, &ys, t.as_ref(), d.alpha, d.temperature)
-                            * (len.max(1) as f64 / share.max(1) as f64)
+                        let mut l = distill::loss(
+                            &logits,
+                            &ys,
+                            t.as_ref().map(|t| &t.soft),
+                            d.alpha,
+                            d.temperature,
+                        );
+                        // A step on hard labels has no teacher activations either.
+                        if let (Some(t), Some(st)) = (&t, student.as_ref()) {
+                            if !acts.is_empty() {
+                                l += st.feature_loss(&acts, &t.features);
+                            }
+                        }
+                        l * (len.max(1) as f64 / share.max(1) as f64)
                     }
                     _ => {
                         hard_loss_sum(

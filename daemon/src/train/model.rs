@@ -7,17 +7,19 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use ferry_cluster::spec::{under, Arch, FreezeBn, InitSpec, ModelSpec, Precision};
 use serde::Serialize;
-use tch::nn::{self, ModuleT};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 
-use super::builtin::{self, Norms};
+use super::builtin::{self, Norms, Taps};
 use super::torchscript::{set_autocast, TorchScriptModule};
 
 enum Net {
     Script(TorchScriptModule),
     Builtin {
         _vs: nn::VarStore,
-        module: Box<dyn ModuleT + Send>,
+        module: Box<dyn builtin::Net>,
+        /// The modules whose outputs `forward_taps` returns.
+        taps: Vec<String>,
         /// Its BatchNorm layers' switches: frozen ones stay in evaluation mode.
         norms: Norms,
     },
@@ -89,6 +91,9 @@ fn eval_modules<'a>(
     out
 }
 
+/// Where the names of [`Model::add_aux_params`]'s parameters start.
+pub const AUX_PREFIX: &str = "__ferry_aux.";
+
 /// Input shape (C, H, W) of the data, needed to build built-in architectures.
 pub type InputShape = (i64, i64, i64);
 
@@ -118,7 +123,7 @@ impl Model {
                 let root = vs.root();
                 let mut norms = Norms::default();
                 let n = &mut norms;
-                let module: Box<dyn ModuleT + Send> = match arch {
+                let module: Box<dyn builtin::Net> = match arch {
                     Arch::Resnet18 => Box::new(builtin::resnet18(&root, n, classes)),
                     Arch::Resnet50 => Box::new(builtin::resnet50(&root, n, classes)),
                     Arch::Cnn => Box::new(builtin::cnn(&root, n, input.0, classes)),
@@ -130,6 +135,7 @@ impl Model {
                 Net::Builtin {
                     _vs: vs,
                     module,
+                    taps: Vec::new(),
                     norms,
                 }
             }
@@ -157,6 +163,11 @@ impl Model {
         })
     }
 
+    /// The device the model is on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
     /// Runs forward passes in mixed precision (`train.precision`).
     pub fn set_precision(&mut self, p: Precision) {
         self.precision = p;
@@ -177,7 +188,73 @@ impl Model {
     fn forward_plain(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match &self.net {
             Net::Script(m) => m.forward(x),
-            Net::Builtin { module, .. } => Ok(module.forward_t(x, train)),
+            Net::Builtin { module, .. } => Ok(module.forward_taps(x, train, &mut Taps::new(&[]))),
+        }
+    }
+
+    /// Makes [`Model::forward_taps`] return the outputs of the modules `names` (PyTorch
+    /// names), or says which name is not a module whose output can be had.
+    pub fn set_taps(&mut self, names: &[String]) -> Result<()> {
+        match &mut self.net {
+            Net::Script(m) => m.set_taps(names),
+            Net::Builtin { module, taps, .. } => {
+                let known = module.modules();
+                if let Some(bad) = names.iter().find(|n| !known.contains(n)) {
+                    bail!(
+                        "no module `{bad}` in this built-in model; its modules are {}",
+                        known.join(", ")
+                    );
+                }
+                *taps = names.to_vec();
+                Ok(())
+            }
+        }
+    }
+
+    /// Logits (fp32) and the outputs (fp32) of the modules of [`Model::set_taps`].
+    pub fn forward_taps(&self, x: &Tensor, train: bool) -> Result<(Tensor, Vec<Tensor>)> {
+        let run = || -> Result<(Tensor, Vec<Tensor>)> {
+            match &self.net {
+                Net::Script(m) => m.forward_taps(x),
+                Net::Builtin { module, taps, .. } => {
+                    let mut t = Taps::new(taps);
+                    let logits = module.forward_taps(x, train, &mut t);
+                    let got = t
+                        .got
+                        .into_iter()
+                        .zip(taps)
+                        .map(|(g, n)| g.with_context(|| format!("module `{n}` did not run")))
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok((logits, got))
+                }
+            }
+        };
+        let (logits, taps) = if self.precision == Precision::Fp32 {
+            run()?
+        } else {
+            set_autocast(self.device, self.precision);
+            let out = run();
+            set_autocast(self.device, Precision::Fp32);
+            out?
+        };
+        let float = |t: Tensor| {
+            if t.kind() == Kind::Float {
+                t
+            } else {
+                t.to_kind(Kind::Float)
+            }
+        };
+        Ok((float(logits), taps.into_iter().map(float).collect()))
+    }
+
+    /// Adds parameters that train with the model but are not part of it (feature
+    /// distillation's hint layers, named under [`AUX_PREFIX`]): they are in checkpoints and
+    /// the optimizer, not in the saved model.
+    pub fn add_aux_params(&mut self, params: Vec<(String, Tensor)>) {
+        for (name, t) in params {
+            debug_assert!(name.starts_with(AUX_PREFIX));
+            self.params.push((name, t));
+            self.frozen.push(false);
         }
     }
 
@@ -502,6 +579,7 @@ impl Model {
         let mut files = Vec::new();
         let named: Vec<(&str, Tensor)> = self
             .state()
+            .filter(|(n, _)| !n.starts_with(AUX_PREFIX))
             .map(|(n, t)| (n.as_str(), t.to_device(Device::Cpu).contiguous()))
             .collect();
         let file = format!("{stem}.safetensors");
@@ -523,9 +601,15 @@ impl Model {
                 let (c, h, w) = self.input;
                 let x = Tensor::zeros([1, c, h, w], (Kind::Float, self.device));
                 // The weights enter the graph through the module's attributes, detached.
+                let params: Vec<(String, Tensor)> = self
+                    .params
+                    .iter()
+                    .filter(|(n, _)| !n.starts_with(AUX_PREFIX))
+                    .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                    .collect();
                 let traced = tch::no_grad(|| {
-                    TorchScriptModule::trace(&self.params, &self.buffers, &x, |x| {
-                        module.forward_t(x, false)
+                    TorchScriptModule::trace(&params, &self.buffers, &x, |x| {
+                        module.forward_taps(x, false, &mut Taps::new(&[]))
                     })
                 })
                 .context("cannot trace the built-in model for model.pt")?;

@@ -5,7 +5,7 @@
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::Path;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use tch::Tensor;
 
 type NamedCb = extern "C" fn(*mut c_void, *const c_char, *mut torch_sys::C_tensor);
@@ -29,6 +29,20 @@ extern "C" {
         input: *const torch_sys::C_tensor,
         err: *mut *mut c_char,
     ) -> *mut torch_sys::C_tensor;
+    fn ferry_ts_taps(
+        m: *mut c_void,
+        names: *const *const c_char,
+        n: c_int,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn ferry_ts_taps_free(t: *mut c_void);
+    fn ferry_ts_forward_taps(
+        m: *mut c_void,
+        t: *mut c_void,
+        input: *const torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn ferry_ts_named(
         m: *mut c_void,
         buffers: c_int,
@@ -271,6 +285,8 @@ pub fn jit_optimize(on: bool) {
 /// A loaded TorchScript module. Not shared between threads.
 pub struct TorchScriptModule {
     ptr: *mut c_void,
+    /// The forward that also returns submodules' outputs (`set_taps`), and how many.
+    taps: Option<(*mut c_void, usize)>,
 }
 
 // SAFETY: the module is used by one thread at a time (moved, never shared).
@@ -278,8 +294,14 @@ unsafe impl Send for TorchScriptModule {}
 
 impl Drop for TorchScriptModule {
     fn drop(&mut self) {
-        // SAFETY: ptr came from ferry_ts_load and is freed once.
-        unsafe { ferry_ts_free(self.ptr) }
+        // SAFETY: the pointers came from ferry_ts_taps and ferry_ts_load and are freed once,
+        // the function that refers to the module first.
+        unsafe {
+            if let Some((t, _)) = self.taps.take() {
+                ferry_ts_taps_free(t);
+            }
+            ferry_ts_free(self.ptr)
+        }
     }
 }
 
@@ -312,7 +334,7 @@ impl TorchScriptModule {
                 e.lines().next().unwrap_or_default()
             ));
         }
-        Ok(TorchScriptModule { ptr })
+        Ok(TorchScriptModule { ptr, taps: None })
     }
 
     /// Switches dropout and BatchNorm between training and evaluation behaviour; submodules
@@ -347,6 +369,45 @@ impl TorchScriptModule {
         }
         // SAFETY: non-null on success, ownership moves to the Tensor.
         Ok(unsafe { Tensor::from_ptr(out) })
+    }
+
+    /// Makes [`TorchScriptModule::forward_taps`] return the outputs of the submodules
+    /// `names` (by their PyTorch names) along with the logits.
+    pub fn set_taps(&mut self, names: &[String]) -> Result<()> {
+        let c: Vec<CString> = names
+            .iter()
+            .map(|n| CString::new(n.as_str()).map_err(|_| anyhow!("a module name with a NUL byte")))
+            .collect::<Result<_>>()?;
+        let ptrs: Vec<*const c_char> = c.iter().map(|n| n.as_ptr()).collect();
+        let mut err = std::ptr::null_mut();
+        // SAFETY: ptr is live; the names outlive the call; the result is owned here.
+        let t = unsafe { ferry_ts_taps(self.ptr, ptrs.as_ptr(), count(ptrs.len())?, &mut err) };
+        if let Some(e) = take_err(err) {
+            bail!("{e}");
+        }
+        if let Some((old, _)) = self.taps.replace((t, names.len())) {
+            // SAFETY: from ferry_ts_taps, no longer referenced.
+            unsafe { ferry_ts_taps_free(old) };
+        }
+        Ok(())
+    }
+
+    /// Runs forward on `input`: the logits and the outputs of the modules of `set_taps`.
+    pub fn forward_taps(&self, input: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let Some((t, n)) = self.taps else {
+            return Ok((self.forward(input)?, Vec::new()));
+        };
+        let mut out = vec![std::ptr::null_mut(); n + 1];
+        let mut err = std::ptr::null_mut();
+        // SAFETY: both pointers are live; `out` has room for n + 1 owned results.
+        unsafe { ferry_ts_forward_taps(self.ptr, t, input.as_ptr(), out.as_mut_ptr(), &mut err) };
+        if let Some(e) = take_err(err) {
+            return Err(anyhow!("the model's forward failed: {e}"));
+        }
+        // SAFETY: every slot is set on success; ownership moves to the Tensors.
+        let mut out = out.into_iter().map(|p| unsafe { Tensor::from_ptr(p) });
+        let logits = out.next().expect("n + 1 outputs");
+        Ok((logits, out.collect()))
     }
 
     fn named(&self, buffers: bool) -> Result<Vec<(String, Tensor)>> {
@@ -412,7 +473,7 @@ impl TorchScriptModule {
         if let Some(e) = take_err(err) {
             return Err(anyhow!("cannot start tracing the model: {e}"));
         }
-        let module = TorchScriptModule { ptr };
+        let module = TorchScriptModule { ptr, taps: None };
         // tch's layers unwrap libtorch's errors: a panic during the trace fails the trace.
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| forward(input)));
         let out = match out {

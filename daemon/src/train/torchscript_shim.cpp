@@ -8,6 +8,7 @@
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
+#include <torch/csrc/jit/api/function_impl.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/jit/passes/fixup_trace_scope_blocks.h>
 #include <torch/csrc/jit/passes/normalize_ops.h>
@@ -15,6 +16,8 @@
 #include <torch/script.h>
 
 #include <cmath>
+#include <memory>
+#include <optional>
 
 #include <cstring>
 #include <new>
@@ -316,6 +319,120 @@ int ferry_trace_end(void *m, at::Tensor *output, char **err) {
     return 0;
   } catch (const std::exception &e) {
     torch::jit::tracer::abandon();
+    *err = dup(e.what());
+    return -1;
+  }
+}
+
+// A module's forward that also returns the outputs of some of its submodules (feature
+// distillation's taps), and how many.
+struct FerryTaps {
+  std::unique_ptr<torch::jit::GraphFunction> fn;
+  int n;
+};
+
+namespace {
+// The dotted path from `self` to the module `v` is, when `v` is a chain of attribute reads.
+std::optional<std::string> module_path(torch::jit::Value *v, torch::jit::Value *self) {
+  std::vector<std::string> parts;
+  while (v != self) {
+    torch::jit::Node *node = v->node();
+    if (node->kind() != c10::prim::GetAttr) return std::nullopt;
+    parts.push_back(node->s(c10::attr::name));
+    v = node->input(0);
+  }
+  std::string path;
+  for (auto it = parts.rbegin(); it != parts.rend(); ++it) path += (path.empty() ? "" : ".") + *it;
+  return path;
+}
+
+bool under(const std::string &name, const std::string &module) {
+  return name.size() > module.size() && name.compare(0, module.size(), module) == 0 && name[module.size()] == '.';
+}
+}  // namespace
+
+// Builds a function that runs the module's forward and returns (its output, the output of
+// each submodule `names`, in order). Calls of the model's own methods, and calls into the
+// modules on the way to a named one, are inlined, so that its call, and with it its output, appears in the top-level graph; the
+// function returns that value as well. A named module must run exactly once, at the top
+// level of the (inlined) forward, not inside a branch or a loop.
+void *ferry_ts_taps(void *m, const char *const *names, int n, char **err) {
+  try {
+    auto *mod = static_cast<torch::jit::Module *>(m);
+    std::vector<std::string> wanted(names, names + n);
+    auto graph = torch::jit::toGraphFunction(mod->get_method("forward").function()).graph()->copy();
+    torch::jit::Value *self = graph->inputs().at(0);
+    std::vector<torch::jit::Value *> found(n, nullptr);
+    for (bool changed = true; changed;) {
+      changed = false;
+      for (torch::jit::Node *node : graph->nodes()) {
+        if (node->kind() != c10::prim::CallMethod) continue;
+        auto path = module_path(node->input(0), self);
+        if (!path) continue;
+        const std::string method = node->s(c10::attr::name);
+        // Any method of the model itself (torchvision's forward calls _forward_impl), and
+        // any method of a module above a named one, is inlined.
+        bool into = path->empty();
+        for (const auto &w : wanted) into = into || under(w, *path);
+        std::vector<torch::jit::Value *> outs(node->outputs().begin(), node->outputs().end());
+        if (into) {
+          auto cls = node->input(0)->type()->expect<c10::ClassType>();
+          outs = torch::jit::inlineCallTo(node, &torch::jit::toGraphFunction(cls->getMethod(method)));
+          changed = true;
+        }
+        for (int i = 0; i < n; ++i) {
+          if (wanted[i] != *path || method != "forward") continue;
+          if (outs.size() != 1) throw std::invalid_argument("module `" + wanted[i] + "` returns more than one value");
+          if (found[i] && found[i] != outs[0])
+            throw std::invalid_argument("module `" + wanted[i] + "` runs more than once in forward; name one that runs once");
+          found[i] = outs[0];
+        }
+        if (changed) break;  // the node list changed under the loop: scan again
+      }
+    }
+    for (int i = 0; i < n; ++i) {
+      if (found[i]) continue;
+      std::string msg = "no module `" + wanted[i] + "` runs in the model's forward";
+      bool exists = false;
+      for (const auto &sub : mod->named_modules()) exists = exists || sub.name == wanted[i];
+      if (exists) msg = "module `" + wanted[i] + "` does not run at the top level of forward (it runs inside a branch or a loop); name a module around it or inside it";
+      throw std::invalid_argument(msg);
+    }
+    graph->setInsertPoint(graph->return_node());
+    std::vector<torch::jit::Value *> outs{graph->outputs().at(0)};
+    outs.insert(outs.end(), found.begin(), found.end());
+    auto *tuple = graph->insertNode(graph->createTuple(outs));
+    graph->eraseOutput(0);
+    graph->registerOutput(tuple->output());
+    auto name = mod->type()->name()->qualifiedName() + ".__ferry_taps";
+    auto *taps = new FerryTaps{std::make_unique<torch::jit::GraphFunction>(name, graph, nullptr), n};
+    return taps;
+  } catch (const std::exception &e) {
+    *err = dup(e.what());
+    return nullptr;
+  }
+}
+
+void ferry_ts_taps_free(void *t) { delete static_cast<FerryTaps *>(t); }
+
+// Runs the function of ferry_ts_taps on `input`: `out[0]` gets the logits (as
+// ferry_ts_forward picks them), `out[1..=n]` the submodules' outputs.
+int ferry_ts_forward_taps(void *m, void *t, at::Tensor *input, at::Tensor **out, char **err) {
+  try {
+    auto *mod = static_cast<torch::jit::Module *>(m);
+    auto *taps = static_cast<FerryTaps *>(t);
+    std::vector<c10::IValue> stack{mod->_ivalue(), *input};
+    taps->fn->run(stack);
+    auto elems = stack.at(0).toTupleRef().elements();
+    c10::IValue first = elems.at(0);
+    if (first.isTuple() && !first.toTupleRef().elements().empty()) first = first.toTupleRef().elements()[0];
+    if (!first.isTensor()) throw std::invalid_argument("forward() must return a tensor of logits, got " + first.tagKind());
+    for (int i = 1; i <= taps->n; ++i)
+      if (!elems.at(i).isTensor()) throw std::invalid_argument("a distilled module returns a " + elems.at(i).tagKind() + ", not a tensor");
+    out[0] = new at::Tensor(first.toTensor());
+    for (int i = 1; i <= taps->n; ++i) out[i] = new at::Tensor(elems[i].toTensor());
+    return 0;
+  } catch (const std::exception &e) {
     *err = dup(e.what());
     return -1;
   }
