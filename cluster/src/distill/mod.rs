@@ -66,12 +66,9 @@ impl Inputs {
     pub fn len(&self) -> usize {
         match self {
             Inputs::Indices { indices, .. } => indices.len(),
-            Inputs::Tensor { shape, data } => {
-                let per = shape
-                    .iter()
-                    .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize));
-                per.and_then(|p| data.len().checked_div(p)).unwrap_or(0)
-            }
+            Inputs::Tensor { shape, data } => checked_numel(shape)
+                .and_then(|p| data.len().checked_div(p))
+                .unwrap_or(0),
         }
     }
 
@@ -101,9 +98,17 @@ pub struct SoftLabels {
     pub records: Vec<u8>,
 }
 
-/// Values in one sample's activation of shape `shape`.
+/// Values in one sample's activation of shape `shape` (a shape read from a frame is
+/// checked with [`checked_numel`] first).
 pub fn numel(shape: &[u32]) -> usize {
     shape.iter().map(|&d| d as usize).product()
+}
+
+/// Values in a tensor of `shape`, or None when the count overflows.
+fn checked_numel(shape: &[u32]) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))
 }
 
 impl SoftLabels {
@@ -424,9 +429,7 @@ pub fn read_request(r: &mut impl Read) -> io::Result<Option<Request>> {
         KIND_TENSOR => {
             let n = c.u32()? as usize;
             let shape = [c.u32()?, c.u32()?, c.u32()?];
-            let per = shape
-                .iter()
-                .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))
+            let per = checked_numel(&shape)
                 .ok_or_else(|| bad("tensor request with an image shape too large"))?;
             if per == 0 {
                 return Err(bad("tensor request with an empty image shape"));
@@ -477,10 +480,8 @@ pub fn read_response(r: &mut impl Read) -> io::Result<Option<Response>> {
                 let shape = (0..dims)
                     .map(|_| c.u32())
                     .collect::<io::Result<Vec<u32>>>()?;
-                let values = shape
-                    .iter()
-                    .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))
-                    .filter(|&v| (1..=MAX_FEATURE_VALUES).contains(&v));
+                let values =
+                    checked_numel(&shape).filter(|&v| (1..=MAX_FEATURE_VALUES).contains(&v));
                 if values.is_none() {
                     return Err(bad(&format!("a feature activation of shape {shape:?}")));
                 }

@@ -191,8 +191,8 @@ impl Block {
 struct ResNet {
     conv1: nn::Conv2D,
     bn1: Bn,
-    /// Each block with its module name (`layer2.1`) and whether it ends its layer.
-    blocks: Vec<(String, bool, Block)>,
+    /// Each block with its module name (`layer2.1`) and, for its layer's last, the layer's.
+    blocks: Vec<(String, Option<String>, Block)>,
     fc: nn::Linear,
 }
 
@@ -219,8 +219,8 @@ impl Net for ResNet {
             x = b.t(&x, train);
             if on {
                 taps.put(name, &x);
-                if *last {
-                    taps.put(name.split('.').next().unwrap_or_default(), &x);
+                if let Some(layer) = last {
+                    taps.put(layer, &x);
                 }
             }
         }
@@ -241,9 +241,7 @@ impl Net for ResNet {
             .to_vec();
         for (name, last, _) in &self.blocks {
             m.push(name.clone());
-            if *last {
-                m.push(name.split('.').next().unwrap_or_default().to_string());
-            }
+            m.extend(last.clone());
         }
         m.extend(["avgpool", "fc"].map(String::from));
         m
@@ -272,7 +270,8 @@ fn resnet(p: &nn::Path, norms: &mut Norms, classes: i64, bottleneck: bool) -> Re
             } else {
                 Block::basic(bp, norms, c_in, width, stride)
             };
-            blocks.push((format!("layer{}.{i}", layer + 1), i + 1 == n, block));
+            let name = format!("layer{}", layer + 1);
+            blocks.push((format!("{name}.{i}"), (i + 1 == n).then_some(name), block));
             c_in = width * expansion;
         }
     }

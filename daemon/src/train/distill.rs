@@ -43,7 +43,7 @@ use ferry_cluster::spec::{DistillMode, DistillSpec, FeatureLoss, Precision};
 use tch::{Device, Kind, Tensor};
 
 use super::data::Dataset;
-use super::model::{Model, AUX_PREFIX};
+use super::model::{default_init_bound, Model, AUX_PREFIX};
 use super::pipeline::batch_now;
 use super::transform::View;
 use crate::protocol::{DistillProgress, WorkerMessage, WorkerPlan};
@@ -107,7 +107,8 @@ pub struct Targets {
 }
 
 impl Targets {
-    /// The rows `rows` (a batch that left samples out, a micro-batch).
+    /// The targets with `f` applied to each tensor's rows (to pick the samples a batch
+    /// kept, or a micro-batch's).
     pub fn rows(&self, f: impl Fn(&Tensor) -> Tensor) -> Targets {
         Targets {
             soft: f(&self.soft),
@@ -240,9 +241,8 @@ impl Student {
                         } else {
                             vec![ct, cs]
                         };
-                        // PyTorch's Conv2d/Linear initialisation: kaiming_uniform_(a=sqrt(5))
-                        // is uniform in ±1/sqrt(fan_in), and so is the bias.
-                        let b = 1.0 / (cs as f64).sqrt();
+                        // As PyTorch initialises a new Conv2d/Linear: weight, then bias.
+                        let b = default_init_bound(&shape);
                         let (weight, bias) = tch::no_grad(|| {
                             let mut wt = Tensor::zeros(&shape[..], (Kind::Float, device));
                             let _ = wt.uniform_(-b, b);
@@ -305,25 +305,20 @@ impl Student {
             .zip(targets)
             .zip(&self.hints)
         {
-            let per_sample = match f.loss {
-                FeatureLoss::Mse => {
-                    let a = match hint {
-                        Some((w, b)) if w.dim() == 4 => {
-                            a.conv2d(w, Some(b), [1, 1], [0, 0], [1, 1], 1)
-                        }
-                        Some((w, b)) => a.linear(w, Some(b)),
-                        None => a.shallow_clone(),
-                    };
-                    (rows_of(&a) - rows_of(t)).pow_tensor_scalar(2).mean_dim(
-                        [1i64].as_slice(),
-                        false,
-                        Kind::Float,
-                    )
+            // The student's side of the comparison, a row per sample; the teacher's is `t`.
+            let s = match (f.loss, hint) {
+                (FeatureLoss::Attention, _) => attention_map(a),
+                (FeatureLoss::Mse, Some((w, b))) if w.dim() == 4 => {
+                    rows_of(&a.conv2d(w, Some(b), [1, 1], [0, 0], [1, 1], 1))
                 }
-                FeatureLoss::Attention => (attention_map(a) - rows_of(t))
-                    .pow_tensor_scalar(2)
-                    .mean_dim([1i64].as_slice(), false, Kind::Float),
+                (FeatureLoss::Mse, Some((w, b))) => a.linear(w, Some(b)),
+                (FeatureLoss::Mse, None) => rows_of(a),
             };
+            let per_sample = (s - rows_of(t)).pow_tensor_scalar(2).mean_dim(
+                [1i64].as_slice(),
+                false,
+                Kind::Float,
+            );
             let term = per_sample.sum(Kind::Float) * (f.weight / n);
             total = Some(match total {
                 Some(t) => t + term,

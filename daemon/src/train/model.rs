@@ -91,6 +91,33 @@ fn eval_modules<'a>(
     out
 }
 
+/// What a forward pass returns, brought back to fp32 after autocast.
+trait Outputs {
+    fn to_float(self) -> Self;
+}
+
+impl Outputs for Tensor {
+    fn to_float(self) -> Tensor {
+        self.to_kind(Kind::Float)
+    }
+}
+
+impl Outputs for (Tensor, Vec<Tensor>) {
+    fn to_float(self) -> Self {
+        (
+            self.0.to_float(),
+            self.1.into_iter().map(Outputs::to_float).collect(),
+        )
+    }
+}
+
+/// The bound of PyTorch's default initialisation of a `Linear` or `Conv*` with a weight of
+/// `shape`: `kaiming_uniform_(a=sqrt(5))` draws the weight, and the bias, uniformly in
+/// ±1/sqrt(fan_in).
+pub fn default_init_bound(shape: &[i64]) -> f64 {
+    1.0 / (shape[1..].iter().product::<i64>().max(1) as f64).sqrt()
+}
+
 /// Where the names of [`Model::add_aux_params`]'s parameters start.
 pub const AUX_PREFIX: &str = "__ferry_aux.";
 
@@ -175,14 +202,20 @@ impl Model {
 
     /// Logits for a batch, as fp32 whatever the precision of the pass.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.autocast(|| self.forward_plain(x, train))
+    }
+
+    /// Runs `f` (a forward pass) under autocast to the model's precision, and its outputs
+    /// back in fp32. Autocast covers the forward pass only; backward follows the forward's
+    /// dtypes.
+    fn autocast<T: Outputs>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         if self.precision == Precision::Fp32 {
-            return self.forward_plain(x, train);
+            return f();
         }
-        // Autocast covers the forward pass only; backward follows the forward's dtypes.
         set_autocast(self.device, self.precision);
-        let out = self.forward_plain(x, train);
+        let out = f();
         set_autocast(self.device, Precision::Fp32);
-        Ok(out?.to_kind(Kind::Float))
+        Ok(out?.to_float())
     }
 
     fn forward_plain(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -213,38 +246,20 @@ impl Model {
 
     /// Logits (fp32) and the outputs (fp32) of the modules of [`Model::set_taps`].
     pub fn forward_taps(&self, x: &Tensor, train: bool) -> Result<(Tensor, Vec<Tensor>)> {
-        let run = || -> Result<(Tensor, Vec<Tensor>)> {
-            match &self.net {
-                Net::Script(m) => m.forward_taps(x),
-                Net::Builtin { module, taps, .. } => {
-                    let mut t = Taps::new(taps);
-                    let logits = module.forward_taps(x, train, &mut t);
-                    let got = t
-                        .got
-                        .into_iter()
-                        .zip(taps)
-                        .map(|(g, n)| g.with_context(|| format!("module `{n}` did not run")))
-                        .collect::<Result<Vec<_>>>()?;
-                    Ok((logits, got))
-                }
+        self.autocast(|| match &self.net {
+            Net::Script(m) => m.forward_taps(x),
+            Net::Builtin { module, taps, .. } => {
+                let mut t = Taps::new(taps);
+                let logits = module.forward_taps(x, train, &mut t);
+                let got = t
+                    .got
+                    .into_iter()
+                    .zip(taps)
+                    .map(|(g, n)| g.with_context(|| format!("module `{n}` did not run")))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((logits, got))
             }
-        };
-        let (logits, taps) = if self.precision == Precision::Fp32 {
-            run()?
-        } else {
-            set_autocast(self.device, self.precision);
-            let out = run();
-            set_autocast(self.device, Precision::Fp32);
-            out?
-        };
-        let float = |t: Tensor| {
-            if t.kind() == Kind::Float {
-                t
-            } else {
-                t.to_kind(Kind::Float)
-            }
-        };
-        Ok((float(logits), taps.into_iter().map(float).collect()))
+        })
     }
 
     /// Adds parameters that train with the model but are not part of it (feature
@@ -489,7 +504,6 @@ impl Model {
         }
         let shapes: HashMap<String, Vec<i64>> =
             self.state().map(|(n, t)| (n.clone(), t.size())).collect();
-        let fan_in = |size: &[i64]| size[1..].iter().product::<i64>().max(1) as f64;
         let mut reset = Vec::new();
         tch::no_grad(|| -> Result<()> {
             for (name, t) in self.params.iter().chain(self.buffers.iter()) {
@@ -503,7 +517,7 @@ impl Model {
                     .filter(|s| s.len() >= 2);
                 match (leaf, t.dim()) {
                     ("weight", d) if d >= 2 => {
-                        let b = 1.0 / fan_in(&t.size()).sqrt();
+                        let b = default_init_bound(&t.size());
                         let _ = t.uniform_(-b, b);
                     }
                     ("weight", _) => {
@@ -511,7 +525,7 @@ impl Model {
                     }
                     ("bias", _) => match weight {
                         Some(w) => {
-                            let b = 1.0 / fan_in(w).sqrt();
+                            let b = default_init_bound(w);
                             let _ = t.uniform_(-b, b);
                         }
                         None => {
@@ -577,9 +591,16 @@ impl Model {
 
     fn save_into(&self, tmp: &Path, dir: &Path, stem: &str) -> Result<Vec<String>> {
         let mut files = Vec::new();
-        let named: Vec<(&str, Tensor)> = self
-            .state()
-            .filter(|(n, _)| !n.starts_with(AUX_PREFIX))
+        let own = |list: &'_ [(String, Tensor)]| -> Vec<(String, Tensor)> {
+            list.iter()
+                .filter(|(n, _)| !n.starts_with(AUX_PREFIX))
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect()
+        };
+        let (params, buffers) = (own(&self.params), own(&self.buffers));
+        let named: Vec<(&str, Tensor)> = params
+            .iter()
+            .chain(&buffers)
             .map(|(n, t)| (n.as_str(), t.to_device(Device::Cpu).contiguous()))
             .collect();
         let file = format!("{stem}.safetensors");
@@ -601,14 +622,8 @@ impl Model {
                 let (c, h, w) = self.input;
                 let x = Tensor::zeros([1, c, h, w], (Kind::Float, self.device));
                 // The weights enter the graph through the module's attributes, detached.
-                let params: Vec<(String, Tensor)> = self
-                    .params
-                    .iter()
-                    .filter(|(n, _)| !n.starts_with(AUX_PREFIX))
-                    .map(|(n, t)| (n.clone(), t.shallow_clone()))
-                    .collect();
                 let traced = tch::no_grad(|| {
-                    TorchScriptModule::trace(&params, &self.buffers, &x, |x| {
+                    TorchScriptModule::trace(&params, &buffers, &x, |x| {
                         module.forward_taps(x, false, &mut Taps::new(&[]))
                     })
                 })
